@@ -1,0 +1,282 @@
+// CPU kernels of the "cpu" backend: atrous convolution as one GEMM per live tap.
+//
+// Work is organised by tap, not by pixel: for tap (kh, kw) the output pixels
+// that read real data form a rectangle (tap_live_range per axis). Dead taps are
+// skipped outright and partially live taps run a GEMM over their rectangle only,
+// so the work scales with live (pixel, tap) pairs (DESIGN.md §2.1). The GEMMs go
+// through ATen (MKL/OpenBLAS, multi-threaded); the BN/ReLU epilogue is a fused
+// at::parallel_for loop. Half types compute in fp32, fp64 in fp64.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../common/tap_geometry.h"
+
+namespace fastaspp {
+namespace {
+
+struct ConvGeometry {
+  int64_t stride[2];
+  int64_t padding[2];
+  int64_t dilation[2];
+};
+
+// One live tap: its kernel index and the output rectangle where it reads real data.
+struct LiveTap {
+  int64_t kh, kw;
+  LiveRange rows, cols;
+  int64_t in_row0, in_col0;  // input coordinate read by the rectangle's first pixel
+};
+
+ConvGeometry make_geometry(at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2, "fastaspp: stride must have 2 elements, got ", stride.size());
+  TORCH_CHECK(padding.size() == 2, "fastaspp: padding must have 2 elements, got ", padding.size());
+  TORCH_CHECK(dilation.size() == 2, "fastaspp: dilation must have 2 elements, got ",
+              dilation.size());
+  ConvGeometry g;
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1, "fastaspp: stride must be >= 1, got ", stride);
+    TORCH_CHECK(dilation[i] >= 1, "fastaspp: dilation must be >= 1, got ", dilation);
+    TORCH_CHECK(padding[i] >= 0, "fastaspp: padding must be >= 0, got ", padding);
+    g.stride[i] = stride[i];
+    g.padding[i] = padding[i];
+    g.dilation[i] = dilation[i];
+  }
+  return g;
+}
+
+std::vector<LiveTap> live_taps(int64_t kernel_h, int64_t kernel_w, int64_t in_h, int64_t in_w,
+                               int64_t out_h, int64_t out_w, const ConvGeometry& g) {
+  std::vector<LiveTap> taps;
+  for (int64_t kh = 0; kh < kernel_h; ++kh) {
+    const LiveRange rows = tap_live_range(kh, in_h, out_h, g.stride[0], g.padding[0], g.dilation[0]);
+    if (rows.empty()) continue;
+    for (int64_t kw = 0; kw < kernel_w; ++kw) {
+      const LiveRange cols =
+          tap_live_range(kw, in_w, out_w, g.stride[1], g.padding[1], g.dilation[1]);
+      if (cols.empty()) continue;
+      LiveTap t;
+      t.kh = kh;
+      t.kw = kw;
+      t.rows = rows;
+      t.cols = cols;
+      t.in_row0 = rows.lo * g.stride[0] + tap_offset(kh, g.dilation[0], g.padding[0]);
+      t.in_col0 = cols.lo * g.stride[1] + tap_offset(kw, g.dilation[1], g.padding[1]);
+      taps.push_back(t);
+    }
+  }
+  return taps;
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// [N, H, W, C] view of an NCHW-shaped tensor, in the compute dtype.
+at::Tensor to_nhwc(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1});
+}
+
+// Weights as one [Cout, Cin] matrix per tap: [KH, KW, Cout, Cin]. (Cin innermost keeps this
+// transposing copy cheap; the GEMMs read each tap matrix transposed at no cost.)
+at::Tensor tap_major(const at::Tensor& weight, at::ScalarType dtype) {
+  return weight.to(dtype).permute({2, 3, 0, 1}).contiguous();
+}
+
+// The input pixels (NHWC) read by a tap's output rectangle: [N, rows, cols, C].
+at::Tensor input_rect(const at::Tensor& nhwc, const LiveTap& t, const ConvGeometry& g) {
+  return nhwc.slice(1, t.in_row0, t.in_row0 + (t.rows.size() - 1) * g.stride[0] + 1, g.stride[0])
+      .slice(2, t.in_col0, t.in_col0 + (t.cols.size() - 1) * g.stride[1] + 1, g.stride[1]);
+}
+
+// The tap's output rectangle (NHWC): [N, rows, cols, C].
+at::Tensor output_rect(const at::Tensor& nhwc, const LiveTap& t) {
+  return nhwc.slice(1, t.rows.lo, t.rows.hi).slice(2, t.cols.lo, t.cols.hi);
+}
+
+bool covers(const at::Tensor& rect, const at::Tensor& whole) {
+  return rect.sizes() == whole.sizes() && rect.is_contiguous();
+}
+
+// rect += a @ b, writing straight into rect when it is the whole contiguous buffer.
+void accumulate_gemm(at::Tensor& whole, const at::Tensor& rect, const at::Tensor& a,
+                     const at::Tensor& b) {
+  if (covers(rect, whole)) {
+    auto flat = whole.view({-1, b.size(1)});
+    flat.addmm_(a, b);
+  } else {
+    rect.add_(at::mm(a, b).view(rect.sizes()));
+  }
+}
+
+void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastaspp cpu backend: ", name,
+              " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fastaspp cpu backend: ", name,
+              " must be floating point, got ", t.scalar_type());
+}
+
+void check_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "fastaspp: ", name, " must be 4-D, got ", t.dim(), "-D");
+}
+
+// y = act(acc * scale + shift), from NHWC accumulators into y (NCHW or NHWC storage).
+template <typename scalar_t, typename acc_t>
+void bn_relu_epilogue(const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& shift,
+                      bool relu, at::Tensor& y) {
+  const int64_t channels = acc.size(3);
+  const int64_t pixels_per_image = acc.size(1) * acc.size(2);
+  const int64_t pixels = acc.size(0) * pixels_per_image;
+  const acc_t* a = acc.data_ptr<acc_t>();
+  const acc_t* s = scale.data_ptr<acc_t>();
+  const acc_t* b = shift.data_ptr<acc_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  const bool nhwc_out = y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::parallel_for(0, pixels, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const acc_t* row = a + p * channels;
+      // NCHW: channel c of pixel p sits at (n * C + c) * HW + pixel-in-image.
+      const int64_t n = p / pixels_per_image;
+      const int64_t q = p - n * pixels_per_image;
+      for (int64_t c = 0; c < channels; ++c) {
+        acc_t v = row[c] * s[c] + b[c];
+        if (relu && !(v > acc_t(0))) v = acc_t(0);
+        const int64_t dst = nhwc_out ? p * channels + c : (n * channels + c) * pixels_per_image + q;
+        out[dst] = static_cast<scalar_t>(v);
+      }
+    }
+  });
+}
+
+at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                     const at::Tensor& scale, const at::Tensor& shift,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, bool relu) {
+  check_4d(x, "x");
+  check_4d(weight, "weight");
+  check_cpu_float(x, "x");
+  check_cpu_float(weight, "weight");
+  check_cpu_float(scale, "scale");
+  check_cpu_float(shift, "shift");
+  const ConvGeometry g = make_geometry(stride, padding, dilation);
+  const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
+  const int64_t out_ch = weight.size(0), kernel_h = weight.size(2), kernel_w = weight.size(3);
+  TORCH_CHECK(weight.size(1) == in_ch, "fastaspp: weight expects ", weight.size(1),
+              " input channels but x has ", in_ch);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == out_ch, "fastaspp: scale must have shape [",
+              out_ch, "], got ", scale.sizes());
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == out_ch, "fastaspp: shift must have shape [",
+              out_ch, "], got ", shift.sizes());
+  const int64_t out_h = conv_out_size(in_h, kernel_h, g.stride[0], g.padding[0], g.dilation[0]);
+  const int64_t out_w = conv_out_size(in_w, kernel_w, g.stride[1], g.padding[1], g.dilation[1]);
+  TORCH_CHECK(out_h >= 1 && out_w >= 1, "fastaspp: output size ", out_h, "x", out_w,
+              " is too small for input ", in_h, "x", in_w);
+
+  at::Tensor y = at::empty({batch, out_ch, out_h, out_w},
+                           x.options().memory_format(x.suggest_memory_format()));
+  if (y.numel() == 0) return y;
+
+  const auto dtype = compute_dtype(x.scalar_type());
+  const at::Tensor xh = to_nhwc(x, dtype);
+  const at::Tensor w_taps = tap_major(weight, dtype);  // [KH, KW, Cout, Cin]
+  at::Tensor acc = at::zeros({batch, out_h, out_w, out_ch}, x.options().dtype(dtype));
+  for (const LiveTap& t : live_taps(kernel_h, kernel_w, in_h, in_w, out_h, out_w, g)) {
+    accumulate_gemm(acc, output_rect(acc, t), input_rect(xh, t, g).reshape({-1, in_ch}),
+                    w_taps[t.kh][t.kw].t());
+  }
+
+  const at::Tensor s = scale.to(dtype).contiguous();
+  const at::Tensor b = shift.to(dtype).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "atrous_conv2d_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    bn_relu_epilogue<scalar_t, acc_t>(acc, s, b, relu, y);
+  });
+  return y;
+}
+
+at::Tensor atrous_conv2d_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight,
+                                        at::IntArrayRef input_size, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_4d(grad, "grad");
+  check_4d(weight, "weight");
+  check_cpu_float(grad, "grad");
+  check_cpu_float(weight, "weight");
+  TORCH_CHECK(input_size.size() == 4, "fastaspp: input_size must have 4 elements, got ",
+              input_size.size());
+  const ConvGeometry g = make_geometry(stride, padding, dilation);
+  const int64_t batch = input_size[0], in_ch = input_size[1], in_h = input_size[2],
+                in_w = input_size[3];
+  const int64_t out_ch = weight.size(0), kernel_h = weight.size(2), kernel_w = weight.size(3);
+  const int64_t out_h = grad.size(2), out_w = grad.size(3);
+  TORCH_CHECK(grad.size(0) == batch && grad.size(1) == out_ch &&
+                  out_h == conv_out_size(in_h, kernel_h, g.stride[0], g.padding[0], g.dilation[0]) &&
+                  out_w == conv_out_size(in_w, kernel_w, g.stride[1], g.padding[1], g.dilation[1]),
+              "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for input ",
+              input_size, " and weight ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == in_ch, "fastaspp: weight expects ", weight.size(1),
+              " input channels but input_size has ", in_ch);
+
+  const auto fmt = grad.suggest_memory_format();
+  if (batch * in_ch * in_h * in_w == 0 || grad.numel() == 0) {
+    return at::zeros(input_size, grad.options().memory_format(fmt));
+  }
+  const auto dtype = compute_dtype(grad.scalar_type());
+  const at::Tensor gh = to_nhwc(grad, dtype);
+  const at::Tensor w_taps = tap_major(weight, dtype);  // [KH, KW, Cout, Cin]
+  at::Tensor dx = at::zeros({batch, in_h, in_w, in_ch}, grad.options().dtype(dtype));
+  for (const LiveTap& t : live_taps(kernel_h, kernel_w, in_h, in_w, out_h, out_w, g)) {
+    accumulate_gemm(dx, input_rect(dx, t, g), output_rect(gh, t).reshape({-1, out_ch}),
+                    w_taps[t.kh][t.kw]);
+  }
+  return dx.permute({0, 3, 1, 2}).to(grad.scalar_type()).contiguous(fmt);
+}
+
+at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& grad,
+                                         at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_4d(x, "x");
+  check_4d(grad, "grad");
+  check_cpu_float(x, "x");
+  check_cpu_float(grad, "grad");
+  TORCH_CHECK(weight_size.size() == 4, "fastaspp: weight_size must have 4 elements, got ",
+              weight_size.size());
+  const ConvGeometry g = make_geometry(stride, padding, dilation);
+  const int64_t in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
+  const int64_t out_ch = weight_size[0], kernel_h = weight_size[2], kernel_w = weight_size[3];
+  const int64_t out_h = grad.size(2), out_w = grad.size(3);
+  TORCH_CHECK(weight_size[1] == in_ch, "fastaspp: weight_size expects ", weight_size[1],
+              " input channels but x has ", in_ch);
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == out_ch &&
+                  out_h == conv_out_size(in_h, kernel_h, g.stride[0], g.padding[0], g.dilation[0]) &&
+                  out_w == conv_out_size(in_w, kernel_w, g.stride[1], g.padding[1], g.dilation[1]),
+              "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ",
+              x.sizes(), " and weight ", weight_size);
+
+  const auto dtype = compute_dtype(x.scalar_type());
+  at::Tensor dw = at::zeros({kernel_h, kernel_w, out_ch, in_ch}, x.options().dtype(dtype));
+  if (x.numel() > 0 && grad.numel() > 0) {
+    const at::Tensor xh = to_nhwc(x, dtype);
+    const at::Tensor gh = to_nhwc(grad, dtype);
+    for (const LiveTap& t : live_taps(kernel_h, kernel_w, in_h, in_w, out_h, out_w, g)) {
+      at::Tensor dw_tap = dw[t.kh][t.kw];  // [Cout, Cin] = grad^T @ x over the live rectangle
+      at::mm_out(dw_tap, output_rect(gh, t).reshape({-1, out_ch}).t(),
+                 input_rect(xh, t, g).reshape({-1, in_ch}));
+    }
+  }
+  return dw.permute({2, 3, 0, 1}).to(x.scalar_type()).contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastaspp, CPU, m) {
+  m.impl("_atrous_conv2d_forward", &atrous_conv2d_forward_cpu);
+  m.impl("_atrous_conv2d_grad_input", &atrous_conv2d_grad_input_cpu);
+  m.impl("_atrous_conv2d_grad_weight", &atrous_conv2d_grad_weight_cpu);
+}
+
+}  // namespace fastaspp

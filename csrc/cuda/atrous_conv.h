@@ -1,0 +1,66 @@
+// C launchers for the CUDA atrous (dilated) convolution kernels in atrous_conv.cu.
+//
+// Plain C interface (no torch types) so the kernels compile with nvcc alone; the torch
+// binding (atrous_conv_cuda.cpp) owns every allocation and layout conversion.
+//
+// Layouts (all dense, row-major in the order written):
+//   activations  NHWC: x [N, H, W, Cin], y / grad [N, Ho, Wo, Cout], grad_input [N, H, W, Cin]
+//   forward weight      [KH, KW, Cin, Cout]   (= weight.permute(2, 3, 1, 0))
+//   grad_input weight   [KH, KW, Cout, Cin]   (= weight.permute(2, 3, 0, 1))
+//   grad_weight output  [Cout, Cin, KH, KW]   (the nn.Conv2d layout)
+//   scale, shift        [Cout], same dtype as x
+// Every tensor has the dtype given by `dtype`. The launchers are asynchronous on `stream`
+// and return cudaSuccess, cudaErrorInvalidValue for bad arguments, or the launch error.
+#pragma once
+
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// dtype codes accepted by every launcher.
+enum {
+  FASTASPP_DTYPE_FLOAT32 = 0,
+  FASTASPP_DTYPE_FLOAT64 = 1,
+  FASTASPP_DTYPE_FLOAT16 = 2,
+  FASTASPP_DTYPE_BFLOAT16 = 3
+};
+
+// y = act(conv2d(x, weight) * scale[co] + shift[co]), act = ReLU when relu != 0.
+cudaError_t fastaspp_atrous_conv2d_forward_cuda(
+    const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
+    int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,
+    int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int relu,
+    cudaStream_t stream);
+
+// grad_input = transposed conv of grad with weight (the input gradient of the forward conv).
+cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
+    const void* grad, const void* weight_hwoi, void* grad_input, int dtype, int64_t n,
+    int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out,
+    int64_t w_out, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+    int64_t dil_h, int64_t dil_w, cudaStream_t stream);
+
+// Bytes of scratch memory fastaspp_atrous_conv2d_grad_weight_cuda needs for these shapes
+// (the per-split partial sums of the deterministic two-pass reduction). It need not be
+// zeroed. Returns -1 for an unknown dtype or negative sizes.
+int64_t fastaspp_atrous_conv2d_grad_weight_cuda_workspace_bytes(
+    int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,
+    int64_t kw, int64_t h_out, int64_t w_out);
+
+// grad_weight[co, ci, kh, kw] = sum over n and live output pixels o of
+//   grad[n, o, co] * x[n, o * stride + (k * dilation - padding), ci].
+// Deterministic: the result does not depend on the device or on scheduling.
+cudaError_t fastaspp_atrous_conv2d_grad_weight_cuda(
+    const void* x, const void* grad, void* grad_weight, void* workspace,
+    int64_t workspace_bytes, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
+    int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
+    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+    cudaStream_t stream);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif

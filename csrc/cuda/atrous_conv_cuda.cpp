@@ -1,0 +1,231 @@
+// CUDA registrations of fastaspp::_atrous_conv2d_{forward,grad_input,grad_weight}.
+//
+// The schemas live in csrc/atrous_conv.cpp. This file validates arguments, brings tensors to
+// the layouts the pure-CUDA launchers of atrous_conv.h expect (NHWC activations, tap-major
+// weights), allocates outputs / scratch with torch and launches on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include "../common/tap_geometry.h"
+#include "atrous_conv.h"
+
+namespace fastaspp {
+namespace {
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return FASTASPP_DTYPE_FLOAT32;
+    case at::kDouble:
+      return FASTASPP_DTYPE_FLOAT64;
+    case at::kHalf:
+      return FASTASPP_DTYPE_FLOAT16;
+    case at::kBFloat16:
+      return FASTASPP_DTYPE_BFLOAT16;
+    default:
+      return -1;
+  }
+}
+
+void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(),
+              "-D with shape ", t.sizes());
+  TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_same(const char* op, const at::Tensor& ref, const char* ref_name,
+                const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+}
+
+struct Conv2dGeom {
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+};
+
+Conv2dGeom check_geom(const char* op, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation) {
+  TORCH_CHECK(stride.size() == 2, op, ": stride must have 2 elements, got ", stride.size());
+  TORCH_CHECK(padding.size() == 2, op, ": padding must have 2 elements, got ", padding.size());
+  TORCH_CHECK(dilation.size() == 2, op, ": dilation must have 2 elements, got ",
+              dilation.size());
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ",
+              dilation);
+  return Conv2dGeom{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+}
+
+// Output spatial size; errors when the (dilated) kernel does not fit the padded input.
+std::pair<int64_t, int64_t> out_size(const char* op, int64_t h, int64_t w, int64_t kh,
+                                     int64_t kw, const Conv2dGeom& g) {
+  const int64_t ho = conv_out_size(h, kh, g.stride_h, g.pad_h, g.dil_h);
+  const int64_t wo = conv_out_size(w, kw, g.stride_w, g.pad_w, g.dil_w);
+  TORCH_CHECK(ho > 0 && wo > 0, op, ": input ", h, "x", w, " with padding (", g.pad_h, ", ",
+              g.pad_w, ") is too small for a ", kh, "x", kw, " kernel at dilation (", g.dil_h,
+              ", ", g.dil_w, "): output would be ", ho, "x", wo);
+  return {ho, wo};
+}
+
+at::MemoryFormat result_format(const at::Tensor& like) {
+  return like.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// Kernels write NHWC; hand back the layout the caller's tensor had.
+at::Tensor to_format(const at::Tensor& nhwc, at::MemoryFormat fmt) {
+  return fmt == at::MemoryFormat::ChannelsLast ? nhwc : nhwc.contiguous();
+}
+
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "fastaspp CUDA kernel ", kernel, " failed: ",
+              cudaGetErrorString(err));
+}
+
+at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                      const at::Tensor& scale, const at::Tensor& shift,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, bool relu) {
+  constexpr const char* op = "fastaspp::_atrous_conv2d_forward";
+  check_tensor(op, x, "x", 4);
+  check_tensor(op, weight, "weight", 4);
+  check_tensor(op, scale, "scale", 1);
+  check_tensor(op, shift, "shift", 1);
+  check_same(op, x, "x", weight, "weight");
+  check_same(op, x, "x", scale, "scale");
+  check_same(op, x, "x", shift, "shift");
+  const Conv2dGeom g = check_geom(op, stride, padding, dilation);
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t c_out = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(weight.size(1) == c_in, op, ": weight has ", weight.size(1),
+              " input channels but x has ", c_in, " (groups must be 1)");
+  TORCH_CHECK(kh >= 1 && kw >= 1, op, ": weight kernel size must be >= 1, got ", kh, "x", kw);
+  TORCH_CHECK(scale.size(0) == c_out, op, ": scale must have ", c_out, " elements, got ",
+              scale.size(0));
+  TORCH_CHECK(shift.size(0) == c_out, op, ": shift must have ", c_out, " elements, got ",
+              shift.size(0));
+  const auto [ho, wo] = out_size(op, h, w, kh, kw, g);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat fmt = result_format(x);
+  at::Tensor y =
+      at::empty({n, c_out, ho, wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return to_format(y, fmt);
+
+  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w_hwio = weight.permute({2, 3, 1, 0}).contiguous();  // [KH,KW,Cin,Cout]
+  const at::Tensor scale_c = scale.contiguous();
+  const at::Tensor shift_c = shift.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  check_launch(fastaspp_atrous_conv2d_forward_cuda(
+                   x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.data_ptr(),
+                   shift_c.data_ptr(), y.data_ptr(), dtype_code(x.scalar_type()), n, c_in, h, w,
+                   c_out, kh, kw, ho, wo, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h,
+                   g.dil_w, relu ? 1 : 0, stream),
+               "atrous_conv2d_forward");
+  return to_format(y, fmt);
+}
+
+at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tensor& weight,
+                                         at::IntArrayRef input_size, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "fastaspp::_atrous_conv2d_grad_input";
+  check_tensor(op, grad, "grad", 4);
+  check_tensor(op, weight, "weight", 4);
+  check_same(op, grad, "grad", weight, "weight");
+  const Conv2dGeom g = check_geom(op, stride, padding, dilation);
+  TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 elements, got ",
+              input_size.size());
+  const int64_t n = input_size[0], c_in = input_size[1], h = input_size[2], w = input_size[3];
+  TORCH_CHECK(n >= 0 && c_in >= 0 && h >= 0 && w >= 0, op,
+              ": input_size must be non-negative, got ", input_size);
+  const int64_t c_out = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(weight.size(1) == c_in, op, ": weight has ", weight.size(1),
+              " input channels but input_size has ", c_in);
+  TORCH_CHECK(kh >= 1 && kw >= 1, op, ": weight kernel size must be >= 1, got ", kh, "x", kw);
+  const auto [ho, wo] = out_size(op, h, w, kh, kw, g);
+  TORCH_CHECK(grad.size(0) == n && grad.size(1) == c_out && grad.size(2) == ho &&
+                  grad.size(3) == wo,
+              op, ": grad must have shape [", n, ", ", c_out, ", ", ho, ", ", wo, "], got ",
+              grad.sizes());
+
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::MemoryFormat fmt = result_format(grad);
+  at::Tensor dx =
+      at::empty({n, c_in, h, w}, grad.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (dx.numel() == 0) return to_format(dx, fmt);
+
+  const at::Tensor g_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w_hwoi = weight.permute({2, 3, 0, 1}).contiguous();  // [KH,KW,Cout,Cin]
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
+  check_launch(fastaspp_atrous_conv2d_grad_input_cuda(
+                   g_nhwc.data_ptr(), w_hwoi.data_ptr(), dx.data_ptr(),
+                   dtype_code(grad.scalar_type()), n, c_in, h, w, c_out, kh, kw, ho, wo,
+                   g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, stream),
+               "atrous_conv2d_grad_input");
+  return to_format(dx, fmt);
+}
+
+at::Tensor atrous_conv2d_grad_weight_cuda(const at::Tensor& x, const at::Tensor& grad,
+                                          at::IntArrayRef weight_size, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  constexpr const char* op = "fastaspp::_atrous_conv2d_grad_weight";
+  check_tensor(op, x, "x", 4);
+  check_tensor(op, grad, "grad", 4);
+  check_same(op, x, "x", grad, "grad");
+  const Conv2dGeom g = check_geom(op, stride, padding, dilation);
+  TORCH_CHECK(weight_size.size() == 4, op, ": weight_size must have 4 elements, got ",
+              weight_size.size());
+  const int64_t c_out = weight_size[0], c_in = weight_size[1], kh = weight_size[2],
+                kw = weight_size[3];
+  TORCH_CHECK(c_out >= 0 && c_in >= 0 && kh >= 1 && kw >= 1, op,
+              ": weight_size must be [Cout >= 0, Cin >= 0, KH >= 1, KW >= 1], got ",
+              weight_size);
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(x.size(1) == c_in, op, ": x has ", x.size(1), " channels but weight_size has ",
+              c_in, " input channels");
+  const auto [ho, wo] = out_size(op, h, w, kh, kw, g);
+  TORCH_CHECK(grad.size(0) == n && grad.size(1) == c_out && grad.size(2) == ho &&
+                  grad.size(3) == wo,
+              op, ": grad must have shape [", n, ", ", c_out, ", ", ho, ", ", wo, "], got ",
+              grad.sizes());
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dw = at::empty({c_out, c_in, kh, kw}, x.options());
+  if (dw.numel() == 0) return dw;
+
+  const int dtype = dtype_code(x.scalar_type());
+  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor g_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t ws_bytes = fastaspp_atrous_conv2d_grad_weight_cuda_workspace_bytes(
+      dtype, n, c_in, h, w, c_out, kh, kw, ho, wo);
+  TORCH_CHECK(ws_bytes >= 0, op, ": could not size the workspace");
+  // Every byte is written by the first pass before the second reads it: no zeroing needed.
+  const at::Tensor ws = at::empty({ws_bytes}, x.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  check_launch(fastaspp_atrous_conv2d_grad_weight_cuda(
+                   x_nhwc.data_ptr(), g_nhwc.data_ptr(), dw.data_ptr(), ws.data_ptr(), ws_bytes,
+                   dtype, n, c_in, h, w, c_out, kh, kw, ho, wo, g.stride_h, g.stride_w, g.pad_h,
+                   g.pad_w, g.dil_h, g.dil_w, stream),
+               "atrous_conv2d_grad_weight");
+  return dw;
+}
+
+}  // namespace
+}  // namespace fastaspp
+
+TORCH_LIBRARY_IMPL(fastaspp, CUDA, m) {
+  m.impl("_atrous_conv2d_forward", &fastaspp::atrous_conv2d_forward_cuda);
+  m.impl("_atrous_conv2d_grad_input", &fastaspp::atrous_conv2d_grad_input_cuda);
+  m.impl("_atrous_conv2d_grad_weight", &fastaspp::atrous_conv2d_grad_weight_cuda);
+}

@@ -1,0 +1,5 @@
+import sys
+
+from fastaspp.cli import main
+
+sys.exit(main())

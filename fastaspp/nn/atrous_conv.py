@@ -1,0 +1,97 @@
+"""Drop-in layers for atrous convolution: AtrousConv2d and ConvBNReLU."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastaspp.ops.atrous_conv import atrous_conv2d
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """nn.Conv2d's padding as ints ('valid' = 0, 'same' = d*(k-1)/2 for odd k)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError(f"padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation} "
+                                 f"needs asymmetric padding, which fastaspp does not support")
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(conv.padding)
+
+
+def _check_fusable(conv: nn.Conv2d) -> None:
+    if conv.groups != 1:
+        raise ValueError(f"groups must be 1 for fastaspp's atrous convolution, got {conv.groups}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode must be 'zeros', got {conv.padding_mode!r}")
+    _explicit_padding(conv)
+
+
+class AtrousConv2d(nn.Conv2d):
+    """nn.Conv2d (same constructor and state_dict, groups=1, zero padding) on fastaspp's kernels."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _check_fusable(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return atrous_conv2d(input, self.weight, self.bias, self.stride, _explicit_padding(self), self.dilation)
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv2d → BatchNorm2d → ReLU with the state_dict of that nn.Sequential.
+
+    Eval (BN using running statistics): one fused op, BN folded into a per-channel
+    scale and shift. Training, or a BN without running statistics: the conv runs on
+    fastaspp's kernel and BatchNorm2d itself normalises with batch statistics and
+    updates its buffers, so results and running stats match nn.BatchNorm2d exactly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=0, dilation=1,
+                 bias: bool = False, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 device=None, dtype=None) -> None:
+        factory = {"device": device, "dtype": dtype}
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, bias=bias, **factory)
+        _check_fusable(conv)
+        super().__init__(conv, nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
+                         nn.ReLU(inplace=False))
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ConvBNReLU":
+        """Wraps existing Conv2d and BatchNorm2d modules (shared, not copied)."""
+        _check_fusable(conv)
+        if not isinstance(bn, nn.BatchNorm2d) or bn.num_features != conv.out_channels:
+            raise ValueError(f"bn must be a BatchNorm2d over {conv.out_channels} channels, got {bn!r}")
+        module = cls.__new__(cls)
+        nn.Sequential.__init__(module, conv, bn, nn.ReLU(inplace=False))
+        return module
+
+    def folded_bn(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of the BN in eval: γ/√(σ²+ε) and β − μ·γ/√(σ²+ε)."""
+        bn = self[1]
+        acc = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        return scale, shift
+
+    def forward(self, input: Tensor) -> Tensor:
+        conv, bn = self[0], self[1]
+        padding = _explicit_padding(conv)
+        if bn.training or bn.running_mean is None:
+            z = atrous_conv2d(input, conv.weight, conv.bias, conv.stride, padding, conv.dilation)
+            return F.relu(bn(z))
+        scale, shift = self.folded_bn()
+        return atrous_conv2d(input, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
+                             scale=scale.to(input.dtype), shift=shift.to(input.dtype), relu=True)

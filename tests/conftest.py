@@ -1,0 +1,53 @@
+"""Test setup: Triton runs interpreted on CPU tensors when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is imported, so it is set here, at
+collection time. On a GPU machine tests run on CUDA tensors for the GPU
+backends (triton, cuda) and on CPU tensors for the cpu backend.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastaspp  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+
+
+def device_for(backend: str) -> torch.device:
+    """The device whose tensors a backend runs in this test session."""
+    if backend == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda") if ON_GPU else torch.device("cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long cases; CI skips them (-m 'not slow'), the GPU run includes them")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Interpreted Triton is slow: outside INTERPRETER_CASES its cases are marked slow (GPU runs them all)."""
+    if ON_GPU:
+        return
+    from _cases import INTERPRETER_CASES
+
+    for item in items:
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if params and params.get("backend") == "triton" and "case" in params \
+                and params["case"] not in INTERPRETER_CASES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(params=fastaspp.BACKENDS)
+def backend(request):
+    """Each backend usable here; the others are reported as skipped with the reason."""
+    name = request.param
+    reason = fastaspp._backend.unavailable_reason(name)
+    if reason is not None:
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    with fastaspp.backend(name):
+        yield name

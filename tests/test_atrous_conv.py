@@ -1,0 +1,175 @@
+"""fastaspp.ops.atrous_conv2d against fastaspp.reference on every usable backend."""
+import pytest
+import torch
+
+import fastaspp
+from fastaspp import reference
+from fastaspp.ops.atrous_conv import _triton_kernels
+
+from _cases import CASES, GRADCHECK_CASES, OPCHECK_CASES, ConvCase, assert_close_scaled
+from conftest import ON_GPU, device_for
+
+
+def supports(backend, dtype):
+    if backend == "triton":
+        return dtype in _triton_kernels().SUPPORTED_DTYPES
+    return True
+
+
+def make_inputs(case: ConvCase, dtype, device, channels_last=False, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.n, case.c_in, case.h, case.w, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(case.c_out, case.c_in, case.k, case.k, generator=g) / (case.c_in * case.k * case.k) ** 0.5
+    b, s, t = (torch.randn(case.c_out, generator=g) for _ in range(3)) if affine else (None, None, None)
+    cast = lambda v: None if v is None else v.to(device=device, dtype=dtype)
+    return cast(x), cast(w), cast(b), cast(s), cast(t)
+
+
+def run_both(case, x, w, b, s, t, relu):
+    """(fastaspp output, fp64 reference output) for the same inputs."""
+    kwargs = dict(stride=case.stride, padding=case.pad, dilation=case.dilation)
+    out = fastaspp.ops.atrous_conv2d(x, w, b, scale=s, shift=t, relu=relu, **kwargs)
+    f64 = lambda v: None if v is None else v.detach().double()
+    ref = reference.atrous_conv2d(f64(x), f64(w), f64(b), scale=f64(s), shift=f64(t), relu=relu, **kwargs)
+    return out, ref
+
+
+def assert_layout_follows(out, x):
+    """The output keeps x's memory format (either is right when x's layout is ambiguous, e.g. C == 1)."""
+    if x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt), f"output strides {out.stride()} do not follow x's {fmt}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_forward_fp32(backend, case, channels_last):
+    x, w, b, s, t = make_inputs(case, torch.float32, device_for(backend), channels_last)
+    out, ref = run_both(case, x, w, b, s, t, relu=True)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert_layout_follows(out, x)
+    assert_close_scaled(out, ref, torch.float32, f"forward {case}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES[:12], ids=str)
+def test_forward_dtypes(backend, case, dtype):
+    if not supports(backend, dtype):
+        pytest.skip(f"{backend} does not support {dtype}")
+    x, w, b, s, t = make_inputs(case, dtype, device_for(backend), channels_last=True)
+    out, ref = run_both(case, x, w, b, s, t, relu=True)
+    assert out.dtype == dtype
+    assert_close_scaled(out, ref, dtype, f"forward {case}")
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+def test_forward_optional_arguments(backend, relu, affine):
+    case = ConvCase(2, 4, 5, 7, 7, dilation=2)
+    x, w, b, s, t = make_inputs(case, torch.float32, device_for(backend), affine=affine)
+    out, ref = run_both(case, x, w, b, s, t, relu=relu)
+    if relu:
+        assert (out >= 0).all()
+    else:
+        assert (out < 0).any()
+    assert_close_scaled(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_backward(backend, case, channels_last, dtype):
+    """Gradients of x, weight, bias, scale and shift against autograd through the reference."""
+    if not supports(backend, dtype):
+        pytest.skip(f"{backend} does not support {dtype}")
+    inputs = [v.requires_grad_() for v in make_inputs(case, dtype, device_for(backend), channels_last)]
+    out, ref = run_both(case, *inputs, relu=True)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # The ReLU mask is the output's; take the reference's mask from fastaspp's output so that
+    # pixels rounding to exactly zero in half precision don't flip.
+    got = torch.autograd.grad(out, inputs, grad.to(out), allow_unused=True)
+    ref_inputs = [v.detach().double().requires_grad_() for v in inputs]
+    ref = reference.atrous_conv2d(ref_inputs[0], ref_inputs[1], ref_inputs[2], case.stride, case.pad,
+                                  case.dilation, scale=ref_inputs[3], shift=ref_inputs[4], relu=False)
+    mask = (out.detach() > 0).double().to(ref.device)
+    expected = torch.autograd.grad(ref, ref_inputs, grad.to(ref.device) * mask)
+    for name, v, a, e in zip(("x", "weight", "bias", "scale", "shift"), inputs, got, expected):
+        assert a.shape == v.shape and a.dtype == v.dtype, name
+        assert_close_scaled(a, e, dtype, f"grad {name} {case}")
+    assert_layout_follows(got[0], inputs[0])
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=str)
+@pytest.mark.parametrize("relu", [False, True])
+def test_gradcheck_fp64(backend, case, relu):
+    if not supports(backend, torch.float64):
+        pytest.skip(f"{backend} does not support float64")
+    x, w, b, s, t = (v.requires_grad_() for v in make_inputs(case, torch.float64, device_for(backend)))
+    fn = lambda *a: fastaspp.ops.atrous_conv2d(a[0], a[1], a[2], case.stride, case.pad, case.dilation,
+                                               scale=a[3], shift=a[4], relu=relu)
+    # ReLU kinks make finite differences unreliable where the output is ~0: shift away from 0.
+    if relu:
+        with torch.no_grad():
+            t += 0.5
+    # The interpreter is too slow for a full numerical Jacobian: fast mode checks random projections.
+    fast = backend == "triton" and not ON_GPU
+    assert torch.autograd.gradcheck(fn, (x, w, b, s, t), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
+
+
+def test_only_requested_gradients(backend):
+    case = ConvCase(1, 3, 4, 6, 6, dilation=2)
+    x, w, b, s, t = make_inputs(case, torch.float32, device_for(backend))
+    w.requires_grad_()
+    out = fastaspp.ops.atrous_conv2d(x, w, b, padding=2, dilation=2, scale=s, shift=t, relu=True)
+    (gw,) = torch.autograd.grad(out.sum(), [w])
+    assert gw.shape == w.shape and torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck(backend, case, channels_last):
+    x, w, b, s, t = make_inputs(case, torch.float32, device_for(backend), channels_last)
+    args = (x, w, b, s, t, [case.stride] * 2, [case.pad] * 2, [case.dilation] * 2, True, backend)
+    torch.library.opcheck(torch.ops.fastaspp.atrous_conv2d.default, args)
+    x.requires_grad_()
+    w.requires_grad_()
+    torch.library.opcheck(torch.ops.fastaspp.atrous_conv2d.default, args)
+    out = fastaspp.ops.atrous_conv2d(x.detach(), w.detach(), stride=case.stride, padding=case.pad,
+                                     dilation=case.dilation)
+    geometry = ([case.stride] * 2, [case.pad] * 2, [case.dilation] * 2)
+    torch.library.opcheck(torch.ops.fastaspp.atrous_conv2d_grad_input.default,
+                          (out, w.detach(), list(x.shape), *geometry, backend))
+    torch.library.opcheck(torch.ops.fastaspp.atrous_conv2d_grad_weight.default,
+                          (x.detach(), out, list(w.shape), *geometry, backend))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_opcheck_cpp_kernels(channels_last):
+    """The C++ kernel ops themselves (fake impls registered from Python)."""
+    case = ConvCase(2, 3, 4, 6, 6, dilation=2)
+    x, w, _, s, t = make_inputs(case, torch.float32, "cpu", channels_last)
+    geometry = ([1, 1], [2, 2], [2, 2])
+    torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_forward.default, (x, w, s, t, *geometry, True))
+    g = torch.randn(2, 4, 6, 6)
+    g = g.to(memory_format=torch.channels_last) if channels_last else g
+    torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_grad_input.default, (g, w, list(x.shape), *geometry))
+    torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_grad_weight.default, (x, g, list(w.shape), *geometry))
+
+
+def test_torch_compile_fullgraph(backend):
+    case = ConvCase(2, 3, 4, 7, 7, dilation=3)
+    x, w, b, s, t = make_inputs(case, torch.float32, device_for(backend), channels_last=True)
+    w.requires_grad_()
+
+    def fn(x, w):
+        return fastaspp.ops.atrous_conv2d(x, w, b, padding=3, dilation=3, scale=s, shift=t, relu=True).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    expected = fn(x, w)
+    got = compiled(x, w)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(fn(x, w), w)[0])
