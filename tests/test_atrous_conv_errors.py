@@ -113,3 +113,10 @@ def test_op_rejects_auto_backend():
     x, w = good()
     with pytest.raises(ValueError, match=r"backend must be a concrete backend name"):
         torch.ops.fastaspp.atrous_conv2d(x, w, None, None, None, [1, 1], [0, 0], [1, 1], False, "auto")
+
+
+def test_zero_channels():
+    with pytest.raises(ValueError, match=r"weight must have non-zero C_out, C_in, KH and KW"):
+        conv(torch.randn(1, 0, 8, 8), torch.randn(4, 0, 3, 3))
+    with pytest.raises(ValueError, match=r"weight must have non-zero C_out, C_in, KH and KW"):
+        conv(torch.randn(1, 3, 8, 8), torch.randn(0, 3, 3, 3))

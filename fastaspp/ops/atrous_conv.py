@@ -74,8 +74,8 @@ def check_atrous_conv2d_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     if c_in != x.shape[1]:
         raise ValueError(f"weight expects {c_in} input channels (weight.shape[1]) but x has {x.shape[1]} "
                          f"(x.shape[1]); groups other than 1 are not supported")
-    if c_out == 0 or kh == 0 or kw == 0:
-        raise ValueError(f"weight must have non-zero C_out, KH, KW, got shape {tuple(weight.shape)}")
+    if 0 in weight.shape:
+        raise ValueError(f"weight must have non-zero C_out, C_in, KH and KW, got shape {tuple(weight.shape)}")
     for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
         if t is None:
             continue
