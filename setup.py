@@ -41,7 +41,9 @@ def want_cuda() -> bool:
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17"]
+    # at::parallel_for is an OpenMP pragma in torch's headers: without -fopenmp it runs serially.
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    link = ["-fopenmp"]
     if want_cuda():
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -50,8 +52,9 @@ def extension():
             sources,
             define_macros=[("FASTASPP_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
-    return CppExtension("fastaspp._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("fastaspp._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

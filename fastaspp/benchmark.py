@@ -54,6 +54,7 @@ class Row:
     fused_dense_tflops: float
     fused_useful_tflops: float
     eager_dense_tflops: float
+    eager_useful_tflops: float
     max_abs_err: float
 
 
@@ -103,21 +104,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
 
 
 def measure(shape: ConvShape, batch: int, dtype: torch.dtype, device: torch.device,
-            backend: str = "auto", warmup: int = 2, reps: int = 7) -> Row:
+            backend: str = "auto", warmup: int = 2, reps: int = 7, rounds: int = 3) -> Row:
     pair = _Pair(shape, batch, dtype, device)
     with torch.no_grad(), fastaspp.backend(backend):
         x = pair.xs[0]
         err = (pair.fused(x).float() - pair.eager(x).float()).abs().max().item()
-        # Interleave eager and fused so slow drifts (thermal, other load) hit both alike.
+        # Alternate eager and fused in rounds so slow drifts (clock, other load) hit both alike.
         eager_t, fused_t = [], []
-        for _ in range(2):
+        for _ in range(rounds):
             eager_t += time_ms(lambda: pair.eager(pair.next_x()), device, warmup, reps)
             fused_t += time_ms(lambda: pair.fused(pair.next_x()), device, warmup, reps)
         resolved = fastaspp.resolve_backend(device)
     eager_ms, fused_ms = statistics.median(eager_t), statistics.median(fused_t)
     useful, dense = shape.flops(batch)
     return Row(shape.name, batch, str(dtype).replace("torch.", ""), str(device), resolved, eager_ms, fused_ms,
-               eager_ms / fused_ms, dense / fused_ms / 1e9, useful / fused_ms / 1e9, dense / eager_ms / 1e9, err)
+               eager_ms / fused_ms, dense / fused_ms / 1e9, useful / fused_ms / 1e9, dense / eager_ms / 1e9,
+               useful / eager_ms / 1e9, err)
 
 
 def run(shapes: Iterable[ConvShape], batches: Iterable[int], dtype: torch.dtype, device: torch.device,
@@ -133,11 +135,12 @@ def run(shapes: Iterable[ConvShape], batches: Iterable[int], dtype: torch.dtype,
 
 
 def markdown(rows: List[Row]) -> str:
-    head = ("| shape | batch | dtype | backend | eager ms | fused ms | speed-up | fused dense TFLOP/s "
-            "| fused useful TFLOP/s | max abs err |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| shape | batch | dtype | backend | eager ms | fused ms | speed-up | TFLOP/s dense / useful, fused "
+            "| TFLOP/s dense / useful, eager | max abs err |\n|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r.shape} | {r.batch} | {r.dtype} | {r.backend} | {r.eager_ms:.2f} | {r.fused_ms:.2f} | "
-        f"{r.speedup:.2f}x | {r.fused_dense_tflops:.3f} | {r.fused_useful_tflops:.3f} | {r.max_abs_err:.1e} |\n"
+        f"{r.speedup:.2f}x | {r.fused_dense_tflops:.3f} / {r.fused_useful_tflops:.3f} | "
+        f"{r.eager_dense_tflops:.3f} / {r.eager_useful_tflops:.3f} | {r.max_abs_err:.1e} |\n"
         for r in rows)
 
 

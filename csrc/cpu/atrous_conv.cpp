@@ -83,33 +83,41 @@ at::Tensor to_nhwc(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype).contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1});
 }
 
-// Weights as one [Cout, Cin] matrix per tap: [KH, KW, Cout, Cin]. (Cin innermost keeps this
-// transposing copy cheap; the GEMMs read each tap matrix transposed at no cost.)
-// The copy is hand-written: ATen's generic permute-copy reads with stride KH*KW and runs at a
-// fraction of memory bandwidth, which cost ~20% of a 2048->256 forward. Here each output
-// channel's [Cin, KH*KW] block (contiguous, cache-resident) is read once, sequentially.
+// Weights as one [Cout, Cin] matrix per tap, returned as a [KH, KW, Cout, Cin] view of the
+// weights in channels_last storage: each tap matrix then has unit Cin stride and row stride
+// KH*KW*Cin, which BLAS reads in place. channels_last weights (a model converted with
+// .to(memory_format=torch.channels_last)) need no copy at all; others are re-laid out by
+// channels_last_weights below.
 template <typename scalar_t>
-void tap_major_copy(const scalar_t* src, scalar_t* dst, int64_t out_ch, int64_t in_ch, int64_t taps) {
+void copy_to_channels_last(const at::Tensor& w, at::Tensor& out) {
+  const int64_t out_ch = w.size(0), in_ch = w.size(1), kernel_h = w.size(2), kernel_w = w.size(3);
+  const int64_t s_co = w.stride(0), s_ci = w.stride(1), s_kh = w.stride(2), s_kw = w.stride(3);
+  const int64_t taps = kernel_h * kernel_w;
+  const scalar_t* src = w.data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  // One output channel at a time: its [Cin, KH*KW] block is small enough to stay in cache
+  // while it is transposed to [KH*KW, Cin] (ATen's generic permute-copy is ~5x slower).
   at::parallel_for(0, out_ch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t co = begin; co < end; ++co) {
-      const scalar_t* block = src + co * in_ch * taps;
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        scalar_t* row = dst + (tap * out_ch + co) * in_ch;
-        for (int64_t ci = 0; ci < in_ch; ++ci) row[ci] = block[ci * taps + tap];
-      }
+      scalar_t* block = dst + co * taps * in_ch;
+      for (int64_t kh = 0; kh < kernel_h; ++kh)
+        for (int64_t kw = 0; kw < kernel_w; ++kw) {
+          const scalar_t* in = src + co * s_co + kh * s_kh + kw * s_kw;
+          scalar_t* row = block + (kh * kernel_w + kw) * in_ch;
+          for (int64_t ci = 0; ci < in_ch; ++ci) row[ci] = in[ci * s_ci];
+        }
     }
   });
 }
 
-at::Tensor tap_major(const at::Tensor& weight, at::ScalarType dtype) {
-  const at::Tensor w = weight.to(dtype).contiguous();
-  const int64_t out_ch = w.size(0), in_ch = w.size(1), kernel_h = w.size(2), kernel_w = w.size(3);
-  at::Tensor taps = at::empty({kernel_h, kernel_w, out_ch, in_ch}, w.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "tap_major", [&] {
-    tap_major_copy<scalar_t>(w.data_ptr<scalar_t>(), taps.data_ptr<scalar_t>(), out_ch, in_ch,
-                             kernel_h * kernel_w);
-  });
-  return taps;
+at::Tensor tap_matrices(const at::Tensor& weight, at::ScalarType dtype) {
+  at::Tensor w = weight.to(dtype);
+  if (!w.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    at::Tensor cl = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::ChannelsLast));
+    AT_DISPATCH_FLOATING_TYPES(dtype, "channels_last_weights", [&] { copy_to_channels_last<scalar_t>(w, cl); });
+    w = cl;
+  }
+  return w.permute({2, 3, 0, 1});
 }
 
 // The input pixels (NHWC) read by a tap's output rectangle: [N, rows, cols, C].
@@ -314,7 +322,7 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
 
   const auto dtype = compute_dtype(x.scalar_type());
   const at::Tensor xh = to_nhwc(x, dtype);
-  const at::Tensor w_taps = tap_major(weight, dtype);  // [KH, KW, Cout, Cin]
+  const at::Tensor w_taps = tap_matrices(weight, dtype);  // [KH, KW, Cout, Cin]
   at::Tensor acc = at::zeros({batch, out_h, out_w, out_ch}, x.options().dtype(dtype));
   for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, g, n, acc);
 
@@ -355,7 +363,7 @@ at::Tensor atrous_conv2d_grad_input_cpu(const at::Tensor& grad, const at::Tensor
   }
   const auto dtype = compute_dtype(grad.scalar_type());
   const at::Tensor gh = to_nhwc(grad, dtype);
-  const at::Tensor w_taps = tap_major(weight, dtype);  // [KH, KW, Cout, Cin]
+  const at::Tensor w_taps = tap_matrices(weight, dtype);  // [KH, KW, Cout, Cin]
   at::Tensor dx = at::zeros({batch, in_h, in_w, in_ch}, grad.options().dtype(dtype));
   for (const LiveTap& t : live_taps(kernel_h, kernel_w, in_h, in_w, out_h, out_w, g)) {
     accumulate_gemm(input_rect(dx, t, g), gather_rect(output_rect(gh, t)), w_taps[t.kh][t.kw]);
