@@ -1,6 +1,6 @@
 """pytest-benchmark: fused conv+BN+ReLU against eager PyTorch (channels_last, eval).
 
-    python -m pytest benchmarks/bench_atrous_conv.py --benchmark-group-by=param:shape,param:batch
+    python -m pytest benchmarks/bench_atrous_conv.py
 
 Each group holds the eager baseline and every usable fastaspp backend for one shape,
 so pytest-benchmark's table shows the ratio measured in the same run. CPU: fp32 at
@@ -27,6 +27,7 @@ IMPLS = ["eager"] + ([b for b in fastaspp.backends() if b in ("triton", "cuda")]
 def test_conv_bn_relu(benchmark, shape, batch, impl):
     if ON_GPU:
         torch.backends.cudnn.benchmark = True
+    benchmark.group = f"{shape.name} batch {batch}"
     pair = _Pair(shape, batch, DTYPE, DEVICE)
     useful, dense = shape.flops(batch)
     benchmark.extra_info.update(useful_flops=useful, dense_flops=dense, dtype=str(DTYPE), device=str(DEVICE))
