@@ -1,4 +1,5 @@
-"""Timing of fastaspp's fused conv+BN+ReLU against eager PyTorch, shared by the CLI and benchmarks/.
+"""Timing of fastaspp's fused conv+BN+ReLU against eager PyTorch, shared by the CLI and benchmarks/
+(the ASPP comparisons are in benchmark_aspp.py).
 
 Baseline: eager conv2d → batch_norm → relu (cuDNN / oneDNN), channels_last on both sides,
 eval mode. Each row reports median time, ratio against eager measured in the same run,
@@ -56,6 +57,7 @@ class Row:
     eager_dense_tflops: float
     eager_useful_tflops: float
     max_abs_err: float
+    compiled_ms: Optional[float] = None  # torch.compile of the eager baseline, where measured
 
 
 class _Pair:
@@ -103,19 +105,25 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: i
     return times
 
 
+def alternate(fns: List[Callable[[], object]], device: torch.device, warmup: int, reps: int,
+              rounds: int) -> List[float]:
+    """Median ms of each fn, timed in alternating rounds so slow drifts (clock, other load) hit all alike."""
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, acc in zip(fns, times):
+            acc += time_ms(fn, device, warmup, reps)
+    return [statistics.median(t) for t in times]
+
+
 def measure(shape: ConvShape, batch: int, dtype: torch.dtype, device: torch.device,
             backend: str = "auto", warmup: int = 2, reps: int = 7, rounds: int = 3) -> Row:
     pair = _Pair(shape, batch, dtype, device)
     with torch.no_grad(), fastaspp.backend(backend):
         x = pair.xs[0]
         err = (pair.fused(x).float() - pair.eager(x).float()).abs().max().item()
-        # Alternate eager and fused in rounds so slow drifts (clock, other load) hit both alike.
-        eager_t, fused_t = [], []
-        for _ in range(rounds):
-            eager_t += time_ms(lambda: pair.eager(pair.next_x()), device, warmup, reps)
-            fused_t += time_ms(lambda: pair.fused(pair.next_x()), device, warmup, reps)
+        eager_ms, fused_ms = alternate([lambda: pair.eager(pair.next_x()), lambda: pair.fused(pair.next_x())],
+                                       device, warmup, reps, rounds)
         resolved = fastaspp.resolve_backend(device)
-    eager_ms, fused_ms = statistics.median(eager_t), statistics.median(fused_t)
     useful, dense = shape.flops(batch)
     return Row(shape.name, batch, str(dtype).replace("torch.", ""), str(device), resolved, eager_ms, fused_ms,
                eager_ms / fused_ms, dense / fused_ms / 1e9, useful / fused_ms / 1e9, dense / eager_ms / 1e9,
@@ -135,11 +143,13 @@ def run(shapes: Iterable[ConvShape], batches: Iterable[int], dtype: torch.dtype,
 
 
 def markdown(rows: List[Row]) -> str:
-    head = ("| shape | batch | dtype | backend | eager ms | fused ms | speed-up | TFLOP/s dense / useful, fused "
-            "| TFLOP/s dense / useful, eager | max abs err |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| shape | batch | dtype | backend | eager ms | fused ms | speed-up | compiled ms (fused vs it) "
+            "| TFLOP/s dense / useful, fused | TFLOP/s dense / useful, eager | max abs err |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    compiled = lambda r: "-" if r.compiled_ms is None else f"{r.compiled_ms:.2f} ({r.compiled_ms / r.fused_ms:.2f}x)"
     return head + "".join(
         f"| {r.shape} | {r.batch} | {r.dtype} | {r.backend} | {r.eager_ms:.2f} | {r.fused_ms:.2f} | "
-        f"{r.speedup:.2f}x | {r.fused_dense_tflops:.3f} / {r.fused_useful_tflops:.3f} | "
+        f"{r.speedup:.2f}x | {compiled(r)} | {r.fused_dense_tflops:.3f} / {r.fused_useful_tflops:.3f} | "
         f"{r.eager_dense_tflops:.3f} / {r.eager_useful_tflops:.3f} | {r.max_abs_err:.1e} |\n"
         for r in rows)
 

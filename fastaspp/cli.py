@@ -39,6 +39,7 @@ def _check_against_reference(device: torch.device) -> float:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import fastaspp
     from fastaspp import benchmark
 
     device = torch.device(args.device)
@@ -46,14 +47,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("fastaspp bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
-    shapes = benchmark.QUICK_SHAPES if args.quick else benchmark.SHAPES
     batches = [1] if args.quick or device.type == "cpu" else [1, 8]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    print(f"fused conv+BN+ReLU vs eager ({device}, {args.dtype}, channels_last, eval, backend {args.backend})")
-    rows = benchmark.run(shapes, batches, dtype, device, args.backend, reps=5 if args.quick else 10,
-                         progress=lambda r: print(f"  {r.shape} b{r.batch}: eager {r.eager_ms:.2f} ms, "
-                                                  f"fused {r.fused_ms:.2f} ms, {r.speedup:.2f}x", flush=True))
+    progress = lambda r: print(f"  {r.shape} b{r.batch}: eager {r.eager_ms:.2f} ms, fused {r.fused_ms:.2f} ms, "
+                               f"{r.speedup:.2f}x", flush=True)
+    rows = []
+    if args.op in ("conv", "all"):
+        print(f"fused conv+BN+ReLU vs eager ({device}, {args.dtype}, channels_last, eval, backend {args.backend})")
+        shapes = benchmark.QUICK_SHAPES if args.quick else benchmark.SHAPES
+        rows += benchmark.run(shapes, batches, dtype, device, args.backend, reps=5 if args.quick else 10,
+                              progress=progress)
+    if args.op in ("aspp", "all"):
+        from fastaspp import benchmark_aspp
+
+        print(f"fastaspp.nn.ASPP vs the eager reference ASPP ({device}, {args.dtype}, channels_last, "
+              f"backend {args.backend}{', and torch.compile of it' if args.compile else ''})")
+        shapes = benchmark_aspp.ASPP_SHAPES[:1] if args.quick or device.type == "cpu" else benchmark_aspp.ASPP_SHAPES
+        modes = ["eval"] if args.quick else ["eval", "train"]
+        aspp_batches = [1] if args.quick or device.type == "cpu" else [1, 8, 16]
+        with fastaspp.backend(args.backend):
+            rows += benchmark_aspp.run_aspp(shapes, aspp_batches, modes, dtype, device, args.compile, progress)
     table = benchmark.markdown(rows)
     print()
     print(table)
@@ -62,7 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         env = benchmark.environment()
         tag = (env.get("gpu") or device.type).replace(" ", "-")
-        path = os.path.join(args.out, f"atrous_conv-{tag}-{args.dtype}-{stamp}.json")
+        path = os.path.join(args.out, f"{args.op}-{tag}-{args.dtype}-{stamp}.json")
         with open(path, "w") as f:
             json.dump({"environment": env, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
         with open(path[:-5] + ".md", "w") as f:
@@ -84,7 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("fastaspp demo: the fused op disagrees with the reference", file=sys.stderr)
         return 1
     bench_args = argparse.Namespace(device=args.device, dtype="float32" if device.type == "cpu" else "bfloat16",
-                                    quick=device.type == "cpu", backend="auto", out=None)
+                                    quick=device.type == "cpu", backend="auto", out=None, op="all", compile=False)
     code = cmd_bench(bench_args)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return code
@@ -99,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
     demo.set_defaults(func=cmd_demo)
 
-    bench = sub.add_parser("bench", help="benchmark fused conv+BN+ReLU against eager PyTorch")
+    bench = sub.add_parser("bench", help="benchmark fused conv+BN+ReLU and ASPP against eager PyTorch")
+    bench.add_argument("--op", choices=["conv", "aspp", "all"], default="all")
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile of the eager ASPP")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     bench.add_argument("--backend", default="auto", help="auto, cpu, triton or cuda")

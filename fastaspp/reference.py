@@ -31,3 +31,36 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, stri
         nn.BatchNorm2d(out_channels),
         nn.ReLU(),
     )
+
+
+class ASPPPooling(nn.Sequential):
+    """Image pooling branch: global average → 1x1 conv → BN → ReLU → back to the map size."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        for module in self:
+            x = module(x)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class ASPP(nn.Module):
+    """DeepLabV3's ASPP in torchvision's module layout (convs.0 … convs.R+1, project.0 … project.3):
+    a 1x1 branch, one 3x3 atrous branch per rate and image pooling, each conv → BN → ReLU,
+    concatenated, then a 1x1 projection → BN → ReLU → Dropout(0.5)."""
+
+    def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256) -> None:
+        super().__init__()
+        branches = [conv_bn_relu(in_channels, out_channels, 1)]
+        branches += [conv_bn_relu(in_channels, out_channels, 3, padding=r, dilation=r) for r in atrous_rates]
+        branches.append(ASPPPooling(in_channels, out_channels))
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(
+            nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(), nn.Dropout(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))

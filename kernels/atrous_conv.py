@@ -6,6 +6,13 @@ Contract (the same semantics as the C++ backends; arguments are validated by the
         y = act(conv2d(x, weight, None, stride, padding, dilation) * scale[c] + shift[c]),
         act = ReLU if relu else identity.  x [N, Cin, H, W], weight [Cout, Cin, KH, KW],
         scale/shift [Cout]; y [N, Cout, Ho, Wo] with Ho = (H + 2p - d(K-1) - 1) // s + 1.
+    atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilation, relu,
+                               out, channel_offset) -> None
+        the same y, stored into out[:, channel_offset:channel_offset + Cout] of a preallocated
+        out [N, Ctot, Ho, Wo] with dense NHWC storage (out.permute(0, 2, 3, 1).is_contiguous()),
+        x's dtype and device; the other channels of out are not touched.  This is how several
+        convolutions write one concatenated buffer without torch.cat (DESIGN.md §2.5).  out is
+        validated here (ValueError / TypeError naming it); it must not share memory with x.
     atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation) -> dx
         the transposed convolution of grad [N, Cout, Ho, Wo]: dx [N, Cin, H, W] = input_size.
     atrous_conv2d_grad_weight(x, grad, weight_size, stride, padding, dilation) -> dw
@@ -35,7 +42,8 @@ csrc/common/tap_geometry.h).
   intersects the tap's live rows/cols with the patch; a tap that reads only padding for the whole
   patch is skipped (no loads, no MACs), a partly live one is clipped by the load masks.  Live taps
   loop over Cin in BLOCK_K chunks into a float32 accumulator; the epilogue applies scale, shift,
-  ReLU and the cast, and stores NHWC.
+  ReLU and the cast, and stores NHWC with a pixel stride of Ctot channels starting at
+  channel_offset (Ctot = Cout, offset 0 for atrous_conv2d_forward).
 * grad_input: the same with the roles swapped: one program = a patch of input pixels x BLOCK_N
   input channels, reducing over taps and Cout with the weight transposed.  Input pixels are split
   into stride residue classes (ih = r + stride * q), so for each tap either every pixel of a patch
@@ -54,6 +62,7 @@ activation tensors are computed in int64.
 
 import contextlib
 import math
+import operator
 import os
 
 import torch
@@ -206,9 +215,10 @@ def _atrous_fwd_kernel(
     x_ptr,  # [N, H, W, Cin]
     w_ptr,  # [KH, KW, Cin, Cout]
     scale_ptr, shift_ptr,  # [Cout]
-    y_ptr,  # [N, Ho, Wo, Cout]
+    y_ptr,  # [N, Ho, Wo, y_pix_stride]; this conv's Cout channels start at y_c_off
     N, H, W, Cin, Ho, Wo, Cout, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    y_pix_stride, y_c_off,
     RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -264,7 +274,7 @@ def _atrous_fwd_kernel(
     out = acc * scale[None, :] + shift[None, :]
     if RELU:
         out = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch
-    y_rows = ((n.to(tl.int64) * Ho + oh) * Wo + ow) * Cout
+    y_rows = ((n.to(tl.int64) * Ho + oh) * Wo + ow) * y_pix_stride + y_c_off
     store_ok = ((oh < oh_end) & (ow < ow_end))[:, None] & n_ok[None, :]
     tl.store(y_ptr + y_rows[:, None] + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
              mask=store_ok)
@@ -468,21 +478,71 @@ def _geometry_args(stride, padding, dilation):
             int(dilation[0]), int(dilation[1]))
 
 
+def _forward_out_hw(x, weight, geo):
+    return (_out_size(x.shape[2], weight.shape[2], geo[0], geo[2], geo[4]),
+            _out_size(x.shape[3], weight.shape[3], geo[1], geo[3], geo[5]))
+
+
+def _check_out(out, channel_offset, x, cout, ho, wo):
+    """Validates atrous_conv2d_forward_into's out / channel_offset; returns the offset as int."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if isinstance(channel_offset, bool):  # bool is an int to operator.index
+        raise TypeError(f"channel_offset must be an int, got {channel_offset!r}")
+    try:
+        c0 = operator.index(channel_offset)
+    except TypeError:
+        raise TypeError(f"channel_offset must be an int, got {channel_offset!r}") from None
+    if out.dim() != 4:
+        raise ValueError(f"out must be a 4-D tensor [N, C, Ho, Wo], got shape {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out has dtype {out.dtype} but x has {x.dtype}; they must match")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device} but x is on {x.device}")
+    n, ctot = out.shape[0], out.shape[1]
+    if (n, out.shape[2], out.shape[3]) != (x.shape[0], ho, wo):
+        raise ValueError(f"out must have shape [N={x.shape[0]}, C, Ho={ho}, Wo={wo}], "
+                         f"got {tuple(out.shape)}")
+    if c0 < 0 or c0 + cout > ctot:
+        raise ValueError(f"channel_offset {c0} + Cout {cout} must lie within out's {ctot} "
+                         "channels")
+    # is_contiguous ignores the strides of size-1 dims, which the kernel's index math never uses.
+    if not out.permute(0, 2, 3, 1).is_contiguous():
+        raise ValueError("out must have dense NHWC storage (channels_last, "
+                         f"out.permute(0, 2, 3, 1).is_contiguous()), got strides {out.stride()}")
+    # The kernel reads x while other programs write out: any shared storage is refused.
+    if (out.numel() and x.numel()
+            and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
+        raise ValueError("out must not share memory with x")
+    return c0
+
+
 def atrous_conv2d_forward(x, weight, scale, shift, stride, padding, dilation, relu):
     """act(conv2d(x, weight, None, stride, padding, dilation) * scale + shift) in x's format."""
+    ho, wo = _forward_out_hw(x, weight, _geometry_args(stride, padding, dilation))
+    y = _nhwc_empty(x.shape[0], weight.shape[0], ho, wo, x)
+    atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilation, relu, y, 0)
+    return y.contiguous(memory_format=_memory_format(x))
+
+
+def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilation, relu,
+                               out, channel_offset):
+    """atrous_conv2d_forward's result stored into out[:, channel_offset:channel_offset + Cout].
+
+    out: [N, Ctot, Ho, Wo], dense NHWC storage, x's dtype and device.  Returns None.
+    """
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
     geo = _geometry_args(stride, padding, dilation)
-    ho = _out_size(h, kh, geo[0], geo[2], geo[4])
-    wo = _out_size(w, kw, geo[1], geo[3], geo[5])
-    fmt = _memory_format(x)
+    ho, wo = _forward_out_hw(x, weight, geo)
+    c0 = _check_out(out, channel_offset, x, cout, ho, wo)
     acc_dt, dot_dt, prec = _dtype_meta(x.dtype)
-    y = _nhwc_empty(n, cout, ho, wo, x)
-    if y.numel() == 0:
-        return y.contiguous(memory_format=fmt)
+    if n * cout * ho * wo == 0:
+        return
     if cin == 0:  # empty reduction: the convolution is zero
-        y = torch.relu(shift.view(1, -1, 1, 1)) if relu else shift.view(1, -1, 1, 1)
-        return y.expand(n, cout, ho, wo).to(x.dtype).contiguous(memory_format=fmt)
+        y = torch.relu(shift) if relu else shift
+        out[:, c0:c0 + cout].copy_(y.view(1, -1, 1, 1).expand(n, cout, ho, wo))
+        return
     x_nhwc = x.contiguous(memory_format=torch.channels_last)
     w_kkio = weight.permute(2, 3, 1, 0).contiguous()  # [KH, KW, Cin, Cout]: B rows along Cin
     scale = scale.contiguous()
@@ -494,10 +554,9 @@ def atrous_conv2d_forward(x, weight, scale, shift, stride, padding, dilation, re
 
     with _launch_ctx(x):
         _atrous_fwd_kernel[grid](
-            x_nhwc, w_kkio, scale, shift, y,
-            n, h, w, cin, ho, wo, cout, kh, kw, *geo,
+            x_nhwc, w_kkio, scale, shift, out,
+            n, h, w, cin, ho, wo, cout, kh, kw, *geo, out.shape[1], c0,
             RELU=bool(relu), ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
-    return y.contiguous(memory_format=fmt)
 
 
 def atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation):

@@ -34,11 +34,14 @@ def pytest_collection_modifyitems(config, items):
     if ON_GPU:
         return
     from _cases import INTERPRETER_CASES
+    from test_aspp import ASPP_INTERPRETER_CASES
 
+    subset = {"case": INTERPRETER_CASES, "aspp_case": ASPP_INTERPRETER_CASES}
     for item in items:
         params = getattr(item, "callspec", None) and item.callspec.params
-        if params and params.get("backend") == "triton" and "case" in params \
-                and params["case"] not in INTERPRETER_CASES:
+        if not params or params.get("backend") != "triton":
+            continue
+        if any(name in params and params[name] not in cases for name, cases in subset.items()):
             item.add_marker(pytest.mark.slow)
 
 

@@ -30,7 +30,11 @@
 //   threads as 16x16, 4x4 outputs per thread strided by 16, BK=16, fp32 / fp64 accumulation.
 // * Epilogue: acc * scale[co] + shift[co] (forward only), optional ReLU, convert, store NHWC
 //   with per-element bounds checks (the patch may overhang the map, the channel block the
-//   channel count).
+//   channel count). dst pixel p, channel co lives at dst[p * dst_pixel_stride +
+//   dst_channel_offset + co]: the forward can write a channel slice [off, off + Cout) of a
+//   wider NHWC buffer (pixel stride Ctot), e.g. one ASPP branch of the shared concat buffer.
+//   Plain NHWC is stride = Cout, offset = 0 (grad_input always uses stride = Cin, offset 0).
+//   Only the store moves; the gather, the tiling and the dead-tap skipping do not change.
 // * Known costs: grad_input with stride > 1 gathers a zero for the dst pixels of the wrong
 //   phase (only 1/(sh*sw) of a live tap's rows are real), and there is no split over K, so a
 //   small batch with few pixel tiles leaves SMs idle. Neither matters for ASPP (stride 1).
@@ -213,8 +217,9 @@ struct ConvArgs {
   const void* wt;     // [KH, KW, kc, nc]
   const void* scale;  // [nc], forward only
   const void* shift;  // [nc], forward only
-  void* dst;
+  void* dst;          // pixel p, channel c at dst[p * dst_pixel_stride + dst_channel_offset + c]
   int64_t n, src_h, src_w, kc, dst_h, dst_w, nc, kh, kw;
+  int64_t dst_pixel_stride, dst_channel_offset;  // elements; offset + nc <= stride
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int64_t tiles_w, tiles_per_img;
   int tile_w_log2;  // patch is (64 >> tile_w_log2) rows x (1 << tile_w_log2) cols
@@ -375,7 +380,8 @@ __device__ __forceinline__ void store_output(const ConvArgs& a, const TileCtx& t
     if (a.relu && v < Acc(0)) v = Acc(0);  // comparison, not fmax: NaN propagates like torch
   }
   T* dst = static_cast<T*>(a.dst);
-  dst[((t.img * a.dst_h + r) * a.dst_w + c) * a.nc + co] = Elem<T>::from_acc(v);
+  dst[((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset + co] =
+      Elem<T>::from_acc(v);
 }
 
 // fp16 / bf16 tensor-core conv. Shared memory: A 2x64x40, B 2x32x72 (16-bit) + C 64x68 fp32
@@ -891,15 +897,21 @@ void launch_grad_weight_finalize(const GwArgs& a, void* dw, cudaStream_t stream)
 
 using namespace fastaspp::atrous_cuda;
 
-extern "C" cudaError_t fastaspp_atrous_conv2d_forward_cuda(
+extern "C" cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
     const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
-    int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,
-    int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
-    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int relu,
-    cudaStream_t stream) {
+    int64_t y_pixel_stride, int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in,
+    int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out,
+    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+    int64_t dil_w, int relu, cudaStream_t stream) {
   if (acc_bytes(dtype) < 0 ||
       !valid_geometry(n, c_in, h, w, c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h,
                       pad_w, dil_h, dil_w)) {
+    return cudaErrorInvalidValue;
+  }
+  // The slice must lie inside each pixel's run of y_pixel_stride elements, so that no two
+  // (pixel, channel) pairs share an address.
+  if (y_channel_offset < 0 || y_pixel_stride < c_out ||
+      y_channel_offset > y_pixel_stride - c_out) {
     return cudaErrorInvalidValue;
   }
   if (n == 0 || c_out == 0 || h_out == 0 || w_out == 0) return cudaSuccess;
@@ -913,6 +925,8 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_cuda(
   a.scale = scale;
   a.shift = shift;
   a.dst = y;
+  a.dst_pixel_stride = y_pixel_stride;
+  a.dst_channel_offset = y_channel_offset;
   a.n = n;
   a.src_h = h;
   a.src_w = w;
@@ -930,6 +944,18 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_cuda(
   a.dil_w = dil_w;
   a.relu = relu != 0;
   return launch_conv<false>(a, dtype, stream);
+}
+
+extern "C" cudaError_t fastaspp_atrous_conv2d_forward_cuda(
+    const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
+    int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,
+    int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
+    int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int relu,
+    cudaStream_t stream) {
+  // Dense NHWC y: the slice is the whole pixel.
+  return fastaspp_atrous_conv2d_forward_strided_cuda(
+      x, weight_hwio, scale, shift, y, c_out, 0, dtype, n, c_in, h, w, c_out, kh, kw, h_out,
+      w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, relu, stream);
 }
 
 extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
@@ -952,6 +978,8 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
   a.src = grad;
   a.wt = weight_hwoi;
   a.dst = grad_input;
+  a.dst_pixel_stride = c_in;  // dense NHWC
+  a.dst_channel_offset = 0;
   a.n = n;
   a.src_h = h_out;
   a.src_w = w_out;

@@ -9,6 +9,8 @@
 //   grad_input weight   [KH, KW, Cout, Cin]   (= weight.permute(2, 3, 0, 1))
 //   grad_weight output  [Cout, Cin, KH, KW]   (the nn.Conv2d layout)
 //   scale, shift        [Cout], same dtype as x
+// The forward can also store into a channel slice of a wider NHWC buffer (see
+// fastaspp_atrous_conv2d_forward_strided_cuda); every other output is dense.
 // Every tensor has the dtype given by `dtype`. The launchers are asynchronous on `stream`
 // and return cudaSuccess, cudaErrorInvalidValue for bad arguments, or the launch error.
 #pragma once
@@ -30,6 +32,21 @@ enum {
 };
 
 // y = act(conv2d(x, weight) * scale[co] + shift[co]), act = ReLU when relu != 0.
+// Output pixel p = (n, oh, ow) (flattened NHWC pixel index (n * Ho + oh) * Wo + ow), channel
+// co is stored at y[p * y_pixel_stride + y_channel_offset + co] (element offsets, y the base
+// of the whole buffer): a slice [y_channel_offset, y_channel_offset + Cout) of an NHWC buffer
+// of y_pixel_stride channels, e.g. one ASPP branch of the concat buffer. Requires
+// 0 <= y_channel_offset and y_channel_offset + Cout <= y_pixel_stride (else
+// cudaErrorInvalidValue); channels outside the slice are neither read nor written, so
+// launches into disjoint slices of one buffer may run concurrently. y must not overlap x.
+cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
+    const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
+    int64_t y_pixel_stride, int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in,
+    int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out,
+    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+    int64_t dil_w, int relu, cudaStream_t stream);
+
+// The same into a dense NHWC y [N, Ho, Wo, Cout] (y_pixel_stride = Cout, y_channel_offset = 0).
 cudaError_t fastaspp_atrous_conv2d_forward_cuda(
     const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
     int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,

@@ -3,50 +3,26 @@
 // The schemas live in csrc/atrous_conv.cpp. This file validates arguments, brings tensors to
 // the layouts the pure-CUDA launchers of atrous_conv.h expect (NHWC activations, tap-major
 // weights), allocates outputs / scratch with torch and launches on the current stream.
+// The helpers it shares with aspp_cuda.cpp live in binding_utils.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cuda_runtime_api.h>
 
 #include "../common/tap_geometry.h"
 #include "atrous_conv.h"
+#include "binding_utils.h"
 
 namespace fastaspp {
 namespace {
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return FASTASPP_DTYPE_FLOAT32;
-    case at::kDouble:
-      return FASTASPP_DTYPE_FLOAT64;
-    case at::kHalf:
-      return FASTASPP_DTYPE_FLOAT16;
-    case at::kBFloat16:
-      return FASTASPP_DTYPE_BFLOAT16;
-    default:
-      return -1;
-  }
-}
-
-void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(),
-              "-D with shape ", t.sizes());
-  TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
-void check_same(const char* op, const at::Tensor& ref, const char* ref_name,
-                const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
-              ref_name, " is on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
-}
+using cuda_binding::check_launch;
+using cuda_binding::check_same;
+using cuda_binding::check_tensor;
+using cuda_binding::current_stream;
+using cuda_binding::dtype_code;
+using cuda_binding::weight_hwio;
 
 struct Conv2dGeom {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
@@ -87,11 +63,6 @@ at::Tensor to_format(const at::Tensor& nhwc, at::MemoryFormat fmt) {
   return fmt == at::MemoryFormat::ChannelsLast ? nhwc : nhwc.contiguous();
 }
 
-void check_launch(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, "fastaspp CUDA kernel ", kernel, " failed: ",
-              cudaGetErrorString(err));
-}
-
 at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& scale, const at::Tensor& shift,
                                       at::IntArrayRef stride, at::IntArrayRef padding,
@@ -123,10 +94,10 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
   if (y.numel() == 0) return to_format(y, fmt);
 
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w_hwio = weight.permute({2, 3, 1, 0}).contiguous();  // [KH,KW,Cin,Cout]
+  const at::Tensor w_hwio = weight_hwio(weight);  // [KH,KW,Cin,Cout]
   const at::Tensor scale_c = scale.contiguous();
   const at::Tensor shift_c = shift.contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t stream = current_stream(x);
   check_launch(fastaspp_atrous_conv2d_forward_cuda(
                    x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.data_ptr(),
                    shift_c.data_ptr(), y.data_ptr(), dtype_code(x.scalar_type()), n, c_in, h, w,
@@ -167,7 +138,7 @@ at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tenso
 
   const at::Tensor g_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w_hwoi = weight.permute({2, 3, 0, 1}).contiguous();  // [KH,KW,Cout,Cin]
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.device().index()).stream();
+  const cudaStream_t stream = current_stream(grad);
   check_launch(fastaspp_atrous_conv2d_grad_input_cuda(
                    g_nhwc.data_ptr(), w_hwoi.data_ptr(), dx.data_ptr(),
                    dtype_code(grad.scalar_type()), n, c_in, h, w, c_out, kh, kw, ho, wo,
@@ -212,7 +183,7 @@ at::Tensor atrous_conv2d_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(ws_bytes >= 0, op, ": could not size the workspace");
   // Every byte is written by the first pass before the second reads it: no zeroing needed.
   const at::Tensor ws = at::empty({ws_bytes}, x.options().dtype(at::kByte));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cudaStream_t stream = current_stream(x);
   check_launch(fastaspp_atrous_conv2d_grad_weight_cuda(
                    x_nhwc.data_ptr(), g_nhwc.data_ptr(), dw.data_ptr(), ws.data_ptr(), ws_bytes,
                    dtype, n, c_in, h, w, c_out, kh, kw, ho, wo, g.stride_h, g.stride_w, g.pad_h,

@@ -75,8 +75,12 @@ class ConvBNReLU(nn.Sequential):
         return module
 
     def folded_bn(self) -> tuple[Tensor, Tensor]:
-        """(scale, shift) of the BN in eval: γ/√(σ²+ε) and β − μ·γ/√(σ²+ε)."""
-        bn = self[1]
+        """(scale, shift) of this module's BN in eval."""
+        return self.fold(self[1])
+
+    @staticmethod
+    def fold(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of a BN in eval: γ/√(σ²+ε) and β − μ·γ/√(σ²+ε), in fp32 (fp64 for fp64)."""
         acc = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
         scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
         if bn.weight is not None:

@@ -1,0 +1,72 @@
+// CPU kernel of fastaspp::_aspp_branches_forward: every branch of an eval-mode ASPP into one
+// NHWC buffer, with the centre tap shared (DESIGN.md §2.2): the 1x1 branch and the centre
+// taps of all 3x3 branches read the same pixel, so they are one GEMM with N = (1+R)*C. The
+// off-centre taps of each 3x3 branch then accumulate into that branch's channel slice
+// (dead taps skipped), and one epilogue applies every branch's folded BN and ReLU.
+#include <torch/library.h>
+
+#include "tap_gemm.h"
+
+namespace fastaspp {
+namespace {
+
+at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates,
+                                     const at::Tensor& scale, const at::Tensor& shift) {
+  check_4d(x, "x");
+  check_cpu_float(x, "x");
+  const int64_t branches = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(branches == static_cast<int64_t>(rates.size()) + 1, "fastaspp: weights must hold ",
+              rates.size() + 1, " tensors (the 1x1 branch, then one per rate), got ", branches);
+  const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
+  const int64_t ch = weights[0].size(0);
+  for (int64_t i = 0; i < branches; ++i) {
+    const int64_t k = i == 0 ? 1 : 3;
+    check_cpu_float(weights[i], "weights");
+    TORCH_CHECK(weights[i].dim() == 4 && weights[i].size(0) == ch && weights[i].size(1) == in_ch &&
+                    weights[i].size(2) == k && weights[i].size(3) == k,
+                "fastaspp: weights[", i, "] must have shape [", ch, ", ", in_ch, ", ", k, ", ", k, "], got ",
+                weights[i].sizes());
+    if (i > 0) TORCH_CHECK(rates[i - 1] >= 1, "fastaspp: rates must be >= 1, got ", rates);
+  }
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == branches * ch && shift.dim() == 1 &&
+                  shift.size(0) == branches * ch,
+              "fastaspp: scale and shift must have shape [", branches * ch, "], got ", scale.sizes(), " and ",
+              shift.sizes());
+
+  at::Tensor y = at::empty({batch, branches * ch, in_h, in_w},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+
+  const auto dtype = compute_dtype(x.scalar_type());
+  const at::Tensor xh = to_nhwc(x, dtype);
+  at::Tensor acc = at::empty({batch, in_h, in_w, branches * ch}, x.options().dtype(dtype));
+
+  // Shared centre tap: [N*H*W, Cin] @ [Cin, (1+R)*C] straight into the whole buffer.
+  std::vector<at::Tensor> centre;
+  centre.reserve(branches);
+  for (int64_t i = 0; i < branches; ++i) {
+    const int64_t mid = i == 0 ? 0 : 1;
+    centre.push_back(weights[i].to(dtype).select(3, mid).select(2, mid));  // [C, Cin]
+  }
+  at::Tensor acc_2d = acc.view({-1, branches * ch});
+  at::mm_out(acc_2d, xh.reshape({-1, in_ch}), at::cat(centre, 0).t());
+
+  // Off-centre taps of each 3x3 branch, into its channel slice.
+  for (int64_t i = 1; i < branches; ++i) {
+    const int64_t r = rates[i - 1];
+    const ConvGeometry g = make_geometry({1, 1}, {r, r}, {r, r});
+    const at::Tensor w_taps = tap_matrices(weights[i], dtype);
+    const at::Tensor slice = acc.narrow(3, i * ch, ch);
+    for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, g, n, slice, /*skip_centre=*/true);
+  }
+  bn_relu_epilogue(acc, scale, shift, /*relu=*/true, y);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastaspp, CPU, m) {
+  m.impl("_aspp_branches_forward", &aspp_branches_forward_cpu);
+}
+
+}  // namespace fastaspp

@@ -1,0 +1,108 @@
+// CUDA registration of fastaspp::_aspp_branches_forward (schema in csrc/aspp.cpp).
+//
+// The eval-mode ASPP branches over one feature map x [N, Cin, H, W]:
+//   b0 = relu(conv1x1(x, weights[0]) * scale[0:C] + shift[0:C])
+//   bi = relu(conv3x3(x, weights[i], dilation = padding = rates[i-1]) * scale[iC:(i+1)C]
+//             + shift[iC:(i+1)C])                                  for i = 1..R
+// (BN folded into scale / shift per branch by the caller), written straight into channels
+// [i*C, (i+1)*C) of ONE channels_last buffer [N, (1+R)*C, H, W]: no torch.cat and no
+// per-branch output tensor (DESIGN.md §2.5). Each branch is one launch of the forward conv
+// kernel (fastaspp_atrous_conv2d_forward_strided_cuda, pixel stride (1+R)*C, channel offset
+// i*C), which skips dead taps per tile (§2.1). x is brought to NHWC once for all branches.
+// Not done here yet: sharing one read of x between b0 and the centre taps of b1..bR (§2.2).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+#include "atrous_conv.h"
+#include "binding_utils.h"
+
+namespace fastaspp {
+namespace {
+
+using cuda_binding::check_launch;
+using cuda_binding::check_same;
+using cuda_binding::check_tensor;
+using cuda_binding::current_stream;
+using cuda_binding::dtype_code;
+using cuda_binding::weight_hwio;
+
+at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,
+                                      at::IntArrayRef rates, const at::Tensor& scale,
+                                      const at::Tensor& shift) {
+  constexpr const char* op = "fastaspp::_aspp_branches_forward";
+  check_tensor(op, x, "x", 4);
+  check_tensor(op, scale, "scale", 1);
+  check_tensor(op, shift, "shift", 1);
+  check_same(op, x, "x", scale, "scale");
+  check_same(op, x, "x", shift, "shift");
+  const int64_t num_rates = static_cast<int64_t>(rates.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_rates + 1, op,
+              ": weights must hold len(rates) + 1 = ", num_rates + 1,
+              " tensors (the 1x1 weight, then one 3x3 weight per rate), got ", weights.size());
+  for (int64_t i = 0; i < num_rates; ++i) {
+    TORCH_CHECK(rates[i] >= 1, op, ": rates[", i, "] must be >= 1 (it is the dilation and ",
+                "padding of weights[", i + 1, "]), got ", rates[i]);
+  }
+
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
+  int64_t c = 0;  // channels per branch, from weights[0]
+  for (int64_t i = 0; i <= num_rates; ++i) {
+    const std::string name = "weights[" + std::to_string(i) + "]";
+    const at::Tensor& wi = weights[i];
+    check_tensor(op, wi, name.c_str(), 4);
+    check_same(op, x, "x", wi, name.c_str());
+    if (i == 0) c = wi.size(0);
+    const int64_t k = i == 0 ? 1 : 3;
+    TORCH_CHECK(wi.size(0) == c && wi.size(1) == c_in && wi.size(2) == k && wi.size(3) == k,
+                op, ": ", name, " must have shape [", c, ", ", c_in, ", ", k, ", ", k, "] (",
+                i == 0 ? "the 1x1 branch" : "a 3x3 branch",
+                "; C = weights[0].size(0), Cin = x.size(1)), got ", wi.sizes());
+  }
+  const int64_t c_total = (num_rates + 1) * c;
+  TORCH_CHECK(scale.size(0) == c_total, op, ": scale must have (len(rates) + 1) * C = ",
+              c_total, " elements (C = ", c, " per branch), got ", scale.size(0));
+  TORCH_CHECK(shift.size(0) == c_total, op, ": shift must have (len(rates) + 1) * C = ",
+              c_total, " elements (C = ", c, " per branch), got ", shift.size(0));
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Every element is written by exactly one branch: no zeroing.
+  at::Tensor y =
+      at::empty({n, c_total, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;  // N == 0, an empty map, or C == 0
+
+  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor scale_c = scale.contiguous();
+  const at::Tensor shift_c = shift.contiguous();
+  const int dtype = dtype_code(x.scalar_type());
+  const cudaStream_t stream = current_stream(x);
+  for (int64_t i = 0; i <= num_rates; ++i) {
+    // "Same" geometry: stride 1, padding = dilation, so every branch is H x W.
+    const int64_t k = i == 0 ? 1 : 3;
+    const int64_t dil = i == 0 ? 1 : rates[i - 1];
+    const int64_t pad = i == 0 ? 0 : dil;
+    // Freed at the end of the iteration while the launch may still be queued: the caching
+    // allocator's reuse is ordered on this stream, so that is safe.
+    const at::Tensor w_hwio = weight_hwio(weights[i]);  // [k, k, Cin, C]
+    const cudaError_t err = fastaspp_atrous_conv2d_forward_strided_cuda(
+        x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.narrow(0, i * c, c).data_ptr(),
+        shift_c.narrow(0, i * c, c).data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total,
+        /*y_channel_offset=*/i * c, dtype, n, c_in, h, w, c, k, k, /*h_out=*/h, /*w_out=*/w,
+        /*stride_h=*/1, /*stride_w=*/1, pad, pad, dil, dil, /*relu=*/1, stream);
+    if (err != cudaSuccess) {
+      check_launch(err, ("aspp_branches_forward (branch " + std::to_string(i) + ")").c_str());
+    }
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace fastaspp
+
+TORCH_LIBRARY_IMPL(fastaspp, CUDA, m) {
+  m.impl("_aspp_branches_forward", &fastaspp::aspp_branches_forward_cuda);
+}

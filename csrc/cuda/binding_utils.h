@@ -1,0 +1,71 @@
+// Helpers shared by the torch bindings of the CUDA launchers (atrous_conv_cuda.cpp,
+// aspp_cuda.cpp): dtype codes, argument checks with messages naming the argument, the
+// forward weight re-layout, the current stream and the launcher error check.
+//
+// Host-only (torch headers); never included from a .cu file. Everything is inline in
+// fastaspp::cuda_binding so that several translation units can include it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cuda_runtime_api.h>
+
+#include "atrous_conv.h"
+
+namespace fastaspp {
+namespace cuda_binding {
+
+// The launchers' dtype code of t, or -1 when no launcher takes it.
+inline int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return FASTASPP_DTYPE_FLOAT32;
+    case at::kDouble:
+      return FASTASPP_DTYPE_FLOAT64;
+    case at::kHalf:
+      return FASTASPP_DTYPE_FLOAT16;
+    case at::kBFloat16:
+      return FASTASPP_DTYPE_BFLOAT16;
+    default:
+      return -1;
+  }
+}
+
+// t is defined, on a CUDA device, `dim`-D and of a dtype the launchers take.
+inline void check_tensor(const char* op, const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(),
+              "-D with shape ", t.sizes());
+  TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+// t is on the device and has the dtype of ref.
+inline void check_same(const char* op, const at::Tensor& ref, const char* ref_name,
+                       const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+}
+
+// nn.Conv2d weight [Cout, Cin, KH, KW] -> the forward launcher's [KH, KW, Cin, Cout].
+inline at::Tensor weight_hwio(const at::Tensor& weight) {
+  return weight.permute({2, 3, 1, 0}).contiguous();
+}
+
+// The current torch stream of t's device (launchers are asynchronous on it).
+inline cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+// Turns a launcher's status into a torch error naming the kernel.
+inline void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "fastaspp CUDA kernel ", kernel, " failed: ",
+              cudaGetErrorString(err));
+}
+
+}  // namespace cuda_binding
+}  // namespace fastaspp

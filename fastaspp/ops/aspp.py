@@ -1,0 +1,114 @@
+"""Eval-mode ASPP as fused ops (DESIGN.md §2).
+
+  * torch.ops.fastaspp.aspp_branches: every conv branch (the 1x1 and the 3x3 atrous ones)
+    with BN folded and ReLU, written into ONE NHWC buffer [N, (1+R)*C, H, W]: no concat.
+    Per-device kernels: torch.ops.fastaspp._aspp_branches_forward (C++ cpu/cuda) and
+    fastaspp.kernels.aspp (Triton). The cpu kernel also shares the centre tap.
+  * aspp_eval(): branches, then the projection as one GEMM whose per-image bias carries
+    the pooling branch (constant over pixels, so its slice of the concat never exists),
+    with the projection's BN folded and ReLU.
+
+These ops are for inference (no autograd); fastaspp.nn.ASPP routes anything that needs
+gradients or batch statistics to its per-branch path.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastaspp import _ext
+from fastaspp._backend import resolve_backend
+from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor
+
+
+def _triton_aspp():
+    from fastaspp.kernels import aspp as triton_aspp
+
+    return triton_aspp
+
+
+def _branches_shape(x: Tensor, weights: Sequence[Tensor]) -> List[int]:
+    return [x.shape[0], len(weights) * weights[0].shape[0], x.shape[2], x.shape[3]]
+
+
+@torch.library.custom_op("fastaspp::aspp_branches", mutates_args=())
+def _aspp_branches_op(x: Tensor, weights: List[Tensor], rates: List[int], scale: Tensor, shift: Tensor,
+                      backend: str) -> Tensor:
+    _check_backend(backend, x)
+    if backend == "triton":
+        return _triton_aspp().aspp_branches_forward(x, list(weights), list(rates), scale, shift)
+    return torch.ops.fastaspp._aspp_branches_forward.default(x, list(weights), list(rates), scale, shift)
+
+
+@_aspp_branches_op.register_fake
+def _(x, weights, rates, scale, shift, backend):
+    return x.new_empty(_branches_shape(x, weights)).contiguous(memory_format=torch.channels_last)
+
+
+if _ext.loaded():
+    @torch.library.register_fake("fastaspp::_aspp_branches_forward")
+    def _(x, weights, rates, scale, shift):
+        return x.new_empty(_branches_shape(x, weights)).contiguous(memory_format=torch.channels_last)
+
+
+def check_aspp_args(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int]) -> None:
+    _check_tensor(x, "x", 4)
+    if len(weights) != len(rates) + 1:
+        raise ValueError(f"weights must hold {len(rates) + 1} tensors (the 1x1 branch, then one per rate), "
+                         f"got {len(weights)}")
+    c = weights[0].shape[0] if weights[0].dim() == 4 else -1
+    for i, w in enumerate(weights):
+        _check_tensor(w, f"weights[{i}]", 4)
+        _check_like(w, f"weights[{i}]", x)
+        k = 1 if i == 0 else 3
+        if tuple(w.shape) != (c, x.shape[1], k, k):
+            raise ValueError(f"weights[{i}] must have shape {(c, x.shape[1], k, k)} for x with {x.shape[1]} "
+                             f"channels, got {tuple(w.shape)}")
+    for r in rates:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"atrous rates must be ints >= 1, got {tuple(rates)}")
+
+
+def aspp_branches(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], scale: Tensor,
+                  shift: Tensor) -> Tensor:
+    """relu(conv_i(x) * scale_i + shift_i) for every conv branch, in one NHWC buffer [N, (1+R)*C, H, W].
+
+    weights[0]: the 1x1 branch [C, Cin, 1, 1]; weights[i]: [C, Cin, 3, 3] at dilation = padding =
+    rates[i-1]. scale, shift: [(1+R)*C], branch after branch.
+    """
+    check_aspp_args(x, weights, rates)
+    total = len(weights) * weights[0].shape[0]
+    for name, t in (("scale", scale), ("shift", shift)):
+        _check_tensor(t, name, 1)
+        _check_like(t, name, x)
+        if t.shape[0] != total:
+            raise ValueError(f"{name} must have length (1+R)*C={total}, got {t.shape[0]}")
+    backend = resolve_backend(x.device)
+    return torch.ops.fastaspp.aspp_branches(x, list(weights), [int(r) for r in rates], scale, shift, backend)
+
+
+def aspp_eval(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], scale: Tensor, shift: Tensor,
+              pool_weight: Tensor, pool_scale: Tensor, pool_shift: Tensor, proj_weight: Tensor,
+              proj_scale: Tensor, proj_shift: Tensor) -> Tensor:
+    """The whole eval-mode ASPP with every BN folded into (scale, shift) pairs.
+
+    pool_weight [C, Cin, 1, 1]: the image-pooling branch; proj_weight [Cout, (2+R)*C, 1, 1]:
+    the projection over (branches..., pooling). Returns relu(projection) in x's dtype, NHWC storage.
+    """
+    branches = aspp_branches(x, weights, rates, scale, shift)  # [N, B*C, H, W], NHWC storage
+    n, bc, h, w = branches.shape
+    c = weights[0].shape[0]
+    proj = proj_weight.flatten(1)  # [Cout, (B+1)*C]
+    if proj.shape[1] != bc + c:
+        raise ValueError(f"proj_weight must have {bc + c} input channels, got {proj.shape[1]}")
+    # Pooling branch: one C-vector per image, folded into the projection as a per-image bias.
+    pooled = x.mean(dim=(2, 3), dtype=torch.float32 if x.dtype != torch.float64 else torch.float64)
+    pool = F.relu(pooled @ pool_weight.flatten(1).t().to(pooled) * pool_scale.to(pooled) + pool_shift.to(pooled))
+    image_bias = (pool @ proj[:, bc:].t().to(pooled)) * proj_scale.to(pooled) + proj_shift.to(pooled)  # [N, Cout]
+    main = (proj[:, :bc].t() * proj_scale.view(1, -1)).to(x.dtype)  # [B*C, Cout], BN scale folded
+    pixels = branches.permute(0, 2, 3, 1).reshape(n, h * w, bc)
+    y = torch.baddbmm(image_bias.to(x.dtype).unsqueeze(1), pixels, main.expand(n, bc, main.shape[1]))
+    return y.relu_().view(n, h, w, -1).permute(0, 3, 1, 2)

@@ -1,0 +1,259 @@
+"""fastaspp.nn.ASPP and the ASPP ops against the reference ASPP (torchvision's layout)."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastaspp
+from fastaspp import reference
+
+from conftest import device_for
+
+
+@dataclass(frozen=True)
+class AsppCase:
+    n: int
+    c_in: int
+    c: int
+    h: int
+    w: int
+    rates: tuple
+
+    def __str__(self):
+        return f"n{self.n}_c{self.c_in}x{self.c}_{self.h}x{self.w}_r{'-'.join(map(str, self.rates))}"
+
+
+ASPP_CASES = [
+    AsppCase(2, 7, 8, 9, 11, (2, 3, 6)),
+    AsppCase(2, 5, 4, 1, 1, (6, 12, 18)),      # 1x1 map: only centre taps live
+    AsppCase(2, 6, 5, 13, 13, (12, 24, 36)),   # rates larger than the map
+    AsppCase(3, 9, 6, 17, 15, (6, 12, 18)),    # odd in_channels, partly live taps
+    AsppCase(4, 4, 3, 5, 5, (2,)),             # one atrous branch
+    AsppCase(1, 3, 4, 6, 6, (1, 2, 3, 4)),     # four atrous branches, batch 1
+    AsppCase(2, 8, 8, 33, 33, (6, 12, 18)),    # the paper's OS16 geometry, few channels
+    AsppCase(1, 6, 4, 70, 70, (12, 24, 36)),   # the largest map of the issue
+]
+# Cases the Triton interpreter runs in CI (see conftest.py); the GPU run does all of them.
+ASPP_INTERPRETER_CASES = {ASPP_CASES[i] for i in (1, 4)}
+
+
+def randomized(module):
+    """Non-trivial BN statistics and affine parameters, so folding errors show."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.5, 0.5, generator=gen)
+    return module
+
+
+def make_pair(case, device):
+    torch.manual_seed(0)
+    ref = randomized(reference.ASPP(case.c_in, case.rates, case.c)).to(device)
+    mine = fastaspp.nn.ASPP(case.c_in, case.rates, case.c).to(device)
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    return ref, mine
+
+
+def make_x(case, device, channels_last=True, seed=1):
+    x = torch.randn(case.n, case.c_in, case.h, case.w, generator=torch.Generator().manual_seed(seed))
+    x = x.to(device)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def test_state_dict_matches_torchvision_layout():
+    ref, mine = make_pair(ASPP_CASES[0], "cpu")
+    assert list(mine.state_dict().keys()) == list(ref.state_dict().keys())
+    keys = list(mine.state_dict().keys())
+    assert "convs.0.0.weight" in keys and "convs.3.0.weight" in keys and "convs.4.1.weight" in keys
+    assert "convs.4.2.running_var" in keys and "project.0.weight" in keys and "project.1.num_batches_tracked" in keys
+    assert isinstance(mine.project[3], torch.nn.Dropout) and mine.project[3].p == 0.5
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("aspp_case", ASPP_CASES, ids=str)
+def test_eval_fused_matches_reference(backend, aspp_case, channels_last):
+    device = device_for(backend)
+    ref, mine = make_pair(aspp_case, device)
+    ref.eval()
+    mine.eval()
+    x = make_x(aspp_case, device, channels_last)
+    with torch.no_grad():
+        calls = []
+        with _Recorder(calls):
+            out = mine(x)
+        expected = ref(x)
+    # One fused branches op; no feature-map concat (only the tiny folded-BN vectors are concatenated).
+    assert "fastaspp.aspp_branches.default" in calls and "aten.cat.default[4-D]" not in calls
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_eval_bf16(backend):
+    case = ASPP_CASES[1] if backend == "triton" else ASPP_CASES[3]
+    device = device_for(backend)
+    ref, mine = make_pair(case, device)
+    ref.eval()
+    mine.eval().to(torch.bfloat16)
+    x = make_x(case, device)
+    with torch.no_grad():
+        out = mine(x.to(torch.bfloat16))
+        expected = ref.double()(x.double())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)
+
+
+def test_fold_cache_refreshes_when_state_changes(backend):
+    case = ASPP_CASES[0] if backend != "triton" else ASPP_CASES[1]
+    device = device_for(backend)
+    ref, mine = make_pair(case, device)
+    ref.eval()
+    mine.eval()
+    x = make_x(case, device)
+    with torch.no_grad():
+        mine(x)
+        for m in (ref, mine):
+            m.convs[1][1].running_mean.add_(0.3)
+            m.project[1].weight.mul_(1.5)
+        torch.testing.assert_close(mine(x), ref(x), atol=2e-5, rtol=1e-4)
+        mine.load_state_dict(randomized(reference.ASPP(case.c_in, case.rates, case.c)).to(device).state_dict())
+        ref.load_state_dict(mine.state_dict())
+        torch.testing.assert_close(mine(x), ref(x), atol=2e-5, rtol=1e-4)
+
+
+def assert_grad_close(a, b):
+    """fp32 gradients through BN in training: 1e-4 relative to the tensor's largest magnitude."""
+    torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+
+
+def _grads(module, x, out, g):
+    return torch.autograd.grad(out, [x, *module.parameters()], g)
+
+
+# Training needs batch >= 2: at batch 1 the pooling branch's BatchNorm sees one value per
+# channel and raises (torchvision's ASPP too).
+@pytest.mark.parametrize("aspp_case", [c for c in ASPP_CASES[:6] if c.n > 1], ids=str)
+def test_train_matches_reference(backend, aspp_case):
+    """Outputs (same dropout mask), every gradient and the running statistics, over three steps."""
+    device = device_for(backend)
+    ref, mine = make_pair(aspp_case, device)
+    ref.train()
+    mine.train()
+    for step in range(3):
+        x = make_x(aspp_case, device, seed=10 + step).requires_grad_()
+        torch.manual_seed(step)
+        out = mine(x)
+        torch.manual_seed(step)
+        expected = ref(x)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+        g = torch.randn_like(out)
+        for a, b in zip(_grads(mine, x, out, g), _grads(ref, x, expected, g)):
+            assert_grad_close(a, b)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(mine.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_eval_with_autograd_matches_reference(backend):
+    case = ASPP_CASES[4]
+    device = device_for(backend)
+    ref, mine = make_pair(case, device)
+    ref.eval()
+    mine.eval()
+    x = make_x(case, device).requires_grad_()
+    out, expected = mine(x), ref(x)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    for a, b in zip(_grads(mine, x, out, g), _grads(ref, x, expected, g)):
+        assert_grad_close(a, b)
+
+
+def test_gradcheck_fp64(backend):
+    if backend == "triton":
+        pytest.skip("covered by the per-op fp64 gradcheck (the ASPP training path is made of those ops)")
+    case = AsppCase(2, 3, 2, 4, 4, (1, 3))
+    device = device_for(backend)
+    _, mine = make_pair(case, device)
+    mine = mine.double().eval()
+    mine.project[3].p = 0.0
+    x = make_x(case, device).double().requires_grad_()
+    params = [mine.convs[1][0].weight, mine.project[0].weight]
+    assert torch.autograd.gradcheck(lambda x, *p: mine(x), (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("aspp_case", [ASPP_CASES[1], ASPP_CASES[4]], ids=str)
+def test_aspp_branches_op(backend, aspp_case):
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(0)
+    x = make_x(aspp_case, device)
+    ws = [torch.randn(aspp_case.c, aspp_case.c_in, 1, 1, generator=gen)]
+    ws += [torch.randn(aspp_case.c, aspp_case.c_in, 3, 3, generator=gen) for _ in aspp_case.rates]
+    ws = [w.to(device) for w in ws]
+    b = len(ws) * aspp_case.c
+    scale, shift = torch.randn(b, generator=gen).to(device), torch.randn(b, generator=gen).to(device)
+    out = fastaspp.ops.aspp_branches(x, ws, aspp_case.rates, scale, shift)
+    expected = torch.cat([F.conv2d(x, ws[0])] + [F.conv2d(x, w, padding=r, dilation=r)
+                                                 for w, r in zip(ws[1:], aspp_case.rates)], 1)
+    expected = F.relu(expected * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fastaspp.aspp_branches.default,
+                          (x, ws, list(aspp_case.rates), scale, shift, backend))
+    if backend == "cpu":
+        torch.library.opcheck(torch.ops.fastaspp._aspp_branches_forward.default,
+                              (x, ws, list(aspp_case.rates), scale, shift))
+
+
+def test_torch_compile_fullgraph(backend):
+    case = ASPP_CASES[1] if backend == "triton" else ASPP_CASES[0]
+    device = device_for(backend)
+    ref, mine = make_pair(case, device)
+    mine.eval()
+    x = make_x(case, device)
+    torch._dynamo.reset()
+    compiled = torch.compile(mine, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), mine(x))
+
+
+@pytest.mark.parametrize("rates,message", [((), "1 to 4 rates"), ((1, 2, 3, 4, 5), "1 to 4 rates"),
+                                           ((6, 0), "ints >= 1"), ((6.5,), "ints >= 1")])
+def test_bad_rates(rates, message):
+    with pytest.raises(ValueError, match=message):
+        fastaspp.nn.ASPP(8, rates)
+
+
+def test_bad_input():
+    m = fastaspp.nn.ASPP(8, (6, 12, 18), 4).eval()
+    with pytest.raises(ValueError, match=r"x has 5 channels but this ASPP expects in_channels=8"):
+        m(torch.randn(1, 5, 9, 9))
+    with pytest.raises(ValueError, match=r"x must be a 4-D tensor"):
+        m(torch.randn(8, 9, 9))
+    with pytest.raises(ValueError, match=r"weights must hold 3 tensors"):
+        fastaspp.ops.aspp_branches(torch.randn(1, 8, 5, 5), [torch.randn(4, 8, 1, 1)], [6, 12], torch.ones(12),
+                                   torch.ones(12))
+    with pytest.raises(ValueError, match=r"weights\[1\] must have shape \(4, 8, 3, 3\)"):
+        fastaspp.ops.aspp_branches(torch.randn(1, 8, 5, 5), [torch.randn(4, 8, 1, 1), torch.randn(4, 8, 1, 1)],
+                                   [6], torch.ones(8), torch.ones(8))
+    with pytest.raises(ValueError, match=r"scale must have length \(1\+R\)\*C=8"):
+        fastaspp.ops.aspp_branches(torch.randn(1, 8, 5, 5), [torch.randn(4, 8, 1, 1), torch.randn(4, 8, 3, 3)],
+                                   [6], torch.ones(7), torch.ones(8))
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops a block dispatches."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if func is torch.ops.aten.cat.default:
+            name += f"[{args[0][0].dim()}-D]"
+        self.calls.append(name)
+        return func(*args, **(kwargs or {}))
