@@ -61,6 +61,9 @@ def measure_aspp(shape: AsppShape, batch: int, mode: str, dtype: torch.dtype, de
                  compile_baseline: bool = False, reps: int = 5, rounds: int = 3) -> Row:
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    if mode == "train" and batch < 2:
+        raise ValueError("a training step needs batch >= 2: the pooling branch's BatchNorm sees one value "
+                         "per channel at batch 1")
     eager, fused = _pair(shape, dtype, device)
     xs = [torch.randn(batch, shape.c_in, shape.size, shape.size, generator=torch.Generator().manual_seed(i))
           .to(device=device, dtype=dtype, memory_format=torch.channels_last) for i in range(3)]
@@ -108,7 +111,9 @@ def run_aspp(shapes: Sequence[AsppShape], batches: Sequence[int], modes: Sequenc
     for shape in shapes:
         for batch in batches:
             for mode in modes:
-                row = measure_aspp(shape, batch, mode, dtype, device, compile_baseline)
+                # Training needs batch >= 2 (pooling-branch BatchNorm); batch 1 rows train at 2.
+                b = max(batch, 2) if mode == "train" else batch
+                row = measure_aspp(shape, b, mode, dtype, device, compile_baseline)
                 rows.append(row)
                 if progress:
                     progress(row)
