@@ -220,6 +220,25 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(compiled(x), mine(x))
 
 
+def test_torch_compile_fullgraph_training(backend):
+    case = ASPP_CASES[4]
+    device = device_for(backend)
+    _, eager = make_pair(case, device)
+    _, compiled_module = make_pair(case, device)
+    for m in (eager, compiled_module):
+        m.train()
+        m.project[3].p = 0.0  # dropout off: compare exactly
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    x = make_x(case, device).requires_grad_()
+    out, expected = compiled(x), eager(x)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    assert_grad_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(expected, x, g)[0])
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(compiled_module.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize("rates,message", [((), "1 to 4 rates"), ((1, 2, 3, 4, 5), "1 to 4 rates"),
                                            ((6, 0), "ints >= 1"), ((6.5,), "ints >= 1")])
 def test_bad_rates(rates, message):
