@@ -111,22 +111,11 @@ def _check_backend(backend: str, t: Tensor) -> None:
                         f"supported: {_triton_kernels().SUPPORTED_DTYPES}")
 
 
-def _forward_kernel(backend: str):
+def _kernel(backend: str, name: str):
+    """The backend's kernel `name` ("forward", "grad_input", "grad_weight"): a Triton function or a C++ op."""
     if backend == "triton":
-        return _triton_kernels().atrous_conv2d_forward
-    return torch.ops.fastaspp._atrous_conv2d_forward.default
-
-
-def _grad_input_kernel(backend: str):
-    if backend == "triton":
-        return _triton_kernels().atrous_conv2d_grad_input
-    return torch.ops.fastaspp._atrous_conv2d_grad_input.default
-
-
-def _grad_weight_kernel(backend: str):
-    if backend == "triton":
-        return _triton_kernels().atrous_conv2d_grad_weight
-    return torch.ops.fastaspp._atrous_conv2d_grad_weight.default
+        return getattr(_triton_kernels(), f"atrous_conv2d_{name}")
+    return getattr(torch.ops.fastaspp, f"_atrous_conv2d_{name}").default
 
 
 def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> List[int]:
@@ -155,7 +144,7 @@ def _atrous_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: 
                       relu: bool, backend: str) -> Tensor:
     _check_backend(backend, x)
     alpha, beta = _fold_affine(weight, bias, scale, shift, x.dtype)
-    y = _forward_kernel(backend)(x, weight, alpha, beta, list(stride), list(padding), list(dilation), relu)
+    y = _kernel(backend, "forward")(x, weight, alpha, beta, list(stride), list(padding), list(dilation), relu)
     return y.contiguous(memory_format=suggest_memory_format(x))
 
 
@@ -169,7 +158,7 @@ def _(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
 def _grad_input_op(grad: Tensor, weight: Tensor, input_size: List[int], stride: List[int], padding: List[int],
                    dilation: List[int], backend: str) -> Tensor:
     _check_backend(backend, grad)
-    dx = _grad_input_kernel(backend)(grad, weight, list(input_size), list(stride), list(padding), list(dilation))
+    dx = _kernel(backend, "grad_input")(grad, weight, list(input_size), list(stride), list(padding), list(dilation))
     return dx.contiguous(memory_format=suggest_memory_format(grad))
 
 
@@ -182,7 +171,7 @@ def _(grad, weight, input_size, stride, padding, dilation, backend):
 def _grad_weight_op(x: Tensor, grad: Tensor, weight_size: List[int], stride: List[int], padding: List[int],
                     dilation: List[int], backend: str) -> Tensor:
     _check_backend(backend, x)
-    return _grad_weight_kernel(backend)(x, grad, list(weight_size), list(stride), list(padding),
+    return _kernel(backend, "grad_weight")(x, grad, list(weight_size), list(stride), list(padding),
                                         list(dilation)).contiguous()
 
 
