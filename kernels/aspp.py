@@ -2,13 +2,13 @@
 
 Contract:
 
-    aspp_branches_forward(x, weights, rates, scale, shift) -> y
+    aspp_branches_forward(x, weights, rates, scale, shift, relu=True) -> y
         x [N, Cin, H, W]; weights = [w0, w1, ..., wR]: w0 [C, Cin, 1, 1] is the 1x1 branch,
         wi [C, Cin, 3, 3] (i >= 1) the 3x3 branch with dilation = padding = rates[i-1]
         (rates: R >= 0 ints >= 1; a rate may exceed the map).  scale, shift [(1+R)*C]: BN folded
         per branch (DESIGN.md §2.3), concatenated in branch order.
         y [N, (1+R)*C, H, W] with channels_last (dense NHWC) storage; channels [i*C, (i+1)*C)
-        hold relu(conv_i(x) * scale[i*C:(i+1)*C] + shift[i*C:(i+1)*C]), i.e.
+        hold act(conv_i(x) * scale[i*C:(i+1)*C] + shift[i*C:(i+1)*C]) (act = ReLU if relu), i.e.
         torch.cat([branch_0, ..., branch_R], 1) without the cat (§2.5: each branch's epilogue
         stores straight into its channel slice).  Batch 0 returns the empty buffer.
 
@@ -73,8 +73,9 @@ def _check_args(x, weights, rates, scale, shift):
     return c, weights, rates
 
 
-def aspp_branches_forward(x, weights, rates, scale, shift):
-    """The ASPP conv branches, BN folded, ReLU, concatenated: [N, (1+R)*C, H, W] channels_last."""
+def aspp_branches_forward(x, weights, rates, scale, shift, relu=True):
+    """The ASPP conv branches, scaled, shifted (BN folded in eval) and optionally ReLU'd, concatenated:
+    [N, (1+R)*C, H, W] channels_last."""
     c, weights, rates = _check_args(x, weights, rates, scale, shift)
     n, _, h, w = x.shape
     y = _nhwc_empty(n, (1 + len(rates)) * c, h, w, x)
@@ -85,5 +86,5 @@ def aspp_branches_forward(x, weights, rates, scale, shift):
         r = rates[i - 1] if i else 0  # the 1x1 branch: no padding (its dilation is irrelevant)
         sl = slice(i * c, (i + 1) * c)
         atrous_conv2d_forward_into(x, wt, scale[sl], shift[sl], (1, 1), (r, r),
-                                   (max(r, 1),) * 2, True, y, i * c)
+                                   (max(r, 1),) * 2, bool(relu), y, i * c)
     return y

@@ -2,7 +2,7 @@
 // NHWC buffer, with the centre tap shared (DESIGN.md §2.2): the 1x1 branch and the centre
 // taps of all 3x3 branches read the same pixel, so they are one GEMM with N = (1+R)*C. The
 // off-centre taps of each 3x3 branch then accumulate into that branch's channel slice
-// (dead taps skipped), and one epilogue applies every branch's folded BN and ReLU.
+// (dead taps skipped), and one epilogue applies every branch's scale, shift and ReLU.
 #include <torch/library.h>
 
 #include "tap_gemm.h"
@@ -11,7 +11,7 @@ namespace fastaspp {
 namespace {
 
 at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates,
-                                     const at::Tensor& scale, const at::Tensor& shift) {
+                                     const at::Tensor& scale, const at::Tensor& shift, bool relu) {
   check_4d(x, "x");
   check_cpu_float(x, "x");
   const int64_t branches = static_cast<int64_t>(weights.size());
@@ -59,7 +59,7 @@ at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights
     const at::Tensor slice = acc.narrow(3, i * ch, ch);
     for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, g, n, slice, /*skip_centre=*/true);
   }
-  bn_relu_epilogue(acc, scale, shift, /*relu=*/true, y);
+  bn_relu_epilogue(acc, scale, shift, relu, y);
   return y;
 }
 

@@ -1,10 +1,11 @@
 // CUDA registration of fastaspp::_aspp_branches_forward (schema in csrc/aspp.cpp).
 //
-// The eval-mode ASPP branches over one feature map x [N, Cin, H, W]:
-//   b0 = relu(conv1x1(x, weights[0]) * scale[0:C] + shift[0:C])
-//   bi = relu(conv3x3(x, weights[i], dilation = padding = rates[i-1]) * scale[iC:(i+1)C]
-//             + shift[iC:(i+1)C])                                  for i = 1..R
-// (BN folded into scale / shift per branch by the caller), written straight into channels
+// The ASPP conv branches over one feature map x [N, Cin, H, W] (act = ReLU when relu):
+//   b0 = act(conv1x1(x, weights[0]) * scale[0:C] + shift[0:C])
+//   bi = act(conv3x3(x, weights[i], dilation = padding = rates[i-1]) * scale[iC:(i+1)C]
+//            + shift[iC:(i+1)C])                                   for i = 1..R
+// (eval: BN folded into scale / shift per branch by the caller; training: scale 1, shift 0,
+// no ReLU, BN after), written straight into channels
 // [i*C, (i+1)*C) of ONE channels_last buffer [N, (1+R)*C, H, W]: no torch.cat and no
 // per-branch output tensor (DESIGN.md §2.5). Each branch is one launch of the forward conv
 // kernel (fastaspp_atrous_conv2d_forward_strided_cuda, pixel stride (1+R)*C, channel offset
@@ -33,7 +34,7 @@ using cuda_binding::weight_hwio;
 
 at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,
                                       at::IntArrayRef rates, const at::Tensor& scale,
-                                      const at::Tensor& shift) {
+                                      const at::Tensor& shift, bool relu) {
   constexpr const char* op = "fastaspp::_aspp_branches_forward";
   check_tensor(op, x, "x", 4);
   check_tensor(op, scale, "scale", 1);
@@ -92,7 +93,7 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
         x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.narrow(0, i * c, c).data_ptr(),
         shift_c.narrow(0, i * c, c).data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total,
         /*y_channel_offset=*/i * c, dtype, n, c_in, h, w, c, k, k, /*h_out=*/h, /*w_out=*/w,
-        /*stride_h=*/1, /*stride_w=*/1, pad, pad, dil, dil, /*relu=*/1, stream);
+        /*stride_h=*/1, /*stride_w=*/1, pad, pad, dil, dil, relu ? 1 : 0, stream);
     if (err != cudaSuccess) {
       check_launch(err, ("aspp_branches_forward (branch " + std::to_string(i) + ")").c_str());
     }

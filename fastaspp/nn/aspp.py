@@ -7,8 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from fastaspp.nn.atrous_conv import ConvBNReLU
-from fastaspp.ops.aspp import aspp_eval
+from fastaspp.nn.sync_bn import SyncBatchNorm2d
+from fastaspp.ops.aspp import aspp_branches, aspp_eval
 from fastaspp.ops.atrous_conv import atrous_conv2d
+from fastaspp.ops.batch_norm import concat_bn_relu
 from fastaspp.reference import ASPPPooling
 
 
@@ -19,8 +21,13 @@ class ASPP(nn.Module):
     Inference (eval, no autograd needed): one fused path, fastaspp.ops.aspp_eval: every
     branch into one buffer (no concat), the pooling branch as a per-image bias of the
     projection, all BN folded (folded parameters cached until a parameter or buffer changes).
-    Training, or eval with autograd: the branches run as fused conv ops with nn.BatchNorm2d
-    (batch statistics and running-stat updates exactly as PyTorch's), then the projection.
+    Training: the conv branches into one buffer (fastaspp.ops.aspp_branches, differentiable),
+    one concat_bn_relu over it (batch statistics, running statistics moved exactly as each
+    branch's nn.BatchNorm2d would; synchronised across ranks after convert_sync_batchnorm),
+    then the projection with the pooling branch as a per-image bias. When the branch BNs
+    differ in kind, eps or momentum, or use momentum=None, training runs branch by branch
+    instead (each a fused conv op and its own BatchNorm2d). Eval with autograd runs branch by
+    branch too, each a fused conv op with its BN folded.
     """
 
     def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256) -> None:
@@ -56,9 +63,51 @@ class ASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if self.training and self._branch_bns_shareable():
+            return self._forward_train(x)
         if self.training or self._needs_autograd() or x.requires_grad:
             return self._forward_per_branch(x)
         return self._forward_fused(x)
+
+    # -- training -------------------------------------------------------------------------
+    def _branch_bns(self) -> List[nn.BatchNorm2d]:
+        return [branch[1] for branch in self.convs[:-1]]
+
+    def _branch_bns_shareable(self) -> bool:
+        """Whether every branch BN can run in one concat_bn_relu call (no tensor is read, so compile-safe)."""
+        bns = self._branch_bns()
+        first = bns[0]
+        return first.momentum is not None and all(
+            type(b) is type(first) and b.training and b.affine and b.track_running_stats and b.eps == first.eps
+            and b.momentum == first.momentum
+            and getattr(b, "process_group", None) is getattr(first, "process_group", None) for b in bns)
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        bns = self._branch_bns()
+        c = bns[0].num_features
+        weights = [branch[0].weight for branch in self.convs[:-1]]
+        total = len(weights) * c
+        z = aspp_branches(x, weights, self.atrous_rates, x.new_ones(total), x.new_zeros(total), relu=False)
+        running_mean = torch.cat([b.running_mean for b in bns])
+        running_var = torch.cat([b.running_var for b in bns])
+        y = concat_bn_relu(z, torch.cat([b.weight for b in bns]), torch.cat([b.bias for b in bns]), running_mean,
+                           running_var, training=True, factor=bns[0].momentum, eps=bns[0].eps,
+                           synchronise=isinstance(bns[0], SyncBatchNorm2d),
+                           process_group=getattr(bns[0], "process_group", None))
+        with torch.no_grad():
+            for i, bn in enumerate(bns):
+                bn.running_mean.copy_(running_mean[i * c:(i + 1) * c])
+                bn.running_var.copy_(running_var[i * c:(i + 1) * c])
+                bn.num_batches_tracked.add_(1)
+        # Image pooling: one C-vector per image, applied through the projection as a bias.
+        pool = self.convs[-1]
+        pooled = pool[3](pool[2](pool[1](pool[0](x)))).flatten(1)  # [N, C]
+        conv, bn, relu, dropout = self.project
+        image_bias = pooled @ conv.weight[:, total:].flatten(1).t()  # [N, Cout]
+        z_proj = atrous_conv2d(y, conv.weight[:, :total]) + image_bias[:, :, None, None]
+        # torchvision's concat (with the pooled branch) comes out NCHW-contiguous, and the dropout
+        # mask follows memory order: the same layout draws the same mask for the same seed.
+        return dropout(relu(bn(z_proj)).contiguous())
 
     def _forward_per_branch(self, x: Tensor) -> Tensor:
         feats = torch.cat([branch(x) for branch in self.convs], dim=1)

@@ -11,15 +11,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-
-def _all_reduce(t: Tensor, group) -> Tensor:
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t, op=dist.ReduceOp.SUM, group=group if group is not None else dist.group.WORLD)
+from fastaspp.ops.batch_norm import distributed, sync_batch_norm
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -32,41 +26,18 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self.process_group = process_group
 
     def _synchronised(self) -> bool:
-        return self.training and dist.is_available() and dist.is_initialized()
+        return self.training and distributed()
 
     def forward(self, z: Tensor) -> Tensor:
         if not self._synchronised():
             return super().forward(z)
-        if z.dim() != 4:
-            raise ValueError(f"SyncBatchNorm2d expects a 4-D input [N, C, H, W], got shape {tuple(z.shape)}")
-        acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-        zf = z.to(acc)
-        channels = z.shape[1]
-        count = torch.full((1,), z.numel() // max(channels, 1), dtype=acc, device=z.device)
-        # Two passes (mean, then centred squares) avoid the cancellation of E[z²] − E[z]².
-        sums = _all_reduce(torch.cat([zf.sum(dim=(0, 2, 3)), count]), self.process_group)
-        total = sums[channels]
-        if total.item() <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {int(total.item())} "
-                             f"across all ranks")
-        mean = sums[:channels] / total
-        centred = zf - mean.view(1, -1, 1, 1)
-        var = _all_reduce(centred.square().sum(dim=(0, 2, 3)), self.process_group) / total
+        factor = 0.0
         if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), total.item())
-        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
-        if self.affine:
-            y = y * self.weight.to(acc).view(1, -1, 1, 1) + self.bias.to(acc).view(1, -1, 1, 1)
-        return y.to(z.dtype)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, count: float) -> None:
-        """As nn.BatchNorm2d: momentum (None: cumulative average) and the unbiased variance."""
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-        unbiased = var * (count / (count - 1))
-        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return sync_batch_norm(z, self.weight, self.bias, self.running_mean if self.track_running_stats else None,
+                               self.running_var if self.track_running_stats else None, factor, self.eps,
+                               self.process_group)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: Optional[object] = None) -> nn.Module:

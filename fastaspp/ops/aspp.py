@@ -8,8 +8,8 @@
     the pooling branch (constant over pixels, so its slice of the concat never exists),
     with the projection's BN folded and ReLU.
 
-These ops are for inference (no autograd); fastaspp.nn.ASPP routes anything that needs
-gradients or batch statistics to its per-branch path.
+aspp_branches is differentiable (each branch's gradients come from the atrous-conv backward
+kernels); training uses it with scale 1, shift 0 and no ReLU, batch-norm following.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
-from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor
+from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor, conv_affine_backward
 
 
 def _triton_aspp():
@@ -36,21 +36,55 @@ def _branches_shape(x: Tensor, weights: Sequence[Tensor]) -> List[int]:
 
 @torch.library.custom_op("fastaspp::aspp_branches", mutates_args=())
 def _aspp_branches_op(x: Tensor, weights: List[Tensor], rates: List[int], scale: Tensor, shift: Tensor,
-                      backend: str) -> Tensor:
+                      relu: bool, backend: str) -> Tensor:
     _check_backend(backend, x)
     if backend == "triton":
-        return _triton_aspp().aspp_branches_forward(x, list(weights), list(rates), scale, shift)
-    return torch.ops.fastaspp._aspp_branches_forward.default(x, list(weights), list(rates), scale, shift)
+        return _triton_aspp().aspp_branches_forward(x, list(weights), list(rates), scale, shift, relu)
+    return torch.ops.fastaspp._aspp_branches_forward.default(x, list(weights), list(rates), scale, shift, relu)
 
 
 @_aspp_branches_op.register_fake
-def _(x, weights, rates, scale, shift, backend):
+def _(x, weights, rates, scale, shift, relu, backend):
     return x.new_empty(_branches_shape(x, weights)).contiguous(memory_format=torch.channels_last)
+
+
+def _branch_geometry(rates: Sequence[int], i: int) -> tuple:
+    """(stride, padding, dilation) of branch i: the 1x1 branch, then 3x3 at padding = dilation = rate."""
+    r = rates[i - 1] if i else 0
+    return [1, 1], [r, r], [max(r, 1)] * 2
+
+
+def _setup_branches(ctx, inputs, output):
+    x, weights, rates, scale, shift, relu, backend = inputs
+    ctx.save_for_backward(x, scale, output if relu else None, *weights)
+    ctx.rates, ctx.relu, ctx.backend = list(rates), relu, backend
+
+
+def _branches_backward(ctx, grad: Tensor):
+    """Each branch is an affine conv of x: its gradients come from the atrous-conv backward."""
+    x, scale, out, *weights = ctx.saved_tensors
+    need_x, need_w, _, need_scale, need_shift = ctx.needs_input_grad[:5]
+    c = weights[0].shape[0]
+    dx, dws, dscales, dshifts = None, [], [], []
+    for i, w in enumerate(weights):
+        part = slice(i * c, (i + 1) * c)
+        gx, gw, _, gs, gt = conv_affine_backward(
+            grad[:, part], x, w, None, scale[part], out[:, part] if ctx.relu else None, ctx.relu,
+            *_branch_geometry(ctx.rates, i), ctx.backend, (need_x, need_w, False, need_scale, need_shift))
+        dx = gx if dx is None else dx + gx
+        dws.append(gw)
+        dscales.append(gs)
+        dshifts.append(gt)
+    return (dx, dws if need_w else None, None, torch.cat(dscales) if need_scale else None,
+            torch.cat(dshifts) if need_shift else None, None, None)
+
+
+_aspp_branches_op.register_autograd(_branches_backward, setup_context=_setup_branches)
 
 
 if _ext.loaded():
     @torch.library.register_fake("fastaspp::_aspp_branches_forward")
-    def _(x, weights, rates, scale, shift):
+    def _(x, weights, rates, scale, shift, relu):
         return x.new_empty(_branches_shape(x, weights)).contiguous(memory_format=torch.channels_last)
 
 
@@ -73,11 +107,12 @@ def check_aspp_args(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int]) 
 
 
 def aspp_branches(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], scale: Tensor,
-                  shift: Tensor) -> Tensor:
-    """relu(conv_i(x) * scale_i + shift_i) for every conv branch, in one NHWC buffer [N, (1+R)*C, H, W].
+                  shift: Tensor, relu: bool = True) -> Tensor:
+    """act(conv_i(x) * scale_i + shift_i) for every conv branch, in one NHWC buffer [N, (1+R)*C, H, W].
 
     weights[0]: the 1x1 branch [C, Cin, 1, 1]; weights[i]: [C, Cin, 3, 3] at dilation = padding =
-    rates[i-1]. scale, shift: [(1+R)*C], branch after branch.
+    rates[i-1]. scale, shift: [(1+R)*C], branch after branch. act = ReLU when relu. Differentiable
+    in x, weights, scale and shift.
     """
     check_aspp_args(x, weights, rates)
     total = len(weights) * weights[0].shape[0]
@@ -87,7 +122,10 @@ def aspp_branches(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], sc
         if t.shape[0] != total:
             raise ValueError(f"{name} must have length (1+R)*C={total}, got {t.shape[0]}")
     backend = resolve_backend(x.device)
-    return torch.ops.fastaspp.aspp_branches(x, list(weights), [int(r) for r in rates], scale, shift, backend)
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu must be a bool, got {relu!r}")
+    return torch.ops.fastaspp.aspp_branches(x, list(weights), [int(r) for r in rates], scale, shift, relu,
+                                            backend)
 
 
 def aspp_eval(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], scale: Tensor, shift: Tensor,

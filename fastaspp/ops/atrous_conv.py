@@ -188,13 +188,15 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _backward(ctx, grad: Tensor):
-    x, weight, bias, scale, out = ctx.saved_tensors
-    need_x, need_w, need_bias, need_scale, need_shift = ctx.needs_input_grad[:5]
-    stride, padding, dilation = ctx.conv
+def conv_affine_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                         out: Optional[Tensor], relu: bool, stride: List[int], padding: List[int],
+                         dilation: List[int], backend: str, needs: Sequence[bool]) -> tuple:
+    """Gradients (x, weight, bias, scale, shift) of y = act(conv(x, weight) * scale + shift'),
+    shift' = shift + bias*scale; None where `needs` says no. The ReLU mask comes from the saved
+    output `out`; the kernels read the masked gradient in x's layout."""
+    need_x, need_w, need_bias, need_scale, need_shift = needs
     c_out = weight.shape[0]
-    # The ReLU mask comes from the saved output; kernels read g in x's layout.
-    g = grad.masked_fill(out <= 0, 0) if ctx.relu else grad
+    g = grad.masked_fill(out <= 0, 0) if relu else grad
     g = g.contiguous(memory_format=suggest_memory_format(x))
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -202,7 +204,7 @@ def _backward(ctx, grad: Tensor):
     grad_sum = g.sum(dim=(0, 2, 3), dtype=acc)
     if need_w or need_scale:
         dw_raw = torch.ops.fastaspp.atrous_conv2d_grad_weight(
-            x, g, list(weight.shape), stride, padding, dilation, ctx.backend)
+            x, g, list(weight.shape), stride, padding, dilation, backend)
         if need_w:
             dw = dw_raw if scale is None else (dw_raw.to(acc) * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
         if need_scale:
@@ -214,14 +216,21 @@ def _backward(ctx, grad: Tensor):
         g_scaled = g if scale is None else (g * scale.view(1, c_out, 1, 1)).contiguous(
             memory_format=suggest_memory_format(x))
         dx = torch.ops.fastaspp.atrous_conv2d_grad_input(
-            g_scaled, weight, list(x.shape), stride, padding, dilation, ctx.backend)
+            g_scaled, weight, list(x.shape), stride, padding, dilation, backend)
         # g's layout can be ambiguous (1x1 maps) where x's is not: dx follows x.
         dx = dx.contiguous(memory_format=suggest_memory_format(x))
     if need_bias:
         dbias = (grad_sum if scale is None else grad_sum * scale.to(acc)).to(bias.dtype)
     if need_shift:
         dshift = grad_sum.to(x.dtype)
-    return dx, dw, dbias, dscale, dshift, None, None, None, None, None
+    return dx, dw, dbias, dscale, dshift
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight, bias, scale, out = ctx.saved_tensors
+    grads = conv_affine_backward(grad, x, weight, bias, scale, out, ctx.relu, *ctx.conv, ctx.backend,
+                                 ctx.needs_input_grad[:5])
+    return (*grads, None, None, None, None, None)
 
 
 _atrous_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

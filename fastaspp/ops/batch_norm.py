@@ -1,0 +1,82 @@
+"""Batch norm + ReLU over the ASPP branches' single buffer, and batch norm synchronised across ranks.
+
+concat_bn_relu is DeepLabV3's "concat → BN → ReLU" step as one call on the buffer the branches
+wrote (fastaspp.ops.aspp_branches): one per-channel normalisation for every branch, no
+torch.cat. sync_batch_norm is the training batch norm whose statistics span every rank; its
+all-reduces are autograd-aware (torch.distributed.nn), so backward all-reduces the gradient
+sums as SyncBatchNorm's does, and it runs on CPU tensors (gloo), which torch.nn.SyncBatchNorm
+refuses.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _all_reduce(t: Tensor, group) -> Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, op=dist.ReduceOp.SUM, group=group if group is not None else dist.group.WORLD)
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def sync_batch_norm(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                    running_var: Optional[Tensor], factor: float, eps: float, process_group=None) -> Tensor:
+    """Training-mode batch norm of z [N, C, H, W] with statistics over every rank of process_group.
+
+    Running statistics, when given, move by `factor` as nn.BatchNorm2d's do (unbiased variance).
+    """
+    if z.dim() != 4:
+        raise ValueError(f"z must be a 4-D tensor [N, C, H, W], got shape {tuple(z.shape)}")
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zf = z.to(acc)
+    channels = z.shape[1]
+    count = torch.full((1,), z.numel() // max(channels, 1), dtype=acc, device=z.device)
+    # Two passes (mean, then centred squares) avoid the cancellation of E[z²] − E[z]².
+    sums = _all_reduce(torch.cat([zf.sum(dim=(0, 2, 3)), count]), process_group)
+    total = sums[channels]
+    if total.item() <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {int(total.item())} "
+                         f"across all ranks")
+    mean = sums[:channels] / total
+    centred = zf - mean.view(1, -1, 1, 1)
+    var = _all_reduce(centred.square().sum(dim=(0, 2, 3)), process_group) / total
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            unbiased = var * (total / (total - 1))
+            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+    y = centred * torch.rsqrt(var + eps).view(1, -1, 1, 1)
+    if weight is not None:
+        y = y * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
+    return y.to(z.dtype)
+
+
+def concat_bn_relu(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], *, training: bool, factor: float, eps: float,
+                   synchronise: bool = False, process_group=None) -> Tensor:
+    """relu(batch_norm(z)) per channel of z [N, (1+R)*C, H, W], the branches' buffer.
+
+    weight, bias, running_mean, running_var: [(1+R)*C], every branch's BN parameters end to
+    end. Training uses batch statistics (all-reduced over process_group when synchronise and
+    torch.distributed is initialised) and moves the running statistics, in place, by factor
+    (nn.BatchNorm2d's momentum, or 1/num_batches_tracked for a cumulative average); eval uses
+    the running statistics.
+    """
+    if z.dim() != 4:
+        raise ValueError(f"z must be a 4-D tensor [N, C, H, W], got shape {tuple(z.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (z.shape[1],):
+            raise ValueError(f"{name} must have shape ({z.shape[1]},), got {tuple(t.shape)}")
+    if training and synchronise and distributed():
+        y = sync_batch_norm(z, weight, bias, running_mean, running_var, factor, eps, process_group)
+    else:
+        y = F.batch_norm(z, running_mean, running_var, weight, bias, training, factor, eps)
+    return F.relu(y)
