@@ -13,7 +13,6 @@ import time
 from typing import Callable, Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 import fastaspp
 from fastaspp.geometry import conv_flops

@@ -6,7 +6,7 @@ both modules in train mode. channels_last on both sides; the same weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 

@@ -4,7 +4,6 @@ import itertools
 import pytest
 import torch
 
-import fastaspp
 from fastaspp.geometry import conv_out_size, live_tap_pixels, tap_live_range
 
 
