@@ -8,6 +8,7 @@ and dense and useful (live-tap) FLOP/s.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Callable, Iterable, List, Optional
@@ -179,8 +180,10 @@ def environment() -> dict:
         info["triton"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    # FASTASPP_COMMIT names the commit where the tree was copied without its .git (a device run).
+    info["commit"] = os.environ.get("FASTASPP_COMMIT")
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        info["commit"] = info["commit"] or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                         cwd=__file__.rsplit("/", 2)[0], timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["commit"] = None

@@ -128,6 +128,11 @@ else:
         _cfg(8, 2, BLOCK_CO=128, BLOCK_CI=64, BLOCK_M=32),
         _cfg(4, 3, BLOCK_CO=32, BLOCK_CI=64, BLOCK_M=32),
     ]
+    if os.environ.get("FASTASPP_TRITON_AUTOTUNE") == "0":
+        # One config per kind, no autotuning: the GPU test run sets this so that its many shapes
+        # compile once instead of once per config (the benchmarks autotune and check the result).
+        _CONV_TC_CONFIGS, _CONV_FMA_CONFIGS = _CONV_TC_CONFIGS[-1:], _CONV_FMA_CONFIGS[:1]
+        _WGRAD_TC_CONFIGS, _WGRAD_FMA_CONFIGS = _WGRAD_TC_CONFIGS[-1:], _WGRAD_FMA_CONFIGS[:1]
 
 
 def _prune_by_dot_kind(n_tensor_core_configs):

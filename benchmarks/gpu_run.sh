@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One GPU session in one command: build fastaspp._C with CUDA, run the test suite on CUDA tensors
+# (triton and cuda backends; slow cases included), then benchmark. Everything lands in $OUT:
+#   env.txt, build.log, tests.log, bench-{aspp,conv}.log and the benches' JSON + markdown.
+# Stages are bounded by timeouts so that a hang in one still leaves the others' files.
+#   STAGES     which stages to run, in order (default "build tests bench")
+#   TEST_S     seconds for the test suite (default 150); TEST_ARGS extra pytest arguments
+#   BENCH_S    seconds for each of the two benchmarks (default 120); BENCH_ARGS extra `fastaspp bench` arguments
+#   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
+set -u
+OUT=${OUT:-/tmp/fastaspp-gpu-run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+PY=${PY:-python3}
+
+stage_build() {
+    { nvidia-smi -L; nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm --format=csv
+      $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+      echo "commit ${FASTASPP_COMMIT:-unknown}"; } >"$OUT/env.txt" 2>&1
+    cat "$OUT/env.txt"
+    local t0=$SECONDS
+    if ! timeout 300 $PY -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
+        echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
+    fi
+    grep -m1 "fastaspp: building" "$OUT/build.log"
+    echo "build: $((SECONDS - t0)) s"
+    $PY -c "import fastaspp; print('backends', fastaspp.backends())"
+}
+
+stage_tests() {
+    local t0=$SECONDS
+    # One Triton config per kind: the suite's many shapes would otherwise each autotune.
+    FASTASPP_TRITON_AUTOTUNE=0 timeout "${TEST_S:-150}" $PY -m pytest tests -q -p no:cacheprovider \
+        -n "${TEST_WORKERS:-12}" --timeout 120 -rfE --tb=short ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+    echo "tests: exit $? after $((SECONDS - t0)) s"
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -40
+    tail -3 "$OUT/tests.log"
+}
+
+stage_bench() {
+    # ASPP first (the issue's targets), then the single convs; each writes its own JSON + markdown.
+    local op
+    for op in aspp conv; do
+        local t0=$SECONDS
+        timeout "${BENCH_S:-120}" $PY -m fastaspp bench --op $op --device cuda --dtype bfloat16 --out "$OUT" \
+            ${BENCH_ARGS:-} >"$OUT/bench-$op.log" 2>&1
+        echo "bench $op: exit $? after $((SECONDS - t0)) s"
+        tail -25 "$OUT/bench-$op.log"
+    done
+}
+
+for stage in ${STAGES:-build tests bench}; do
+    "stage_$stage"
+done
