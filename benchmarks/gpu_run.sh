@@ -5,7 +5,8 @@
 # Stages are bounded by timeouts so that a hang in one still leaves the others' files.
 #   STAGES     which stages to run, in order (default "build tests bench")
 #   TEST_S     seconds for the test suite (default 150); TEST_ARGS extra pytest arguments
-#   BENCH_S    seconds for each of the two benchmarks (default 120); BENCH_ARGS extra `fastaspp bench` arguments
+#   BENCH_S    seconds for each benchmark (default 120); BENCH_OPS which (default "aspp conv")
+#   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
 set -u
 OUT=${OUT:-/tmp/fastaspp-gpu-run}
@@ -33,23 +34,28 @@ stage_build() {
 stage_tests() {
     local t0=$SECONDS
     # One Triton config per kind: the suite's many shapes would otherwise each autotune.
-    FASTASPP_TRITON_AUTOTUNE=0 timeout "${TEST_S:-150}" $PY -m pytest tests -q -p no:cacheprovider \
-        -n "${TEST_WORKERS:-12}" --timeout 120 -rfE --tb=short ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
+    # -v logs each result as it lands; SIGINT at the time limit still prints the failure summary.
+    FASTASPP_TRITON_AUTOTUNE=0 timeout -s INT "${TEST_S:-150}" $PY -m pytest tests -v -p no:cacheprovider \
+        -n "${TEST_WORKERS:-16}" --timeout 120 -rfE --tb=short ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
     echo "tests: exit $? after $((SECONDS - t0)) s"
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -40
+    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -60
     tail -3 "$OUT/tests.log"
 }
 
 stage_bench() {
     # ASPP first (the issue's targets), then the single convs; each writes its own JSON + markdown.
     local op
-    for op in aspp conv; do
+    for op in ${BENCH_OPS:-aspp conv}; do
         local t0=$SECONDS
         timeout "${BENCH_S:-120}" $PY -m fastaspp bench --op $op --device cuda --dtype bfloat16 --out "$OUT" \
             ${BENCH_ARGS:-} >"$OUT/bench-$op.log" 2>&1
         echo "bench $op: exit $? after $((SECONDS - t0)) s"
         tail -25 "$OUT/bench-$op.log"
     done
+}
+
+stage_profile() {
+    timeout "${PROFILE_S:-90}" $PY benchmarks/gpu_profile.py 2>&1 | tee "$OUT/profile.log" | cut -c1-300
 }
 
 for stage in ${STAGES:-build tests bench}; do

@@ -1,0 +1,75 @@
+"""Where a fused conv's time goes on the GPU: kernel time (profiler) against per-call time.
+
+For a few ASPP-sized convs (bf16, channels_last) and each GPU backend it prints the median
+per-call time (CUDA events around one call), the host time per call (many calls, one sync), and
+the device time of each kernel the call launches (torch.profiler). If the per-call time is far
+above the kernels' sum, the cost is on the host; otherwise it is in the kernels.
+Run on a GPU machine: python benchmarks/gpu_profile.py
+"""
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fastaspp
+from fastaspp import benchmark
+
+CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
+
+
+def per_call_ms(fn, reps=50):
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def host_ms(fn, reps=100):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / reps
+    torch.cuda.synchronize()
+    return host
+
+
+def kernel_table(fn, reps=10):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3 / reps) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])[:4]
+
+
+def main():
+    shapes = {s.name: s for s in benchmark.SHAPES}
+    for name, batch in CASES:
+        pair = benchmark._Pair(shapes[name], batch, torch.bfloat16, torch.device("cuda"))
+        x = pair.xs[0]
+        with torch.no_grad():
+            fns = {"eager": lambda: pair.eager(x)}
+            for b in ("triton", "cuda"):
+                fns[b] = (lambda b=b: _with_backend(b, pair.fused, x))
+            for label, fn in fns.items():
+                call, host = per_call_ms(fn), host_ms(fn)
+                kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in kernel_table(fn))
+                print(f"{name} b{batch} {label:7s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
+
+
+def _with_backend(name, module, x):
+    with fastaspp.backend(name):
+        return module(x)
+
+
+if __name__ == "__main__":
+    main()
