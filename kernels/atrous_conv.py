@@ -90,49 +90,52 @@ def _cfg(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+# Tensor-core configs (fp16, bf16, fp32 as tf32), Hopper-oriented (H100): 128-256 wide tiles,
+# BLOCK_K 64, 3-4 stage pipelines; smaller tiles for batch 1 / small maps where large tiles leave
+# SMs idle.  forward and grad_input share them (BLOCK_N runs over Cout in forward, over Cin in
+# grad_input).  Defined even under the interpreter: tests compile each for sm_90 ahead of time.
+GPU_CONV_TC_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+]
+GPU_WGRAD_TC_CONFIGS = [
+    _cfg(8, 3, BLOCK_CO=128, BLOCK_CI=256, BLOCK_M=64),
+    _cfg(8, 3, BLOCK_CO=128, BLOCK_CI=128, BLOCK_M=64),
+    _cfg(4, 4, BLOCK_CO=128, BLOCK_CI=128, BLOCK_M=32),
+    _cfg(4, 4, BLOCK_CO=64, BLOCK_CI=128, BLOCK_M=64),
+    _cfg(4, 4, BLOCK_CO=64, BLOCK_CI=64, BLOCK_M=64),
+]
+# FMA configs (fp64, and fp32 with "ieee" precision): no tensor cores, 4/8-byte operands; smaller
+# K steps keep the shared-memory pipeline within Hopper's 227 KB.
+GPU_CONV_FMA_CONFIGS = [
+    _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+    _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
+]
+GPU_WGRAD_FMA_CONFIGS = [
+    _cfg(4, 2, BLOCK_CO=64, BLOCK_CI=64, BLOCK_M=32),
+    _cfg(8, 2, BLOCK_CO=128, BLOCK_CI=64, BLOCK_M=32),
+    _cfg(4, 3, BLOCK_CO=32, BLOCK_CI=64, BLOCK_M=32),
+]
+
 if _INTERPRET:
     # Autotuning is pointless and slow in the interpreter: one small config (tl.dot needs >= 16).
     _CONV_TC_CONFIGS = [_cfg(4, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)]
     _CONV_FMA_CONFIGS = []
     _WGRAD_TC_CONFIGS = [_cfg(4, 1, BLOCK_CO=16, BLOCK_CI=16, BLOCK_M=16)]
     _WGRAD_FMA_CONFIGS = []
+elif os.environ.get("FASTASPP_TRITON_AUTOTUNE") == "0":
+    # One config per kind, no autotuning: the GPU test run sets this so that its many shapes
+    # compile once instead of once per config (the benchmarks autotune and check the result).
+    _CONV_TC_CONFIGS, _CONV_FMA_CONFIGS = GPU_CONV_TC_CONFIGS[-1:], GPU_CONV_FMA_CONFIGS[:1]
+    _WGRAD_TC_CONFIGS, _WGRAD_FMA_CONFIGS = GPU_WGRAD_TC_CONFIGS[-1:], GPU_WGRAD_FMA_CONFIGS[:1]
 else:
-    # Tensor-core configs (fp16, bf16, fp32 as tf32), Hopper-oriented (H100): 128-256 wide tiles,
-    # BLOCK_K 64, 3-4 stage pipelines; smaller tiles for batch 1 / small maps where large tiles
-    # leave SMs idle.  forward and grad_input share them (BLOCK_N runs over Cout in forward, over
-    # Cin in grad_input).
-    _CONV_TC_CONFIGS = [
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
-        _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64),
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-    ]
-    _WGRAD_TC_CONFIGS = [
-        _cfg(8, 3, BLOCK_CO=128, BLOCK_CI=256, BLOCK_M=64),
-        _cfg(8, 3, BLOCK_CO=128, BLOCK_CI=128, BLOCK_M=64),
-        _cfg(4, 4, BLOCK_CO=128, BLOCK_CI=128, BLOCK_M=32),
-        _cfg(4, 4, BLOCK_CO=64, BLOCK_CI=128, BLOCK_M=64),
-        _cfg(4, 4, BLOCK_CO=64, BLOCK_CI=64, BLOCK_M=64),
-    ]
-    # FMA configs (fp64, and fp32 with "ieee" precision): no tensor cores, 4/8-byte operands;
-    # smaller K steps keep the shared-memory pipeline within Hopper's 227 KB.
-    _CONV_FMA_CONFIGS = [
-        _cfg(4, 2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
-        _cfg(8, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
-        _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32),
-    ]
-    _WGRAD_FMA_CONFIGS = [
-        _cfg(4, 2, BLOCK_CO=64, BLOCK_CI=64, BLOCK_M=32),
-        _cfg(8, 2, BLOCK_CO=128, BLOCK_CI=64, BLOCK_M=32),
-        _cfg(4, 3, BLOCK_CO=32, BLOCK_CI=64, BLOCK_M=32),
-    ]
-    if os.environ.get("FASTASPP_TRITON_AUTOTUNE") == "0":
-        # One config per kind, no autotuning: the GPU test run sets this so that its many shapes
-        # compile once instead of once per config (the benchmarks autotune and check the result).
-        _CONV_TC_CONFIGS, _CONV_FMA_CONFIGS = _CONV_TC_CONFIGS[-1:], _CONV_FMA_CONFIGS[:1]
-        _WGRAD_TC_CONFIGS, _WGRAD_FMA_CONFIGS = _WGRAD_TC_CONFIGS[-1:], _WGRAD_FMA_CONFIGS[:1]
+    _CONV_TC_CONFIGS, _CONV_FMA_CONFIGS = GPU_CONV_TC_CONFIGS, GPU_CONV_FMA_CONFIGS
+    _WGRAD_TC_CONFIGS, _WGRAD_FMA_CONFIGS = GPU_WGRAD_TC_CONFIGS, GPU_WGRAD_FMA_CONFIGS
 
 
 def _prune_by_dot_kind(n_tensor_core_configs):
@@ -272,7 +275,8 @@ def _atrous_fwd_kernel(
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_tap + kk[:, None] * Cout + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                             out_dtype=ACC_DTYPE)
 
     scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
     shift = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
@@ -355,7 +359,8 @@ def _atrous_dgrad_kernel(
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(w_tap + kk[:, None] * Cin + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                             out_dtype=ACC_DTYPE)
 
     # Every input pixel belongs to exactly one (residue, patch): all of dx is written here.
     dx_rows = ((n.to(tl.int64) * H + ih) * W + iw) * Cin
@@ -418,7 +423,8 @@ def _atrous_wgrad_kernel(
                     mask=m_ok[:, None] & co_ok[None, :], other=0.0)
         a = tl.load(x_ptr + x_rows[:, None] + offs_ci[None, :],
                     mask=m_ok[:, None] & ci_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
 
     ws_rows = ((split * KH * KW + tap) * Cout + offs_co).to(tl.int64) * Cin
     tl.store(ws_ptr + ws_rows[:, None] + offs_ci[None, :], acc,

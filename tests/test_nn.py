@@ -85,6 +85,43 @@ def test_conv_bn_relu_eval_is_one_fused_op(backend, bias, stride):
     assert not [c for c in calls if "batch_norm" in c or "relu" in c]
 
 
+def test_plain_inference_calls_the_kernel_without_the_op_dispatch(backend, monkeypatch):
+    """No grad required and plain tensors: the backend kernel runs directly (same result, bitwise);
+    when autograd is needed the call goes through torch.ops.fastaspp.atrous_conv2d."""
+    device = device_for(backend)
+    ref, mine = _pair(bias=True, stride=1, device=device)
+    mine.eval()
+    x = torch.randn(2, 4, 11, 9, device=device).to(memory_format=torch.channels_last)
+    through_op = mine(x.requires_grad_()).detach()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.ops.fastaspp.atrous_conv2d called")
+
+    monkeypatch.setattr(torch.ops.fastaspp, "atrous_conv2d", refuse)
+    with torch.no_grad():
+        direct = mine(x)
+    assert torch.equal(direct, through_op)
+    with pytest.raises(AssertionError, match="atrous_conv2d called"):
+        mine(x)  # grad enabled and x requires grad: autograd needs the op
+
+
+def test_conv_bn_relu_fold_is_memoised_and_refreshed():
+    _, mine = _pair(bias=False, stride=1, device=torch.device("cpu"))
+    mine.eval()
+    x = torch.randn(1, 4, 7, 7)
+    with torch.no_grad():
+        first = mine(x)
+        folded = mine._fold_cache.value
+        mine(x)
+        assert mine._fold_cache.value is folded  # nothing changed: not refolded
+        mine[1].running_var.mul_(4.0)  # an in-place buffer update must refresh the fold
+        after = mine(x)
+    expected = torch.relu(mine[1](mine[0](x)))
+    assert mine._fold_cache.value is not folded
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(after, first)
+
+
 class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the aten/fastaspp ops a block dispatches."""
 

@@ -6,6 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastaspp.nn._fold_cache import FoldCache
 from fastaspp.nn.atrous_conv import ConvBNReLU
 from fastaspp.nn.sync_bn import SyncBatchNorm2d
 from fastaspp.ops.aspp import aspp_branches, aspp_eval
@@ -47,8 +48,7 @@ class ASPP(nn.Module):
             nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels), nn.ReLU(), nn.Dropout(0.5))
         self.atrous_rates = rates
-        self._folded: Optional[tuple] = None
-        self._folded_key: Optional[tuple] = None
+        self._fold_cache = FoldCache()
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:
@@ -115,10 +115,6 @@ class ASPP(nn.Module):
         return dropout(relu(bn(atrous_conv2d(feats, conv.weight))))
 
     # -- inference ------------------------------------------------------------------------
-    def _state_key(self, x: Tensor) -> tuple:
-        tensors = list(self.parameters()) + list(self.buffers())
-        return (x.dtype, x.device) + tuple((t.data_ptr(), t._version) for t in tensors)
-
     def folded_parameters(self, dtype: torch.dtype) -> tuple:
         """(weights, scale, shift, pool_weight, pool_scale, pool_shift, proj_weight, proj_scale, proj_shift)."""
         conv_branches = self.convs[:-1]
@@ -131,13 +127,7 @@ class ASPP(nn.Module):
                 cast(pool[1].weight), pool_scale, pool_shift, cast(self.project[0].weight), proj_scale, proj_shift)
 
     def _forward_fused(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            folded = self.folded_parameters(x.dtype)
-        else:
-            key = self._state_key(x)
-            if key != self._folded_key:
-                self._folded, self._folded_key = self.folded_parameters(x.dtype), key
-            folded = self._folded
+        folded = self._fold_cache.get(self, x, lambda: self.folded_parameters(x.dtype))
         weights, scale, shift, *rest = folded
         y = aspp_eval(x, weights, self.atrous_rates, scale, shift, *rest)
         return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()

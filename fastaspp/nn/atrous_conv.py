@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastaspp.nn._fold_cache import FoldCache
 from fastaspp.ops.atrous_conv import atrous_conv2d
 
 
@@ -49,7 +50,7 @@ class ConvBNReLU(nn.Sequential):
     """Conv2d → BatchNorm2d → ReLU with the state_dict of that nn.Sequential.
 
     Eval (BN using running statistics): one fused op, BN folded into a per-channel
-    scale and shift. Training, or a BN without running statistics: the conv runs on
+    scale and shift (memoised until a parameter or buffer changes). Training, or a BN without running statistics: the conv runs on
     fastaspp's kernel and BatchNorm2d itself normalises with batch statistics and
     updates its buffers, so results and running stats match nn.BatchNorm2d exactly.
     """
@@ -63,6 +64,7 @@ class ConvBNReLU(nn.Sequential):
         _check_fusable(conv)
         super().__init__(conv, nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory),
                          nn.ReLU(inplace=False))
+        self._fold_cache = FoldCache()
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "ConvBNReLU":
@@ -72,6 +74,7 @@ class ConvBNReLU(nn.Sequential):
             raise ValueError(f"bn must be a BatchNorm2d over {conv.out_channels} channels, got {bn!r}")
         module = cls.__new__(cls)
         nn.Sequential.__init__(module, conv, bn, nn.ReLU(inplace=False))
+        module._fold_cache = FoldCache()
         return module
 
     def folded_bn(self) -> tuple[Tensor, Tensor]:
@@ -96,6 +99,6 @@ class ConvBNReLU(nn.Sequential):
         if bn.training or bn.running_mean is None:
             z = atrous_conv2d(input, conv.weight, conv.bias, conv.stride, padding, conv.dilation)
             return F.relu(bn(z))
-        scale, shift = self.folded_bn()
+        scale, shift = self._fold_cache.get(self, input, lambda: tuple(t.to(input.dtype) for t in self.folded_bn()))
         return atrous_conv2d(input, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
-                             scale=scale.to(input.dtype), shift=shift.to(input.dtype), relu=True)
+                             scale=scale, shift=shift, relu=True)

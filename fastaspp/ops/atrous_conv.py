@@ -142,10 +142,30 @@ def _fold_affine(weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor]
 def _atrous_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                       shift: Optional[Tensor], stride: List[int], padding: List[int], dilation: List[int],
                       relu: bool, backend: str) -> Tensor:
+    return _forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
+             stride: List[int], padding: List[int], dilation: List[int], relu: bool, backend: str) -> Tensor:
+    """The forward of fastaspp::atrous_conv2d: the backend's kernel on the folded affine."""
     _check_backend(backend, x)
     alpha, beta = _fold_affine(weight, bias, scale, shift, x.dtype)
     y = _kernel(backend, "forward")(x, weight, alpha, beta, list(stride), list(padding), list(dilation), relu)
     return y.contiguous(memory_format=suggest_memory_format(x))
+
+
+def _plain_inference(*tensors: Optional[Tensor]) -> bool:
+    """True when a call needs neither autograd nor tracing: no grad required, plain tensors (no fake or
+    functional subclasses), not compiling, no dispatch mode active. Such calls run the same kernel
+    without the custom-op dispatch layers, which cost ~150-250 µs of host time per call (measured on
+    CPU; on an H100 the whole eager call took ~0.5 ms of host time against 0.07-0.3 ms of kernel)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not (grad and t.requires_grad)) for t in tensors)
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 @_atrous_conv2d_op.register_fake
@@ -266,11 +286,15 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     weight: [C_out, C_in, KH, KW]; bias, scale, shift: [C_out] or None (scale None = 1,
     shift None = 0); relu applies ReLU. Dead taps (reading only padding) are skipped.
     The backend comes from fastaspp.backend()/set_backend(); "auto" runs CUDA tensors
-    on triton and CPU tensors on cpu.
+    on triton and CPU tensors on cpu. It runs as torch.ops.fastaspp.atrous_conv2d (autograd,
+    torch.compile, dispatch modes); a call that needs none of those (plain tensors, no grad
+    required) calls the same backend kernel directly, saving the op dispatch's host time.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {relu!r}")
     check_atrous_conv2d_args(x, weight, bias, scale, shift, stride, padding, dilation)
     backend = resolve_backend(x.device)
+    if _plain_inference(x, weight, bias, scale, shift):
+        return _forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
     return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)

@@ -1,0 +1,31 @@
+"""A memo for a module's folded (eval) parameters, so BN folding runs once rather than every call."""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class FoldCache:
+    """Holds what `compute()` returned until the module's parameters or buffers change.
+
+    The key is every parameter's and buffer's (data_ptr, _version) plus the input's dtype and
+    device: in-place updates (optimizer steps, load_state_dict, running-stat updates) bump
+    _version, reassignment changes data_ptr. Under torch.compile the memo is bypassed (the graph
+    folds the few [C]-sized ops itself).
+    """
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.value = None
+
+    def get(self, module: nn.Module, x: Tensor, compute: Callable[[], object]):
+        if torch.compiler.is_compiling():
+            return compute()
+        tensors = itertools.chain(module.parameters(), module.buffers())
+        key = (x.dtype, x.device) + tuple((t.data_ptr(), t._version) for t in tensors)
+        if key != self.key:
+            self.value, self.key = compute(), key
+        return self.value
