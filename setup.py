@@ -64,7 +64,7 @@ setup(
     packages=["fastaspp", "fastaspp.ops", "fastaspp.nn", "fastaspp.kernels"],
     package_dir={"fastaspp.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "ninja"],

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastaspp
-from fastaspp.benchmark_aspp import ASPP_SHAPES, _pair
+from fastaspp.bench.aspp import ASPP_SHAPES, aspp_pair
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -22,7 +22,7 @@ def test_aspp(benchmark, shape, batch, mode, impl):
     if mode == "train":
         batch = max(batch, 2)  # the pooling branch's BatchNorm cannot train at batch 1
     benchmark.group = f"{shape.name} {mode} batch {batch}"
-    eager, fused = _pair(shape, DTYPE, DEVICE)
+    eager, fused = aspp_pair(shape, DTYPE, DEVICE)
     module = (eager if impl == "eager" else fused).train(mode == "train")
     x = torch.randn(batch, shape.c_in, shape.size, shape.size).to(DEVICE, DTYPE, memory_format=torch.channels_last)
     useful, dense = shape.flops(batch)

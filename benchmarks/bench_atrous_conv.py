@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastaspp
-from fastaspp.benchmark import SHAPES, _Pair
+from fastaspp.bench.conv import SHAPES, ConvPair
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -28,7 +28,7 @@ def test_conv_bn_relu(benchmark, shape, batch, impl):
     if ON_GPU:
         torch.backends.cudnn.benchmark = True
     benchmark.group = f"{shape.name} batch {batch}"
-    pair = _Pair(shape, batch, DTYPE, DEVICE)
+    pair = ConvPair(shape, batch, DTYPE, DEVICE)
     useful, dense = shape.flops(batch)
     benchmark.extra_info.update(useful_flops=useful, dense_flops=dense, dtype=str(DTYPE), device=str(DEVICE))
     module = pair.eager if impl == "eager" else pair.fused

@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fastaspp
-from fastaspp import benchmark
+from fastaspp.bench import conv as benchmark
 
 CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
 
@@ -54,7 +54,7 @@ def kernel_table(fn, reps=10):
 def main():
     shapes = {s.name: s for s in benchmark.SHAPES}
     for name, batch in CASES:
-        pair = benchmark._Pair(shapes[name], batch, torch.bfloat16, torch.device("cuda"))
+        pair = benchmark.ConvPair(shapes[name], batch, torch.bfloat16, torch.device("cuda"))
         x = pair.xs[0]
         with torch.no_grad():
             fns = {"eager": lambda: pair.eager(x)}

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
-import json
-import os
 import sys
 import time
 
@@ -53,50 +49,58 @@ def _check_against_reference(device: torch.device) -> float:
     return max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item())
 
 
+def _bench_backends(name: str, device: torch.device) -> list:
+    """The fastaspp backends a bench run times: one name, or "all" usable on this device."""
+    import fastaspp
+
+    if name != "all":
+        return [name]
+    usable = [b for b in fastaspp.backends() if fastaspp.resolve_backend(device, b) == b]
+    # The interpreter runs Triton on CPU tensors for tests only: it is not a CPU backend to time.
+    return [b for b in usable if device.type == "cuda" or b == "cpu"]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import fastaspp
-    from fastaspp import benchmark
+    from fastaspp.bench import aspp as bench_aspp
+    from fastaspp.bench import conv as bench_conv
+    from fastaspp.bench.report import markdown, write_results
+    from fastaspp.bench.timing import measure_peak_tflops
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("fastaspp bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype]
-    batches = [1] if args.quick or device.type == "cpu" else [1, 8]
+    gpu_full = device.type == "cuda" and not args.quick
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    progress = lambda r: print(f"  {r.shape} b{r.batch}: eager {r.eager_ms:.2f} ms, fused {r.fused_ms:.2f} ms, "
-                               f"{r.speedup:.2f}x", flush=True)
+    progress = lambda r: print(f"  {r.kind} {r.shape} b{r.batch} [{r.backend}]: eager {r.eager_ms:.2f} ms, "
+                               f"fused {r.fused_ms:.2f} ms, {r.speedup:.2f}x"
+                               + (f", compiled {r.compiled_ms:.2f} ms" if r.compiled_ms else ""), flush=True)
+    peak = measure_peak_tflops(device, dtype)
+    print(f"peak: {peak:.2f} TFLOP/s ({args.dtype} matmul on {device})")
     rows = []
-    if args.op in ("conv", "all"):
-        print(f"fused conv+BN+ReLU vs eager ({device}, {args.dtype}, channels_last, eval, backend {args.backend})")
-        shapes = benchmark.QUICK_SHAPES if args.quick else benchmark.SHAPES
-        rows += benchmark.run(shapes, batches, dtype, device, args.backend, reps=5 if args.quick else 10,
-                              progress=progress)
-    if args.op in ("aspp", "all"):
-        from fastaspp import benchmark_aspp
-
-        print(f"fastaspp.nn.ASPP vs the eager reference ASPP ({device}, {args.dtype}, channels_last, "
-              f"backend {args.backend}{', and torch.compile of it' if args.compile else ''})")
-        shapes = benchmark_aspp.ASPP_SHAPES[:1] if args.quick or device.type == "cpu" else benchmark_aspp.ASPP_SHAPES
-        modes = ["eval"] if args.quick else ["eval", "train"]
-        aspp_batches = [1] if args.quick or device.type == "cpu" else [1, 8, 16]
-        with fastaspp.backend(args.backend):
-            rows += benchmark_aspp.run_aspp(shapes, aspp_batches, modes, dtype, device, args.compile, progress)
-    table = benchmark.markdown(rows)
+    for backend in _bench_backends(args.backend, device):
+        with fastaspp.backend(backend):
+            if args.op in ("conv", "all"):
+                print(f"fused conv+BN+ReLU vs eager ({device}, {args.dtype}, channels_last, eval, backend {backend})")
+                shapes = bench_conv.QUICK_SHAPES if args.quick else bench_conv.SHAPES
+                rows += bench_conv.run(shapes, [1, 8] if gpu_full else [1], dtype, device, backend, args.compile,
+                                       reps=5 if args.quick else 10, progress=progress)
+            if args.op in ("aspp", "all"):
+                print(f"fastaspp.nn.ASPP vs the eager reference ASPP ({device}, {args.dtype}, channels_last, "
+                      f"backend {backend})")
+                shapes = bench_aspp.ASPP_SHAPES if gpu_full else bench_aspp.ASPP_SHAPES[:1]
+                modes = ["eval"] if args.quick else ["eval", "train"]
+                rows += bench_aspp.run(shapes, [1, 8, 16] if gpu_full else [1], modes, dtype, device, args.compile,
+                                       progress)
     print()
-    print(table)
+    print(markdown(rows, peak))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        env = benchmark.environment()
-        tag = (env.get("gpu") or device.type).replace(" ", "-")
-        path = os.path.join(args.out, f"{args.op}-{tag}-{args.dtype}-{stamp}.json")
-        with open(path, "w") as f:
-            json.dump({"environment": env, "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=2)
-        with open(path[:-5] + ".md", "w") as f:
-            f.write(f"Environment: {json.dumps(env)}\n\n{table}")
-        print(f"wrote {path}")
+        command = "fastaspp " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"fastaspp bench {vars(args)}"
+        for path in write_results(args.out, args.op, device, args.dtype, rows, peak, command):
+            print(f"wrote {path}")
     return 0
 
 
@@ -131,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark fused conv+BN+ReLU and ASPP against eager PyTorch")
     bench.add_argument("--op", choices=["conv", "aspp", "all"], default="all")
-    bench.add_argument("--compile", action="store_true", help="also time torch.compile of the eager ASPP")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time torch.compile of the eager modules (max-autotune on GPU)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    bench.add_argument("--backend", default="auto", help="auto, cpu, triton or cuda")
+    bench.add_argument("--backend", default="auto", help="auto, cpu, triton, cuda, or all (each usable one)")
     bench.add_argument("--quick", action="store_true", help="a few shapes at batch 1")
-    bench.add_argument("--out", help="directory for the JSON and markdown results")
+    bench.add_argument("--out", help="directory for the JSON, markdown and PNG results")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,4 +1,4 @@
-"""Timing of fastaspp.nn.ASPP against the eager reference ASPP (and torch.compile of it).
+"""fastaspp.nn.ASPP against the eager reference ASPP (torchvision's layout) and torch.compile of it.
 
 Eval: a forward under no_grad. Train: a training step, forward + backward (no optimizer),
 both modules in train mode. channels_last on both sides; the same weights.
@@ -12,7 +12,8 @@ import torch
 
 import fastaspp
 from fastaspp import reference
-from fastaspp.benchmark import Row, alternate
+from fastaspp.bench.report import Row
+from fastaspp.bench.timing import alternate, peak_memory_mb
 from fastaspp.geometry import conv_flops
 
 
@@ -43,7 +44,8 @@ ASPP_SHAPES = [AsppShape("aspp-33-(6,12,18)", 2048, 33, (6, 12, 18)),
                AsppShape("aspp-65-(12,24,36)", 2048, 65, (12, 24, 36))]
 
 
-def _pair(shape: AsppShape, dtype, device):
+def aspp_pair(shape: AsppShape, dtype, device):
+    """The eager reference ASPP and fastaspp.nn.ASPP with the same weights (random BN statistics)."""
     gen = torch.Generator().manual_seed(0)
     eager = reference.ASPP(shape.c_in, shape.rates, shape.c)
     with torch.no_grad():
@@ -57,14 +59,14 @@ def _pair(shape: AsppShape, dtype, device):
     return eager.to(**to), fused.to(**to)
 
 
-def measure_aspp(shape: AsppShape, batch: int, mode: str, dtype: torch.dtype, device: torch.device,
+def measure(shape: AsppShape, batch: int, mode: str, dtype: torch.dtype, device: torch.device,
                  compile_baseline: bool = False, reps: int = 5, rounds: int = 3) -> Row:
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     if mode == "train" and batch < 2:
         raise ValueError("a training step needs batch >= 2: the pooling branch's BatchNorm sees one value "
                          "per channel at batch 1")
-    eager, fused = _pair(shape, dtype, device)
+    eager, fused = aspp_pair(shape, dtype, device)
     xs = [torch.randn(batch, shape.c_in, shape.size, shape.size, generator=torch.Generator().manual_seed(i))
           .to(device=device, dtype=dtype, memory_format=torch.channels_last) for i in range(3)]
     state = {"i": 0}
@@ -95,17 +97,16 @@ def measure_aspp(shape: AsppShape, batch: int, mode: str, dtype: torch.dtype, de
         else:
             err = float("nan")  # dropout masks differ between the modules' calls; tests check training
         times = alternate(fns, device, warmup=2, reps=reps, rounds=rounds)
-    eager_ms, fused_ms = times[0], times[1]
-    compiled_ms = times[2] if compile_baseline else None
+        mems = [peak_memory_mb(fn, device) for fn in fns[:2]]
     useful, dense = shape.flops(batch)
     if mode == "train":  # forward + backward: about three forwards of work
         useful, dense = 3 * useful, 3 * dense
-    return Row(f"{shape.name} {mode}", batch, str(dtype).replace("torch.", ""), str(device),
-               fastaspp.resolve_backend(device), eager_ms, fused_ms, eager_ms / fused_ms, dense / fused_ms / 1e9,
-               useful / fused_ms / 1e9, dense / eager_ms / 1e9, useful / eager_ms / 1e9, err, compiled_ms)
+    return Row(f"aspp {mode}", shape.name, batch, str(dtype).replace("torch.", ""), str(device),
+               fastaspp.resolve_backend(device), times[0].median_ms, times[1].median_ms, times[0].spread_ms,
+               times[1].spread_ms, useful, dense, err, times[2].median_ms if compile_baseline else None, *mems)
 
 
-def run_aspp(shapes: Sequence[AsppShape], batches: Sequence[int], modes: Sequence[str], dtype, device,
+def run(shapes: Sequence[AsppShape], batches: Sequence[int], modes: Sequence[str], dtype, device,
              compile_baseline: bool = False, progress=None) -> List[Row]:
     rows = []
     for shape in shapes:
@@ -113,7 +114,7 @@ def run_aspp(shapes: Sequence[AsppShape], batches: Sequence[int], modes: Sequenc
             for mode in modes:
                 # Training needs batch >= 2 (pooling-branch BatchNorm); batch 1 rows train at 2.
                 b = max(batch, 2) if mode == "train" else batch
-                row = measure_aspp(shape, b, mode, dtype, device, compile_baseline)
+                row = measure(shape, b, mode, dtype, device, compile_baseline)
                 rows.append(row)
                 if progress:
                     progress(row)

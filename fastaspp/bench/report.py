@@ -1,0 +1,136 @@
+"""One result row per (workload, batch, backend), its markdown table, the environment stamp and the
+files a run writes (JSON, markdown, PNG plots)."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+from typing import Dict, List, Optional
+
+import torch
+
+import fastaspp
+
+
+@dataclasses.dataclass
+class Row:
+    kind: str  # "conv", "aspp eval", "aspp train", "model eval", "model train"
+    shape: str
+    batch: int
+    dtype: str
+    device: str
+    backend: str
+    eager_ms: float
+    fused_ms: float
+    eager_spread_ms: float
+    fused_spread_ms: float
+    useful_flops: float  # live-tap FLOPs of one call (what fused computes)
+    dense_flops: float  # every tap (what eager computes)
+    max_abs_err: float  # fused against eager on the same input (NaN where not comparable)
+    compiled_ms: Optional[float] = None  # torch.compile of the eager module, where measured
+    eager_mem_mb: Optional[float] = None  # device memory a call allocates (GPU only)
+    fused_mem_mb: Optional[float] = None
+
+    @property
+    def speedup(self) -> float:
+        return self.eager_ms / self.fused_ms
+
+    def tflops(self, which: str, flops: str) -> float:
+        ms = self.fused_ms if which == "fused" else self.eager_ms
+        return (self.useful_flops if flops == "useful" else self.dense_flops) / ms / 1e9
+
+    def to_dict(self, peak_tflops: Optional[float]) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(speedup=self.speedup,
+                   fused_dense_tflops=self.tflops("fused", "dense"), fused_useful_tflops=self.tflops("fused", "useful"),
+                   eager_dense_tflops=self.tflops("eager", "dense"), eager_useful_tflops=self.tflops("eager", "useful"),
+                   fused_useful_peak_share=self.tflops("fused", "useful") / peak_tflops if peak_tflops else None)
+        return out
+
+
+def _mem(row: Row) -> str:
+    if row.eager_mem_mb is None or row.fused_mem_mb is None:
+        return "-"
+    return f"{row.eager_mem_mb:.0f} / {row.fused_mem_mb:.0f}"
+
+
+def markdown(rows: List[Row], peak_tflops: Optional[float]) -> str:
+    head = ("| workload | batch | dtype | backend | eager ms | fused ms | speed-up | compiled ms (fused vs it) | "
+            "fused TFLOP/s dense / useful | useful % of peak | eager TFLOP/s dense / useful | "
+            "memory MB eager / fused | max abs err |\n" + "|---" * 13 + "|\n")
+    lines = []
+    for r in rows:
+        compiled = "-" if r.compiled_ms is None else f"{r.compiled_ms:.2f} ({r.compiled_ms / r.fused_ms:.2f}x)"
+        share = f"{100 * r.tflops('fused', 'useful') / peak_tflops:.1f}%" if peak_tflops else "-"
+        lines.append(
+            f"| {r.kind} {r.shape} | {r.batch} | {r.dtype} | {r.backend} | {r.eager_ms:.2f} ±{r.eager_spread_ms:.2f} | "
+            f"{r.fused_ms:.2f} ±{r.fused_spread_ms:.2f} | {r.speedup:.2f}x | {compiled} | "
+            f"{r.tflops('fused', 'dense'):.3f} / {r.tflops('fused', 'useful'):.3f} | {share} | "
+            f"{r.tflops('eager', 'dense'):.3f} / {r.tflops('eager', 'useful'):.3f} | {_mem(r)} | "
+            f"{r.max_abs_err:.1e} |\n")
+    note = (f"\nPeak: {peak_tflops:.2f} TFLOP/s (a large matmul in this dtype, measured in this run). "
+            "± is the 20th-80th percentile spread. Useful FLOPs count live taps only.\n" if peak_tflops else "")
+    return head + "".join(lines) + note
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit() -> Optional[str]:
+    # FASTASPP_COMMIT names the commit where the tree was copied without its .git (a device run).
+    if os.environ.get("FASTASPP_COMMIT"):
+        return os.environ["FASTASPP_COMMIT"]
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> Dict[str, object]:
+    """Device and versions stamped on every result file."""
+    info: Dict[str, object] = {"torch": torch.__version__, "fastaspp": fastaspp.__version__, "cuda": torch.version.cuda,
+                               "cpu": _cpu_model() or platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    info["commit"] = _git_commit()
+    return info
+
+
+def write_results(out_dir: str, op: str, device: torch.device, dtype_name: str, rows: List[Row],
+                  peak_tflops: Optional[float], command: str) -> List[str]:
+    """Writes DIR/<op>-<device>-<dtype>-<UTC stamp>.{json,md} and the plots; returns the paths."""
+    from fastaspp.bench import plots
+
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    tag = str(env.get("gpu") or device.type).replace(" ", "-")
+    base = os.path.join(out_dir, f"{op}-{tag}-{dtype_name}-{stamp}")
+    table = markdown(rows, peak_tflops)
+    with open(base + ".json", "w") as f:
+        json.dump({"environment": env, "command": command, "peak_tflops": peak_tflops,
+                   "rows": [r.to_dict(peak_tflops) for r in rows]}, f, indent=2)
+    with open(base + ".md", "w") as f:
+        f.write(f"`{command}`\n\nEnvironment: {json.dumps(env)}\n\n{table}")
+    paths = [base + ".json", base + ".md"]
+    paths += plots.write_plots(rows, peak_tflops, base, title=f"{tag}, {dtype_name}")
+    return paths

@@ -1,0 +1,62 @@
+"""The benchmark machinery: timing statistics, rows, the markdown table and the files a run writes."""
+import json
+import math
+
+import torch
+
+from fastaspp.bench import conv as bench_conv
+from fastaspp.bench.report import Row, markdown, write_results
+from fastaspp.bench.timing import alternate, measure_peak_tflops, summarize
+
+
+def test_summarize_reports_median_and_percentile_spread():
+    t = summarize([5.0, 1.0, 2.0, 4.0, 3.0])
+    assert t.median_ms == 3.0
+    assert math.isclose(t.spread_ms, 4.2 - 1.8)  # 80th - 20th percentile (inclusive method)
+    assert summarize([2.5]) == type(t)(2.5, 0.0)
+
+
+def test_alternate_times_every_function_in_rounds():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    timings = alternate(fns, torch.device("cpu"), warmup=1, reps=2, rounds=2)
+    assert len(timings) == 2 and all(t.median_ms >= 0 for t in timings)
+    assert "".join(calls) == "aaa" "bbb" "aaa" "bbb"  # per round: warm-up + reps of a, then of b
+
+
+def test_conv_row_compares_fused_with_eager_on_the_same_weights():
+    shape = bench_conv.ConvShape("tiny", 8, 4, 9, 2)
+    row = bench_conv.measure(shape, 2, torch.float32, torch.device("cpu"), reps=2, rounds=1)
+    assert row.kind == "conv" and row.backend == "cpu" and row.batch == 2
+    assert row.max_abs_err < 1e-4
+    useful, dense = shape.flops(2)
+    assert (row.useful_flops, row.dense_flops) == (useful, dense) and useful < dense  # rate 2 on 9x9: dead taps
+    assert row.speedup == row.eager_ms / row.fused_ms
+
+
+def test_peak_is_a_measured_positive_rate():
+    assert measure_peak_tflops(torch.device("cpu"), torch.float32, size=128) > 0
+
+
+def _row(**kw):
+    base = dict(kind="conv", shape="s", batch=1, dtype="float32", device="cpu", backend="cpu", eager_ms=2.0,
+                fused_ms=1.0, eager_spread_ms=0.1, fused_spread_ms=0.2, useful_flops=1e9, dense_flops=2e9,
+                max_abs_err=1e-6)
+    base.update(kw)
+    return Row(**base)
+
+
+def test_markdown_and_json_carry_ratios_rates_and_peak_share(tmp_path):
+    rows = [_row(), _row(kind="aspp eval", compiled_ms=1.5, backend="triton")]
+    table = markdown(rows, peak_tflops=4.0)
+    assert "| conv s | 1 | float32 | cpu | 2.00 ±0.10 | 1.00 ±0.20 | 2.00x | - | 2.000 / 1.000 | 25.0% |" in table
+    assert "1.50 (1.50x)" in table
+    paths = write_results(str(tmp_path), "all", torch.device("cpu"), "float32", rows, 4.0, "fastaspp bench --test")
+    data = json.loads(open(next(p for p in paths if p.endswith(".json"))).read())
+    assert data["peak_tflops"] == 4.0 and data["command"] == "fastaspp bench --test"
+    assert {"torch", "commit", "cpu", "triton"} <= set(data["environment"])
+    assert data["rows"][0]["fused_useful_peak_share"] == 0.25 and data["rows"][0]["speedup"] == 2.0
+    pngs = [p for p in paths if p.endswith(".png")]
+    assert len(pngs) == 2
+    for p in pngs:
+        assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
