@@ -1,7 +1,7 @@
 """fastaspp.nn.ASPP: torchvision's ASPP (same constructor, module tree and state_dict) on fused ops."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import Tensor, nn
