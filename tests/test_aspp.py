@@ -347,3 +347,23 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
             name += f"[{args[0][0].dim()}-D]"
         self.calls.append(name)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("module_cl", [False, True], ids=["module-nchw", "module-cl"])
+@pytest.mark.parametrize("input_cl", [False, True], ids=["x-nchw", "x-cl"])
+def test_train_dropout_mask_matches_reference_in_every_layout(module_cl, input_cl):
+    """Dropout draws its mask in memory order: the fused training output must be laid out as the
+    reference's, whatever the layouts of the module and the input."""
+    torch.manual_seed(0)
+    ref = reference.ASPP(16, (2, 3), 8)
+    mine = fastaspp.nn.ASPP(16, (2, 3), 8)
+    mine.load_state_dict(ref.state_dict())
+    fmt = torch.channels_last if module_cl else torch.contiguous_format
+    ref.to(memory_format=fmt).train()
+    mine.to(memory_format=fmt).train()
+    x = torch.randn(2, 16, 9, 9)
+    x = x.contiguous(memory_format=torch.channels_last) if input_cl else x
+    torch.manual_seed(1)
+    expected = ref(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(mine(x), expected, atol=2e-5, rtol=1e-4)

@@ -105,9 +105,16 @@ class ASPP(nn.Module):
         conv, bn, relu, dropout = self.project
         image_bias = pooled @ conv.weight[:, total:].flatten(1).t()  # [N, Cout]
         z_proj = atrous_conv2d(y, conv.weight[:, :total]) + image_bias[:, :, None, None]
-        # torchvision's concat (with the pooled branch) comes out NCHW-contiguous, and the dropout
-        # mask follows memory order: the same layout draws the same mask for the same seed.
-        return dropout(relu(bn(z_proj)).contiguous())
+        # The dropout mask follows memory order: the same layout draws the same mask for the same seed.
+        return dropout(relu(bn(z_proj)).contiguous(memory_format=self._reference_layout()))
+
+    def _reference_layout(self) -> torch.memory_format:
+        """The memory format of torchvision's projection output, so that dropout (drawn in memory
+        order) draws the same mask. Measured on CPU over NCHW and channels_last modules and inputs: it
+        is channels_last exactly when the atrous branches' weights are (module.to(channels_last))."""
+        weight = self.convs[1][0].weight
+        weight_cl = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        return torch.channels_last if weight_cl else torch.contiguous_format
 
     def _forward_per_branch(self, x: Tensor) -> Tensor:
         feats = torch.cat([branch(x) for branch in self.convs], dim=1)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
+from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor, conv_affine_backward
 
 
@@ -114,6 +115,10 @@ def aspp_branches(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], sc
     rates[i-1]. scale, shift: [(1+R)*C], branch after branch. act = ReLU when relu. Differentiable
     in x, weights, scale and shift.
     """
+    if isinstance(x, Tensor) and isinstance(weights, (list, tuple)):
+        dtype = autocast_dtype(x)  # custom ops are not cast by autocast itself: cast like conv2d
+        x, scale, shift = cast(x, dtype), cast(scale, dtype), cast(shift, dtype)
+        weights = [cast(w, dtype) if isinstance(w, Tensor) else w for w in weights]
     check_aspp_args(x, weights, rates)
     total = len(weights) * weights[0].shape[0]
     for name, t in (("scale", scale), ("shift", shift)):

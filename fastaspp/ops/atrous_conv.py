@@ -27,6 +27,7 @@ from torch._prims_common import suggest_memory_format
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.geometry import conv_out_size
+from fastaspp.ops._autocast import autocast_dtype, cast
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntPair = Union[int, Sequence[int]]
@@ -284,13 +285,17 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
 
     x: [N, C_in, H, W] (NCHW or channels_last; the output keeps x's memory format).
     weight: [C_out, C_in, KH, KW]; bias, scale, shift: [C_out] or None (scale None = 1,
-    shift None = 0); relu applies ReLU. Dead taps (reading only padding) are skipped.
+    shift None = 0); relu applies ReLU. Dead taps (reading only padding) are skipped. Under
+    autocast, the operands are cast to the autocast dtype, as for torch's conv2d.
     The backend comes from fastaspp.backend()/set_backend(); "auto" runs CUDA tensors
     on triton and CPU tensors on cpu. It runs as torch.ops.fastaspp.atrous_conv2d (autograd,
     torch.compile, dispatch modes); a call that needs none of those (plain tensors, no grad
     required) calls the same backend kernel directly, saving the op dispatch's host time.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if isinstance(x, Tensor):
+        dtype = autocast_dtype(x)
+        x, weight, bias, scale, shift = (cast(t, dtype) for t in (x, weight, bias, scale, shift))
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {relu!r}")
     check_atrous_conv2d_args(x, weight, bias, scale, shift, stride, padding, dilation)
