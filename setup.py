@@ -61,10 +61,11 @@ setup(
     name="fastaspp",
     version="0.1.0",
     description="Fused atrous convolution and ASPP kernels for DeepLabV3 (Triton, CUDA, C++)",
-    packages=["fastaspp", "fastaspp.ops", "fastaspp.nn", "fastaspp.kernels"],
+    packages=["fastaspp", "fastaspp.ops", "fastaspp.nn", "fastaspp.kernels", "fastaspp.models", "fastaspp.data",
+              "fastaspp.bench"],
     package_dir={"fastaspp.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy", "matplotlib", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0", "ninja"],

@@ -1,7 +1,8 @@
-"""The fastaspp command line: `fastaspp demo`, `fastaspp bench` (also `python -m fastaspp`)."""
+"""The fastaspp command line: demo, train, eval, predict, bench (also `python -m fastaspp ...`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -95,6 +96,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 modes = ["eval"] if args.quick else ["eval", "train"]
                 rows += bench_aspp.run(shapes, [1, 8, 16] if gpu_full else [1], modes, dtype, device, args.compile,
                                        progress)
+            if args.op == "model":
+                from fastaspp.bench import models as bench_models
+
+                names = bench_models.MODEL_NAMES[:1] if not gpu_full else bench_models.MODEL_NAMES
+                print(f"whole models, fused vs plain PyTorch ({device}, {args.dtype}, channels_last, 513x513, "
+                      f"backend {backend})")
+                rows += bench_models.run(names, [8, 16] if gpu_full else [1], ["eval"] if args.quick else
+                                         ["eval", "train"], dtype, device, 513, args.compile, progress)
     print()
     print(markdown(rows, peak))
     if args.out:
@@ -104,21 +113,83 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 1,2,4, got {text!r}") from None
+
+
+def _float_list(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1.0,1.5, got {text!r}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastaspp.train import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, dataset=args.dataset, data_root=args.data_root, iters=args.iters,
+                      batch_size=args.batch_size, crop=args.crop, lr=args.lr, output_stride=args.output_stride,
+                      multi_grid=args.multi_grid, aux_weight=args.aux_weight, amp=args.amp, backend=args.backend,
+                      device=args.device, out=args.out, resume=args.resume, seed=args.seed, workers=args.workers,
+                      save_every=args.save_every, bn_recalibration=args.bn_recalibration)
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained to step {result['step']}, last loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastaspp.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_root, args.device, args.out, args.scales,
+                                 args.flip, args.backend, args.split, args.overlays, args.limit)
+    print(f"mIoU {result['mIoU']:.4f}, pixel accuracy {result['pixel_acc']:.4f} over {result['images']} images "
+          f"(scales {result['scales']}, flip {result['flip']}); wrote {os.path.join(args.out, 'eval.json')}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fastaspp.evaluate import predict_images
+
+    for path in predict_images(args.checkpoint, args.images, args.out, args.device, args.backend):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job: fused ops checked against the reference, a model trained on the
+    embedded synthetic data and evaluated, an overlay saved, and a short speed table."""
     import fastaspp
+    from fastaspp.evaluate import evaluate_checkpoint
+    from fastaspp.train import TrainConfig, train
 
     device = torch.device(args.device)
+    gpu = device.type == "cuda"
     print(f"fastaspp {fastaspp.__version__}: backends here {fastaspp.backends()}, "
           f"{device} tensors run on '{fastaspp.resolve_backend(device)}'")
     t0 = time.perf_counter()
     err = _check_against_reference(device)
-    print(f"fused atrous conv+BN+ReLU (forward, backward) and fused ASPP (eval) vs reference: "
+    print(f"1. fused atrous conv+BN+ReLU (forward, backward) and fused ASPP (eval) vs reference: "
           f"max relative error {err:.2e}")
     if err > 1e-4:
         print("fastaspp demo: the fused op disagrees with the reference", file=sys.stderr)
         return 1
-    bench_args = argparse.Namespace(device=args.device, dtype="float32" if device.type == "cpu" else "bfloat16",
-                                    quick=device.type == "cpu", backend="auto", out=None, op="all", compile=False)
+    cfg = TrainConfig(model="deeplabv3_mobilenet_v3_large", dataset="synthetic", iters=args.iters or (400 if gpu else 150),
+                      batch_size=16 if gpu else 8, crop=257 if gpu else 129, device=args.device, out=args.out,
+                      save_every=10**9, seed=0)
+    print(f"2. training {cfg.model} (fused) on the synthetic scenes: {cfg.iters} iterations, batch {cfg.batch_size}, "
+          f"crop {cfg.crop}")
+    train(cfg)
+    result = evaluate_checkpoint(os.path.join(cfg.out, "last.pt"), "synthetic", None, args.device,
+                                 os.path.join(cfg.out, "eval"), overlays=1)
+    print(f"3. val mIoU {result['mIoU']:.3f}, pixel accuracy {result['pixel_acc']:.3f} "
+          f"({result['images']} images); overlay: {result['overlays'][0]}")
+    print("4. speed, fused against eager:")
+    bench_args = argparse.Namespace(device=args.device, dtype="bfloat16" if gpu else "float32", quick=True,
+                                    backend="auto", out=None, op="conv" if not gpu else "all", compile=False)
     code = cmd_bench(bench_args)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return code
@@ -129,12 +200,63 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    demo = sub.add_parser("demo", help="check the fused ops against the reference and time them against eager")
+    demo = sub.add_parser("demo", help="check the fused ops, train and evaluate on synthetic data, time against eager")
     demo.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    demo.add_argument("--iters", type=int, default=None, help="training iterations (default 150 on CPU, 400 on GPU)")
+    demo.add_argument("--out", default="fastaspp-demo", help="directory for the checkpoint, eval.json and overlay")
     demo.set_defaults(func=cmd_demo)
 
+    from fastaspp.train import MODELS
+
+    train = sub.add_parser("train", help="train a DeepLabV3 model (the paper's protocol)")
+    train.add_argument("--model", choices=sorted(MODELS), required=True)
+    train.add_argument("--dataset", choices=["synthetic", "voc", "folder"], required=True)
+    train.add_argument("--data-root", help="dataset directory (voc, folder)")
+    train.add_argument("--iters", type=int, required=True)
+    train.add_argument("--batch-size", type=int, required=True, help="global batch (split across processes)")
+    train.add_argument("--crop", type=int, required=True)
+    train.add_argument("--lr", type=float, default=0.007)
+    train.add_argument("--output-stride", type=int, choices=[8, 16], default=None,
+                       help="default: the model's (8 for ResNets, 16 for MobileNetV3)")
+    train.add_argument("--multi-grid", type=_int_list, default=None, help="unit rates of layer4, e.g. 1,2,4")
+    train.add_argument("--aux-weight", type=float, default=0.0, help="> 0 trains the aux head with this weight")
+    train.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    train.add_argument("--backend", default="auto", help="auto, cpu, triton or cuda")
+    train.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    train.add_argument("--out", required=True, help="directory for last.pt and metrics.jsonl")
+    train.add_argument("--resume", help="a last.pt to continue from")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    train.add_argument("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
+    train.add_argument("--bn-recalibration", type=int, default=20,
+                       help="batches for re-estimating BN running statistics after the last step (0: off)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="mIoU of a checkpoint on a dataset split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--dataset", choices=["synthetic", "voc", "folder"], required=True)
+    evaluate.add_argument("--data-root")
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--scales", type=_float_list, default=(1.0,), help="e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+    evaluate.add_argument("--flip", action="store_true", help="also average the mirrored input")
+    evaluate.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    evaluate.add_argument("--backend", default="auto")
+    evaluate.add_argument("--overlays", type=int, default=4, help="overlay PNGs to write")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    evaluate.add_argument("--out", required=True, help="directory for eval.json and the overlays")
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser("predict", help="segment image files: VOC-palette masks and overlays")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("images", nargs="+")
+    predict.add_argument("--out", required=True)
+    predict.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    predict.add_argument("--backend", default="auto")
+    predict.set_defaults(func=cmd_predict)
+
     bench = sub.add_parser("bench", help="benchmark fused conv+BN+ReLU and ASPP against eager PyTorch")
-    bench.add_argument("--op", choices=["conv", "aspp", "all"], default="all")
+    bench.add_argument("--op", choices=["conv", "aspp", "model", "all"], default="all",
+                       help="all = conv and aspp; model (whole DeepLabV3s at 513x513) is run on its own")
     bench.add_argument("--compile", action="store_true",
                        help="also time torch.compile of the eager modules (max-autotune on GPU)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
