@@ -50,9 +50,10 @@ class ConvBNReLU(nn.Sequential):
     """Conv2d → BatchNorm2d → ReLU with the state_dict of that nn.Sequential.
 
     Eval (BN using running statistics): one fused op, BN folded into a per-channel
-    scale and shift (memoised until a parameter or buffer changes). Training, or a BN without running statistics: the conv runs on
-    fastaspp's kernel and BatchNorm2d itself normalises with batch statistics and
-    updates its buffers, so results and running stats match nn.BatchNorm2d exactly.
+    scale and shift (memoised until a parameter or buffer changes). Training, or a BN
+    without running statistics: the conv runs on fastaspp's kernel and BatchNorm2d
+    itself normalises with batch statistics and updates its buffers, so results and
+    running stats match nn.BatchNorm2d exactly.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=0, dilation=1,

@@ -155,6 +155,9 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[
     return y.contiguous(memory_format=suggest_memory_format(x))
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def _plain_inference(*tensors: Optional[Tensor]) -> bool:
     """True when a call needs neither autograd nor tracing: no grad required, plain tensors (no fake or
     functional subclasses), not compiling, no dispatch mode active. Such calls run the same kernel
@@ -165,8 +168,6 @@ def _plain_inference(*tensors: Optional[Tensor]) -> bool:
     grad = torch.is_grad_enabled()
     return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and not (grad and t.requires_grad)) for t in tensors)
 
-
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 @_atrous_conv2d_op.register_fake
