@@ -68,9 +68,11 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[f
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None) -> float:
     """The device's matrix-product rate, measured once per run: a large square matmul on random data
-    (8192 on GPU, 1024 on CPU), median of 10 after warm-up, in TFLOP/s."""
-    n = size or (8192 if device.type == "cuda" else 1024)
+    (8192 on GPU, 2048 on CPU), the fastest of 10 after warm-up, in TFLOP/s. (Runs before
+    2026-11-27T11:05Z took the median of a 1024 matmul on CPU, which fused GEMMs on large shapes
+    exceeded: their "% of peak" can pass 100%.)"""
+    n = size or (8192 if device.type == "cuda" else 2048)
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
-    median = summarize(time_ms(lambda: a @ b, device, warmup=3, reps=10)).median_ms
-    return 2 * n**3 / median / 1e9
+    fastest = min(time_ms(lambda: a @ b, device, warmup=3, reps=10))
+    return 2 * n**3 / fastest / 1e9
