@@ -6,7 +6,6 @@ the device time of each kernel the call launches (torch.profiler). If the per-ca
 above the kernels' sum, the cost is on the host; otherwise it is in the kernels.
 Run on a GPU machine: python benchmarks/gpu_profile.py
 """
-import statistics
 import time
 
 import torch
@@ -14,22 +13,13 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastaspp
 from fastaspp.bench import conv as benchmark
+from fastaspp.bench.timing import summarize, time_ms
 
 CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
 
 
 def per_call_ms(fn, reps=50):
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return summarize(time_ms(fn, torch.device("cuda"), warmup=5, reps=reps)).median_ms
 
 
 def host_ms(fn, reps=100):

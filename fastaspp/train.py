@@ -120,6 +120,13 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     return batches
 
 
+def _loader(dataset, batches: List[List[int]], cfg: TrainConfig, epoch: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over these index batches with a generator of its own: a loader draws its workers'
+    base seed when iterated, which from the global RNG would shift every later dropout mask on resume."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
+                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+
+
 def _steps(dataset, cfg: TrainConfig, start: int, rank: int, world: int) -> Iterator[tuple]:
     """(step, images, labels) from `start` to cfg.iters, in the order a run from step 0 would see."""
     per_epoch = len(dataset) // cfg.batch_size
@@ -130,11 +137,7 @@ def _steps(dataset, cfg: TrainConfig, start: int, rank: int, world: int) -> Iter
         epoch, skip = divmod(step, per_epoch)
         dataset.set_epoch(epoch)
         batches = epoch_batches(len(dataset), cfg.batch_size, cfg.seed, epoch, rank, world)[skip:]
-        # Its own generator: a loader draws its workers' base seed when iterated, which from the
-        # global RNG would shift every later dropout mask on resume.
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
-                                             generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        for images, labels in loader:
+        for images, labels in _loader(dataset, batches, cfg, epoch):
             yield step, images, labels
             step += 1
             if step >= cfg.iters:
@@ -176,9 +179,7 @@ def _recalibration_images(dataset, cfg: TrainConfig, device: torch.device, rank:
     epoch = 10**6  # a stream of its own, disjoint from the training epochs' seeds
     plain.set_epoch(epoch)
     batches = epoch_batches(len(plain), cfg.batch_size, cfg.seed, epoch, rank, world)[:cfg.bn_recalibration]
-    loader = torch.utils.data.DataLoader(plain, batch_sampler=batches, num_workers=cfg.workers,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    return (images.to(device, memory_format=torch.channels_last) for images, _ in loader)
+    return (images.to(device, memory_format=torch.channels_last) for images, _ in _loader(plain, batches, cfg, epoch))
 
 
 def _distributed(cfg: TrainConfig) -> tuple[int, int]:

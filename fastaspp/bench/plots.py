@@ -20,6 +20,17 @@ def _by_backend(rows):
     return backends, workloads
 
 
+def _save(fig, ax, path: str, ylabel: str, title: str) -> str:
+    """Labels, legend and layout shared by the figures; writes the PNG and frees the figure."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def speedup_plot(rows, path: str, title: str) -> str:
     backends, workloads = _by_backend(rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(workloads) + 2), 4.5))
@@ -36,13 +47,7 @@ def speedup_plot(rows, path: str, title: str) -> str:
     ax.axhline(1.0, color="grey", linewidth=1)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))])
     ax.set_xticklabels([f"{k} {s}\nb{b}" for k, s, b in workloads], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("speed-up (time of baseline / time of fastaspp)")
-    ax.set_title(f"fastaspp speed-up, {title}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "speed-up (time of baseline / time of fastaspp)", f"fastaspp speed-up, {title}")
 
 
 def roofline_plot(rows, peak_tflops: float, path: str, title: str) -> str:
@@ -54,13 +59,7 @@ def roofline_plot(rows, peak_tflops: float, path: str, title: str) -> str:
     ax.set_xticks(list(xs))
     ax.set_xticklabels([f"{lab} {r.backend}" for lab, r in zip(_labels(rows), rows)], rotation=60, ha="right",
                        fontsize=7)
-    ax.set_ylabel("achieved TFLOP/s (live taps only)")
-    ax.set_title(f"achieved vs peak, {title}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "achieved TFLOP/s (live taps only)", f"achieved vs peak, {title}")
 
 
 def write_plots(rows, peak_tflops: Optional[float], base: str, title: str) -> List[str]:
