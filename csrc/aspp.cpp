@@ -8,4 +8,16 @@ TORCH_LIBRARY_FRAGMENT(fastaspp, m) {
   // it with BN folded; training with scale 1, shift 0 and no ReLU (BN follows).
   m.def("_aspp_branches_forward(Tensor x, Tensor[] weights, int[] rates, Tensor scale, Tensor shift, "
         "bool relu) -> Tensor");
+  // Training forward of the branches: (z, mean, var) with z = the raw branch convs, as
+  // _aspp_branches_forward with scale 1, shift 0 and no ReLU, and mean/var [(1+R)*C] its
+  // per-channel batch-norm statistics (biased variance over N*H*W), float32 (float64 for a
+  // float64 x), taken before z is rounded to x's dtype.
+  m.def("_aspp_branches_stats_forward(Tensor x, Tensor[] weights, int[] rates) -> (Tensor, Tensor, Tensor)");
+  // Training forward of the projection: y = weight @ relu((z - centre) * scale + shift) +
+  // image_bias[n] per pixel (z [N, K, H, W], centre/scale/shift [K], weight [Cout, K],
+  // image_bias [N, Cout]; BN of the branches applied on the fly, the pooling branch in the
+  // bias), as (y, mean, var): y [N, Cout, H, W] channels_last in z's dtype, mean/var [Cout]
+  // its batch-norm statistics as above. The normalised z is never materialised.
+  m.def("_affine_relu_project_forward(Tensor z, Tensor centre, Tensor scale, Tensor shift, Tensor weight, "
+        "Tensor image_bias) -> (Tensor, Tensor, Tensor)");
 }

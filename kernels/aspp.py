@@ -12,6 +12,13 @@ Contract:
         torch.cat([branch_0, ..., branch_R], 1) without the cat (§2.5: each branch's epilogue
         stores straight into its channel slice).  Batch 0 returns the empty buffer.
 
+    aspp_branches_stats_forward(x, weights, rates) -> (z, mean, var)
+        z = aspp_branches_forward(x, weights, rates, 1, 0, relu=False); mean, var [(1+R)*C]: z's
+        per-channel batch mean and biased variance (fp32, fp64 for fp64), from the epilogues.
+    affine_relu_project_forward(z, centre, scale, shift, weight, image_bias) -> (y, mean, var)
+        y = weight [Cout, K] applied to relu((z - centre) * scale + shift) (a GEMM prologue) + image_bias
+        [N, Cout] per image; y [N, Cout, H, W] channels_last; mean, var: y's batch statistics.
+
 Same dtypes as kernels/atrous_conv.py (float32, float16, bfloat16, float64, accumulated in
 float32 / float64); weights, scale and shift must have x's dtype and device.  x is converted to
 NHWC once and shared by all branches.
@@ -27,7 +34,7 @@ import operator
 
 import torch
 
-from .atrous_conv import _nhwc_empty, atrous_conv2d_forward_into
+from .atrous_conv import _nhwc_empty, atrous_conv2d_forward_into, merge_stats, stats_buffer
 
 
 def _check_args(x, weights, rates, scale, shift):
@@ -73,9 +80,10 @@ def _check_args(x, weights, rates, scale, shift):
     return c, weights, rates
 
 
-def aspp_branches_forward(x, weights, rates, scale, shift, relu=True):
+def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None):
     """The ASPP conv branches, scaled, shifted (BN folded in eval) and optionally ReLU'd, concatenated:
-    [N, (1+R)*C, H, W] channels_last."""
+    [N, (1+R)*C, H, W] channels_last. With stats (a stats_buffer of the result), every branch's
+    epilogue also records its per-patch BN statistics there."""
     c, weights, rates = _check_args(x, weights, rates, scale, shift)
     n, _, h, w = x.shape
     y = _nhwc_empty(n, (1 + len(rates)) * c, h, w, x)
@@ -86,5 +94,52 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True):
         r = rates[i - 1] if i else 0  # the 1x1 branch: no padding (its dilation is irrelevant)
         sl = slice(i * c, (i + 1) * c)
         atrous_conv2d_forward_into(x, wt, scale[sl], shift[sl], (1, 1), (r, r),
-                                   (max(r, 1),) * 2, bool(relu), y, i * c)
+                                   (max(r, 1),) * 2, bool(relu), y, i * c, stats=stats)
     return y
+
+
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _empty_stats(t, channels):
+    return (t.new_zeros(channels, dtype=_acc_dtype(t)),) * 2
+
+
+def aspp_branches_stats_forward(x, weights, rates):
+    """Training forward of the branches: (z, mean, var). z = the raw conv outputs [N, (1+R)*C, H, W]
+    (channels_last, x's dtype); mean, var [(1+R)*C] = their per-channel BN batch statistics (biased
+    variance over N*H*W, fp32 or fp64), gathered in the conv epilogues (DESIGN.md §2.6) from the
+    unrounded accumulators. Zeros when N*H*W == 0."""
+    total = len(list(weights)) * weights[0].shape[0]
+    ones, zeros = x.new_ones(total), x.new_zeros(total)
+    n, _, h, w = x.shape
+    if n * h * w == 0:
+        _check_args(x, weights, rates, ones, zeros)
+        return (_nhwc_empty(n, total, h, w, x), *_empty_stats(x, total))
+    stats = stats_buffer(_nhwc_empty(n, total, h, w, x[:0]))
+    z = aspp_branches_forward(x, weights, rates, ones, zeros, relu=False, stats=stats)
+    return (z, *merge_stats(stats))
+
+
+def affine_relu_project_forward(z, centre, scale, shift, weight, image_bias):
+    """The projection of a training ASPP: (y, mean, var) with
+    y[n, o] = sum_k weight[o, k] * relu((z[n, k] - centre[k]) * scale[k] + shift[k]) + image_bias[n, o].
+
+    z [N, K, H, W] (any layout); centre, scale, shift [K] (the branch BN: batch mean, γ/σ, β);
+    weight [Cout, K]; image_bias [N, Cout] (the pooling branch through its projection slice).
+    the normalize + ReLU is applied as z is loaded (a GEMM prologue), never stored. y
+    [N, Cout, H, W] channels_last in z's dtype; mean, var [Cout]: y's BN batch statistics from
+    the epilogue, as aspp_branches_stats_forward's. Arguments are validated by the caller.
+    """
+    n, k, h, w = z.shape
+    cout = weight.shape[0]
+    y = _nhwc_empty(n, cout, h, w, z)
+    if y.numel() == 0:
+        return (y, *_empty_stats(z, cout))
+    stats = stats_buffer(y)
+    ones = z.new_ones(cout)
+    atrous_conv2d_forward_into(z, weight.reshape(cout, k, 1, 1), ones, torch.zeros_like(ones), (1, 1), (0, 0),
+                               (1, 1), False, y, 0, prologue=(centre, scale, shift), image_bias=image_bias,
+                               stats=stats)
+    return (y, *merge_stats(stats))

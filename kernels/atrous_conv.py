@@ -13,6 +13,9 @@ Contract (the same semantics as the C++ backends; arguments are validated by the
         x's dtype and device; the other channels of out are not touched.  This is how several
         convolutions write one concatenated buffer without torch.cat (DESIGN.md §2.5).  out is
         validated here (ValueError / TypeError naming it); it must not share memory with x.
+        Keyword options fuse the training steps of DESIGN.md §2.6: prologue=(m, s, t) reads x as
+        relu((x - m) * s + t), image_bias adds a per-image [N, Cout] bias, stats= records per-patch BN
+        statistics (stats_buffer / merge_stats).
     atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation) -> dx
         the transposed convolution of grad [N, Cout, Ho, Wo]: dx [N, Cin, H, W] = input_size.
     atrous_conv2d_grad_weight(x, grad, weight_size, stride, padding, dilation) -> dw
@@ -138,6 +141,15 @@ else:
     _WGRAD_TC_CONFIGS, _WGRAD_FMA_CONFIGS = GPU_WGRAD_TC_CONFIGS, GPU_WGRAD_FMA_CONFIGS
 
 
+def deterministic_configs():
+    """Whether autotuning is off for bit-identical results across processes: every kernel here is
+    deterministic for a given config (no atomics, fixed-order reductions), but autotuning may pick
+    a different tiling, so a different summation order, in another process. On under
+    torch.use_deterministic_algorithms(True) or FASTASPP_DETERMINISTIC=1: the first config of the
+    dot's kind is used."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTASPP_DETERMINISTIC") == "1"
+
+
 def _prune_by_dot_kind(n_tensor_core_configs):
     """Autotune only the configs made for the dot the dtype gets: tensor cores, or FMA."""
 
@@ -145,8 +157,8 @@ def _prune_by_dot_kind(n_tensor_core_configs):
         dot = kwargs["DOT_DTYPE"]
         tensor_cores = dot in (tl.float16, tl.bfloat16) or (
             dot == tl.float32 and kwargs["DOT_PRECISION"] != "ieee")
-        chosen = configs[:n_tensor_core_configs] if tensor_cores else configs[n_tensor_core_configs:]
-        return chosen or configs
+        chosen = (configs[:n_tensor_core_configs] if tensor_cores else configs[n_tensor_core_configs:]) or configs
+        return chosen[:1] if deterministic_configs() else chosen
 
     return {"early_config_prune": prune}
 
@@ -216,7 +228,10 @@ def _dgrad_tiles(args):
 # Forward: y = act(conv(x, w) * scale + shift), NHWC.
 # ----------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_CONV_CONFIGS, key=_CONV_KEY, prune_configs_by=_CONV_PRUNE)
+# reset_to_zero: autotuning runs every config, and configs with more patches would leave
+# per-patch statistics rows the chosen config does not overwrite (Triton zeroes after tuning).
+@triton.autotune(configs=_CONV_CONFIGS, key=_CONV_KEY, prune_configs_by=_CONV_PRUNE,
+                 reset_to_zero=["stats_ptr"])
 @triton.heuristics({"TILE_H": lambda a: _fwd_tiles(a)[0], "TILE_W": lambda a: _fwd_tiles(a)[1]})
 @triton.jit
 def _atrous_fwd_kernel(
@@ -224,11 +239,14 @@ def _atrous_fwd_kernel(
     w_ptr,  # [KH, KW, Cin, Cout]
     scale_ptr, shift_ptr,  # [Cout]
     y_ptr,  # [N, Ho, Wo, y_pix_stride]; this conv's Cout channels start at y_c_off
+    pro_centre_ptr, pro_scale_ptr, pro_shift_ptr,  # [Cin]: PROLOGUE's per-input-channel affine
+    bias_ptr,  # [N, Cout]: IMAGE_BIAS's per-image bias
+    stats_ptr,  # [3, rows, y_pix_stride]: STATS's per-patch (count, sum, centred M2) planes
     N, H, W, Cin, Ho, Wo, Cout, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    y_pix_stride, y_c_off,
-    RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    y_pix_stride, y_c_off, stats_plane,
+    RELU: tl.constexpr, PROLOGUE: tl.constexpr, IMAGE_BIAS: tl.constexpr, STATS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
@@ -271,8 +289,15 @@ def _atrous_fwd_kernel(
             for k0 in range(0, Cin, BLOCK_K):
                 kk = k0 + offs_k
                 k_ok = kk < Cin
-                a = tl.load(x_rows[:, None] + kk[None, :],
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                a_ok = m_ok[:, None] & k_ok[None, :]
+                a = tl.load(x_rows[:, None] + kk[None, :], mask=a_ok, other=0.0)
+                if PROLOGUE:  # the previous BN's normalize + ReLU, applied as A is loaded
+                    p_centre = tl.load(pro_centre_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
+                    p_scale = tl.load(pro_scale_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
+                    p_shift = tl.load(pro_shift_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
+                    a = (a.to(ACC_DTYPE) - p_centre[None, :]) * p_scale[None, :] + p_shift[None, :]
+                    a = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                    a = tl.where(a_ok, a, 0.0)  # padding is zero after the prologue too
                 b = tl.load(w_tap + kk[:, None] * Cout + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
@@ -281,12 +306,24 @@ def _atrous_fwd_kernel(
     scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
     shift = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
     out = acc * scale[None, :] + shift[None, :]
+    if IMAGE_BIAS:
+        bias = tl.load(bias_ptr + n.to(tl.int64) * Cout + offs_n, mask=n_ok, other=0.0)
+        out += bias.to(ACC_DTYPE)[None, :]
     if RELU:
         out = tl.maximum(out, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch
     y_rows = ((n.to(tl.int64) * Ho + oh) * Wo + ow) * y_pix_stride + y_c_off
     store_ok = ((oh < oh_end) & (ow < ow_end))[:, None] & n_ok[None, :]
     tl.store(y_ptr + y_rows[:, None] + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
              mask=store_ok)
+    if STATS:  # BN batch statistics of this patch (DESIGN.md §2.6), about the patch's own mean
+        count = tl.sum(store_ok.to(ACC_DTYPE), axis=0)
+        total = tl.sum(tl.where(store_ok, out, 0.0), axis=0)
+        centred = tl.where(store_ok, out - (total / tl.maximum(count, 1.0))[None, :], 0.0)
+        m2 = tl.sum(centred * centred, axis=0)
+        row = stats_ptr + pid.to(tl.int64) * y_pix_stride + y_c_off + offs_n
+        tl.store(row, count, mask=n_ok)
+        tl.store(row + stats_plane, total, mask=n_ok)
+        tl.store(row + 2 * stats_plane, m2, mask=n_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,11 +573,39 @@ def atrous_conv2d_forward(x, weight, scale, shift, stride, padding, dilation, re
     return y.contiguous(memory_format=_memory_format(x))
 
 
+def stats_buffer(out):
+    """Zeroed per-patch statistics planes for atrous_conv2d_forward_into(..., stats=) into `out`
+    [N, Ctot, Ho, Wo]: [3, rows, Ctot] in the accumulator dtype, rows = the most patches any
+    config can cut the output into (unused rows keep count 0)."""
+    n, ctot, ho, wo = out.shape
+    rows = max(n * math.prod(triton.cdiv(size, t) for size, t in zip((ho, wo), _tile_shape(ho, wo, block)))
+               for block in {c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS})
+    dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    return torch.zeros((3, max(rows, 1), ctot), device=out.device, dtype=dtype)
+
+
+def merge_stats(stats):
+    """(mean, biased variance) per channel from stats_buffer planes: Chan et al.'s pairwise
+    combination of per-patch (count, sum, M2 about the patch mean), in a fixed order."""
+    count, total, m2 = stats.unbind(0)
+    n = count.sum(0)
+    mean = total.sum(0) / n.clamp_min(1)
+    patch_mean = total / count.clamp_min(1)
+    spread = (count * (patch_mean - mean).square()).sum(0)
+    return mean, (m2.sum(0) + spread) / n.clamp_min(1)
+
+
 def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilation, relu,
-                               out, channel_offset):
+                               out, channel_offset, *, prologue=None, image_bias=None, stats=None):
     """atrous_conv2d_forward's result stored into out[:, channel_offset:channel_offset + Cout].
 
     out: [N, Ctot, Ho, Wo], dense NHWC storage, x's dtype and device.  Returns None.
+    Optional fusions (DESIGN.md §2.6), all validated by the caller:
+      prologue=(m, s, t): x is read as relu((x - m) * s + t) per input channel ([Cin] each;
+        padding stays zero), the previous BN's normalize + ReLU applied while loading;
+      image_bias [N, Cout]: added per image after scale/shift, before the ReLU;
+      stats (from stats_buffer(out)): per-patch count, sum and centred sum of squares of the
+        stored values (before the cast) for merge_stats, columns channel_offset.. of the planes.
     """
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -550,6 +615,8 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
     acc_dt, dot_dt, prec = _dtype_meta(x.dtype)
     if n * cout * ho * wo == 0:
         return
+    if cin == 0 and (image_bias is not None or stats is not None):
+        raise ValueError("atrous_conv2d_forward_into: image_bias and stats need Cin >= 1")
     if cin == 0:  # empty reduction: the convolution is zero
         y = torch.relu(shift) if relu else shift
         out[:, c0:c0 + cout].copy_(y.view(1, -1, 1, 1).expand(n, cout, ho, wo))
@@ -563,11 +630,16 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
         return (n * triton.cdiv(ho, meta["TILE_H"]) * triton.cdiv(wo, meta["TILE_W"]),
                 triton.cdiv(cout, meta["BLOCK_N"]))
 
+    pro = [t.contiguous() for t in prologue] if prologue is not None else [scale] * 3
+    bias = image_bias.contiguous() if image_bias is not None else scale
+    stats_planes = stats if stats is not None else scale.new_zeros(1)
     with _launch_ctx(x):
         _atrous_fwd_kernel[grid](
-            x_nhwc, w_kkio, scale, shift, out,
+            x_nhwc, w_kkio, scale, shift, out, *pro, bias, stats_planes,
             n, h, w, cin, ho, wo, cout, kh, kw, *geo, out.shape[1], c0,
-            RELU=bool(relu), ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
+            stats_planes[0].numel() if stats is not None else 0,
+            RELU=bool(relu), PROLOGUE=prologue is not None, IMAGE_BIAS=image_bias is not None,
+            STATS=stats is not None, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
 
 
 def atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation):

@@ -126,9 +126,17 @@ def test_fold_cache_refreshes_when_state_changes(backend):
         torch.testing.assert_close(mine(x), ref(x), atol=2e-5, rtol=1e-4)
 
 
-def assert_grad_close(a, b):
-    """fp32 gradients through BN in training: 1e-4 relative to the tensor's largest magnitude."""
-    torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1e-3), rtol=1e-4)
+def assert_grad_close(a, b, floor=0.0):
+    """fp32 gradients through BN in training: 1e-4 relative to the tensor's largest magnitude, or floor."""
+    torch.testing.assert_close(a, b, atol=max(1e-4 * max(b.abs().max().item(), 1e-3), floor), rtol=1e-4)
+
+
+def degenerate_bn_floor(case):
+    """With 2 values per channel (batch 2 of 1x1 maps) a training BN's input gradient is zero but for
+    eps: x̂ = ±1 and the three terms of its backward cancel, so every gradient upstream is fp32
+    rounding noise of the cancelled terms, whatever the implementation (measured against fp64:
+    PyTorch 3.5e-7, fastaspp 2.5e-6, on gradients of 1e-2 that are themselves eps-sized)."""
+    return 1e-5 if case.n * case.h * case.w <= 2 else 0.0
 
 
 def _grads(module, x, out, g):
@@ -153,12 +161,14 @@ def test_train_matches_reference(backend, aspp_case):
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
         g = torch.randn_like(out)
         for a, b in zip(_grads(mine, x, out, g), _grads(ref, x, expected, g)):
-            assert_grad_close(a, b)
+            assert_grad_close(a, b, degenerate_bn_floor(aspp_case))
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(mine.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_train_uses_one_buffer_and_one_batch_norm(backend):
+def test_train_fuses_statistics_and_normalisation(backend):
+    """One branches op with epilogue statistics, one projection op with the BN in its prologue; no
+    feature-map concat and no batch-norm kernel except the pooling branch's (on [N, C, 1, 1])."""
     case = ASPP_CASES[4]
     device = device_for(backend)
     _, mine = make_pair(case, device)
@@ -166,7 +176,10 @@ def test_train_uses_one_buffer_and_one_batch_norm(backend):
     calls = []
     with _Recorder(calls):
         mine(make_x(case, device))
-    assert calls.count("fastaspp.aspp_branches.default") == 1 and "aten.cat.default[4-D]" not in calls
+    assert calls.count("fastaspp.aspp_branches_stats.default") == 1
+    assert calls.count("fastaspp.affine_relu_project.default") == 1
+    assert "aten.cat.default[4-D]" not in calls
+    assert sum("batch_norm" in name for name in calls) == 1, calls
 
 
 def test_train_branch_by_branch_when_bns_differ(backend):

@@ -1,23 +1,26 @@
-// CPU kernel of fastaspp::_aspp_branches_forward: every branch of an eval-mode ASPP into one
-// NHWC buffer, with the centre tap shared (DESIGN.md §2.2): the 1x1 branch and the centre
-// taps of all 3x3 branches read the same pixel, so they are one GEMM with N = (1+R)*C. The
-// off-centre taps of each 3x3 branch then accumulate into that branch's channel slice
-// (dead taps skipped), and one epilogue applies every branch's scale, shift and ReLU.
+// CPU kernels of fastaspp::_aspp_branches_forward and _aspp_branches_stats_forward: every
+// branch of an ASPP into one NHWC buffer, with the centre tap shared (DESIGN.md §2.2): the
+// 1x1 branch and the centre taps of all 3x3 branches read the same pixel, so they are one
+// GEMM with N = (1+R)*C. The off-centre taps of each 3x3 branch then accumulate into that
+// branch's channel slice (dead taps skipped). Eval applies every branch's scale, shift and
+// ReLU in one epilogue; training returns the raw sums with their batch-norm statistics.
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "tap_gemm.h"
 
 namespace fastaspp {
 namespace {
 
-at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates,
-                                     const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+// Checks x, weights and rates; returns C, the channels of one branch.
+int64_t check_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates) {
   check_4d(x, "x");
   check_cpu_float(x, "x");
   const int64_t branches = static_cast<int64_t>(weights.size());
   TORCH_CHECK(branches == static_cast<int64_t>(rates.size()) + 1, "fastaspp: weights must hold ",
               rates.size() + 1, " tensors (the 1x1 branch, then one per rate), got ", branches);
-  const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
+  const int64_t in_ch = x.size(1);
   const int64_t ch = weights[0].size(0);
   for (int64_t i = 0; i < branches; ++i) {
     const int64_t k = i == 0 ? 1 : 3;
@@ -28,15 +31,13 @@ at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights
                 weights[i].sizes());
     if (i > 0) TORCH_CHECK(rates[i - 1] >= 1, "fastaspp: rates must be >= 1, got ", rates);
   }
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == branches * ch && shift.dim() == 1 &&
-                  shift.size(0) == branches * ch,
-              "fastaspp: scale and shift must have shape [", branches * ch, "], got ", scale.sizes(), " and ",
-              shift.sizes());
+  return ch;
+}
 
-  at::Tensor y = at::empty({batch, branches * ch, in_h, in_w},
-                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  if (y.numel() == 0) return y;
-
+// The raw branch sums: [N, H, W, (1+R)*C] in the compute dtype (x must not be empty).
+at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, int64_t ch) {
+  const int64_t branches = static_cast<int64_t>(weights.size());
+  const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
   const auto dtype = compute_dtype(x.scalar_type());
   const at::Tensor xh = to_nhwc(x, dtype);
   at::Tensor acc = at::empty({batch, in_h, in_w, branches * ch}, x.options().dtype(dtype));
@@ -59,14 +60,52 @@ at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights
     const at::Tensor slice = acc.narrow(3, i * ch, ch);
     for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, g, n, slice, /*skip_centre=*/true);
   }
-  bn_relu_epilogue(acc, scale, shift, relu, y);
+  return acc;
+}
+
+at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates,
+                                     const at::Tensor& scale, const at::Tensor& shift, bool relu) {
+  const int64_t ch = check_branches(x, weights, rates);
+  const int64_t branches = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == branches * ch && shift.dim() == 1 &&
+                  shift.size(0) == branches * ch,
+              "fastaspp: scale and shift must have shape [", branches * ch, "], got ", scale.sizes(), " and ",
+              shift.sizes());
+
+  at::Tensor y = at::empty({x.size(0), branches * ch, x.size(2), x.size(3)},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  bn_relu_epilogue(branches_acc(x, weights, rates, ch), scale, shift, relu, y);
   return y;
+}
+
+// Training: z = the raw branch sums (as _aspp_branches_forward with scale 1, shift 0, no ReLU)
+// and the batch-norm statistics of z, taken from the fp32/fp64 sums before any cast.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cpu(const at::Tensor& x,
+                                                                               at::TensorList weights,
+                                                                               at::IntArrayRef rates) {
+  const int64_t ch = check_branches(x, weights, rates);
+  const int64_t branches = static_cast<int64_t>(weights.size());
+  const auto dtype = compute_dtype(x.scalar_type());
+  const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  const std::vector<int64_t> shape = {x.size(0), branches * ch, x.size(2), x.size(3)};
+  if (x.size(0) * x.size(2) * x.size(3) == 0 || ch == 0) {
+    const at::Tensor zeros = at::zeros({branches * ch}, x.options().dtype(dtype));
+    return {at::empty(shape, cl), zeros, zeros.clone()};
+  }
+  const at::Tensor acc = branches_acc(x, weights, rates, ch);
+  auto [mean, var] = channel_stats(acc.view({-1, branches * ch}));
+  // The NHWC buffer is already z in channels_last storage; half types need a rounded copy.
+  at::Tensor z = acc.permute({0, 3, 1, 2});
+  if (dtype != x.scalar_type()) z = at::empty(shape, cl).copy_(z);
+  return {z, mean, var};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastaspp, CPU, m) {
   m.impl("_aspp_branches_forward", &aspp_branches_forward_cpu);
+  m.impl("_aspp_branches_stats_forward", &aspp_branches_stats_forward_cpu);
 }
 
 }  // namespace fastaspp

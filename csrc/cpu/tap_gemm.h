@@ -1,4 +1,4 @@
-// Live-tap GEMM machinery shared by the CPU kernels (atrous_conv.cpp, aspp.cpp).
+// Live-tap GEMM machinery shared by the CPU kernels (atrous_conv.cpp, aspp.cpp, aspp_train.cpp).
 //
 // Work is organised by tap, not by pixel: for tap (kh, kw) the output pixels that read
 // real data form a rectangle (tap_live_range per axis). Dead taps are skipped outright and
@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
 #include <vector>
 
 #include "../common/tap_geometry.h"
@@ -59,6 +60,10 @@ void forward_image(const at::Tensor& xh, const at::Tensor& w_taps, const ConvGeo
 // y = act(acc * scale + shift) per channel, from NHWC accumulators into y (NCHW or NHWC storage).
 void bn_relu_epilogue(const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& shift, bool relu,
                       at::Tensor& y);
+
+// Per-channel mean and biased variance of acc_2d ([P, C] contiguous, fp32 or fp64; P > 0), in
+// its dtype: the batch-norm training statistics. Deterministic whatever the thread count.
+std::pair<at::Tensor, at::Tensor> channel_stats(const at::Tensor& acc_2d);
 
 void check_cpu_float(const at::Tensor& t, const char* name);
 void check_4d(const at::Tensor& t, const char* name);

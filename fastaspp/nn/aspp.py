@@ -9,9 +9,10 @@ from torch import Tensor, nn
 from fastaspp.nn._fold_cache import FoldCache
 from fastaspp.nn.atrous_conv import ConvBNReLU
 from fastaspp.nn.sync_bn import SyncBatchNorm2d
-from fastaspp.ops.aspp import aspp_branches, aspp_eval
+from fastaspp.ops.aspp import aspp_eval
+from fastaspp.ops.aspp_train import affine_relu_project, aspp_branches_stats
 from fastaspp.ops.atrous_conv import atrous_conv2d
-from fastaspp.ops.batch_norm import concat_bn_relu
+from fastaspp.ops.batch_norm import batch_norm_scale
 from fastaspp.reference import ASPPPooling
 
 
@@ -22,13 +23,16 @@ class ASPP(nn.Module):
     Inference (eval, no autograd needed): one fused path, fastaspp.ops.aspp_eval: every
     branch into one buffer (no concat), the pooling branch as a per-image bias of the
     projection, all BN folded (folded parameters cached until a parameter or buffer changes).
-    Training: the conv branches into one buffer (fastaspp.ops.aspp_branches, differentiable),
-    one concat_bn_relu over it (batch statistics, running statistics moved exactly as each
-    branch's nn.BatchNorm2d would; synchronised across ranks after convert_sync_batchnorm),
-    then the projection with the pooling branch as a per-image bias. When the branch BNs
-    differ in kind, eps or momentum, or use momentum=None, training runs branch by branch
-    instead (each a fused conv op and its own BatchNorm2d). Eval with autograd runs branch by
-    branch too, each a fused conv op with its BN folded.
+    Training (DESIGN.md §2.6): the conv branches into one buffer with their BN batch statistics
+    from the conv epilogues (fastaspp.ops.aspp_branches_stats), the BN scale from them (running
+    statistics moved exactly as each branch's nn.BatchNorm2d would; synchronised across ranks
+    after convert_sync_batchnorm), then the projection with that normalize + ReLU in its GEMM
+    prologue, the pooling branch as a per-image bias and the projection BN's statistics from its
+    epilogue (fastaspp.ops.affine_relu_project); all differentiable. When the branch BNs differ
+    in kind, eps or momentum, or use momentum=None, training runs branch by branch instead (each
+    a fused conv op and its own BatchNorm2d); a projection BN of that kind runs as its own module
+    on the projection output. Eval with autograd runs branch by branch too, each a fused conv op
+    with its BN folded.
     """
 
     def __init__(self, in_channels: int, atrous_rates: Sequence[int], out_channels: int = 256) -> None:
@@ -73,27 +77,37 @@ class ASPP(nn.Module):
     def _branch_bns(self) -> List[nn.BatchNorm2d]:
         return [branch[1] for branch in self.convs[:-1]]
 
+    @staticmethod
+    def _shareable(bn: nn.Module) -> bool:
+        """Whether a BN can run from fused statistics: a training, affine BatchNorm2d (or fastaspp's
+        SyncBatchNorm2d) with running statistics and a fixed momentum (momentum=None would read
+        num_batches_tracked, a tensor; this test reads none, so it is compile-safe)."""
+        return (type(bn) in (nn.BatchNorm2d, SyncBatchNorm2d) and bn.training and bn.affine
+                and bn.track_running_stats and bn.momentum is not None)
+
     def _branch_bns_shareable(self) -> bool:
-        """Whether every branch BN can run in one concat_bn_relu call (no tensor is read, so compile-safe)."""
+        """Whether every branch BN can be one normalisation over the branches' buffer."""
         bns = self._branch_bns()
         first = bns[0]
-        return first.momentum is not None and all(
-            type(b) is type(first) and b.training and b.affine and b.track_running_stats and b.eps == first.eps
-            and b.momentum == first.momentum
-            and getattr(b, "process_group", None) is getattr(first, "process_group", None) for b in bns)
+        return all(self._shareable(b) and type(b) is type(first) and b.eps == first.eps
+                   and b.momentum == first.momentum
+                   and getattr(b, "process_group", None) is getattr(first, "process_group", None) for b in bns)
 
     def _forward_train(self, x: Tensor) -> Tensor:
+        """DESIGN.md §2.6: branch statistics from the conv epilogues, the branch BN's normalize + ReLU
+        in the projection's prologue (the normalised concat is never stored), the projection BN's
+        statistics from its epilogue."""
         bns = self._branch_bns()
         c = bns[0].num_features
         weights = [branch[0].weight for branch in self.convs[:-1]]
         total = len(weights) * c
-        z = aspp_branches(x, weights, self.atrous_rates, x.new_ones(total), x.new_zeros(total), relu=False)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        z, mean, var = aspp_branches_stats(x, weights, self.atrous_rates)
         running_mean = torch.cat([b.running_mean for b in bns])
         running_var = torch.cat([b.running_var for b in bns])
-        y = concat_bn_relu(z, torch.cat([b.weight for b in bns]), torch.cat([b.bias for b in bns]), running_mean,
-                           running_var, training=True, factor=bns[0].momentum, eps=bns[0].eps,
-                           synchronise=isinstance(bns[0], SyncBatchNorm2d),
-                           process_group=getattr(bns[0], "process_group", None))
+        centre, scale = self._batch_norm_scale(bns[0], mean, var, count, torch.cat([b.weight for b in bns]),
+                                               running_mean, running_var)
+        shift = torch.cat([b.bias for b in bns])
         with torch.no_grad():
             for i, bn in enumerate(bns):
                 bn.running_mean.copy_(running_mean[i * c:(i + 1) * c])
@@ -104,9 +118,27 @@ class ASPP(nn.Module):
         pooled = pool[3](pool[2](pool[1](pool[0](x)))).flatten(1)  # [N, C]
         conv, bn, relu, dropout = self.project
         image_bias = pooled @ conv.weight[:, total:].flatten(1).t()  # [N, Cout]
-        z_proj = atrous_conv2d(y, conv.weight[:, :total]) + image_bias[:, :, None, None]
+        y, proj_mean, proj_var = affine_relu_project(
+            z, *(t.to(z.dtype) for t in (centre, scale, shift, conv.weight[:, :total].flatten(1), image_bias)))
+        if self._shareable(bn):
+            proj_centre, proj_scale = self._batch_norm_scale(bn, proj_mean, proj_var, count, bn.weight,
+                                                             bn.running_mean, bn.running_var)
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+            acc = proj_scale.dtype
+            out = relu((y.to(acc) - proj_centre.view(1, -1, 1, 1)) * proj_scale.view(1, -1, 1, 1)
+                       + bn.bias.to(acc).view(1, -1, 1, 1)).to(y.dtype)
+        else:  # a projection BN of another kind: its own module, on the stored y
+            out = relu(bn(y))
         # The dropout mask follows memory order: the same layout draws the same mask for the same seed.
-        return dropout(relu(bn(z_proj)).contiguous(memory_format=self._reference_layout()))
+        return dropout(out.contiguous(memory_format=self._reference_layout()))
+
+    @staticmethod
+    def _batch_norm_scale(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int, weight: Tensor,
+                          running_mean: Tensor, running_var: Tensor) -> tuple:
+        return batch_norm_scale(mean, var, count, weight, running_mean, running_var, factor=bn.momentum, eps=bn.eps,
+                                synchronise=isinstance(bn, SyncBatchNorm2d),
+                                process_group=getattr(bn, "process_group", None))
 
     def _reference_layout(self) -> torch.memory_format:
         """The memory format of torchvision's projection output, so that dropout (drawn in memory

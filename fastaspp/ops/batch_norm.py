@@ -1,4 +1,6 @@
-"""Batch norm + ReLU over the ASPP branches' single buffer, and batch norm synchronised across ranks.
+"""Batch norm + ReLU over the ASPP branches' single buffer, batch norm synchronised across ranks, and
+the training BN's scale from batch statistics gathered elsewhere (batch_norm_scale: the conv
+epilogues of fastaspp.ops.aspp_train).
 
 concat_bn_relu is DeepLabV3's "concat → BN → ReLU" step as one call on the buffer the branches
 wrote (fastaspp.ops.aspp_branches): one per-channel normalisation for every branch, no
@@ -9,7 +11,7 @@ refuses.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -57,6 +59,38 @@ def sync_batch_norm(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if weight is not None:
         y = y * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
     return y.to(z.dtype)
+
+
+def batch_norm_scale(mean: Tensor, var: Tensor, count: int, weight: Tensor, running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], *, factor: float, eps: float, synchronise: bool = False,
+                     process_group=None) -> Tuple[Tensor, Tensor]:
+    """(mean, scale) of a training batch norm, y = (z − mean)·scale + bias with scale = weight/σ,
+    from z's batch statistics. (The centred form keeps the backward free of the cancellation in
+    Σ g·z − mean·Σ g.)
+
+    mean, var: this rank's per-channel batch mean and biased variance over `count` values each
+    (as the conv epilogues gather them). With synchronise and torch.distributed initialised they
+    are first combined over process_group (SyncBatchNorm): (Σz, count) all-reduced for the
+    global mean, then each rank's M2 about it, count·(var + (mean − global mean)²). The
+    all-reduces are autograd-aware, so gradients reach every rank's statistics. Running
+    statistics, when given, move in place by factor with the unbiased variance, as
+    nn.BatchNorm2d's. Differentiable in mean, var and weight.
+    """
+    acc = mean.dtype
+    if synchronise and distributed():
+        local = torch.full((1,), float(count), dtype=acc, device=mean.device)
+        sums = _all_reduce(torch.cat([mean * count, local]), process_group)
+        total = sums[-1]
+        global_mean = sums[:-1] / total
+        var = _all_reduce(count * (var + (mean - global_mean).square()), process_group) / total
+        mean, count = global_mean, int(total.item())
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+            running_var.mul_(1 - factor).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=factor)
+    return mean, weight.to(acc) * torch.rsqrt(var + eps)
 
 
 def concat_bn_relu(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],

@@ -1,0 +1,228 @@
+"""Training-mode ASPP ops (DESIGN.md §2.6): BN statistics from the conv epilogues, the branch BN's
+normalize + ReLU in the prologue of the projection GEMM.
+
+  * torch.ops.fastaspp.aspp_branches_stats(x, weights, rates) -> (z, mean, var): the raw conv
+    branches into one NHWC buffer z [N, (1+R)*C, H, W] plus their per-channel batch mean and
+    biased variance (fp32; fp64 for fp64 input), accumulated by the epilogues from the unrounded
+    accumulators (per-patch count, sum and centred sum of squares, merged in a fixed order with
+    Chan et al.'s formula: no E[z²] − E[z]² cancellation, no atomics, bit-reproducible).
+  * torch.ops.fastaspp.affine_relu_project(z, centre, scale, shift, weight, image_bias)
+    -> (y, mean, var): y = weight · relu((z − centre)·scale + shift) + image_bias[n], the
+    normalised 1024-channel activation built tile by tile as the GEMM reads z (never stored),
+    and y's batch statistics from the epilogue, for the projection's own BN.
+
+Between the two, batch_norm_scale (fastaspp.ops.batch_norm) turns (mean, var) into the BN's
+centre and scale (γ/σ), all-reduced across ranks for SyncBN, and moves the running statistics.
+The BN stays in its centred form (z − mean)·scale + β rather than z·scale + (β − mean·scale):
+the backward then sums dpre·(z − mean), not dpre·z − mean·Σdpre, which cancels catastrophically
+when |mean| ≫ σ (on a 2-value batch it cost 5x PyTorch's gradient error).
+
+Both ops are differentiable in every tensor input and in their (mean, var) outputs; backward is
+torch ops plus the atrous-conv backward kernels of the chosen backend (the 1x1 projection's are
+plain GEMMs). Backends: cpu (C++ kernels) and triton compute the statistics in the epilogue and
+the affine + ReLU in the prologue. cuda is routed explicitly, documented here: its branch kernel
+(no statistics epilogue yet) followed by torch.var_mean, and the projection as torch ops.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from fastaspp import _ext
+from fastaspp._backend import resolve_backend
+from fastaspp.ops._autocast import autocast_dtype, cast
+from fastaspp.ops.aspp import _branch_geometry, _branches_shape, _triton_aspp, check_aspp_args
+from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor, conv_affine_backward
+
+Stats = Tuple[Tensor, Tensor, Tensor]
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _var_mean(z: Tensor) -> Tuple[Tensor, Tensor]:
+    var, mean = torch.var_mean(z.to(_acc(z)), dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def _stats_grad(grad: Tensor, out: Tensor, mean: Tensor, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
+    """The gradient reaching `out` from out itself and from its batch (mean, var) outputs, in fp32/64:
+    d mean / d out = 1/M, d var / d out = 2 (out − mean) / M, M = N·H·W."""
+    count = out.shape[0] * out.shape[2] * out.shape[3]
+    acc = _acc(out)
+    g = grad.to(acc) if grad is not None else torch.zeros(out.shape, dtype=acc, device=out.device)
+    if grad_mean is not None:
+        g = g + (grad_mean.to(acc) / count).view(1, -1, 1, 1)
+    if grad_var is not None:
+        g = g + (grad_var.to(acc) * (2 / count)).view(1, -1, 1, 1) * (out.to(acc) - mean.view(1, -1, 1, 1))
+    return g
+
+
+# ---------------------------------------------------------------- aspp_branches_stats
+@torch.library.custom_op("fastaspp::aspp_branches_stats", mutates_args=())
+def _branches_stats_op(x: Tensor, weights: List[Tensor], rates: List[int], backend: str) -> Stats:
+    _check_backend(backend, x)
+    if backend == "triton":
+        return _triton_aspp().aspp_branches_stats_forward(x, list(weights), list(rates))
+    if backend == "cpu":
+        return torch.ops.fastaspp._aspp_branches_stats_forward.default(x, list(weights), list(rates))
+    # cuda: the branch kernel (scale 1, shift 0, no ReLU), then the statistics as a second pass.
+    total = len(weights) * weights[0].shape[0]
+    z = torch.ops.fastaspp._aspp_branches_forward.default(x, list(weights), list(rates), x.new_ones(total),
+                                                          x.new_zeros(total), False)
+    return (z, *_var_mean(z))
+
+
+def _stats_fakes(t: Tensor, out_shape: List[int], channels: int) -> Stats:
+    out = t.new_empty(out_shape).contiguous(memory_format=torch.channels_last)
+    return out, t.new_empty(channels, dtype=_acc(t)), t.new_empty(channels, dtype=_acc(t))
+
+
+@_branches_stats_op.register_fake
+def _(x, weights, rates, backend):
+    shape = _branches_shape(x, weights)
+    return _stats_fakes(x, shape, shape[1])
+
+
+def _setup_branches_stats(ctx, inputs, output):
+    x, weights, rates, backend = inputs
+    z, mean, _ = output
+    ctx.save_for_backward(x, z, mean, *weights)
+    ctx.rates, ctx.backend = list(rates), backend
+
+
+def _branches_stats_backward(ctx, grad_z, grad_mean, grad_var):
+    x, z, mean, *weights = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    g = _stats_grad(grad_z, z, mean, grad_mean, grad_var).to(x.dtype)
+    g = g.contiguous(memory_format=suggest_memory_format(x))
+    c = weights[0].shape[0]
+    dx, dws = None, []
+    for i, w in enumerate(weights):
+        gx, gw, *_ = conv_affine_backward(g[:, i * c:(i + 1) * c], x, w, None, None, None, False,
+                                          *_branch_geometry(ctx.rates, i), ctx.backend,
+                                          (need_x, need_w, False, False, False))
+        dx = gx if dx is None else dx + gx
+        dws.append(gw)
+    return dx, dws if need_w else None, None, None
+
+
+_branches_stats_op.register_autograd(_branches_stats_backward, setup_context=_setup_branches_stats)
+
+
+# ---------------------------------------------------------------- affine_relu_project
+@torch.library.custom_op("fastaspp::affine_relu_project", mutates_args=())
+def _project_op(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, image_bias: Tensor,
+                backend: str) -> Stats:
+    _check_backend(backend, z)
+    args = (z, centre, scale, shift, weight, image_bias)
+    if backend == "triton":
+        return _triton_aspp().affine_relu_project_forward(*args)
+    if backend == "cpu":
+        return torch.ops.fastaspp._affine_relu_project_forward.default(*args)
+    # cuda: torch ops (the .cu kernel has no prologue yet); the activation is materialised here.
+    y = _project_reference(*args)
+    return (y, *_var_mean(y))
+
+
+def _project_reference(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                       image_bias: Tensor) -> Tensor:
+    acc = _acc(z)
+    centre, scale, shift = (t.to(acc).view(1, -1, 1, 1) for t in (centre, scale, shift))
+    u = torch.relu((z.to(acc) - centre) * scale + shift)
+    y = torch.einsum("nkhw,ok->nohw", u, weight.to(acc)) + image_bias.to(acc)[:, :, None, None]
+    return y.to(z.dtype).contiguous(memory_format=torch.channels_last)
+
+
+@_project_op.register_fake
+def _(z, centre, scale, shift, weight, image_bias, backend):
+    return _stats_fakes(z, [z.shape[0], weight.shape[0], z.shape[2], z.shape[3]], weight.shape[0])
+
+
+def _setup_project(ctx, inputs, output):
+    z, centre, scale, shift, weight, image_bias, backend = inputs
+    y, mean, _ = output
+    ctx.save_for_backward(z, centre, scale, shift, weight, y, mean)
+
+
+def _project_backward(ctx, grad_y, grad_mean, grad_var):
+    """With pre = (z − centre)·scale + shift and u = relu(pre), recomputed here rather than saved:
+    dW = Gᵀu, d image_bias = Σ_pixels G, dpre = (G W) ⊙ [pre > 0], dz = dpre·scale,
+    dcentre = −Σ dpre·scale, dscale = Σ dpre·(z − centre), dshift = Σ dpre."""
+    z, centre, scale, shift, weight, y, mean = ctx.saved_tensors
+    acc = _acc(z)
+    n, k, h, w = z.shape
+    g = _stats_grad(grad_y, y, mean, grad_mean, grad_var).permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+    centred = z.permute(0, 2, 3, 1).reshape(-1, k).to(acc) - centre.to(acc)  # rows: free for channels_last z
+    pre = centred * scale.to(acc) + shift.to(acc)
+    dpre = (g @ weight.to(acc)).mul_(pre > 0)
+    dweight = (g.t() @ pre.relu_()).to(weight.dtype)
+    dbias = g.view(n, h * w, -1).sum(1).to(z.dtype)
+    dz = (dpre * scale.to(acc)).view(n, h, w, k).permute(0, 3, 1, 2).to(z.dtype)
+    dshift = dpre.sum(0)
+    dcentre = (-dshift * scale.to(acc)).to(centre.dtype)
+    dscale = (dpre * centred).sum(0).to(scale.dtype)
+    return dz, dcentre, dscale, dshift.to(shift.dtype), dweight, dbias, None
+
+
+_project_op.register_autograd(_project_backward, setup_context=_setup_project)
+
+
+if _ext.loaded():
+    @torch.library.register_fake("fastaspp::_aspp_branches_stats_forward")
+    def _(x, weights, rates):
+        shape = _branches_shape(x, weights)
+        return _stats_fakes(x, shape, shape[1])
+
+    @torch.library.register_fake("fastaspp::_affine_relu_project_forward")
+    def _(z, centre, scale, shift, weight, image_bias):
+        return _stats_fakes(z, [z.shape[0], weight.shape[0], z.shape[2], z.shape[3]], weight.shape[0])
+
+
+# ---------------------------------------------------------------- public entry points
+def aspp_branches_stats(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int]) -> Stats:
+    """(z, mean, var): the ASPP conv branches without BN, in one NHWC buffer [N, (1+R)*C, H, W], and
+    their batch statistics [(1+R)*C] (fp32; fp64 for fp64 x). weights as for aspp_branches."""
+    if isinstance(x, Tensor) and isinstance(weights, (list, tuple)):
+        dtype = autocast_dtype(x)
+        x = cast(x, dtype)
+        weights = [cast(w, dtype) if isinstance(w, Tensor) else w for w in weights]
+    check_aspp_args(x, weights, rates)
+    return torch.ops.fastaspp.aspp_branches_stats(x, list(weights), [int(r) for r in rates],
+                                                  resolve_backend(x.device))
+
+
+def affine_relu_project(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                        image_bias: Tensor) -> Stats:
+    """(y, mean, var) with y = weight · relu((z − centre)·scale + shift) + image_bias per image (a
+    1x1 convolution whose input gets a per-channel BN and ReLU as it is read), and y's batch
+    statistics [Cout] (fp32; fp64 for fp64 z).
+
+    z [N, K, H, W]; centre, scale, shift [K] (a training BN: batch mean, γ/σ, β); weight [Cout, K]
+    (or [Cout, K, 1, 1]); image_bias [N, Cout];
+    all of z's dtype and device (under autocast they are cast like conv2d's operands).
+    """
+    if isinstance(z, Tensor):
+        dtype = autocast_dtype(z)
+        z, centre, scale, shift, weight, image_bias = (cast(t, dtype) if isinstance(t, Tensor) else t
+                                                       for t in (z, centre, scale, shift, weight, image_bias))
+    _check_tensor(z, "z", 4)
+    if isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        weight = weight.flatten(1)
+    n, k = z.shape[:2]
+    named = (("centre", centre), ("scale", scale), ("shift", shift), ("weight", weight), ("image_bias", image_bias))
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _check_like(t, name, z)
+    cout = weight.shape[0] if weight.dim() == 2 else -1
+    for (name, t), shape in zip(named, [(k,)] * 3 + [(cout, k), (n, cout)]):
+        if tuple(t.shape) != shape:
+            want = "[Cout, K]" if name == "weight" else str(list(shape))
+            raise ValueError(f"{name} must have shape {want} for z of shape {tuple(z.shape)}, got {tuple(t.shape)}")
+    return torch.ops.fastaspp.affine_relu_project(z, centre, scale, shift, weight, image_bias,
+                                                  resolve_backend(z.device))

@@ -1,0 +1,267 @@
+"""The training-mode ASPP ops (epilogue BN statistics, prologue normalize + ReLU) against plain PyTorch.
+
+Tolerances: fp32 outputs 1e-4 relative to the tensor's scale, statistics 1e-5 relative (they come
+from the unrounded fp32 accumulators, compared with fp64 statistics of the fp32 reference); half
+types 2e-2 relative; fp64 gradients by gradcheck.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastaspp
+from fastaspp.ops import affine_relu_project, aspp_branches_stats, batch_norm_scale
+
+from conftest import ON_GPU, device_for
+
+# (N, Cin, C, H, W, rates): odd channels, 1x1 maps, rates larger than the map, the OS16 geometry.
+CASES = [(2, 5, 3, 9, 11, (2, 3, 6)), (3, 4, 2, 1, 1, (6, 12, 18)), (1, 3, 4, 13, 13, (12, 24, 36)),
+         (2, 6, 5, 33, 33, (6, 12, 18))]
+INTERPRETER_CASES = CASES[:2]
+
+
+def _cases_for(backend):
+    return CASES if backend != "triton" or ON_GPU else INTERPRETER_CASES
+
+
+def _branch_inputs(case, device, dtype=torch.float32, seed=0):
+    n, cin, c, h, w, rates = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64)
+    ws = [torch.randn(c, cin, 1, 1, generator=gen, dtype=torch.float64)]
+    ws += [torch.randn(c, cin, 3, 3, generator=gen, dtype=torch.float64) for _ in rates]
+    x = x.to(device, dtype).contiguous(memory_format=torch.channels_last)
+    return x, [w.to(device, dtype) for w in ws], list(rates)
+
+
+def _branches_reference(x, ws, rates):
+    return torch.cat([F.conv2d(x, ws[0])] + [F.conv2d(x, w, padding=r, dilation=r) for w, r in zip(ws[1:], rates)], 1)
+
+
+def _project_inputs(n, k, cout, h, w, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, h, w, generator=gen, dtype=torch.float64)
+    centre = torch.randn(k, generator=gen, dtype=torch.float64) * 0.5
+    scale = torch.rand(k, generator=gen, dtype=torch.float64) + 0.5
+    shift = torch.randn(k, generator=gen, dtype=torch.float64) * 0.5
+    weight = torch.randn(cout, k, generator=gen, dtype=torch.float64)
+    bias = torch.randn(n, cout, generator=gen, dtype=torch.float64)
+    z = z.to(device, dtype).contiguous(memory_format=torch.channels_last)
+    return [z] + [t.to(device, dtype) for t in (centre, scale, shift, weight, bias)]
+
+
+def _project_reference(z, centre, scale, shift, weight, bias):
+    u = F.relu((z - centre.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    return F.conv2d(u, weight[:, :, None, None]) + bias[:, :, None, None]
+
+
+def _assert_stats(mean, var, reference):
+    var_ref, mean_ref = torch.var_mean(reference.double(), dim=(0, 2, 3), unbiased=False)
+    scale = reference.double().abs().max().item() + 1e-3
+    torch.testing.assert_close(mean.double(), mean_ref, atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(var.double(), var_ref, atol=1e-5 * scale**2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_branches_stats_match_reference(backend, index):
+    if CASES[index] not in _cases_for(backend):
+        pytest.skip("interpreted Triton runs the small cases; the GPU run does all")
+    device = device_for(backend)
+    x, ws, rates = _branch_inputs(CASES[index], device)
+    z, mean, var = aspp_branches_stats(x, ws, rates)
+    expected = _branches_reference(x, ws, rates)
+    torch.testing.assert_close(z, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+    assert z.is_contiguous(memory_format=torch.channels_last) and mean.dtype == var.dtype == torch.float32
+    _assert_stats(mean, var, expected)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 9, 11), (3, 4, 3, 1, 1), (1, 24, 8, 33, 33)], ids=str)
+def test_project_matches_reference(backend, shape):
+    if shape[-1] == 33 and backend == "triton" and not ON_GPU:
+        pytest.skip("interpreted Triton runs the small cases; the GPU run does all")
+    device = device_for(backend)
+    inputs = _project_inputs(*shape, device)
+    y, mean, var = affine_relu_project(*inputs)
+    expected = _project_reference(*inputs)
+    torch.testing.assert_close(y, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _assert_stats(mean, var, expected)
+    # NCHW z and a 4-D weight give the same result.
+    z, centre, scale, shift, weight, bias = inputs
+    y2, *_ = affine_relu_project(z.contiguous(), centre, scale, shift, weight[:, :, None, None], bias)
+    torch.testing.assert_close(y2, y, atol=1e-5 * expected.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_types(backend, dtype):
+    device = device_for(backend)
+    x, ws, rates = _branch_inputs(CASES[1] if backend == "triton" else CASES[0], device)
+    z, mean, var = aspp_branches_stats(x.to(dtype), [w.to(dtype) for w in ws], rates)
+    expected = _branches_reference(x.double(), [w.double() for w in ws], rates)
+    scale = expected.abs().max().item()
+    assert z.dtype == dtype and mean.dtype == torch.float32
+    torch.testing.assert_close(z.double(), expected, atol=2e-2 * scale, rtol=2e-2)
+    var_ref, mean_ref = torch.var_mean(expected, dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), mean_ref, atol=2e-2 * scale, rtol=2e-2)
+    torch.testing.assert_close(var.double(), var_ref, atol=2e-2 * scale**2, rtol=2e-2)
+    inputs = _project_inputs(2, 6, 4, 5, 3, device)
+    y, mean, var = affine_relu_project(*(t.to(dtype) for t in inputs))
+    expected = _project_reference(*(t.double() for t in inputs))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected, atol=2e-2 * expected.abs().max().item(), rtol=2e-2)
+
+
+def _reference_with_stats(out):
+    var, mean = torch.var_mean(out, dim=(0, 2, 3), unbiased=False)
+    return out, mean, var
+
+
+def test_backward_matches_reference_fp64(backend):
+    """Gradients of every input through all three outputs against autograd of plain PyTorch."""
+    device = device_for(backend)
+    x, ws, rates = _branch_inputs(CASES[0] if backend != "triton" or ON_GPU else (2, 3, 2, 5, 4, (1, 3)), device,
+                                  torch.float64)
+    leaves = [x.requires_grad_(), *(w.requires_grad_() for w in ws)]
+    mine = aspp_branches_stats(x, ws, rates)
+    expected = _reference_with_stats(_branches_reference(x, ws, rates))
+    cotangents = [torch.randn_like(t) for t in expected]
+    for a, b in zip(torch.autograd.grad(mine, leaves, cotangents), torch.autograd.grad(expected, leaves, cotangents)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    leaves = [t.requires_grad_() for t in _project_inputs(2, 7, 5, 4, 3, device, torch.float64)]
+    mine = affine_relu_project(*leaves)
+    expected = _reference_with_stats(_project_reference(*leaves))
+    cotangents = [torch.randn_like(t) for t in expected]
+    for a, b in zip(torch.autograd.grad(mine, leaves, cotangents), torch.autograd.grad(expected, leaves, cotangents)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_gradcheck_fp64(backend):
+    """Every input, through every output, the statistics included."""
+    if backend == "triton" and not ON_GPU:
+        pytest.skip("interpreted Triton is too slow for a numerical Jacobian (about 10 minutes); "
+                    "test_backward_matches_reference_fp64 checks its gradients against plain PyTorch's")
+    device = device_for(backend)
+    x, ws, rates = _branch_inputs((2, 2, 2, 4, 3, (1, 3)), device, torch.float64)
+    x.requires_grad_()
+    ws = [w.requires_grad_() for w in ws]
+    fn = lambda x, *ws: aspp_branches_stats(x, ws, rates)
+    assert torch.autograd.gradcheck(fn, (x, *ws), eps=1e-6, atol=1e-6, rtol=1e-5)
+    inputs = [t.requires_grad_() for t in _project_inputs(2, 3, 2, 3, 2, device, torch.float64)]
+    assert torch.autograd.gradcheck(affine_relu_project, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_opcheck(backend):
+    device = device_for(backend)
+    x, ws, rates = _branch_inputs(CASES[1], device)
+    args = (x.requires_grad_(), [w.requires_grad_() for w in ws], rates, backend)
+    torch.library.opcheck(torch.ops.fastaspp.aspp_branches_stats.default, args)
+    inputs = [t.requires_grad_() for t in _project_inputs(2, 6, 4, 5, 3, device)]
+    torch.library.opcheck(torch.ops.fastaspp.affine_relu_project.default, (*inputs, backend))
+    if backend == "cpu":
+        torch.library.opcheck(torch.ops.fastaspp._aspp_branches_stats_forward.default,
+                              (x.detach(), [w.detach() for w in ws], rates))
+        torch.library.opcheck(torch.ops.fastaspp._affine_relu_project_forward.default,
+                              [t.detach() for t in inputs])
+
+
+def test_statistics_are_reproducible(backend):
+    device = device_for(backend)
+    x, ws, rates = _branch_inputs(CASES[1] if backend == "triton" else CASES[3], device)
+    first = aspp_branches_stats(x, ws, rates)
+    for a, b in zip(first, aspp_branches_stats(x, ws, rates)):
+        assert torch.equal(a, b)
+
+
+def test_statistics_are_stable_for_large_means(backend):
+    """Per-patch centred sums: no E[z²] − E[z]² cancellation when the mean dwarfs the spread."""
+    device = device_for(backend)
+    inputs = _project_inputs(2, 4, 3, 6, 5, device)
+    inputs[5] = inputs[5] + 1000.0  # y ~ 1000 ± a few
+    y, mean, var = affine_relu_project(*inputs)
+    _assert_stats(mean, var, _project_reference(*[t.double() for t in inputs]).float())
+    var_ref = torch.var(y.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(var.double(), var_ref, atol=0, rtol=1e-3)
+
+
+def test_batch_norm_scale_matches_batch_norm():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, 6, generator=gen) * 2 + 1
+    bn = torch.nn.BatchNorm2d(5, momentum=0.3).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.uniform_(-0.5, 0.5, generator=gen)
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+    centre, scale = batch_norm_scale(mean, var, 3 * 4 * 6, bn.weight, running_mean, running_var, factor=0.3,
+                                     eps=bn.eps)
+    expected = bn(z)
+    torch.testing.assert_close((z - centre.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1),
+                               expected)
+    torch.testing.assert_close(running_mean, bn.running_mean)
+    torch.testing.assert_close(running_var, bn.running_var)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_scale(mean, var, 1, bn.weight, None, None, factor=0.1, eps=1e-5)
+
+
+def test_bad_input():
+    z, centre, scale, shift, weight, bias = _project_inputs(2, 6, 4, 5, 3, "cpu")
+    with pytest.raises(ValueError, match="z must be a 4-D"):
+        affine_relu_project(z[0], centre, scale, shift, weight, bias)
+    with pytest.raises(ValueError, match=r"scale must have shape \[6\]"):
+        affine_relu_project(z, centre, scale[:5], shift, weight, bias)
+    with pytest.raises(ValueError, match=r"centre must have shape \[6\]"):
+        affine_relu_project(z, centre[:, None], scale, shift, weight, bias)
+    with pytest.raises(ValueError, match=r"weight must have shape \[Cout, K\]"):
+        affine_relu_project(z, centre, scale, shift, weight[:, :5], bias)
+    with pytest.raises(ValueError, match=r"image_bias must have shape \[2, 4\]"):
+        affine_relu_project(z, centre, scale, shift, weight, bias[:1])
+    with pytest.raises(TypeError, match="shift has dtype"):
+        affine_relu_project(z, centre, scale, shift.double(), weight, bias)
+    x, ws, rates = _branch_inputs(CASES[0], "cpu")
+    with pytest.raises(ValueError, match="weights must hold"):
+        aspp_branches_stats(x, ws[:-1], rates)
+    with pytest.raises(ValueError, match=r"weights\[0\] must have shape"):
+        aspp_branches_stats(x[:, :4], ws, rates)
+    with pytest.raises(ValueError, match="atrous rates must be ints >= 1"):
+        aspp_branches_stats(x, ws, [2, 0, 6])
+
+
+def test_torch_compile_fullgraph(backend):
+    device = device_for(backend)
+    x, ws, rates = _branch_inputs(CASES[1], device)
+    inputs = _project_inputs(3, len(ws) * 2, 4, 1, 1, device)
+
+    def step(x, *ws):
+        z, mean, var = aspp_branches_stats(x, ws, rates)
+        return affine_relu_project(z, mean, torch.rsqrt(var + 1e-5), *inputs[3:])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(x, *ws), step(x, *ws)):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_exports():
+    assert fastaspp.ops.aspp_branches_stats is aspp_branches_stats
+    assert "affine_relu_project" in fastaspp.ops.__all__
+
+
+def test_deterministic_mode_pins_one_triton_config():
+    """Autotuning may pick another tiling (another summation order) in another process; the
+    deterministic mode uses the first config of the dot's kind instead."""
+    tl = pytest.importorskip("triton.language")
+    from fastaspp.kernels import atrous_conv as K
+
+    n_tc = len(K.GPU_CONV_TC_CONFIGS)
+    prune = K._prune_by_dot_kind(n_tc)["early_config_prune"]
+    configs = K.GPU_CONV_TC_CONFIGS + K.GPU_CONV_FMA_CONFIGS
+    tensor_cores = dict(DOT_DTYPE=tl.bfloat16, DOT_PRECISION="tf32")
+    fma = dict(DOT_DTYPE=tl.float32, DOT_PRECISION="ieee")
+    was = torch.are_deterministic_algorithms_enabled()
+    assert not was, "the suite runs with deterministic algorithms off"
+    assert prune(configs, {}, **tensor_cores) == configs[:n_tc]
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert prune(configs, {}, **tensor_cores) == configs[:1]
+        assert prune(configs, {}, **fma) == configs[n_tc:n_tc + 1]
+    finally:
+        torch.use_deterministic_algorithms(was)
