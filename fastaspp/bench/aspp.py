@@ -1,7 +1,7 @@
 """fastaspp.nn.ASPP against the eager reference ASPP (torchvision's layout) and torch.compile of it.
 
-Eval: a forward under no_grad. Train: a training step, forward + backward (no optimizer),
-both modules in train mode. channels_last on both sides; the same weights.
+Eval: a forward under no_grad. Train: a training step, forward + backward (no optimizer) with the
+input's gradient as in a whole model, both modules in train mode. channels_last on both sides; the same weights.
 """
 from __future__ import annotations
 
@@ -67,8 +67,11 @@ def measure(shape: AsppShape, batch: int, mode: str, dtype: torch.dtype, device:
         raise ValueError("a training step needs batch >= 2: the pooling branch's BatchNorm sees one value "
                          "per channel at batch 1")
     eager, fused = aspp_pair(shape, dtype, device)
+    # In training the input needs its gradient (it is the backbone's output), so backward does the
+    # input gradient as well as the weight gradients: three forwards of work, as counted below.
     xs = [torch.randn(batch, shape.c_in, shape.size, shape.size, generator=torch.Generator().manual_seed(i))
-          .to(device=device, dtype=dtype, memory_format=torch.channels_last) for i in range(3)]
+          .to(device=device, dtype=dtype, memory_format=torch.channels_last).requires_grad_(mode == "train")
+          for i in range(3)]
     state = {"i": 0}
 
     def next_x():
