@@ -173,3 +173,26 @@ def test_torch_compile_fullgraph(backend):
     got = compiled(x, w)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(fn(x, w), w)[0])
+
+
+def test_triton_keeps_tap_major_weights_of_frozen_weights_only():
+    """The re-laid-out weight is kept while a no-grad weight is unchanged, redone after an in-place
+    change, and never kept for weights that train or for inference tensors (no version counter)."""
+    kernels = _triton_kernels()
+    w = torch.randn(4, 3, 3, 3)
+    first = kernels._tap_major(w, (2, 3, 1, 0))
+    assert torch.equal(first, w.permute(2, 3, 1, 0)) and first.is_contiguous()
+    assert kernels._tap_major(w, (2, 3, 1, 0)) is first
+    assert kernels._tap_major(w, (2, 3, 0, 1)) is not first  # each layout has its own entry
+    w.mul_(2)
+    again = kernels._tap_major(w, (2, 3, 1, 0))
+    assert again is not first and torch.equal(again, w.permute(2, 3, 1, 0))
+    trained = torch.randn(4, 3, 3, 3, requires_grad=True)
+    assert kernels._tap_major(trained, (2, 3, 1, 0)) is not kernels._tap_major(trained, (2, 3, 1, 0))
+    with torch.inference_mode():
+        frozen = torch.randn(4, 3, 3, 3)
+        assert kernels._tap_major(frozen, (2, 3, 1, 0)) is not kernels._tap_major(frozen, (2, 3, 1, 0))
+    assert not any(t.requires_grad for t in kernels._TAP_MAJOR.keys())
+    kept = len(kernels._TAP_MAJOR)
+    del w, first, again
+    assert len(kernels._TAP_MAJOR) == kept - 1  # a dead weight drops its entry

@@ -122,6 +122,29 @@ def test_conv_bn_relu_fold_is_memoised_and_refreshed():
     assert not torch.allclose(after, first)
 
 
+def test_conv_bn_relu_eval_backward_twice():
+    """An eval module whose parameters train (fine-tuning with frozen statistics): each call folds
+    afresh, so a second backward does not run into the first call's freed graph."""
+    ref, mine = _pair(bias=False, stride=1, device=torch.device("cpu"))
+    ref.eval()
+    mine.eval()
+    x = torch.randn(2, 4, 7, 7)
+    for _ in range(2):
+        grads = torch.autograd.grad(mine(x).sum(), list(mine.parameters()))
+        expected = torch.autograd.grad(torch.relu(ref(x)).sum(), list(ref.parameters()))
+        for a, b in zip(grads, expected):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert mine._fold_cache.key is None
+
+
+def test_conv_bn_relu_fold_under_inference_mode_is_an_ordinary_tensor():
+    _, mine = _pair(bias=False, stride=1, device=torch.device("cpu"))
+    mine.eval()
+    with torch.inference_mode():
+        mine(torch.randn(1, 4, 7, 7))
+    assert not any(t.is_inference() for t in mine._fold_cache.value)
+
+
 class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the aten/fastaspp ops a block dispatches."""
 

@@ -13,8 +13,11 @@ class FoldCache:
 
     The key is every parameter's and buffer's (data_ptr, _version) plus the input's dtype and
     device: in-place updates (optimizer steps, load_state_dict, running-stat updates) bump
-    _version, reassignment changes data_ptr. Under torch.compile the memo is bypassed (the graph
-    folds the few [C]-sized ops itself).
+    _version, reassignment changes data_ptr. The memo is bypassed under torch.compile (the graph
+    folds the few [C]-sized ops itself) and whenever autograd would record the fold (a kept value
+    would carry one call's graph into the next backward). Kept values are computed outside
+    inference mode, so that they are ordinary tensors with version counters (the Triton backend
+    keeps its re-laid-out weights by them).
     """
 
     def __init__(self) -> None:
@@ -22,10 +25,13 @@ class FoldCache:
         self.value = None
 
     def get(self, module: nn.Module, x: Tensor, compute: Callable[[], object]):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())):
             return compute()
         tensors = itertools.chain(module.parameters(), module.buffers())
         key = (x.dtype, x.device) + tuple((t.data_ptr(), t._version) for t in tensors)
         if key != self.key:
-            self.value, self.key = compute(), key
+            with torch.inference_mode(False), torch.no_grad():
+                self.value = compute()
+            self.key = key
         return self.value
