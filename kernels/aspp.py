@@ -23,18 +23,30 @@ Same dtypes as kernels/atrous_conv.py (float32, float16, bfloat16, float64, accu
 float32 / float64); weights, scale and shift must have x's dtype and device.  x is converted to
 NHWC once and shared by all branches.
 
-Each branch is one atrous_conv2d_forward_into launch, which already skips dead taps (§2.1): at
-rates larger than the map only the centre tap of a 3x3 branch runs.  Not exploited yet on this
-backend: the shared centre tap (§2.2) -- b0 and the centre taps of b1..bR read the same pixels
-and could be one GEMM with N = (1+R)*C; here each branch reads x for it separately.  The pooling
-branch and the projection (§2.4, §2.5 back-to-back GEMM) are not part of this function.
+All branches are ONE launch of _aspp_branches_kernel: grid axis 1 runs over (branch, channel
+block), so every branch's patches are in flight together. One branch alone has few programs at
+batch 1 (33x33 with 128-pixel patches: 9 patches x 2 channel blocks, for 132 SMs on an H100), and
+four launches in a row also paid four launch overheads. Each program skips the taps that read only
+padding for its patch (§2.1), the same tap loop as kernels/atrous_conv.py (_accumulate_tap): at
+rates larger than the map only the centre tap of a 3x3 branch runs. The weights go in packed,
+tap-major, kept for weights that take no gradient.
+
+Not exploited on this backend: the shared centre tap (§2.2). b0 and the centre taps of b1..bR read
+the same pixels; sharing the read needs every branch's accumulator in one program (R+1 of them per
+patch) or an fp32 round trip of the centre sums, and it saves loads (mostly L2 hits), no MACs, so
+it waits for a GPU measurement. The pooling branch and the projection (§2.4, §2.5 back-to-back
+GEMM) are not part of this function.
 """
 
 import operator
 
 import torch
+import triton
+import triton.language as tl
 
-from .atrous_conv import _nhwc_empty, atrous_conv2d_forward_into, merge_stats, stats_buffer
+from .atrous_conv import (_CONV_CONFIGS, _CONV_PRUNE, _TAP_MAJOR, _accumulate_tap, _dtype_meta, _epilogue,
+                          _launch_ctx, _nhwc_empty, _patch, _stamp, _tile_shape, atrous_conv2d_forward_into,
+                          merge_stats, stats_buffer)
 
 
 def _check_args(x, weights, rates, scale, shift):
@@ -80,21 +92,88 @@ def _check_args(x, weights, rates, scale, shift):
     return c, weights, rates
 
 
+@triton.autotune(configs=_CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=_CONV_PRUNE,
+                 reset_to_zero=["stats_ptr"])
+@triton.heuristics({"TILE_H": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[0],
+                    "TILE_W": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[1]})
+@triton.jit
+def _aspp_branches_kernel(
+    x_ptr,  # [N, H, W, Cin]
+    w_ptr,  # packed: the 1x1 branch [Cin, C], then each 3x3 branch [9, Cin, C]
+    rates_ptr,  # [BRANCHES] int32: 0 for the 1x1 branch, then the rates
+    scale_ptr, shift_ptr,  # [BRANCHES * C]
+    y_ptr,  # [N, H, W, BRANCHES * C]
+    stats_ptr,  # [3, rows, BRANCHES * C] when STATS
+    N, H, W, Cin, C, BRANCHES, stats_plane,
+    RELU: tl.constexpr, STATS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    """Every branch in one launch: axis 1 runs over (branch, channel block), so all branches' patches
+    are in flight together (one branch's grid alone fills few SMs at batch 1)."""
+    n, oh, ow, oh0, ow0, oh_end, ow_end = _patch(tl.program_id(0), H, W, BLOCK_M, TILE_H, TILE_W)
+    blocks_n = tl.cdiv(C, BLOCK_N)
+    branch = tl.program_id(1) // blocks_n
+    offs_n = tl.program_id(1) % blocks_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C
+    rate = tl.load(rates_ptr + branch)
+    one_by_one = branch == 0
+    # The 1x1 branch is the centre tap (offset 0) of a 3x3 whose other taps are switched off.
+    w_branch = w_ptr + tl.where(one_by_one, 0, 9 * branch - 8).to(tl.int64) * Cin * C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for tap in range(0, 9):
+        slot = tl.where(one_by_one, 0, tap)
+        acc = _accumulate_tap(acc, (tap == 4) | (branch > 0), x_ptr, w_branch + slot * Cin * C, x_ptr, x_ptr,
+                              x_ptr, n, oh, ow, oh0, ow0, oh_end, ow_end, (tap // 3 - 1) * rate,
+                              (tap % 3 - 1) * rate, H, W, H, W, Cin, C, 1, 1, offs_n, n_ok, False, ACC_DTYPE,
+                              DOT_DTYPE, DOT_PRECISION, BLOCK_K)
+    _epilogue(acc, scale_ptr + branch * C, shift_ptr + branch * C, scale_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end,
+              ow_end, H, W, C, offs_n, n_ok, BRANCHES * C, branch * C, stats_plane, RELU, False, STATS, ACC_DTYPE)
+
+
+def _packed_weights(weights):
+    """The branch weights as one tap-major tensor: w0 [Cin, C], then each wi as [3, 3, Cin, C]; kept for
+    weights that take no gradient while they are unchanged (as atrous_conv's _tap_major)."""
+    pack = lambda: torch.cat([weights[0].permute(2, 3, 1, 0).reshape(-1)]
+                             + [wi.permute(2, 3, 1, 0).reshape(-1) for wi in weights[1:]])
+    if any(w.requires_grad or w.is_inference() for w in weights):
+        return pack()
+    stamp = tuple(_stamp(w) for w in weights) + tuple(id(w) for w in weights)
+    kept = _TAP_MAJOR.setdefault(weights[0], {})
+    hit = kept.get("aspp")
+    if hit is None or hit[0] != stamp:
+        hit = kept["aspp"] = (stamp, pack())
+    return hit[1]
+
+
 def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None):
     """The ASPP conv branches, scaled, shifted (BN folded in eval) and optionally ReLU'd, concatenated:
-    [N, (1+R)*C, H, W] channels_last. With stats (a stats_buffer of the result), every branch's
-    epilogue also records its per-patch BN statistics there."""
+    [N, (1+R)*C, H, W] channels_last, in one kernel launch. With stats (a stats_buffer of the result),
+    the epilogues also record their per-patch BN statistics there."""
     c, weights, rates = _check_args(x, weights, rates, scale, shift)
-    n, _, h, w = x.shape
-    y = _nhwc_empty(n, (1 + len(rates)) * c, h, w, x)
+    n, cin, h, w = x.shape
+    branches = 1 + len(rates)
+    y = _nhwc_empty(n, branches * c, h, w, x)
     if y.numel() == 0:
         return y
-    x = x.contiguous(memory_format=torch.channels_last)  # once, not once per branch
-    for i, wt in enumerate(weights):
-        r = rates[i - 1] if i else 0  # the 1x1 branch: no padding (its dilation is irrelevant)
-        sl = slice(i * c, (i + 1) * c)
-        atrous_conv2d_forward_into(x, wt, scale[sl], shift[sl], (1, 1), (r, r),
-                                   (max(r, 1),) * 2, bool(relu), y, i * c, stats=stats)
+    if cin == 0:  # empty reduction: every conv is zero
+        y.copy_((torch.relu(shift) if relu else shift).view(1, -1, 1, 1).expand_as(y))
+        return y
+    acc_dt, dot_dt, prec = _dtype_meta(x.dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    rates_t = torch.tensor((0,) + rates, dtype=torch.int32, device=x.device)
+    stats_planes = stats if stats is not None else scale.new_zeros(1)
+
+    def grid(meta):
+        return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]),
+                branches * triton.cdiv(c, meta["BLOCK_N"]))
+
+    with _launch_ctx(x):
+        _aspp_branches_kernel[grid](
+            x, _packed_weights(weights), rates_t, scale.contiguous(), shift.contiguous(), y, stats_planes,
+            n, h, w, cin, c, branches, stats_planes[0].numel() if stats is not None else 0,
+            RELU=bool(relu), STATS=stats is not None, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
     return y
 
 

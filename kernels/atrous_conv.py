@@ -251,59 +251,82 @@ def _atrous_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    n, oh, ow, oh0, ow0, oh_end, ow_end = _patch(tl.program_id(0), Ho, Wo, BLOCK_M, TILE_H, TILE_W)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Cout
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for tap in range(0, KH * KW):
+        off_h = tap // KW * dil_h - pad_h
+        off_w = tap % KW * dil_w - pad_w
+        acc = _accumulate_tap(acc, True, x_ptr, w_ptr + tap * Cin * Cout, pro_centre_ptr, pro_scale_ptr,
+                              pro_shift_ptr, n, oh, ow, oh0, ow0, oh_end, ow_end, off_h, off_w, H, W, Ho, Wo,
+                              Cin, Cout, stride_h, stride_w, offs_n, n_ok, PROLOGUE, ACC_DTYPE, DOT_DTYPE,
+                              DOT_PRECISION, BLOCK_K)
+    _epilogue(acc, scale_ptr, shift_ptr, bias_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end, ow_end, Ho, Wo, Cout,
+              offs_n, n_ok, y_pix_stride, y_c_off, stats_plane, RELU, IMAGE_BIAS, STATS, ACC_DTYPE)
+
+
+@triton.jit
+def _patch(pid, Ho, Wo, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Program pid's patch: image n, the GEMM rows' output pixels (oh, ow), its origin and the end of
+    the rows/cols that exist, [oh0, oh_end) x [ow0, ow_end)."""
     tiles_w = tl.cdiv(Wo, TILE_W)
     tiles_h = tl.cdiv(Ho, TILE_H)
     n = pid // (tiles_h * tiles_w)
     oh0 = (pid // tiles_w) % tiles_h * TILE_H
     ow0 = pid % tiles_w * TILE_W
-    # The patch's output rows/cols that exist: [oh0, oh_end) x [ow0, ow_end).
-    oh_end = tl.minimum(oh0 + TILE_H, Ho)
-    ow_end = tl.minimum(ow0 + TILE_W, Wo)
-
     offs_m = tl.arange(0, BLOCK_M)
     oh = oh0 + offs_m // TILE_W  # rows past the patch (m >= TILE_H*TILE_W) fail oh < oh_end
     ow = ow0 + offs_m % TILE_W
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < Cout
-    offs_k = tl.arange(0, BLOCK_K)
-    img_row0 = n.to(tl.int64) * H
+    return n, oh, ow, oh0, ow0, tl.minimum(oh0 + TILE_H, Ho), tl.minimum(ow0 + TILE_W, Wo)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for tap in range(0, KH * KW):
-        kh = tap // KW
-        kw = tap % KW
-        off_h = kh * dil_h - pad_h
-        off_w = kw * dil_w - pad_w
-        lo_h, hi_h = _live_out_range(off_h, 0, H, stride_h, Ho)
-        lo_w, hi_w = _live_out_range(off_w, 0, W, stride_w, Wo)
-        lo_h = tl.maximum(lo_h, oh0)
-        hi_h = tl.minimum(hi_h, oh_end)
-        lo_w = tl.maximum(lo_w, ow0)
-        hi_w = tl.minimum(hi_w, ow_end)
-        if (lo_h < hi_h) & (lo_w < hi_w):  # dead for this whole patch: skipped, no work
-            m_ok = (oh >= lo_h) & (oh < hi_h) & (ow >= lo_w) & (ow < hi_w)
-            ih = oh * stride_h + off_h
-            iw = ow * stride_w + off_w
-            x_rows = x_ptr + ((img_row0 + ih) * W + iw) * Cin
-            w_tap = w_ptr + tap * Cin * Cout
-            for k0 in range(0, Cin, BLOCK_K):
-                kk = k0 + offs_k
-                k_ok = kk < Cin
-                a_ok = m_ok[:, None] & k_ok[None, :]
-                a = tl.load(x_rows[:, None] + kk[None, :], mask=a_ok, other=0.0)
-                if PROLOGUE:  # the previous BN's normalize + ReLU, applied as A is loaded
-                    p_centre = tl.load(pro_centre_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
-                    p_scale = tl.load(pro_scale_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
-                    p_shift = tl.load(pro_shift_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
-                    a = (a.to(ACC_DTYPE) - p_centre[None, :]) * p_scale[None, :] + p_shift[None, :]
-                    a = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                    a = tl.where(a_ok, a, 0.0)  # padding is zero after the prologue too
-                b = tl.load(w_tap + kk[:, None] * Cout + offs_n[None, :],
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
-                             out_dtype=ACC_DTYPE)
 
+@triton.jit
+def _accumulate_tap(acc, enabled, x_ptr, w_tap, pro_centre_ptr, pro_scale_ptr, pro_shift_ptr,
+                    n, oh, ow, oh0, ow0, oh_end, ow_end, off_h, off_w, H, W, Ho, Wo, Cin, Cout,
+                    stride_h, stride_w, offs_n, n_ok,
+                    PROLOGUE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += the patch's pixels shifted by (off_h, off_w) @ w_tap [Cin, Cout] over Cin, unless the
+    tap reads only padding for the whole patch (or is not enabled): then no loads and no MACs."""
+    lo_h, hi_h = _live_out_range(off_h, 0, H, stride_h, Ho)
+    lo_w, hi_w = _live_out_range(off_w, 0, W, stride_w, Wo)
+    lo_h = tl.maximum(lo_h, oh0)
+    hi_h = tl.minimum(hi_h, oh_end)
+    lo_w = tl.maximum(lo_w, ow0)
+    hi_w = tl.minimum(hi_w, ow_end)
+    if enabled & (lo_h < hi_h) & (lo_w < hi_w):
+        m_ok = (oh >= lo_h) & (oh < hi_h) & (ow >= lo_w) & (ow < hi_w)
+        ih = oh * stride_h + off_h
+        iw = ow * stride_w + off_w
+        x_rows = x_ptr + ((n.to(tl.int64) * H + ih) * W + iw) * Cin
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, Cin, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < Cin
+            a_ok = m_ok[:, None] & k_ok[None, :]
+            a = tl.load(x_rows[:, None] + kk[None, :], mask=a_ok, other=0.0)
+            if PROLOGUE:  # the previous BN's normalize + ReLU, applied as A is loaded
+                p_centre = tl.load(pro_centre_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
+                p_scale = tl.load(pro_scale_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
+                p_shift = tl.load(pro_shift_ptr + kk, mask=k_ok, other=0.0).to(ACC_DTYPE)
+                a = (a.to(ACC_DTYPE) - p_centre[None, :]) * p_scale[None, :] + p_shift[None, :]
+                a = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                a = tl.where(a_ok, a, 0.0)  # padding is zero after the prologue too
+            b = tl.load(w_tap + kk[:, None] * Cout + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, scale_ptr, shift_ptr, bias_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end, ow_end, Ho, Wo,
+              Cout, offs_n, n_ok, y_pix_stride, y_c_off, stats_plane,
+              RELU: tl.constexpr, IMAGE_BIAS: tl.constexpr, STATS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """act(acc * scale + shift [+ bias[n]]) stored NHWC at channel y_c_off of a y_pix_stride-channel
+    buffer; with STATS, the patch's BN statistics into row program_id(0) of the stats planes."""
     scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
     shift = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
     out = acc * scale[None, :] + shift[None, :]
@@ -321,7 +344,7 @@ def _atrous_fwd_kernel(
         total = tl.sum(tl.where(store_ok, out, 0.0), axis=0)
         centred = tl.where(store_ok, out - (total / tl.maximum(count, 1.0))[None, :], 0.0)
         m2 = tl.sum(centred * centred, axis=0)
-        row = stats_ptr + pid.to(tl.int64) * y_pix_stride + y_c_off + offs_n
+        row = stats_ptr + tl.program_id(0).to(tl.int64) * y_pix_stride + y_c_off + offs_n
         tl.store(row, count, mask=n_ok)
         tl.store(row + stats_plane, total, mask=n_ok)
         tl.store(row + 2 * stats_plane, m2, mask=n_ok)
@@ -515,12 +538,17 @@ def _nhwc_empty(n, c, h, w, like):
 _TAP_MAJOR = WeakIdKeyDictionary()
 
 
+def _stamp(weight):
+    """What must be unchanged for a kept re-layout of weight to stay valid."""
+    return weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride()
+
+
 def _tap_major(weight, dims):
     """weight.permute(*dims).contiguous(), remembered for weights without requires_grad (inference
     tensors have no version counter, so they are re-laid out every call)."""
     if weight.requires_grad or weight.is_inference():
         return weight.permute(*dims).contiguous()
-    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride())
+    stamp = _stamp(weight)
     kept = _TAP_MAJOR.setdefault(weight, {})
     hit = kept.get(dims)
     if hit is None or hit[0] != stamp:

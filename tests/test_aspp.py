@@ -275,6 +275,25 @@ def test_aspp_branches_op(backend, aspp_case):
                           (x.requires_grad_(), ws, list(aspp_case.rates), scale, shift, False, backend))
 
 
+def test_aspp_branches_follow_in_place_weight_changes(backend):
+    """Backends may keep re-laid-out copies of weights that take no gradient (Triton packs them once);
+    an in-place change must still reach the output."""
+    case = ASPP_CASES[4]
+    device = device_for(backend)
+    gen = torch.Generator().manual_seed(0)
+    x = make_x(case, device)
+    ws = [torch.randn(case.c, case.c_in, k, k, generator=gen).to(device) for k in [1] + [3] * len(case.rates)]
+    ones, zeros = torch.ones(len(ws) * case.c, device=device), torch.zeros(len(ws) * case.c, device=device)
+    first = fastaspp.ops.aspp_branches(x, ws, case.rates, ones, zeros, relu=False)
+    assert torch.equal(fastaspp.ops.aspp_branches(x, ws, case.rates, ones, zeros, relu=False), first)
+    with torch.no_grad():
+        ws[1].mul_(-2.0)
+    after = fastaspp.ops.aspp_branches(x, ws, case.rates, ones, zeros, relu=False)
+    expected = torch.cat([F.conv2d(x, ws[0])] + [F.conv2d(x, w, padding=r, dilation=r)
+                                                 for w, r in zip(ws[1:], case.rates)], 1)
+    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_aspp_branches_gradcheck_fp64(backend):
     if backend == "triton" and not ON_GPU:
         pytest.skip("interpreted Triton is too slow for a numerical Jacobian; the per-op gradcheck covers it")
