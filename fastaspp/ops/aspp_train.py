@@ -14,8 +14,8 @@ normalize + ReLU in the prologue of the projection GEMM.
 Between the two, batch_norm_scale (fastaspp.ops.batch_norm) turns (mean, var) into the BN's
 centre and scale (γ/σ), all-reduced across ranks for SyncBN, and moves the running statistics.
 The BN stays in its centred form (z − mean)·scale + β rather than z·scale + (β − mean·scale):
-the backward then sums dpre·(z − mean), not dpre·z − mean·Σdpre, which cancels catastrophically
-when |mean| ≫ σ (on a 2-value batch it cost 5x PyTorch's gradient error).
+the backward then sums dpre·(z − mean), not dpre·z − mean·Σdpre, which loses the gradient of the
+scale to cancellation when |mean| ≫ σ.
 
 Both ops are differentiable in every tensor input and in their (mean, var) outputs; backward is
 torch ops plus the atrous-conv backward kernels of the chosen backend (the 1x1 projection's are
