@@ -25,7 +25,8 @@ def test_aspp(benchmark, shape, batch, mode, impl):
     eager, fused = aspp_pair(shape, DTYPE, DEVICE)
     module = (eager if impl == "eager" else fused).train(mode == "train")
     x = torch.randn(batch, shape.c_in, shape.size, shape.size).to(DEVICE, DTYPE, memory_format=torch.channels_last)
-    useful, dense = shape.flops(batch)
+    x.requires_grad_(mode == "train")  # a training step also takes the input's gradient, as in a whole model
+    useful, dense = (3 * f for f in shape.flops(batch)) if mode == "train" else shape.flops(batch)
     benchmark.extra_info.update(useful_flops=useful, dense_flops=dense, backend=fastaspp.resolve_backend(DEVICE))
 
     def step():
