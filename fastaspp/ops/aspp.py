@@ -3,13 +3,14 @@
   * torch.ops.fastaspp.aspp_branches: every conv branch (the 1x1 and the 3x3 atrous ones)
     with BN folded and ReLU, written into ONE NHWC buffer [N, (1+R)*C, H, W]: no concat.
     Per-device kernels: torch.ops.fastaspp._aspp_branches_forward (C++ cpu/cuda) and
-    fastaspp.kernels.aspp (Triton). The cpu kernel also shares the centre tap.
+    fastaspp.kernels.aspp (Triton, every branch in one launch). The cpu kernel also shares the
+    centre tap.
   * aspp_eval(): branches, then the projection as one GEMM whose per-image bias carries
     the pooling branch (constant over pixels, so its slice of the concat never exists),
     with the projection's BN folded and ReLU.
 
 aspp_branches is differentiable (each branch's gradients come from the atrous-conv backward
-kernels); training uses it with scale 1, shift 0 and no ReLU, batch-norm following.
+kernels). Training ASPPs use fastaspp.ops.aspp_train instead (BN statistics from the epilogues).
 """
 from __future__ import annotations
 
