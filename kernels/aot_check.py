@@ -31,9 +31,9 @@ def _cases():
                             ("wgrad", K.GPU_WGRAD_TC_CONFIGS, K.GPU_WGRAD_FMA_CONFIGS)]:
         out += [(kernel, i, "tc", dt) for i in range(len(tc)) for dt in ("bf16", "fp16")]
         out += [(kernel, i, "fma", dt) for i in range(len(fma)) for dt in ("fp32", "fp64")]
-    # The forward with every training fusion on (prologue, per-image bias, BN statistics), and the
-    # one-launch ASPP branches in eval (ReLU) and training (statistics) form.
-    for kernel in ("fwd_fused", "aspp", "aspp_stats"):
+    # The forward with every training fusion on (prologue, per-image bias, BN statistics), the
+    # one-launch ASPP branches in eval (ReLU) and training (statistics) form, and their input gradient.
+    for kernel in ("fwd_fused", "aspp", "aspp_stats", "aspp_dgrad"):
         out += [(kernel, i, "tc", "bf16") for i in range(len(K.GPU_CONV_TC_CONFIGS))]
         out += [(kernel, i, "fma", "fp32") for i in range(len(K.GPU_CONV_FMA_CONFIGS))]
     return out
@@ -57,8 +57,8 @@ def _compile(case, arch):
         jit = K._atrous_wgrad_kernel
     else:
         config = (K.GPU_CONV_TC_CONFIGS if kind == "tc" else K.GPU_CONV_FMA_CONFIGS)[index]
-        jit = {"dgrad": K._atrous_dgrad_kernel, "aspp": A._aspp_branches_kernel,
-               "aspp_stats": A._aspp_branches_kernel}.get(kernel, K._atrous_fwd_kernel)
+        jit = {"dgrad": K._atrous_dgrad_kernel, "aspp": A._aspp_branches_kernel, "aspp_stats": A._aspp_branches_kernel,
+               "aspp_dgrad": A._aspp_grad_input_kernel}.get(kernel, K._atrous_fwd_kernel)
         tile_h, tile_w = _TILE[config.kwargs["BLOCK_M"]]
     fn = jit
     while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap autotune / heuristics
@@ -67,7 +67,7 @@ def _compile(case, arch):
     if kernel.startswith("fwd"):
         fused = kernel == "fwd_fused"
         const.update(RELU=not fused, PROLOGUE=fused, IMAGE_BIAS=fused, STATS=fused)
-    if kernel.startswith("aspp"):
+    if kernel in ("aspp", "aspp_stats"):
         const.update(RELU=kernel == "aspp", STATS=kernel == "aspp_stats")
     if kernel != "wgrad":
         const.update(TILE_H=tile_h, TILE_W=tile_w)

@@ -15,6 +15,9 @@ Contract:
     aspp_branches_stats_forward(x, weights, rates) -> (z, mean, var)
         z = aspp_branches_forward(x, weights, rates, 1, 0, relu=False); mean, var [(1+R)*C]: z's
         per-channel batch mean and biased variance (fp32, fp64 for fp64), from the epilogues.
+    aspp_branches_grad_input(grad, weights, rates, input_size) -> dx
+        d/dx of sum(grad * aspp_branches_forward(x, weights, rates, 1, 0, relu=False)): every
+        branch's transposed convolution summed in one accumulator, one launch; dx NHWC storage.
     affine_relu_project_forward(z, centre, scale, shift, weight, image_bias) -> (y, mean, var)
         y = weight [Cout, K] applied to relu((z - centre) * scale + shift) (a GEMM prologue) + image_bias
         [N, Cout] per image; y [N, Cout, H, W] channels_last; mean, var: y's batch statistics.
@@ -126,24 +129,87 @@ def _aspp_branches_kernel(
         slot = tl.where(one_by_one, 0, tap)
         acc = _accumulate_tap(acc, (tap == 4) | (branch > 0), x_ptr, w_branch + slot * Cin * C, x_ptr, x_ptr,
                               x_ptr, n, oh, ow, oh0, ow0, oh_end, ow_end, (tap // 3 - 1) * rate,
-                              (tap % 3 - 1) * rate, H, W, H, W, Cin, C, 1, 1, offs_n, n_ok, False, ACC_DTYPE,
+                              (tap % 3 - 1) * rate, H, W, H, W, Cin, C, Cin, 1, 1, offs_n, n_ok, False, ACC_DTYPE,
                               DOT_DTYPE, DOT_PRECISION, BLOCK_K)
     _epilogue(acc, scale_ptr + branch * C, shift_ptr + branch * C, scale_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end,
               ow_end, H, W, C, offs_n, n_ok, BRANCHES * C, branch * C, stats_plane, RELU, False, STATS, ACC_DTYPE)
 
 
-def _packed_weights(weights):
-    """The branch weights as one tap-major tensor: w0 [Cin, C], then each wi as [3, 3, Cin, C]; kept for
-    weights that take no gradient while they are unchanged (as atrous_conv's _tap_major)."""
-    pack = lambda: torch.cat([weights[0].permute(2, 3, 1, 0).reshape(-1)]
-                             + [wi.permute(2, 3, 1, 0).reshape(-1) for wi in weights[1:]])
+@triton.autotune(configs=_CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=_CONV_PRUNE)
+@triton.heuristics({"TILE_H": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[0],
+                    "TILE_W": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[1]})
+@triton.jit
+def _aspp_grad_input_kernel(
+    g_ptr,  # [N, H, W, BRANCHES * C]: the gradient of the branches' buffer
+    w_ptr,  # packed transposed tap matrices: the 1x1 branch [C, Cin], then each 3x3 branch [9, C, Cin]
+    rates_ptr,  # [BRANCHES] int32: 0 for the 1x1 branch, then the rates
+    dx_ptr,  # [N, H, W, Cin]
+    N, H, W, Cin, C, BRANCHES,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    """dx = sum over branches and taps of the gradient shifted back by the tap's offset @ its weight
+    transposed, in one accumulator: one launch and one store of dx for the whole ASPP (stride 1, so
+    input and output pixels are the same grid). Taps skipped per patch as in the forward."""
+    n, ih, iw, ih0, iw0, ih_end, iw_end = _patch(tl.program_id(0), H, W, BLOCK_M, TILE_H, TILE_W)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
+    n_ok = offs_n < Cin
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for branch in range(0, BRANCHES):
+        rate = tl.load(rates_ptr + branch)
+        one_by_one = branch == 0
+        w_branch = w_ptr + tl.where(one_by_one, 0, 9 * branch - 8).to(tl.int64) * Cin * C
+        for tap in range(0, 9):
+            slot = tl.where(one_by_one, 0, tap)
+            # Output pixel o read input o + off in the forward, so input i takes the gradient at i - off.
+            acc = _accumulate_tap(acc, (tap == 4) | (branch > 0), g_ptr + branch * C, w_branch + slot * Cin * C,
+                                  g_ptr, g_ptr, g_ptr, n, ih, iw, ih0, iw0, ih_end, iw_end, -(tap // 3 - 1) * rate,
+                                  -(tap % 3 - 1) * rate, H, W, H, W, C, Cin, BRANCHES * C, 1, 1, offs_n, n_ok, False,
+                                  ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_K)
+    dx_rows = ((n.to(tl.int64) * H + ih) * W + iw) * Cin
+    store_ok = ((ih < ih_end) & (iw < iw_end))[:, None] & n_ok[None, :]
+    tl.store(dx_ptr + dx_rows[:, None] + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=store_ok)
+
+
+def aspp_branches_grad_input(grad, weights, rates, input_size):
+    """d/dx of sum(aspp_branches_forward(x, weights, rates, 1, 0, relu=False) * grad) in one launch:
+    grad [N, (1+R)*C, H, W] (any layout; read NHWC); returns dx [N, Cin, H, W] with NHWC storage.
+    Arguments are validated by the caller."""
+    n, cin, h, w = (int(v) for v in input_size)
+    c = weights[0].shape[0]
+    branches = len(weights)
+    acc_dt, dot_dt, prec = _dtype_meta(grad.dtype)
+    dx = _nhwc_empty(n, cin, h, w, grad)
+    if dx.numel() == 0:
+        return dx
+    if c == 0:
+        return dx.zero_()
+    g = grad.contiguous(memory_format=torch.channels_last)
+    rates_t = torch.tensor((0,) + tuple(int(r) for r in rates), dtype=torch.int32, device=grad.device)
+
+    def grid(meta):
+        return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]), triton.cdiv(cin, meta["BLOCK_N"]))
+
+    with _launch_ctx(grad):
+        _aspp_grad_input_kernel[grid](g, _packed_weights(weights, (2, 3, 0, 1)), rates_t, dx, n, h, w, cin, c,
+                                      branches, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
+    return dx
+
+
+def _packed_weights(weights, dims):
+    """The branch weights as one tap-major tensor, each permuted by dims: (2, 3, 1, 0) gives w0 as
+    [Cin, C], then each wi as [3, 3, Cin, C] (forward); (2, 3, 0, 1) the transposed [C, Cin] tap
+    matrices (input gradient). Kept for weights that take no gradient while they are unchanged (as
+    atrous_conv's _tap_major)."""
+    pack = lambda: torch.cat([w.permute(*dims).reshape(-1) for w in weights])
     if any(w.requires_grad or w.is_inference() for w in weights):
         return pack()
     stamp = tuple(_stamp(w) for w in weights) + tuple(id(w) for w in weights)
     kept = _TAP_MAJOR.setdefault(weights[0], {})
-    hit = kept.get("aspp")
+    hit = kept.get(("aspp", dims))
     if hit is None or hit[0] != stamp:
-        hit = kept["aspp"] = (stamp, pack())
+        hit = kept[("aspp", dims)] = (stamp, pack())
     return hit[1]
 
 
@@ -171,7 +237,7 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
 
     with _launch_ctx(x):
         _aspp_branches_kernel[grid](
-            x, _packed_weights(weights), rates_t, scale.contiguous(), shift.contiguous(), y, stats_planes,
+            x, _packed_weights(weights, (2, 3, 1, 0)), rates_t, scale.contiguous(), shift.contiguous(), y, stats_planes,
             n, h, w, cin, c, branches, stats_planes[0].numel() if stats is not None else 0,
             RELU=bool(relu), STATS=stats is not None, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
     return y

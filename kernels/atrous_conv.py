@@ -261,7 +261,7 @@ def _atrous_fwd_kernel(
         off_w = tap % KW * dil_w - pad_w
         acc = _accumulate_tap(acc, True, x_ptr, w_ptr + tap * Cin * Cout, pro_centre_ptr, pro_scale_ptr,
                               pro_shift_ptr, n, oh, ow, oh0, ow0, oh_end, ow_end, off_h, off_w, H, W, Ho, Wo,
-                              Cin, Cout, stride_h, stride_w, offs_n, n_ok, PROLOGUE, ACC_DTYPE, DOT_DTYPE,
+                              Cin, Cout, Cin, stride_h, stride_w, offs_n, n_ok, PROLOGUE, ACC_DTYPE, DOT_DTYPE,
                               DOT_PRECISION, BLOCK_K)
     _epilogue(acc, scale_ptr, shift_ptr, bias_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end, ow_end, Ho, Wo, Cout,
               offs_n, n_ok, y_pix_stride, y_c_off, stats_plane, RELU, IMAGE_BIAS, STATS, ACC_DTYPE)
@@ -285,11 +285,12 @@ def _patch(pid, Ho, Wo, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.
 @triton.jit
 def _accumulate_tap(acc, enabled, x_ptr, w_tap, pro_centre_ptr, pro_scale_ptr, pro_shift_ptr,
                     n, oh, ow, oh0, ow0, oh_end, ow_end, off_h, off_w, H, W, Ho, Wo, Cin, Cout,
-                    stride_h, stride_w, offs_n, n_ok,
+                    x_pix_stride, stride_h, stride_w, offs_n, n_ok,
                     PROLOGUE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += the patch's pixels shifted by (off_h, off_w) @ w_tap [Cin, Cout] over Cin, unless the
-    tap reads only padding for the whole patch (or is not enabled): then no loads and no MACs."""
+    tap reads only padding for the whole patch (or is not enabled): then no loads and no MACs.
+    x's pixels are x_pix_stride elements apart (Cin, or more for a channel slice of a wider buffer)."""
     lo_h, hi_h = _live_out_range(off_h, 0, H, stride_h, Ho)
     lo_w, hi_w = _live_out_range(off_w, 0, W, stride_w, Wo)
     lo_h = tl.maximum(lo_h, oh0)
@@ -300,7 +301,7 @@ def _accumulate_tap(acc, enabled, x_ptr, w_tap, pro_centre_ptr, pro_scale_ptr, p
         m_ok = (oh >= lo_h) & (oh < hi_h) & (ow >= lo_w) & (ow < hi_w)
         ih = oh * stride_h + off_h
         iw = ow * stride_w + off_w
-        x_rows = x_ptr + ((n.to(tl.int64) * H + ih) * W + iw) * Cin
+        x_rows = x_ptr + ((n.to(tl.int64) * H + ih) * W + iw) * x_pix_stride
         offs_k = tl.arange(0, BLOCK_K)
         for k0 in range(0, Cin, BLOCK_K):
             kk = k0 + offs_k

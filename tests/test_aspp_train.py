@@ -134,6 +134,22 @@ def test_backward_matches_reference_fp64(backend):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
+def test_branches_grad_input_op(backend):
+    """The one-call input gradient of every branch (one launch on triton) against autograd of plain
+    PyTorch in fp64, and opcheck."""
+    device = device_for(backend)
+    for case in _cases_for(backend)[:2]:
+        x, ws, rates = _branch_inputs(case, device, torch.float64)
+        x.requires_grad_()
+        expected = _branches_reference(x, ws, rates)
+        g = torch.randn_like(expected).contiguous(memory_format=torch.channels_last)
+        dx = torch.ops.fastaspp.aspp_branches_grad_input(g, ws, rates, list(x.shape), backend)
+        torch.testing.assert_close(dx, torch.autograd.grad(expected, x, g)[0], atol=1e-10, rtol=1e-9)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fastaspp.aspp_branches_grad_input.default,
+                          (g.float(), [w.float() for w in ws], rates, list(x.shape), backend))
+
+
 def test_gradcheck_fp64(backend):
     """Every input, through every output, the statistics included."""
     if backend == "triton" and not ON_GPU:

@@ -19,6 +19,7 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
@@ -62,23 +63,63 @@ def _setup_branches(ctx, inputs, output):
     ctx.rates, ctx.relu, ctx.backend = list(rates), relu, backend
 
 
+@torch.library.custom_op("fastaspp::aspp_branches_grad_input", mutates_args=())
+def _branches_grad_input_op(grad: Tensor, weights: List[Tensor], rates: List[int], input_size: List[int],
+                            backend: str) -> Tensor:
+    """d/dx of sum(grad · branches(x)) with scale 1, shift 0, no ReLU: [N, Cin, H, W], channels_last.
+    triton: one launch over every branch and tap, one accumulator; cpu/cuda: the atrous-conv input
+    gradient of each branch, added up."""
+    _check_backend(backend, grad)
+    if backend == "triton":
+        return _triton_aspp().aspp_branches_grad_input(grad, list(weights), list(rates), input_size)
+    c = weights[0].shape[0]
+    dx = None
+    for i, w in enumerate(weights):
+        g = grad[:, i * c:(i + 1) * c].contiguous(memory_format=torch.channels_last)
+        part = torch.ops.fastaspp._atrous_conv2d_grad_input.default(g, w, list(input_size), *_branch_geometry(rates, i))
+        dx = part if dx is None else dx.add_(part)
+    return dx.contiguous(memory_format=torch.channels_last)
+
+
+@_branches_grad_input_op.register_fake
+def _(grad, weights, rates, input_size, backend):
+    return grad.new_empty(list(input_size)).contiguous(memory_format=torch.channels_last)
+
+
+def branches_backward(g: Tensor, x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], scale, backend: str,
+                      needs: Sequence[bool]) -> tuple:
+    """(dx, [dw_i], dscale, dshift) of sum(g · (conv_i(x)·scale_i + shift_i)) over the branches, g the
+    gradient of the whole buffer with any ReLU mask already applied; scale None means 1. dx comes
+    from aspp_branches_grad_input (one launch on triton), each branch's weight and scale gradients
+    from the atrous-conv backward."""
+    need_x, need_w, need_scale, need_shift = needs
+    c = weights[0].shape[0]
+    dx = None
+    if need_x:
+        g_scaled = g if scale is None else g * scale.view(1, -1, 1, 1)
+        dx = torch.ops.fastaspp.aspp_branches_grad_input(g_scaled, list(weights), list(rates), list(x.shape), backend)
+        dx = dx.contiguous(memory_format=suggest_memory_format(x))
+    dws, dscales, dshifts = [], [], []
+    if need_w or need_scale or need_shift:
+        for i, w in enumerate(weights):
+            part = slice(i * c, (i + 1) * c)
+            _, gw, _, gs, gt = conv_affine_backward(
+                g[:, part], x, w, None, None if scale is None else scale[part], None, False,
+                *_branch_geometry(rates, i), backend, (False, need_w, False, need_scale, need_shift))
+            dws.append(gw)
+            dscales.append(gs)
+            dshifts.append(gt)
+    return (dx, dws if need_w else None, torch.cat(dscales) if need_scale else None,
+            torch.cat(dshifts) if need_shift else None)
+
+
 def _branches_backward(ctx, grad: Tensor):
-    """Each branch is an affine conv of x: its gradients come from the atrous-conv backward."""
     x, scale, out, *weights = ctx.saved_tensors
     need_x, need_w, _, need_scale, need_shift = ctx.needs_input_grad[:5]
-    c = weights[0].shape[0]
-    dx, dws, dscales, dshifts = None, [], [], []
-    for i, w in enumerate(weights):
-        part = slice(i * c, (i + 1) * c)
-        gx, gw, _, gs, gt = conv_affine_backward(
-            grad[:, part], x, w, None, scale[part], out[:, part] if ctx.relu else None, ctx.relu,
-            *_branch_geometry(ctx.rates, i), ctx.backend, (need_x, need_w, False, need_scale, need_shift))
-        dx = gx if dx is None else dx + gx
-        dws.append(gw)
-        dscales.append(gs)
-        dshifts.append(gt)
-    return (dx, dws if need_w else None, None, torch.cat(dscales) if need_scale else None,
-            torch.cat(dshifts) if need_shift else None, None, None)
+    g = grad.masked_fill(out <= 0, 0) if ctx.relu else grad
+    dx, dws, dscale, dshift = branches_backward(g, x, weights, ctx.rates, scale, ctx.backend,
+                                                (need_x, need_w, need_scale, need_shift))
+    return dx, dws, None, dscale, dshift, None, None
 
 
 _aspp_branches_op.register_autograd(_branches_backward, setup_context=_setup_branches)

@@ -29,13 +29,12 @@ from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
-from fastaspp.ops.aspp import _branch_geometry, _branches_shape, _triton_aspp, check_aspp_args
-from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor, conv_affine_backward
+from fastaspp.ops.aspp import _branches_shape, _triton_aspp, branches_backward, check_aspp_args
+from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor
 
 Stats = Tuple[Tensor, Tensor, Tensor]
 
@@ -99,16 +98,9 @@ def _branches_stats_backward(ctx, grad_z, grad_mean, grad_var):
     x, z, mean, *weights = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
     g = _stats_grad(grad_z, z, mean, grad_mean, grad_var).to(x.dtype)
-    g = g.contiguous(memory_format=suggest_memory_format(x))
-    c = weights[0].shape[0]
-    dx, dws = None, []
-    for i, w in enumerate(weights):
-        gx, gw, *_ = conv_affine_backward(g[:, i * c:(i + 1) * c], x, w, None, None, None, False,
-                                          *_branch_geometry(ctx.rates, i), ctx.backend,
-                                          (need_x, need_w, False, False, False))
-        dx = gx if dx is None else dx + gx
-        dws.append(gw)
-    return dx, dws if need_w else None, None, None
+    dx, dws, _, _ = branches_backward(g.contiguous(memory_format=torch.channels_last), x, weights, ctx.rates, None,
+                                      ctx.backend, (need_x, need_w, False, False))
+    return dx, dws, None, None
 
 
 _branches_stats_op.register_autograd(_branches_stats_backward, setup_context=_setup_branches_stats)
