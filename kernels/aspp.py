@@ -41,6 +41,7 @@ it waits for a GPU measurement. The pooling branch and the projection (§2.4, §
 GEMM) are not part of this function.
 """
 
+import functools
 import operator
 
 import torch
@@ -186,7 +187,7 @@ def aspp_branches_grad_input(grad, weights, rates, input_size):
     if c == 0:
         return dx.zero_()
     g = grad.contiguous(memory_format=torch.channels_last)
-    rates_t = torch.tensor((0,) + tuple(int(r) for r in rates), dtype=torch.int32, device=grad.device)
+    rates_t = _rates_tensor(tuple(int(r) for r in rates), grad.device)
 
     def grid(meta):
         return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]), triton.cdiv(cin, meta["BLOCK_N"]))
@@ -195,6 +196,12 @@ def aspp_branches_grad_input(grad, weights, rates, input_size):
         _aspp_grad_input_kernel[grid](g, _packed_weights(weights, (2, 3, 0, 1)), rates_t, dx, n, h, w, cin, c,
                                       branches, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
     return dx
+
+
+@functools.lru_cache(maxsize=64)
+def _rates_tensor(rates, device):
+    """(0, *rates) as int32 on device, made once per (rates, device): not a host-to-device copy per call."""
+    return torch.tensor((0,) + tuple(rates), dtype=torch.int32, device=device)
 
 
 def _packed_weights(weights, dims):
@@ -228,7 +235,7 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
         return y
     acc_dt, dot_dt, prec = _dtype_meta(x.dtype)
     x = x.contiguous(memory_format=torch.channels_last)
-    rates_t = torch.tensor((0,) + rates, dtype=torch.int32, device=x.device)
+    rates_t = _rates_tensor(rates, x.device)
     stats_planes = stats if stats is not None else scale.new_zeros(1)
 
     def grid(meta):
@@ -248,7 +255,7 @@ def _acc_dtype(t):
 
 
 def _empty_stats(t, channels):
-    return (t.new_zeros(channels, dtype=_acc_dtype(t)),) * 2
+    return tuple(t.new_zeros(channels, dtype=_acc_dtype(t)) for _ in range(2))  # two tensors: outputs never alias
 
 
 def aspp_branches_stats_forward(x, weights, rates):
