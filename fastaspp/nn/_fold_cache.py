@@ -8,6 +8,11 @@ import torch
 from torch import Tensor, nn
 
 
+def needs_autograd(module: nn.Module) -> bool:
+    """Whether autograd would record a computation from module's parameters right now."""
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+
 class FoldCache:
     """Holds what `compute()` returned until the module's parameters or buffers change.
 
@@ -25,8 +30,7 @@ class FoldCache:
         self.value = None
 
     def get(self, module: nn.Module, x: Tensor, compute: Callable[[], object]):
-        if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())):
+        if torch.compiler.is_compiling() or needs_autograd(module):
             return compute()
         tensors = itertools.chain(module.parameters(), module.buffers())
         key = (x.dtype, x.device) + tuple((t.data_ptr(), t._version) for t in tensors)

@@ -6,7 +6,7 @@ from typing import List, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastaspp.nn._fold_cache import FoldCache
+from fastaspp.nn._fold_cache import FoldCache, needs_autograd
 from fastaspp.nn.atrous_conv import ConvBNReLU
 from fastaspp.nn.sync_bn import SyncBatchNorm2d
 from fastaspp.ops.aspp import aspp_eval
@@ -62,14 +62,11 @@ class ASPP(nn.Module):
         if x.shape[1] != expected:
             raise ValueError(f"x has {x.shape[1]} channels but this ASPP expects in_channels={expected}")
 
-    def _needs_autograd(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.training and self._branch_bns_shareable():
             return self._forward_train(x)
-        if self.training or self._needs_autograd() or x.requires_grad:
+        if self.training or needs_autograd(self) or x.requires_grad:
             return self._forward_per_branch(x)
         return self._forward_fused(x)
 

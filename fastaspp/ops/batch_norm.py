@@ -31,7 +31,8 @@ def distributed() -> bool:
 
 def sync_batch_norm(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                     running_var: Optional[Tensor], factor: float, eps: float, process_group=None) -> Tensor:
-    """Training-mode batch norm of z [N, C, H, W] with statistics over every rank of process_group.
+    """Training-mode batch norm of z [N, C, H, W] with statistics over every rank of process_group:
+    this rank's (mean, var) combined across ranks by batch_norm_scale.
 
     Running statistics, when given, move by `factor` as nn.BatchNorm2d's do (unbiased variance).
     """
@@ -39,34 +40,25 @@ def sync_batch_norm(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         raise ValueError(f"z must be a 4-D tensor [N, C, H, W], got shape {tuple(z.shape)}")
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
     zf = z.to(acc)
-    channels = z.shape[1]
-    count = torch.full((1,), z.numel() // max(channels, 1), dtype=acc, device=z.device)
-    # Two passes (mean, then centred squares) avoid the cancellation of E[z²] − E[z]².
-    sums = _all_reduce(torch.cat([zf.sum(dim=(0, 2, 3)), count]), process_group)
-    total = sums[channels]
-    if total.item() <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {int(total.item())} "
-                         f"across all ranks")
-    mean = sums[:channels] / total
-    centred = zf - mean.view(1, -1, 1, 1)
-    var = _all_reduce(centred.square().sum(dim=(0, 2, 3)), process_group) / total
-    if running_mean is not None:
-        with torch.no_grad():
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            unbiased = var * (total / (total - 1))
-            running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
-    y = centred * torch.rsqrt(var + eps).view(1, -1, 1, 1)
-    if weight is not None:
-        y = y * weight.to(acc).view(1, -1, 1, 1) + bias.to(acc).view(1, -1, 1, 1)
+    count = z.numel() // max(z.shape[1], 1)
+    if count:
+        var, mean = torch.var_mean(zf, dim=(0, 2, 3), unbiased=False)
+    else:  # an empty batch on this rank adds nothing (var_mean would give NaN)
+        mean = var = zf.new_zeros(z.shape[1])
+    centre, scale = batch_norm_scale(mean, var, count, weight, running_mean, running_var, factor=factor, eps=eps,
+                                     synchronise=True, process_group=process_group)
+    y = (zf - centre.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.to(acc).view(1, -1, 1, 1)
     return y.to(z.dtype)
 
 
-def batch_norm_scale(mean: Tensor, var: Tensor, count: int, weight: Tensor, running_mean: Optional[Tensor],
+def batch_norm_scale(mean: Tensor, var: Tensor, count: int, weight: Optional[Tensor], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], *, factor: float, eps: float, synchronise: bool = False,
                      process_group=None) -> Tuple[Tensor, Tensor]:
-    """(mean, scale) of a training batch norm, y = (z − mean)·scale + bias with scale = weight/σ,
-    from z's batch statistics. (The centred form keeps the backward free of the cancellation in
-    Σ g·z − mean·Σ g.)
+    """(mean, scale) of a training batch norm, y = (z − mean)·scale + bias with scale = weight/σ
+    (1/σ without weight), from z's batch statistics. (The centred form keeps the backward free of
+    the cancellation in Σ g·z − mean·Σ g.)
 
     mean, var: this rank's per-channel batch mean and biased variance over `count` values each
     (as the conv epilogues gather them). With synchronise and torch.distributed initialised they
@@ -77,20 +69,22 @@ def batch_norm_scale(mean: Tensor, var: Tensor, count: int, weight: Tensor, runn
     nn.BatchNorm2d's. Differentiable in mean, var and weight.
     """
     acc = mean.dtype
+    where = ""
     if synchronise and distributed():
         local = torch.full((1,), float(count), dtype=acc, device=mean.device)
         sums = _all_reduce(torch.cat([mean * count, local]), process_group)
         total = sums[-1]
         global_mean = sums[:-1] / total
         var = _all_reduce(count * (var + (mean - global_mean).square()), process_group) / total
-        mean, count = global_mean, int(total.item())
+        mean, count, where = global_mean, int(total.item()), " across all ranks"
     if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count}{where}")
     if running_mean is not None:
         with torch.no_grad():
             running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
             running_var.mul_(1 - factor).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=factor)
-    return mean, weight.to(acc) * torch.rsqrt(var + eps)
+    scale = torch.rsqrt(var + eps)
+    return mean, scale if weight is None else weight.to(acc) * scale
 
 
 def concat_bn_relu(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
