@@ -2,13 +2,17 @@
 // branch of an ASPP into one NHWC buffer, with the centre tap shared (DESIGN.md §2.2): the
 // 1x1 branch and the centre taps of all 3x3 branches read the same pixel, so they are one
 // GEMM with N = (1+R)*C. The off-centre taps of each 3x3 branch then accumulate into that
-// branch's channel slice (dead taps skipped). Eval applies every branch's scale, shift and
-// ReLU in one epilogue; training returns the raw sums with their batch-norm statistics.
+// branch's channel slice (dead taps skipped). In eval, fp32/fp64 branches whose rate leaves
+// small sub-grids run as Winograd convs instead (winograd.h), which need fewer products than
+// the live taps. Eval applies every branch's scale, shift and ReLU in one epilogue; training
+// returns the raw sums with their batch-norm statistics.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "tap_gemm.h"
+#include "winograd.h"
 
 namespace fastaspp {
 namespace {
@@ -34,30 +38,51 @@ int64_t check_branches(const at::Tensor& x, at::TensorList weights, at::IntArray
   return ch;
 }
 
-// The raw branch sums: [N, H, W, (1+R)*C] in the compute dtype (x must not be empty).
-at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, int64_t ch) {
+// The raw branch sums: [N, H, W, (1+R)*C] in the compute dtype (x must not be empty). With
+// allow_winograd, 3x3 branches that use_winograd accepts run winograd_conv3x3 whole instead.
+at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, int64_t ch,
+                        bool allow_winograd) {
   const int64_t branches = static_cast<int64_t>(weights.size());
   const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
   const auto dtype = compute_dtype(x.scalar_type());
   const at::Tensor xh = to_nhwc(x, dtype);
   at::Tensor acc = at::empty({batch, in_h, in_w, branches * ch}, x.options().dtype(dtype));
+  std::vector<bool> winograd(branches, false);
+  for (int64_t i = 1; i < branches; ++i)
+    winograd[i] = allow_winograd && use_winograd(in_h, in_w, rates[i - 1], dtype);
 
-  // Shared centre tap: [N*H*W, Cin] @ [Cin, (1+R)*C] straight into the whole buffer.
-  std::vector<at::Tensor> centre;
-  centre.reserve(branches);
-  for (int64_t i = 0; i < branches; ++i) {
-    const int64_t mid = i == 0 ? 0 : 1;
-    centre.push_back(weights[i].to(dtype).select(3, mid).select(2, mid));  // [C, Cin]
-  }
+  // Shared centre tap: [N*H*W, Cin] @ [Cin, C] for every direct branch, one GEMM per run of
+  // adjacent direct branches (all of them when none runs Winograd) straight into the buffer.
+  const at::Tensor x_2d = xh.reshape({-1, in_ch});
   at::Tensor acc_2d = acc.view({-1, branches * ch});
-  at::mm_out(acc_2d, xh.reshape({-1, in_ch}), at::cat(centre, 0).t());
+  int64_t first = 0;
+  while (first < branches) {
+    if (winograd[first]) {
+      ++first;
+      continue;
+    }
+    std::vector<at::Tensor> centre;
+    int64_t last = first;
+    for (; last < branches && !winograd[last]; ++last) {
+      const int64_t mid = last == 0 ? 0 : 1;
+      centre.push_back(weights[last].to(dtype).select(3, mid).select(2, mid));  // [C, Cin]
+    }
+    at::Tensor out = acc_2d.narrow(1, first * ch, (last - first) * ch);
+    at::mm_out(out, x_2d, at::cat(centre, 0).t());
+    first = last;
+  }
 
-  // Off-centre taps of each 3x3 branch, into its channel slice.
+  // Off-centre taps of each direct 3x3 branch into its channel slice; Winograd branches whole.
+  const at::Tensor x_dense = std::find(winograd.begin(), winograd.end(), true) != winograd.end() ? xh.contiguous() : xh;
   for (int64_t i = 1; i < branches; ++i) {
     const int64_t r = rates[i - 1];
+    const at::Tensor slice = acc.narrow(3, i * ch, ch);
+    if (winograd[i]) {
+      winograd_conv3x3(x_dense, weights[i], r, slice);
+      continue;
+    }
     const ConvGeometry g = make_geometry({1, 1}, {r, r}, {r, r});
     const at::Tensor w_taps = tap_matrices(weights[i], dtype);
-    const at::Tensor slice = acc.narrow(3, i * ch, ch);
     for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, g, n, slice, /*skip_centre=*/true);
   }
   return acc;
@@ -75,7 +100,7 @@ at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights
   at::Tensor y = at::empty({x.size(0), branches * ch, x.size(2), x.size(3)},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  bn_relu_epilogue(branches_acc(x, weights, rates, ch), scale, shift, relu, y);
+  bn_relu_epilogue(branches_acc(x, weights, rates, ch, /*allow_winograd=*/true), scale, shift, relu, y);
   return y;
 }
 
@@ -93,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cpu(c
     const at::Tensor zeros = at::zeros({branches * ch}, x.options().dtype(dtype));
     return {at::empty(shape, cl), zeros, zeros.clone()};
   }
-  const at::Tensor acc = branches_acc(x, weights, rates, ch);
+  const at::Tensor acc = branches_acc(x, weights, rates, ch, /*allow_winograd=*/false);
   auto [mean, var] = channel_stats(acc.view({-1, branches * ch}));
   // The NHWC buffer is already z in channels_last storage; half types need a rounded copy.
   at::Tensor z = acc.permute({0, 3, 1, 2});

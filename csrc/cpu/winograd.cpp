@@ -1,0 +1,370 @@
+// Winograd 3x3 atrous conv on CPU (see winograd.h).
+//
+// Per axis, output o of a sub-grid reads its neighbours o-1, o, o+1 (zero outside the map):
+// y_o = w0 x_(o-1) + w1 x_o + w2 x_(o+1). A tile of m outputs is computed as
+// y = P ((Mw w) * (Mx d)) from its m + 2 inputs d (one halo pixel each side): "points"
+// products instead of 3m. In 2D the transforms apply along both axes and the products over
+// input channels become one GEMM per (point_h, point_w) pair, batched with at::bmm:
+//   V = Mx_h d Mx_w^T (input transform), U = Mw_h w Mw_w^T (weights, cached), Y = V @ U,
+//   out = P_h Y P_w^T (output transform).
+#include "winograd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../common/tap_geometry.h"
+
+namespace fastaspp {
+namespace {
+
+using Matrix = std::vector<std::vector<double>>;
+
+// Toom-Cook points; infinity is always the last one. Small, exact in binary, symmetric: they
+// keep F(6,3)'s fp32 error near 1e-5 of the output's scale.
+constexpr double kPoints[] = {0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5};
+constexpr int64_t kMaxTile = 6;              // F(6,3) needs all of kPoints
+constexpr double kMaxProductShare = 0.8;     // below that, the transforms' memory traffic wins
+constexpr int64_t kChunkBytes = 64 << 20;    // bound on the transformed input held at once
+constexpr int64_t kChannelBlock = 256;       // channels per pass of a transform (stays in L1/L2)
+
+Matrix zeros(int64_t rows, int64_t cols) { return Matrix(rows, std::vector<double>(cols, 0.0)); }
+
+Matrix transpose(const Matrix& a) {
+  Matrix t = zeros(a[0].size(), a.size());
+  for (size_t i = 0; i < a.size(); ++i)
+    for (size_t j = 0; j < a[0].size(); ++j) t[j][i] = a[i][j];
+  return t;
+}
+
+// Gauss-Jordan with partial pivoting (the Vandermonde-like matrices here are at most 8x8).
+Matrix inverse(Matrix a) {
+  const size_t n = a.size();
+  Matrix inv = zeros(n, n);
+  for (size_t i = 0; i < n; ++i) inv[i][i] = 1.0;
+  for (size_t col = 0; col < n; ++col) {
+    size_t pivot = col;
+    for (size_t r = col + 1; r < n; ++r)
+      if (std::abs(a[r][col]) > std::abs(a[pivot][col])) pivot = r;
+    std::swap(a[col], a[pivot]);
+    std::swap(inv[col], inv[pivot]);
+    const double d = a[col][col];
+    for (size_t j = 0; j < n; ++j) a[col][j] /= d, inv[col][j] /= d;
+    for (size_t r = 0; r < n; ++r) {
+      if (r == col || a[r][col] == 0.0) continue;
+      const double f = a[r][col];
+      for (size_t j = 0; j < n; ++j) a[r][j] -= f * a[col][j], inv[r][j] -= f * inv[col][j];
+    }
+  }
+  return inv;
+}
+
+// [points, coeffs]: a polynomial's coefficients -> its values at the points (and at infinity,
+// where the value is the leading coefficient).
+Matrix evaluation(int64_t points, int64_t coeffs) {
+  Matrix e = zeros(points, coeffs);
+  for (int64_t i = 0; i + 1 < points; ++i) {
+    double power = 1.0;
+    for (int64_t j = 0; j < coeffs; ++j, power *= kPoints[i]) e[i][j] = power;
+  }
+  e[points - 1][coeffs - 1] = 1.0;
+  return e;
+}
+
+// F(m, r): y_i = sum_k g_k d_(i+k), i < m, as AT ((G g) * (BT d)) with m + r - 1 products: the
+// transpose of polynomial multiplication by evaluation and interpolation.
+struct ToomCook {
+  Matrix at, g, bt;  // [m, a], [a, r], [a, a]
+};
+
+ToomCook toom_cook(int64_t m, int64_t r) {
+  const int64_t a = m + r - 1;
+  return {transpose(evaluation(a, m)), evaluation(a, r), transpose(inverse(evaluation(a, a)))};
+}
+
+// One axis of the sub-grids: tiles of m outputs, each y = output_t ((weight_t w) * (input_t d)).
+struct AxisPlan {
+  int64_t m, tiles, points;
+  Matrix weight_t, input_t, output_t;  // [points, 3], [points, m + 2], [m, points]
+};
+
+AxisPlan axis_plan(int64_t s) {
+  if (s == 1) {  // only the centre tap is live
+    return {1, 1, 1, {{0.0, 1.0, 0.0}}, {{0.0, 1.0, 0.0}}, {{1.0}}};
+  }
+  if (s == 2) {
+    // [y0, y1] = [[w1, w2], [w0, w1]] [x0, x1]; reversed, a correlation of the data (w0, w1, w2)
+    // with the filter (x0, x1): F(2,2) with the roles swapped, 3 products instead of 4.
+    const ToomCook f = toom_cook(2, 2);
+    Matrix input_t = zeros(3, 4);
+    for (int i = 0; i < 3; ++i) input_t[i][1] = f.g[i][0], input_t[i][2] = f.g[i][1];
+    return {2, 1, 3, f.bt, input_t, {f.at[1], f.at[0]}};
+  }
+  const int64_t tiles = ceil_div(s, kMaxTile);
+  const int64_t m = ceil_div(s, tiles);
+  const ToomCook f = toom_cook(m, 3);
+  return {m, tiles, m + 2, f.g, f.bt, f.at};
+}
+
+template <typename T>
+std::vector<T> flat(const Matrix& a) {
+  std::vector<T> out;
+  for (const auto& row : a) out.insert(out.end(), row.begin(), row.end());
+  return out;
+}
+
+int64_t live_pairs(int64_t size, int64_t rate) {
+  int64_t live = 0;
+  for (int64_t k = 0; k < 3; ++k) live += tap_live_range(k, size, size, 1, rate, rate).size();
+  return live;
+}
+
+// Products per axis: every sub-grid (at most `rate` of them) padded to whole tiles.
+int64_t axis_products(int64_t size, int64_t rate) {
+  const AxisPlan p = axis_plan(ceil_div(size, rate));
+  return std::min(rate, size) * p.tiles * p.points;
+}
+
+// Where each tile's rows start: pixel coordinate of sub-grid index k along an axis, or -1 off
+// the map.
+struct Tiling {
+  int64_t batch, in_h, in_w, rate, res_h, res_w;
+  AxisPlan h, w;
+  int64_t tiles() const { return batch * res_h * res_w * h.tiles * w.tiles; }
+  // tile t -> (n, residue_h, residue_w, tile_h, tile_w)
+  void decode(int64_t t, int64_t& n, int64_t& a, int64_t& b, int64_t& th, int64_t& tw) const {
+    tw = t % w.tiles, t /= w.tiles;
+    th = t % h.tiles, t /= h.tiles;
+    b = t % res_w, t /= res_w;
+    a = t % res_h, n = t / res_h;
+  }
+  static int64_t pixel(int64_t k, int64_t residue, int64_t rate, int64_t size) {
+    const int64_t p = k * rate + residue;
+    return k >= 0 && p < size ? p : -1;
+  }
+};
+
+// V[p * Pw + q, t - t0, :] = (Mx_h d Mx_w^T)[p, q] for tiles t0 <= t < t1; d read from xh.
+template <typename T>
+void input_transform(const T* x, const Tiling& g, int64_t channels, int64_t t0, int64_t t1, T* v) {
+  const int64_t mh = g.h.m + 2, mw = g.w.m + 2, ph = g.h.points, pw = g.w.points, rows = t1 - t0;
+  const std::vector<T> bh = flat<T>(g.h.input_t), bw = flat<T>(g.w.input_t);
+  at::parallel_for(t0, t1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(ph * mw * kChannelBlock);
+    std::vector<int64_t> row(mh), col(mw);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t n, a, b, th, tw;
+      g.decode(t, n, a, b, th, tw);
+      for (int64_t i = 0; i < mh; ++i) row[i] = Tiling::pixel(th * g.h.m + i - 1, a, g.rate, g.in_h);
+      for (int64_t j = 0; j < mw; ++j) col[j] = Tiling::pixel(tw * g.w.m + j - 1, b, g.rate, g.in_w);
+      for (int64_t c0 = 0; c0 < channels; c0 += kChannelBlock) {
+        const int64_t cb = std::min(kChannelBlock, channels - c0);
+        std::fill(tmp.begin(), tmp.end(), T(0));
+        // tmp[p, j] = sum_i Mx_h[p, i] d[i, j] over the pixels on the map (the rest are zero).
+        for (int64_t i = 0; i < mh; ++i) {
+          if (row[i] < 0) continue;
+          for (int64_t j = 0; j < mw; ++j) {
+            if (col[j] < 0) continue;
+            const T* src = x + ((n * g.in_h + row[i]) * g.in_w + col[j]) * channels + c0;
+            for (int64_t p = 0; p < ph; ++p) {
+              const T coef = bh[p * mh + i];
+              if (coef == T(0)) continue;
+              T* dst = tmp.data() + (p * mw + j) * kChannelBlock;
+              for (int64_t c = 0; c < cb; ++c) dst[c] += coef * src[c];
+            }
+          }
+        }
+        // V[p, q] = sum_j tmp[p, j] Mx_w[q, j]
+        for (int64_t p = 0; p < ph; ++p)
+          for (int64_t q = 0; q < pw; ++q) {
+            T* dst = v + ((p * pw + q) * rows + (t - t0)) * channels + c0;
+            std::fill(dst, dst + cb, T(0));
+            for (int64_t j = 0; j < mw; ++j) {
+              const T coef = bw[q * mw + j];
+              if (coef == T(0) || col[j] < 0) continue;
+              const T* src = tmp.data() + (p * mw + j) * kChannelBlock;
+              for (int64_t c = 0; c < cb; ++c) dst[c] += coef * src[c];
+            }
+          }
+      }
+    }
+  });
+}
+
+// out[pixels of tile t] = (P_h Y[:, :, t - t0] P_w^T), for the tile's outputs on the map.
+template <typename T>
+void output_transform(const T* y, const Tiling& g, int64_t channels, int64_t t0, int64_t t1, T* out,
+                      const int64_t* out_strides) {
+  const int64_t mh = g.h.m, mw = g.w.m, ph = g.h.points, pw = g.w.points, rows = t1 - t0;
+  const std::vector<T> ah = flat<T>(g.h.output_t), aw = flat<T>(g.w.output_t);
+  at::parallel_for(t0, t1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(pw * kChannelBlock);
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t n, a, b, th, tw;
+      g.decode(t, n, a, b, th, tw);
+      for (int64_t c0 = 0; c0 < channels; c0 += kChannelBlock) {
+        const int64_t cb = std::min(kChannelBlock, channels - c0);
+        for (int64_t i = 0; i < mh; ++i) {
+          const int64_t r = Tiling::pixel(th * mh + i, a, g.rate, g.in_h);
+          if (r < 0) continue;
+          // tmp[q] = sum_p P_h[i, p] Y[p, q]
+          std::fill(tmp.begin(), tmp.end(), T(0));
+          for (int64_t p = 0; p < ph; ++p) {
+            const T coef = ah[i * ph + p];
+            if (coef == T(0)) continue;
+            for (int64_t q = 0; q < pw; ++q) {
+              const T* src = y + ((p * pw + q) * rows + (t - t0)) * channels + c0;
+              T* dst = tmp.data() + q * kChannelBlock;
+              for (int64_t c = 0; c < cb; ++c) dst[c] += coef * src[c];
+            }
+          }
+          for (int64_t j = 0; j < mw; ++j) {
+            const int64_t col = Tiling::pixel(tw * mw + j, b, g.rate, g.in_w);
+            if (col < 0) continue;
+            T* dst = out + n * out_strides[0] + r * out_strides[1] + col * out_strides[2] + c0;
+            std::fill(dst, dst + cb, T(0));
+            for (int64_t q = 0; q < pw; ++q) {
+              const T coef = aw[j * pw + q];
+              if (coef == T(0)) continue;
+              const T* src = tmp.data() + q * kChannelBlock;
+              for (int64_t c = 0; c < cb; ++c) dst[c] += coef * src[c];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// U [Ph * Pw, Cin, Cout] = Mw_h w Mw_w^T per (Cout, Cin) pair.
+template <typename T>
+void weight_transform(const at::Tensor& weight, const AxisPlan& h, const AxisPlan& w, at::Tensor& u) {
+  const int64_t out_ch = weight.size(0), in_ch = weight.size(1), ph = h.points, pw = w.points;
+  const T* src = weight.data_ptr<T>();
+  T* dst = u.data_ptr<T>();
+  const std::vector<T> gh = flat<T>(h.weight_t), gw = flat<T>(w.weight_t);
+  at::parallel_for(0, in_ch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(ph * 3);
+    for (int64_t ci = begin; ci < end; ++ci)
+      for (int64_t co = 0; co < out_ch; ++co) {
+        const T* k = src + (co * in_ch + ci) * 9;
+        for (int64_t p = 0; p < ph; ++p)
+          for (int64_t kw = 0; kw < 3; ++kw)
+            tmp[p * 3 + kw] = gh[p * 3] * k[kw] + gh[p * 3 + 1] * k[3 + kw] + gh[p * 3 + 2] * k[6 + kw];
+        for (int64_t p = 0; p < ph; ++p)
+          for (int64_t q = 0; q < pw; ++q)
+            dst[((p * pw + q) * in_ch + ci) * out_ch + co] =
+                tmp[p * 3] * gw[q * 3] + tmp[p * 3 + 1] * gw[q * 3 + 1] + tmp[p * 3 + 2] * gw[q * 3 + 2];
+      }
+  });
+}
+
+at::Tensor make_transformed_weights(const at::Tensor& weight, at::ScalarType dtype, const AxisPlan& h,
+                                    const AxisPlan& w) {
+  const at::Tensor k = weight.to(dtype).contiguous();
+  at::Tensor u = at::empty({h.points * w.points, weight.size(1), weight.size(0)}, k.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "winograd_weights", [&] { weight_transform<scalar_t>(k, h, w, u); });
+  return u;
+}
+
+int64_t cache_budget_bytes() {
+  const char* mb = std::getenv("FASTASPP_CPU_WINOGRAD_CACHE_MB");
+  return (mb != nullptr ? std::atoll(mb) : 1024) << 20;
+}
+
+// Transformed weights, kept while their weight tensor lives and is unchanged (same object,
+// storage and version counter), least recently used dropped first beyond the byte budget.
+// Eval's folded weights (nn.ASPP's FoldCache) are such tensors: transformed once, not per call.
+class TransformCache {
+ public:
+  at::Tensor get(const at::Tensor& weight, at::ScalarType dtype, const AxisPlan& h, const AxisPlan& w) {
+    // As the Triton backend's kept weight re-layouts: weights that take a gradient change every
+    // step (and gradcheck perturbs them behind the version counter), and inference tensors keep
+    // no version counter, so neither is kept.
+    if (weight.requires_grad() || weight.is_inference()) return make_transformed_weights(weight, dtype, h, w);
+    const int64_t version = weight._version();
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.remove_if([](const Entry& e) { return e.owner.expired(); });
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->impl == weight.unsafeGetTensorImpl() && it->data == weight.data_ptr() && it->version == version &&
+          it->dtype == dtype && it->mh == h.m && it->mw == w.m) {
+        entries_.splice(entries_.begin(), entries_, it);
+        return it->u;
+      }
+    }
+    at::Tensor u = make_transformed_weights(weight, dtype, h, w);
+    const int64_t bytes = u.numel() * u.element_size(), budget = cache_budget_bytes();
+    if (bytes > budget) return u;
+    int64_t held = bytes;
+    for (const Entry& e : entries_) held += e.u.numel() * e.u.element_size();
+    while (held > budget) {
+      held -= entries_.back().u.numel() * entries_.back().u.element_size();
+      entries_.pop_back();
+    }
+    entries_.push_front({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
+                         weight.unsafeGetTensorImpl(), weight.data_ptr(), version, dtype, h.m, w.m, u});
+    return u;
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
+    const c10::TensorImpl* impl;
+    const void* data;
+    int64_t version;
+    at::ScalarType dtype;
+    int64_t mh, mw;
+    at::Tensor u;
+  };
+  std::mutex mutex_;
+  std::list<Entry> entries_;  // most recently used first
+};
+
+TransformCache& transform_cache() {
+  static TransformCache cache;
+  return cache;
+}
+
+}  // namespace
+
+bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, at::ScalarType dtype) {
+  const char* flag = std::getenv("FASTASPP_CPU_WINOGRAD");
+  if (flag != nullptr && std::string(flag) == "0") return false;
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  const double products = static_cast<double>(axis_products(in_h, rate)) * axis_products(in_w, rate);
+  const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);
+  return products <= kMaxProductShare * live;
+}
+
+void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t rate, const at::Tensor& out) {
+  TORCH_CHECK(xh.is_contiguous() && out.stride(3) == 1, "fastaspp: winograd_conv3x3 wants contiguous NHWC input");
+  const int64_t in_ch = xh.size(3), out_ch = weight.size(0);
+  Tiling g{xh.size(0), xh.size(1), xh.size(2), rate, std::min(rate, xh.size(1)), std::min(rate, xh.size(2)),
+           axis_plan(ceil_div(xh.size(1), rate)), axis_plan(ceil_div(xh.size(2), rate))};
+  const at::Tensor u = transform_cache().get(weight, xh.scalar_type(), g.h, g.w);
+  const int64_t points = g.h.points * g.w.points, tiles = g.tiles();
+  const int64_t chunk = std::max<int64_t>(1, std::min(tiles, kChunkBytes / (points * in_ch * xh.element_size())));
+  const int64_t out_strides[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
+    const int64_t t1 = std::min(tiles, t0 + chunk);
+    at::Tensor v = at::empty({points, t1 - t0, in_ch}, xh.options());
+    AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "winograd_input", [&] {
+      input_transform<scalar_t>(xh.data_ptr<scalar_t>(), g, in_ch, t0, t1, v.data_ptr<scalar_t>());
+    });
+    const at::Tensor y = at::bmm(v, u);  // [points, tiles, Cout]
+    AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "winograd_output", [&] {
+      output_transform<scalar_t>(y.data_ptr<scalar_t>(), g, out_ch, t0, t1, out.data_ptr<scalar_t>(), out_strides);
+    });
+  }
+}
+
+}  // namespace fastaspp

@@ -1,0 +1,23 @@
+// Winograd evaluation of a 3x3 atrous conv (stride 1, padding = dilation = rate) on CPU, used by
+// the ASPP branches in eval. The pixels of equal residue mod rate form a sub-grid on which the
+// atrous conv is a plain 3x3 conv with unit spacing; per axis, a sub-grid of s pixels then costs
+// fewer products than its live taps (3s - 2): 3 for s = 2, s + 2 for 3 <= s <= 6 (F(s,3)).
+// Measured ceiling and trade-offs: benchmarks/cpu_eval_ceiling.py, README "CPU Winograd".
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastaspp {
+
+// Whether winograd_conv3x3 runs this conv: FASTASPP_CPU_WINOGRAD is not "0", the compute dtype
+// is fp32 or fp64, and its products are at most 80% of the conv's live (pixel, tap) pairs.
+bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, at::ScalarType dtype);
+
+// out = conv2d(x, weight, padding=rate, dilation=rate), overwriting out. xh: [N, H, W, Cin]
+// NHWC, contiguous, in the compute dtype; weight: [Cout, Cin, 3, 3]; out: [N, H, W, Cout] with
+// unit channel stride (a channel slice of a wider buffer). The transformed weights of a weight
+// without requires_grad are kept while it lives and is unchanged (FASTASPP_CPU_WINOGRAD_CACHE_MB
+// bounds them, default 1024).
+void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t rate, const at::Tensor& out);
+
+}  // namespace fastaspp
