@@ -86,6 +86,15 @@ def test_winograd_matches_conv(case, dtype, monkeypatch):
     assert torch.equal(out, direct) != expect_winograd(h, w, rates)
 
 
+def test_chunked_transforms(monkeypatch):
+    """A zero workspace budget makes every tile its own chunk (its own GEMM)."""
+    n, c_in, h, w, rates = CASES[1]
+    x, ws, scale, shift = make_inputs(n, c_in, h, w, rates, torch.float64)
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD_WORKSPACE_MB", "0")
+    torch.testing.assert_close(branches(x, ws, rates, scale, shift), reference_branches(x, ws, rates, scale, shift),
+                               atol=1e-10, rtol=0)
+
+
 def test_half_inputs_compute_winograd_in_fp32():
     x, ws, scale, shift = make_inputs(1, 16, 33, 33, (6, 12, 18), torch.bfloat16)
     out = branches(x, ws, (6, 12, 18), scale, shift)
@@ -110,25 +119,32 @@ def test_kept_weights_are_reused_and_follow_in_place_changes(monkeypatch):
     assert torch.equal(branches(x, ws, rates, scale, shift), after)
 
 
-def test_weights_that_take_a_gradient_or_are_inference_tensors():
+def test_weights_without_kept_transforms_run_direct(monkeypatch):
+    """Weights that take a gradient or are inference tensors cannot keep their transforms, and
+    transforming per call costs more than Winograd saves: such branches run the direct kernel."""
     rates = (6, 12)
     x, ws, scale, shift = make_inputs(1, 6, 20, 20, rates, torch.float64)
     expected = reference_branches(x, ws, rates, scale, shift)
+    assert expect_winograd(20, 20, rates)
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+    direct = branches(x, ws, rates, scale, shift)
+    monkeypatch.delenv("FASTASPP_CPU_WINOGRAD")
+    assert not torch.equal(branches(x, ws, rates, scale, shift), direct)
+
     grad_ws = [w.clone().requires_grad_() for w in ws]
     out = fastaspp.ops.aspp_branches(x, grad_ws, rates, scale, shift)
-    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    assert torch.equal(out.detach(), direct)
     out.sum().backward()
     assert all(w.grad is not None for w in grad_ws)
     with torch.inference_mode():
-        inf_x, inf_ws = x.clone(), [w.clone() for w in ws]
-        torch.testing.assert_close(branches(inf_x, inf_ws, rates, scale, shift), expected, atol=1e-10, rtol=0)
-        inf_ws[1].mul_(3.0)  # no version counter to see this: such weights are transformed every call
-        changed = reference_branches(x, [inf_ws[0].clone(), inf_ws[1].clone(), inf_ws[2].clone()], rates, scale, shift)
-        torch.testing.assert_close(branches(inf_x, inf_ws, rates, scale, shift), changed, atol=1e-10, rtol=0)
+        inf_ws = [w.clone() for w in ws]
+        assert torch.equal(branches(x.clone(), inf_ws, rates, scale, shift), direct)
+    torch.testing.assert_close(direct, expected, atol=1e-10, rtol=0)
 
 
-def test_module_eval_is_stable_across_calls():
-    """nn.ASPP's folded weights are kept between calls, so the second call reads kept transforms."""
+def test_module_eval_keeps_transforms(monkeypatch):
+    """nn.ASPP's memoised folded weights are detached, so eval under no_grad runs Winograd from
+    kept transforms: the same bits on every call, unlike the direct kernel's."""
     case = ASPP_CASES[6]  # 33x33, rates (6, 12, 18)
     ref, mine = make_pair(case, torch.device("cpu"))
     ref.eval(), mine.eval()
@@ -136,5 +152,8 @@ def test_module_eval_is_stable_across_calls():
     with torch.no_grad():
         first, second = mine(x), mine(x)
         expected = ref(x)
+        monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+        direct = mine(x)
     assert torch.equal(first, second)
+    assert not torch.equal(first, direct)
     torch.testing.assert_close(first, expected, atol=3e-5 * expected.abs().max().item(), rtol=1e-4)

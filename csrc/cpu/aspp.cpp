@@ -49,7 +49,7 @@ at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArra
   at::Tensor acc = at::empty({batch, in_h, in_w, branches * ch}, x.options().dtype(dtype));
   std::vector<bool> winograd(branches, false);
   for (int64_t i = 1; i < branches; ++i)
-    winograd[i] = allow_winograd && use_winograd(in_h, in_w, rates[i - 1], dtype);
+    winograd[i] = allow_winograd && use_winograd(in_h, in_w, rates[i - 1], weights[i], dtype);
 
   // Shared centre tap: [N*H*W, Cin] @ [Cin, C] for every direct branch, one GEMM per run of
   // adjacent direct branches (all of them when none runs Winograd) straight into the buffer.

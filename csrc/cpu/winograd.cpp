@@ -5,7 +5,7 @@
 // y = P ((Mw w) * (Mx d)) from its m + 2 inputs d (one halo pixel each side): "points"
 // products instead of 3m. In 2D the transforms apply along both axes and the products over
 // input channels become one GEMM per (point_h, point_w) pair, batched with at::bmm:
-//   V = Mx_h d Mx_w^T (input transform), U = Mw_h w Mw_w^T (weights, cached), Y = V @ U,
+//   V = Mx_h d Mx_w^T (input transform), U = Mw_h w Mw_w^T (weights, kept), Y = V @ U^T,
 //   out = P_h Y P_w^T (output transform).
 #include "winograd.h"
 
@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../common/tap_geometry.h"
+#include "tap_gemm.h"
 
 namespace fastaspp {
 namespace {
@@ -34,7 +35,6 @@ using Matrix = std::vector<std::vector<double>>;
 constexpr double kPoints[] = {0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5};
 constexpr int64_t kMaxTile = 6;              // F(6,3) needs all of kPoints
 constexpr double kMaxProductShare = 0.8;     // below that, the transforms' memory traffic wins
-constexpr int64_t kChunkBytes = 64 << 20;    // bound on the transformed input held at once
 constexpr int64_t kChannelBlock = 256;       // channels per pass of a transform (stays in L1/L2)
 
 Matrix zeros(int64_t rows, int64_t cols) { return Matrix(rows, std::vector<double>(cols, 0.0)); }
@@ -245,40 +245,54 @@ void output_transform(const T* y, const Tiling& g, int64_t channels, int64_t t0,
   });
 }
 
-// U [Ph * Pw, Cin, Cout] = Mw_h w Mw_w^T per (Cout, Cin) pair.
+// U [Ph * Pw, Cout, Cin] = Mw_h w Mw_w^T per (Cout, Cin) pair, from the tap matrices
+// taps [3, 3, Cout, Cin] (unit Cin stride): one output channel per task, vectorised over Cin.
+// Each U row (one point, one output channel) is written whole: the rows of one output channel
+// lie Cout*Cin apart, and interleaving short writes to them thrashed the cache (4x slower).
 template <typename T>
-void weight_transform(const at::Tensor& weight, const AxisPlan& h, const AxisPlan& w, at::Tensor& u) {
-  const int64_t out_ch = weight.size(0), in_ch = weight.size(1), ph = h.points, pw = w.points;
-  const T* src = weight.data_ptr<T>();
+void weight_transform(const at::Tensor& taps, const AxisPlan& h, const AxisPlan& w, at::Tensor& u) {
+  const int64_t out_ch = taps.size(2), in_ch = taps.size(3), ph = h.points, pw = w.points;
+  const int64_t s_kh = taps.stride(0), s_kw = taps.stride(1), s_co = taps.stride(2);
+  const T* src = taps.data_ptr<T>();
   T* dst = u.data_ptr<T>();
   const std::vector<T> gh = flat<T>(h.weight_t), gw = flat<T>(w.weight_t);
-  at::parallel_for(0, in_ch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> tmp(ph * 3);
-    for (int64_t ci = begin; ci < end; ++ci)
-      for (int64_t co = 0; co < out_ch; ++co) {
-        const T* k = src + (co * in_ch + ci) * 9;
-        for (int64_t p = 0; p < ph; ++p)
-          for (int64_t kw = 0; kw < 3; ++kw)
-            tmp[p * 3 + kw] = gh[p * 3] * k[kw] + gh[p * 3 + 1] * k[3 + kw] + gh[p * 3 + 2] * k[6 + kw];
-        for (int64_t p = 0; p < ph; ++p)
-          for (int64_t q = 0; q < pw; ++q)
-            dst[((p * pw + q) * in_ch + ci) * out_ch + co] =
-                tmp[p * 3] * gw[q * 3] + tmp[p * 3 + 1] * gw[q * 3 + 1] + tmp[p * 3 + 2] * gw[q * 3 + 2];
-      }
+  at::parallel_for(0, out_ch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tmp(ph * 3 * in_ch);  // [p, kw, ci]: Mw_h applied along kh
+    for (int64_t co = begin; co < end; ++co) {
+      for (int64_t p = 0; p < ph; ++p)
+        for (int64_t kw = 0; kw < 3; ++kw) {
+          T* t = tmp.data() + (p * 3 + kw) * in_ch;
+          const T* k0 = src + co * s_co + kw * s_kw;
+          const T g0 = gh[p * 3], g1 = gh[p * 3 + 1], g2 = gh[p * 3 + 2];
+          for (int64_t c = 0; c < in_ch; ++c) t[c] = g0 * k0[c] + g1 * k0[s_kh + c] + g2 * k0[2 * s_kh + c];
+        }
+      for (int64_t p = 0; p < ph; ++p)
+        for (int64_t q = 0; q < pw; ++q) {
+          const T* t = tmp.data() + p * 3 * in_ch;
+          const T g0 = gw[q * 3], g1 = gw[q * 3 + 1], g2 = gw[q * 3 + 2];
+          T* out = dst + ((p * pw + q) * out_ch + co) * in_ch;
+          for (int64_t c = 0; c < in_ch; ++c) out[c] = g0 * t[c] + g1 * t[in_ch + c] + g2 * t[2 * in_ch + c];
+        }
+    }
   });
 }
 
 at::Tensor make_transformed_weights(const at::Tensor& weight, at::ScalarType dtype, const AxisPlan& h,
                                     const AxisPlan& w) {
-  const at::Tensor k = weight.to(dtype).contiguous();
-  at::Tensor u = at::empty({h.points * w.points, weight.size(1), weight.size(0)}, k.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "winograd_weights", [&] { weight_transform<scalar_t>(k, h, w, u); });
+  const at::Tensor taps = tap_matrices(weight, dtype);
+  at::Tensor u = at::empty({h.points * w.points, weight.size(0), weight.size(1)}, taps.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "winograd_weights", [&] { weight_transform<scalar_t>(taps, h, w, u); });
   return u;
 }
 
-int64_t cache_budget_bytes() {
-  const char* mb = std::getenv("FASTASPP_CPU_WINOGRAD_CACHE_MB");
-  return (mb != nullptr ? std::atoll(mb) : 1024) << 20;
+// As the Triton backend's kept weight re-layouts: weights that take a gradient change every
+// step (and gradcheck perturbs them behind the version counter), and inference tensors keep no
+// version counter, so neither is kept.
+bool keepable(const at::Tensor& weight) { return !weight.requires_grad() && !weight.is_inference(); }
+
+int64_t env_megabytes(const char* name, int64_t fallback) {
+  const char* mb = std::getenv(name);
+  return (mb != nullptr ? std::atoll(mb) : fallback) << 20;
 }
 
 // Transformed weights, kept while their weight tensor lives and is unchanged (same object,
@@ -287,10 +301,7 @@ int64_t cache_budget_bytes() {
 class TransformCache {
  public:
   at::Tensor get(const at::Tensor& weight, at::ScalarType dtype, const AxisPlan& h, const AxisPlan& w) {
-    // As the Triton backend's kept weight re-layouts: weights that take a gradient change every
-    // step (and gradcheck perturbs them behind the version counter), and inference tensors keep
-    // no version counter, so neither is kept.
-    if (weight.requires_grad() || weight.is_inference()) return make_transformed_weights(weight, dtype, h, w);
+    if (!keepable(weight)) return make_transformed_weights(weight, dtype, h, w);
     const int64_t version = weight._version();
     std::lock_guard<std::mutex> lock(mutex_);
     entries_.remove_if([](const Entry& e) { return e.owner.expired(); });
@@ -302,7 +313,7 @@ class TransformCache {
       }
     }
     at::Tensor u = make_transformed_weights(weight, dtype, h, w);
-    const int64_t bytes = u.numel() * u.element_size(), budget = cache_budget_bytes();
+    const int64_t bytes = u.numel() * u.element_size(), budget = env_megabytes("FASTASPP_CPU_WINOGRAD_CACHE_MB", 1024);
     if (bytes > budget) return u;
     int64_t held = bytes;
     for (const Entry& e : entries_) held += e.u.numel() * e.u.element_size();
@@ -334,12 +345,23 @@ TransformCache& transform_cache() {
   return cache;
 }
 
+// The transformed input of one chunk, kept per calling thread between calls: a fresh tens of
+// MB would cost about 2 ms of page faults per conv (measured at aspp-33).
+at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.scalar_type() != options.dtype().toScalarType() || buffer.numel() < numel)
+    buffer = at::empty({numel}, options);
+  return buffer.narrow(0, 0, numel);
+}
+
 }  // namespace
 
-bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, at::ScalarType dtype) {
+bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& weight, at::ScalarType dtype) {
   const char* flag = std::getenv("FASTASPP_CPU_WINOGRAD");
   if (flag != nullptr && std::string(flag) == "0") return false;
-  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  // Transforming the weights costs more than Winograd saves (mostly page faults on the fresh
+  // tens of MB: 70 ms against 25 ms saved at aspp-33 rate 6), so only kept weights qualify.
+  if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;
   const double products = static_cast<double>(axis_products(in_h, rate)) * axis_products(in_w, rate);
   const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);
   return products <= kMaxProductShare * live;
@@ -352,15 +374,17 @@ void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t ra
            axis_plan(ceil_div(xh.size(1), rate)), axis_plan(ceil_div(xh.size(2), rate))};
   const at::Tensor u = transform_cache().get(weight, xh.scalar_type(), g.h, g.w);
   const int64_t points = g.h.points * g.w.points, tiles = g.tiles();
-  const int64_t chunk = std::max<int64_t>(1, std::min(tiles, kChunkBytes / (points * in_ch * xh.element_size())));
+  // Tiles per chunk: the transformed input of a chunk stays within FASTASPP_CPU_WINOGRAD_WORKSPACE_MB.
+  const int64_t tile_bytes = points * in_ch * xh.element_size();
+  const int64_t chunk = std::clamp<int64_t>(env_megabytes("FASTASPP_CPU_WINOGRAD_WORKSPACE_MB", 64) / tile_bytes, 1, tiles);
   const int64_t out_strides[3] = {out.stride(0), out.stride(1), out.stride(2)};
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
     const int64_t t1 = std::min(tiles, t0 + chunk);
-    at::Tensor v = at::empty({points, t1 - t0, in_ch}, xh.options());
+    at::Tensor v = workspace(points * (t1 - t0) * in_ch, xh.options()).view({points, t1 - t0, in_ch});
     AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "winograd_input", [&] {
       input_transform<scalar_t>(xh.data_ptr<scalar_t>(), g, in_ch, t0, t1, v.data_ptr<scalar_t>());
     });
-    const at::Tensor y = at::bmm(v, u);  // [points, tiles, Cout]
+    const at::Tensor y = at::bmm(v, u.transpose(1, 2));  // [points, tiles, Cout]
     AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "winograd_output", [&] {
       output_transform<scalar_t>(y.data_ptr<scalar_t>(), g, out_ch, t0, t1, out.data_ptr<scalar_t>(), out_strides);
     });

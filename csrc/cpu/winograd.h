@@ -10,14 +10,17 @@
 namespace fastaspp {
 
 // Whether winograd_conv3x3 runs this conv: FASTASPP_CPU_WINOGRAD is not "0", the compute dtype
-// is fp32 or fp64, and its products are at most 80% of the conv's live (pixel, tap) pairs.
-bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, at::ScalarType dtype);
+// is fp32 or fp64, the weight's transforms can be kept between calls (it takes no gradient and is
+// not an inference tensor: eval's folded weights), and the conv's products are at most 80% of
+// its live (pixel, tap) pairs.
+bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& weight, at::ScalarType dtype);
 
 // out = conv2d(x, weight, padding=rate, dilation=rate), overwriting out. xh: [N, H, W, Cin]
 // NHWC, contiguous, in the compute dtype; weight: [Cout, Cin, 3, 3]; out: [N, H, W, Cout] with
-// unit channel stride (a channel slice of a wider buffer). The transformed weights of a weight
-// without requires_grad are kept while it lives and is unchanged (FASTASPP_CPU_WINOGRAD_CACHE_MB
-// bounds them, default 1024).
+// unit channel stride (a channel slice of a wider buffer). The transformed weights are kept
+// while the weight lives and is unchanged (FASTASPP_CPU_WINOGRAD_CACHE_MB
+// bounds them, default 1024); the transformed input is made in chunks of at most
+// FASTASPP_CPU_WINOGRAD_WORKSPACE_MB (default 64) in a buffer each calling thread keeps.
 void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t rate, const at::Tensor& out);
 
 }  // namespace fastaspp

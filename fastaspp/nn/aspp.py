@@ -158,7 +158,9 @@ class ASPP(nn.Module):
         pool = self.convs[-1]
         pool_scale, pool_shift = ConvBNReLU.fold(pool[2])
         proj_scale, proj_shift = ConvBNReLU.fold(self.project[1])
-        cast = lambda t: t.to(dtype)
+        # Memoised (FoldCache, no grad): detached, so that backends keep their re-laid-out or
+        # transformed copies of these weights between calls (they keep no weight that requires grad).
+        cast = (lambda t: t.to(dtype)) if torch.is_grad_enabled() else (lambda t: t.detach().to(dtype))
         return ([cast(b[0].weight) for b in conv_branches], cast(torch.cat(scales)), cast(torch.cat(shifts)),
                 cast(pool[1].weight), pool_scale, pool_shift, cast(self.project[0].weight), proj_scale, proj_shift)
 
