@@ -4,7 +4,8 @@
     with BN folded and ReLU, written into ONE NHWC buffer [N, (1+R)*C, H, W]: no concat.
     Per-device kernels: torch.ops.fastaspp._aspp_branches_forward (C++ cpu/cuda) and
     fastaspp.kernels.aspp (Triton, every branch in one launch). The cpu kernel also shares the
-    centre tap.
+    centre tap, and runs a 3x3 branch as Winograd over its rate's sub-grids where that needs
+    at most 80% of the live products and the weights' transforms can be kept (csrc/cpu/winograd.h).
   * aspp_eval(): branches, then the projection as one GEMM whose per-image bias carries
     the pooling branch (constant over pixels, so its slice of the concat never exists),
     with the projection's BN folded and ReLU.
