@@ -132,6 +132,27 @@ FASTASPP_AVX2_CLONES void axpy(double* dst, const double* src, double coef, int6
   for (int64_t c = 0; c < n; ++c) dst[c] += coef * src[c];
 }
 
+FASTASPP_AVX2_CLONES void scale(float* dst, const float* src, float coef, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = coef * src[c];
+}
+
+FASTASPP_AVX2_CLONES void scale(double* dst, const double* src, double coef, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = coef * src[c];
+}
+
+// A transform's row: dst = sum of coef * src over the non-zero coefficients whose src exists
+// (a null src is a pixel off the map, i.e. zero); the first term assigns, so dst needs no clearing.
+template <typename T>
+void combine(T* dst, const T* coef, const T* const* src, int64_t terms, int64_t n) {
+  bool written = false;
+  for (int64_t k = 0; k < terms; ++k) {
+    if (coef[k] == T(0) || src[k] == nullptr) continue;
+    written ? axpy(dst, src[k], coef[k], n) : scale(dst, src[k], coef[k], n);
+    written = true;
+  }
+  if (!written) std::fill(dst, dst + n, T(0));
+}
+
 template <typename T>
 std::vector<T> flat(const Matrix& a) {
   std::vector<T> out;
@@ -178,6 +199,7 @@ void input_transform(const T* x, const Tiling& g, int64_t channels, int64_t t0, 
   at::parallel_for(t0, t1, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> tmp(ph * mw * kChannelBlock);
     std::vector<int64_t> row(mh), col(mw);
+    std::vector<const T*> pixels(mh), rows_of_p(mw);
     for (int64_t t = begin; t < end; ++t) {
       int64_t n, a, b, th, tw;
       g.decode(t, n, a, b, th, tw);
@@ -185,33 +207,22 @@ void input_transform(const T* x, const Tiling& g, int64_t channels, int64_t t0, 
       for (int64_t j = 0; j < mw; ++j) col[j] = Tiling::pixel(tw * g.w.m + j - 1, b, g.rate, g.in_w);
       for (int64_t c0 = 0; c0 < channels; c0 += kChannelBlock) {
         const int64_t cb = std::min(kChannelBlock, channels - c0);
-        std::fill(tmp.begin(), tmp.end(), T(0));
-        // tmp[p, j] = sum_i Mx_h[p, i] d[i, j] over the pixels on the map (the rest are zero).
-        for (int64_t i = 0; i < mh; ++i) {
-          if (row[i] < 0) continue;
-          for (int64_t j = 0; j < mw; ++j) {
-            if (col[j] < 0) continue;
-            const T* src = x + ((n * g.in_h + row[i]) * g.in_w + col[j]) * channels + c0;
-            for (int64_t p = 0; p < ph; ++p) {
-              const T coef = bh[p * mh + i];
-              if (coef == T(0)) continue;
-              T* dst = tmp.data() + (p * mw + j) * kChannelBlock;
-              axpy(dst, src, coef, cb);
-            }
-          }
+        // tmp[p, j] = sum_i Mx_h[p, i] d[i, j] (pixels off the map are zero)
+        for (int64_t j = 0; j < mw; ++j) {
+          if (col[j] < 0) continue;
+          for (int64_t i = 0; i < mh; ++i)
+            pixels[i] = row[i] < 0 ? nullptr : x + ((n * g.in_h + row[i]) * g.in_w + col[j]) * channels + c0;
+          for (int64_t p = 0; p < ph; ++p)
+            combine(tmp.data() + (p * mw + j) * kChannelBlock, bh.data() + p * mh, pixels.data(), mh, cb);
         }
         // V[p, q] = sum_j tmp[p, j] Mx_w[q, j]
-        for (int64_t p = 0; p < ph; ++p)
-          for (int64_t q = 0; q < pw; ++q) {
-            T* dst = v + ((p * pw + q) * rows + (t - t0)) * channels + c0;
-            std::fill(dst, dst + cb, T(0));
-            for (int64_t j = 0; j < mw; ++j) {
-              const T coef = bw[q * mw + j];
-              if (coef == T(0) || col[j] < 0) continue;
-              const T* src = tmp.data() + (p * mw + j) * kChannelBlock;
-              axpy(dst, src, coef, cb);
-            }
-          }
+        for (int64_t p = 0; p < ph; ++p) {
+          for (int64_t j = 0; j < mw; ++j)
+            rows_of_p[j] = col[j] < 0 ? nullptr : tmp.data() + (p * mw + j) * kChannelBlock;
+          for (int64_t q = 0; q < pw; ++q)
+            combine(v + ((p * pw + q) * rows + (t - t0)) * channels + c0, bw.data() + q * mw, rows_of_p.data(), mw,
+                    cb);
+        }
       }
     }
   });
@@ -225,6 +236,8 @@ void output_transform(const T* y, const Tiling& g, int64_t channels, int64_t t0,
   const std::vector<T> ah = flat<T>(g.h.output_t), aw = flat<T>(g.w.output_t);
   at::parallel_for(t0, t1, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> tmp(pw * kChannelBlock);
+    std::vector<const T*> products(ph), tmp_rows(pw);
+    for (int64_t q = 0; q < pw; ++q) tmp_rows[q] = tmp.data() + q * kChannelBlock;
     for (int64_t t = begin; t < end; ++t) {
       int64_t n, a, b, th, tw;
       g.decode(t, n, a, b, th, tw);
@@ -234,27 +247,16 @@ void output_transform(const T* y, const Tiling& g, int64_t channels, int64_t t0,
           const int64_t r = Tiling::pixel(th * mh + i, a, g.rate, g.in_h);
           if (r < 0) continue;
           // tmp[q] = sum_p P_h[i, p] Y[p, q]
-          std::fill(tmp.begin(), tmp.end(), T(0));
-          for (int64_t p = 0; p < ph; ++p) {
-            const T coef = ah[i * ph + p];
-            if (coef == T(0)) continue;
-            for (int64_t q = 0; q < pw; ++q) {
-              const T* src = y + ((p * pw + q) * rows + (t - t0)) * channels + c0;
-              T* dst = tmp.data() + q * kChannelBlock;
-              axpy(dst, src, coef, cb);
-            }
+          for (int64_t q = 0; q < pw; ++q) {
+            for (int64_t p = 0; p < ph; ++p) products[p] = y + ((p * pw + q) * rows + (t - t0)) * channels + c0;
+            combine(tmp.data() + q * kChannelBlock, ah.data() + i * ph, products.data(), ph, cb);
           }
+          // out[i, j] = sum_q tmp[q] P_w[j, q]
           for (int64_t j = 0; j < mw; ++j) {
             const int64_t col = Tiling::pixel(tw * mw + j, b, g.rate, g.in_w);
             if (col < 0) continue;
-            T* dst = out + n * out_strides[0] + r * out_strides[1] + col * out_strides[2] + c0;
-            std::fill(dst, dst + cb, T(0));
-            for (int64_t q = 0; q < pw; ++q) {
-              const T coef = aw[j * pw + q];
-              if (coef == T(0)) continue;
-              const T* src = tmp.data() + q * kChannelBlock;
-              axpy(dst, src, coef, cb);
-            }
+            combine(out + n * out_strides[0] + r * out_strides[1] + col * out_strides[2] + c0, aw.data() + j * pw,
+                    tmp_rows.data(), pw, cb);
           }
         }
       }
