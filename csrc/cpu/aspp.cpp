@@ -38,15 +38,14 @@ int64_t check_branches(const at::Tensor& x, at::TensorList weights, at::IntArray
   return ch;
 }
 
-// The raw branch sums: [N, H, W, (1+R)*C] in the compute dtype (x must not be empty). With
-// allow_winograd, 3x3 branches that use_winograd accepts run winograd_conv3x3 whole instead.
-at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, int64_t ch,
-                        bool allow_winograd) {
+// The raw branch sums into acc: [N, H, W, (1+R)*C] in the compute dtype, contiguous (x must not
+// be empty). With allow_winograd, 3x3 branches that use_winograd accepts run winograd_conv3x3 whole.
+void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, int64_t ch,
+                   bool allow_winograd, const at::Tensor& acc) {
   const int64_t branches = static_cast<int64_t>(weights.size());
   const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
   const auto dtype = compute_dtype(x.scalar_type());
   const at::Tensor xh = to_nhwc(x, dtype);
-  at::Tensor acc = at::empty({batch, in_h, in_w, branches * ch}, x.options().dtype(dtype));
   std::vector<bool> winograd(branches, false);
   for (int64_t i = 1; i < branches; ++i)
     winograd[i] = allow_winograd && use_winograd(in_h, in_w, rates[i - 1], weights[i], dtype);
@@ -85,6 +84,14 @@ at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArra
     const at::Tensor w_taps = tap_matrices(weights[i], dtype);
     for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, g, n, slice, /*skip_centre=*/true);
   }
+}
+
+at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, int64_t ch,
+                        bool allow_winograd) {
+  const int64_t branches = static_cast<int64_t>(weights.size());
+  at::Tensor acc = at::empty({x.size(0), x.size(2), x.size(3), branches * ch},
+                             x.options().dtype(compute_dtype(x.scalar_type())));
+  branches_into(x, weights, rates, ch, allow_winograd, acc);
   return acc;
 }
 
@@ -100,7 +107,14 @@ at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights
   at::Tensor y = at::empty({x.size(0), branches * ch, x.size(2), x.size(3)},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  bn_relu_epilogue(branches_acc(x, weights, rates, ch, /*allow_winograd=*/true), scale, shift, relu, y);
+  if (compute_dtype(x.scalar_type()) == x.scalar_type()) {
+    // fp32/fp64: the sums go straight into y's storage and the epilogue runs in place.
+    const at::Tensor acc = y.permute({0, 2, 3, 1});
+    branches_into(x, weights, rates, ch, /*allow_winograd=*/true, acc);
+    bn_relu_epilogue(acc, scale, shift, relu, y);
+  } else {
+    bn_relu_epilogue(branches_acc(x, weights, rates, ch, /*allow_winograd=*/true), scale, shift, relu, y);
+  }
   return y;
 }
 
