@@ -298,6 +298,16 @@ def test_aspp_branches_op(backend, aspp_case):
                           (x.requires_grad_(), ws, list(aspp_case.rates), scale, shift, False, backend))
 
 
+def test_aspp_branches_with_zero_input_channels(backend):
+    """An empty reduction: every conv is zero, so each branch is act(shift)."""
+    device = device_for(backend)
+    x = torch.randn(2, 0, 9, 7, device=device)
+    ws = [torch.randn(4, 0, k, k, device=device) for k in (1, 3, 3, 3)]
+    shift = torch.linspace(-1.0, 1.0, 16, device=device)
+    out = fastaspp.ops.aspp_branches(x, ws, (2, 3, 5), torch.ones(16, device=device), shift)
+    torch.testing.assert_close(out, torch.relu(shift).view(1, -1, 1, 1).expand(2, 16, 9, 7))
+
+
 def test_aspp_branches_follow_in_place_weight_changes(backend):
     """Backends may keep re-laid-out copies of weights that take no gradient (Triton packs them once);
     an in-place change must still reach the output."""

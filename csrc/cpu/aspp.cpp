@@ -52,7 +52,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
 
   // Shared centre tap: [N*H*W, Cin] @ [Cin, C] for every direct branch, one GEMM per run of
   // adjacent direct branches (all of them when none runs Winograd) straight into the buffer.
-  const at::Tensor x_2d = xh.reshape({-1, in_ch});
+  const at::Tensor x_2d = xh.reshape({batch * in_h * in_w, in_ch});  // explicit: in_ch may be 0
   at::Tensor acc_2d = acc.view({-1, branches * ch});
   int64_t first = 0;
   while (first < branches) {

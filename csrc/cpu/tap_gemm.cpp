@@ -230,7 +230,8 @@ void forward_image(const at::Tensor& xh, const at::Tensor& w_taps, const ConvGeo
       if (rows.empty()) continue;
       const int64_t in_row0 = rows.lo * g.stride[0] + tap_offset(kh, g.dilation[0], g.padding[0]);
       const int64_t phase = in_row0 % g.stride[0], q0 = in_row0 / g.stride[0];
-      const at::Tensor a = slab[phase].slice(0, q0, q0 + rows.size()).view({-1, slab.size(3)});
+      // Explicit row counts: with 0 input channels a view of [-1, 0] is ambiguous.
+      const at::Tensor a = slab[phase].slice(0, q0, q0 + rows.size()).view({rows.size() * slab.size(2), slab.size(3)});
       block.slice(0, rows.lo, rows.hi).view({-1, out_ch}).addmm_(a, w_taps[kh][kw].t());
     }
     if (!full_width) {
