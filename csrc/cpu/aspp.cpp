@@ -8,7 +8,6 @@
 // returns the raw sums with their batch-norm statistics.
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
 
 #include "tap_gemm.h"
@@ -72,12 +71,11 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   }
 
   // Off-centre taps of each direct 3x3 branch into its channel slice; Winograd branches whole.
-  const at::Tensor x_dense = std::find(winograd.begin(), winograd.end(), true) != winograd.end() ? xh.contiguous() : xh;
   for (int64_t i = 1; i < branches; ++i) {
     const int64_t r = rates[i - 1];
     const at::Tensor slice = acc.narrow(3, i * ch, ch);
     if (winograd[i]) {
-      winograd_conv3x3(x_dense, weights[i], r, slice);
+      winograd_conv3x3(xh, weights[i], r, slice);  // xh is contiguous NHWC (to_nhwc)
       continue;
     }
     const ConvGeometry g = make_geometry({1, 1}, {r, r}, {r, r});

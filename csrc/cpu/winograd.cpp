@@ -380,7 +380,7 @@ bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& we
   const char* flag = std::getenv("FASTASPP_CPU_WINOGRAD");
   if (flag != nullptr && std::string(flag) == "0") return false;
   // Transforming the weights costs more than Winograd saves (mostly page faults on the fresh
-  // tens of MB: 70 ms against 25 ms saved at aspp-33 rate 6), so only kept weights qualify.
+  // tens of MB: 72 ms against 29 ms saved at aspp-33 rate 6), so only kept weights qualify.
   if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;
   const double products = static_cast<double>(axis_products(in_h, rate)) * axis_products(in_w, rate);
   const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);
