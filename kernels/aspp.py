@@ -48,8 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .atrous_conv import (_CONV_CONFIGS, _CONV_PRUNE, _TAP_MAJOR, _accumulate_tap, _dtype_meta, _epilogue,
-                          _launch_ctx, _nhwc_empty, _patch, _stamp, _tile_shape, atrous_conv2d_forward_into,
+from .atrous_conv import (_CONV_CONFIGS, _CONV_PRUNE, _acc_dtype, _accumulate_tap, _dtype_meta, _epilogue, _kept,
+                          _launch_ctx, _nhwc_empty, _patch, _tile_shape, atrous_conv2d_forward_into,
                           merge_stats, stats_buffer)
 
 
@@ -207,17 +207,9 @@ def _rates_tensor(rates, device):
 def _packed_weights(weights, dims):
     """The branch weights as one tap-major tensor, each permuted by dims: (2, 3, 1, 0) gives w0 as
     [Cin, C], then each wi as [3, 3, Cin, C] (forward); (2, 3, 0, 1) the transposed [C, Cin] tap
-    matrices (input gradient). Kept for weights that take no gradient while they are unchanged (as
-    atrous_conv's _tap_major)."""
-    pack = lambda: torch.cat([w.permute(*dims).reshape(-1) for w in weights])
-    if any(w.requires_grad or w.is_inference() for w in weights):
-        return pack()
-    stamp = tuple(_stamp(w) for w in weights) + tuple(id(w) for w in weights)
-    kept = _TAP_MAJOR.setdefault(weights[0], {})
-    hit = kept.get(("aspp", dims))
-    if hit is None or hit[0] != stamp:
-        hit = kept[("aspp", dims)] = (stamp, pack())
-    return hit[1]
+    matrices (input gradient). Kept for weights that take no gradient while they are unchanged
+    (atrous_conv's _kept)."""
+    return _kept(weights, ("aspp", dims), lambda: torch.cat([w.permute(*dims).reshape(-1) for w in weights]))
 
 
 def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None):
@@ -250,12 +242,8 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
     return y
 
 
-def _acc_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _empty_stats(t, channels):
-    return tuple(t.new_zeros(channels, dtype=_acc_dtype(t)) for _ in range(2))  # two tensors: outputs never alias
+    return tuple(t.new_zeros(channels, dtype=_acc_dtype(t.dtype)) for _ in range(2))  # two tensors: outputs never alias
 
 
 def aspp_branches_stats_forward(x, weights, rates):

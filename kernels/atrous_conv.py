@@ -544,17 +544,23 @@ def _stamp(weight):
     return weight._version, weight.data_ptr(), weight.dtype, weight.shape, weight.stride()
 
 
-def _tap_major(weight, dims):
-    """weight.permute(*dims).contiguous(), remembered for weights without requires_grad (inference
-    tensors have no version counter, so they are re-laid out every call)."""
-    if weight.requires_grad or weight.is_inference():
-        return weight.permute(*dims).contiguous()
-    stamp = _stamp(weight)
-    kept = _TAP_MAJOR.setdefault(weight, {})
-    hit = kept.get(dims)
+def _kept(weights, tag, make):
+    """make() (a re-layout of weights), remembered under tag while every weight lives unchanged.
+    Weights that take a gradient, or are inference tensors (no version counter), get make() every
+    call."""
+    if any(w.requires_grad or w.is_inference() for w in weights):
+        return make()
+    stamp = tuple(_stamp(w) for w in weights) + tuple(id(w) for w in weights)
+    kept = _TAP_MAJOR.setdefault(weights[0], {})
+    hit = kept.get(tag)
     if hit is None or hit[0] != stamp:
-        hit = kept[dims] = (stamp, weight.permute(*dims).contiguous())
+        hit = kept[tag] = (stamp, make())
     return hit[1]
+
+
+def _tap_major(weight, dims):
+    """weight.permute(*dims).contiguous(), kept as _kept says."""
+    return _kept((weight,), dims, lambda: weight.permute(*dims).contiguous())
 
 
 def _launch_ctx(t):
@@ -623,6 +629,11 @@ def atrous_conv2d_forward(x, weight, scale, shift, stride, padding, dilation, re
     return y.contiguous(memory_format=_memory_format(x))
 
 
+def _acc_dtype(dtype):
+    """The torch dtype a dtype accumulates in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def stats_buffer(out):
     """Zeroed per-patch statistics planes for atrous_conv2d_forward_into(..., stats=) into `out`
     [N, Ctot, Ho, Wo]: [3, rows, Ctot] in the accumulator dtype, rows = the most patches any
@@ -630,8 +641,7 @@ def stats_buffer(out):
     n, ctot, ho, wo = out.shape
     rows = max(n * math.prod(triton.cdiv(size, t) for size, t in zip((ho, wo), _tile_shape(ho, wo, block)))
                for block in {c.kwargs["BLOCK_M"] for c in _CONV_CONFIGS})
-    dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-    return torch.zeros((3, max(rows, 1), ctot), device=out.device, dtype=dtype)
+    return torch.zeros((3, max(rows, 1), ctot), device=out.device, dtype=_acc_dtype(out.dtype))
 
 
 def merge_stats(stats):
@@ -741,8 +751,7 @@ def atrous_conv2d_grad_weight(x, grad, weight_size, stride, padding, dilation):
     x_nhwc = x.contiguous(memory_format=torch.channels_last)
     g_nhwc = grad.contiguous(memory_format=torch.channels_last)
     split = _wgrad_split(x, kh * kw, cout, cin, n * ho * wo)
-    ws_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ws = torch.empty((split, kh * kw, cout, cin), device=x.device, dtype=ws_dtype)
+    ws = torch.empty((split, kh * kw, cout, cin), device=x.device, dtype=_acc_dtype(x.dtype))
 
     def grid(meta):
         return (triton.cdiv(cout, meta["BLOCK_CO"]) * triton.cdiv(cin, meta["BLOCK_CI"]),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastaspp.nn._fold_cache import FoldCache
+from fastaspp.ops._dtypes import accumulator_dtype
 from fastaspp.ops.atrous_conv import atrous_conv2d
 
 
@@ -85,7 +86,7 @@ class ConvBNReLU(nn.Sequential):
     @staticmethod
     def fold(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
         """(scale, shift) of a BN in eval: γ/√(σ²+ε) and β − μ·γ/√(σ²+ε), in fp32 (fp64 for fp64)."""
-        acc = torch.float64 if bn.running_var.dtype == torch.float64 else torch.float32
+        acc = accumulator_dtype(bn.running_var.dtype)
         scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight.to(acc)

@@ -33,18 +33,15 @@ from torch import Tensor
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
+from fastaspp.ops._dtypes import accumulator_dtype
 from fastaspp.ops.aspp import _branches_shape, _triton_aspp, branches_backward, check_aspp_args
 from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor
 
 Stats = Tuple[Tensor, Tensor, Tensor]
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _var_mean(z: Tensor) -> Tuple[Tensor, Tensor]:
-    var, mean = torch.var_mean(z.to(_acc(z)), dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(z.to(accumulator_dtype(z.dtype)), dim=(0, 2, 3), unbiased=False)
     return mean, var
 
 
@@ -52,7 +49,7 @@ def _stats_grad(grad: Tensor, out: Tensor, mean: Tensor, grad_mean: Tensor, grad
     """The gradient reaching `out` from out itself and from its batch (mean, var) outputs, in fp32/64:
     d mean / d out = 1/M, d var / d out = 2 (out − mean) / M, M = N·H·W."""
     count = out.shape[0] * out.shape[2] * out.shape[3]
-    acc = _acc(out)
+    acc = accumulator_dtype(out.dtype)
     g = grad.to(acc) if grad is not None else torch.zeros(out.shape, dtype=acc, device=out.device)
     if grad_mean is not None:
         g = g + (grad_mean.to(acc) / count).view(1, -1, 1, 1)
@@ -78,7 +75,8 @@ def _branches_stats_op(x: Tensor, weights: List[Tensor], rates: List[int], backe
 
 def _stats_fakes(t: Tensor, out_shape: List[int], channels: int) -> Stats:
     out = t.new_empty(out_shape).contiguous(memory_format=torch.channels_last)
-    return out, t.new_empty(channels, dtype=_acc(t)), t.new_empty(channels, dtype=_acc(t))
+    acc = accumulator_dtype(t.dtype)
+    return out, t.new_empty(channels, dtype=acc), t.new_empty(channels, dtype=acc)
 
 
 @_branches_stats_op.register_fake
@@ -123,7 +121,7 @@ def _project_op(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight:
 
 def _project_reference(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
                        image_bias: Tensor) -> Tensor:
-    acc = _acc(z)
+    acc = accumulator_dtype(z.dtype)
     centre, scale, shift = (t.to(acc).view(1, -1, 1, 1) for t in (centre, scale, shift))
     u = torch.relu((z.to(acc) - centre) * scale + shift)
     y = torch.einsum("nkhw,ok->nohw", u, weight.to(acc)) + image_bias.to(acc)[:, :, None, None]
@@ -146,7 +144,7 @@ def _project_backward(ctx, grad_y, grad_mean, grad_var):
     dW = Gᵀu, d image_bias = Σ_pixels G, dpre = (G W) ⊙ [pre > 0], dz = dpre·scale,
     dcentre = −Σ dpre·scale, dscale = Σ dpre·(z − centre), dshift = Σ dpre."""
     z, centre, scale, shift, weight, y, mean = ctx.saved_tensors
-    acc = _acc(z)
+    acc = accumulator_dtype(z.dtype)
     n, k, h, w = z.shape
     g = _stats_grad(grad_y, y, mean, grad_mean, grad_var).permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
     centred = z.permute(0, 2, 3, 1).reshape(-1, k).to(acc) - centre.to(acc)  # rows: free for channels_last z

@@ -28,6 +28,7 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.geometry import conv_out_size
 from fastaspp.ops._autocast import autocast_dtype, cast
+from fastaspp.ops._dtypes import accumulator_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntPair = Union[int, Sequence[int]]
@@ -127,7 +128,7 @@ def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> List[int
 def _fold_affine(weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Per-channel (alpha, beta) with y = act(conv(x, W) * alpha + beta); folded in fp32 (fp64 for fp64)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(dtype)
     c_out = weight.shape[0]
     alpha = scale.to(acc) if scale is not None else torch.ones(c_out, dtype=acc, device=weight.device)
     beta = torch.zeros(c_out, dtype=acc, device=weight.device)
@@ -220,7 +221,7 @@ def conv_affine_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
     c_out = weight.shape[0]
     g = grad.masked_fill(out <= 0, 0) if relu else grad
     g = g.contiguous(memory_format=suggest_memory_format(x))
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(x.dtype)
 
     dx = dw = dbias = dscale = dshift = None
     grad_sum = g.sum(dim=(0, 2, 3), dtype=acc)

@@ -18,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastaspp.ops._dtypes import accumulator_dtype
+
 
 def _all_reduce(t: Tensor, group) -> Tensor:
     from torch.distributed.nn.functional import all_reduce
@@ -38,7 +40,7 @@ def sync_batch_norm(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """
     if z.dim() != 4:
         raise ValueError(f"z must be a 4-D tensor [N, C, H, W], got shape {tuple(z.shape)}")
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(z.dtype)
     zf = z.to(acc)
     count = z.numel() // max(z.shape[1], 1)
     if count:
