@@ -76,15 +76,41 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
     assert log_a == log_b  # steps 1-2 logged before the crash, 3-4 after the resume
 
 
-def test_fused_training_matches_plain_pytorch(tmp_path):
-    """The fused model and the plain PyTorch model (fused=False), same seed and batches, 3 steps:
-    losses agree to 1e-4 relative and the parameters' update to 5% (fp32 gradients of this network
-    are only good to about 1% against fp64, for plain PyTorch as for fused: see the test below)."""
-    runs = {fused: train(TrainConfig(**SMALL, iters=3, fused=fused, out=str(tmp_path / str(fused))))
-            for fused in (True, False)}
-    losses = {f: [json.loads(line)["loss"] for line in open(tmp_path / str(f) / "metrics.jsonl")] for f in runs}
-    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
-    _assert_same_updates(_weights(runs[True]["checkpoint"]), _weights(runs[False]["checkpoint"]), rtol=5e-2)
+class _Float64(torch.nn.Module):
+    """A model run in float64 (parameters and input): the exact trajectory to measure fp32 runs against."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model.double()
+
+    def forward(self, x):
+        return self.inner(x.double())
+
+
+def test_fused_training_matches_plain_pytorch(tmp_path, monkeypatch):
+    """The fused model and the plain PyTorch model (fused=False), same seed and batches, 3 steps, each
+    against the same training in float64.
+
+    Losses: an fp32 trajectory drifts from the exact one as rounding in each step's gradients moves the
+    next step's weights; plain PyTorch's own drift sets the scale (measured here: 5e-4 to 8e-4 at step
+    3, and plain fp32 at 1 and at 2 threads differ by 2e-4, so no fixed tolerance between two fp32
+    runs holds on every machine). The fused run's drift must stay within 3x plain's, plus a floor of
+    a few fp32 ulps of the loss for a run that happens to round like fp64. Updates: to 5% (fp32
+    gradients of this network are only good to about 1% against fp64, for plain PyTorch as for
+    fused: see the test below)."""
+    build = train_mod.build_model
+    losses, runs = {}, {}
+    for name, fused, dtype in (("fused", True, torch.float32), ("plain", False, torch.float32),
+                               ("exact", False, torch.float64)):
+        monkeypatch.setattr(train_mod, "build_model",
+                            (lambda *a: _Float64(build(*a))) if dtype == torch.float64 else build)
+        runs[name] = train(TrainConfig(**SMALL, iters=3, fused=fused, out=str(tmp_path / name)))
+        losses[name] = np.array([json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")])
+    monkeypatch.setattr(train_mod, "build_model", build)
+    drift = {k: np.abs(losses[k] - losses["exact"]).max() for k in ("fused", "plain")}
+    floor = 8 * np.finfo(np.float32).eps * np.abs(losses["exact"]).max()
+    assert drift["fused"] <= 3 * drift["plain"] + floor, (drift, losses)
+    _assert_same_updates(_weights(runs["fused"]["checkpoint"]), _weights(runs["plain"]["checkpoint"]), rtol=5e-2)
 
 
 def _initial_weights(seed=0):
