@@ -65,20 +65,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import fastaspp
     from fastaspp.bench import aspp as bench_aspp
     from fastaspp.bench import conv as bench_conv
-    from fastaspp.bench.report import markdown, write_results
+    from fastaspp.bench.report import fmt_ms, markdown, write_results
     from fastaspp.bench.timing import measure_peak_tflops
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("fastaspp bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            print(f"fastaspp bench: --threads must be >= 1, got {threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(threads)
     dtype = DTYPES[args.dtype]
     gpu_full = device.type == "cuda" and not args.quick
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    progress = lambda r: print(f"  {r.kind} {r.shape} b{r.batch} [{r.backend}]: eager {r.eager_ms:.2f} ms, "
-                               f"fused {r.fused_ms:.2f} ms, {r.speedup:.2f}x"
-                               + (f", compiled {r.compiled_ms:.2f} ms" if r.compiled_ms else ""), flush=True)
+    progress = lambda r: print(f"  {r.kind} {r.shape} b{r.batch} [{r.backend}]: eager {fmt_ms(r.eager_ms)} ms, "
+                               f"fused {fmt_ms(r.fused_ms)} ms, {r.speedup:.2f}x"
+                               + (f", compiled {fmt_ms(r.compiled_ms)} ms" if r.compiled_ms else ""), flush=True)
     peak = measure_peak_tflops(device, dtype)
     print(f"peak: {peak:.2f} TFLOP/s ({args.dtype} matmul on {device})")
     rows = []
@@ -104,6 +110,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f"backend {backend})")
                 rows += bench_models.run(names, [8, 16] if gpu_full else [1], ["eval"] if args.quick else
                                          ["eval", "train"], dtype, device, 513, args.compile, progress)
+            if args.op == "overhead":
+                from fastaspp.bench import models as bench_models
+                from fastaspp.bench import overhead as bench_overhead
+
+                print(f"fixed cost per call: fused vs eager at tiny inputs ({device}, {args.dtype}, channels_last, "
+                      f"{torch.get_num_threads()} threads, backend {backend})")
+                names = bench_models.MODEL_NAMES[-1:] if args.quick else bench_models.MODEL_NAMES
+                rows += bench_overhead.run(dtype, device, names, bench_overhead.MODEL_SIZES[:1] if args.quick
+                                           else bench_overhead.MODEL_SIZES, progress=progress)
     print()
     print(markdown(rows, peak))
     if args.out:
@@ -255,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="benchmark fused conv+BN+ReLU and ASPP against eager PyTorch")
-    bench.add_argument("--op", choices=["conv", "aspp", "model", "all"], default="all",
-                       help="all = conv and aspp; model (whole DeepLabV3s at 513x513) is run on its own")
+    bench.add_argument("--op", choices=["conv", "aspp", "model", "overhead", "all"], default="all",
+                       help="all = conv and aspp; model (whole DeepLabV3s at 513x513) and overhead (the fixed cost per "
+                            "call: tiny inputs, eval and train) are run on their own")
     bench.add_argument("--compile", action="store_true",
                        help="also time torch.compile of the eager modules (max-autotune on GPU)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
@@ -264,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", default="auto", help="auto, cpu, triton, cuda, or all (each usable one)")
     bench.add_argument("--quick", action="store_true", help="a few shapes at batch 1")
     bench.add_argument("--out", help="directory for the JSON, markdown and PNG results")
+    bench.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: torch's)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

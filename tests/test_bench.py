@@ -60,3 +60,18 @@ def test_markdown_and_json_carry_ratios_rates_and_peak_share(tmp_path):
     assert len(pngs) == 2
     for p in pngs:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overhead_rows_time_one_call_of_each_tiny_workload():
+    from fastaspp.bench import overhead
+
+    for mode in overhead.MODES:
+        rows = [overhead.measure_op(mode, calls=2, reps=1, rounds=1),
+                overhead.measure_convbnrelu(mode, calls=2, reps=1, rounds=1),
+                overhead.measure_aspp(mode, calls=2, reps=1, rounds=1)]
+        for row in rows:
+            assert row.kind.startswith("overhead ") and row.kind.endswith(mode) and row.backend == "cpu"
+            assert row.batch == (2 if mode == "train" else 1)
+            assert row.eager_ms > 0 and row.fused_ms > 0
+            if mode == "eval":  # fused against eager on the same input and state
+                assert row.max_abs_err < 1e-4, row

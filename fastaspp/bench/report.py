@@ -57,17 +57,22 @@ def _mem(row: Row) -> str:
     return f"{row.eager_mem_mb:.0f} / {row.fused_mem_mb:.0f}"
 
 
+def fmt_ms(ms: float) -> str:
+    """Milliseconds with two decimals, or four below 0.1 ms (the fixed-cost rows are microseconds)."""
+    return f"{ms:.2f}" if ms >= 0.1 else f"{ms:.4f}"
+
+
 def markdown(rows: List[Row], peak_tflops: Optional[float]) -> str:
     head = ("| workload | batch | dtype | backend | eager ms | fused ms | speed-up | compiled ms (fused vs it) | "
             "fused TFLOP/s dense / useful | useful % of peak | eager TFLOP/s dense / useful | "
             "memory MB eager / fused | max abs err |\n" + "|---" * 13 + "|\n")
     lines = []
     for r in rows:
-        compiled = "-" if r.compiled_ms is None else f"{r.compiled_ms:.2f} ({r.compiled_ms / r.fused_ms:.2f}x)"
+        compiled = "-" if r.compiled_ms is None else f"{fmt_ms(r.compiled_ms)} ({r.compiled_ms / r.fused_ms:.2f}x)"
         share = f"{100 * r.tflops('fused', 'useful') / peak_tflops:.1f}%" if peak_tflops else "-"
         lines.append(
-            f"| {r.kind} {r.shape} | {r.batch} | {r.dtype} | {r.backend} | {r.eager_ms:.2f} ±{r.eager_spread_ms:.2f} | "
-            f"{r.fused_ms:.2f} ±{r.fused_spread_ms:.2f} | {r.speedup:.2f}x | {compiled} | "
+            f"| {r.kind} {r.shape} | {r.batch} | {r.dtype} | {r.backend} | {fmt_ms(r.eager_ms)} ±{fmt_ms(r.eager_spread_ms)} | "
+            f"{fmt_ms(r.fused_ms)} ±{fmt_ms(r.fused_spread_ms)} | {r.speedup:.2f}x | {compiled} | "
             f"{r.tflops('fused', 'dense'):.3f} / {r.tflops('fused', 'useful'):.3f} | {share} | "
             f"{r.tflops('eager', 'dense'):.3f} / {r.tflops('eager', 'useful'):.3f} | {_mem(r)} | "
             f"{r.max_abs_err:.1e} |\n")

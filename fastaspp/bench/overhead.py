@@ -1,0 +1,217 @@
+"""Fixed cost per call: fastaspp's fused paths against the eager PyTorch they replace, on inputs so
+small that the time is almost all host overhead (argument checks, dispatch, weight preparation,
+allocation), plus whole models at small inputs.
+
+Workloads, each eval (a forward under no_grad) and train (forward + backward, every parameter and
+the input taking a gradient, no optimizer step: the same on both sides):
+  * op: fastaspp.ops.atrous_conv2d(x, W, scale=, shift=, relu=True) against conv2d → affine → relu;
+  * convbnrelu: fastaspp.nn.ConvBNReLU against nn.Sequential(Conv2d, BatchNorm2d, ReLU);
+  * aspp: fastaspp.nn.ASPP against the plain ASPP module (torchvision's layout);
+  * the three models, fused=True against fused=False, at small inputs.
+A sample times `calls` back-to-back calls (so that the clock's resolution and the loop do not
+count) and reports the time of one; eager and fused are interleaved in rounds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import fastaspp
+from fastaspp import reference
+from fastaspp.bench.aspp import AsppShape, aspp_pair
+from fastaspp.bench.models import model_flops, model_pair
+from fastaspp.bench.report import Row
+from fastaspp.bench.timing import alternate
+from fastaspp.geometry import conv_flops
+
+MODES = ("eval", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyConv:
+    """A 3x3 atrous conv small enough that its fixed cost dominates."""
+    c_in: int = 8
+    c_out: int = 8
+    size: int = 6
+    rate: int = 2
+
+    @property
+    def name(self) -> str:
+        return f"{self.c_in}x{self.size}x{self.size}-{self.c_out}-r{self.rate}"
+
+    def flops(self, batch: int) -> tuple[int, int]:
+        return conv_flops((batch, self.c_in, self.size, self.size), (self.c_out, self.c_in, 3, 3), (1, 1),
+                          (self.rate, self.rate), (self.rate, self.rate))
+
+
+TINY_CONV = TinyConv()
+TINY_ASPP = AsppShape("16x5x5-(6,12,18)-16", 16, 5, (6, 12, 18), 16)
+MODEL_SIZES = (33, 65)
+
+
+def _batch(mode: str) -> int:
+    return 2 if mode == "train" else 1  # train: BatchNorm needs more than one value per channel
+
+
+def _inputs(shape: Sequence[int], mode: str, device, dtype, count: int = 2) -> List[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(*shape, generator=gen).to(device, dtype, memory_format=torch.channels_last)
+            .requires_grad_(mode == "train") for _ in range(count)]
+
+
+def _cycle(xs: List[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    state = {"i": 0}
+
+    def next_x() -> torch.Tensor:
+        state["i"] = (state["i"] + 1) % len(xs)
+        return xs[state["i"]]
+    return next_x
+
+
+def _step(forward: Callable[[torch.Tensor], torch.Tensor], next_x, mode: str) -> Callable[[], object]:
+    if mode == "eval":
+        return lambda: forward(next_x())
+    return lambda: forward(next_x()).sum().backward()
+
+
+def _time(fns: List[Callable[[], object]], mode: str, device, calls: int, reps: int, rounds: int):
+    """Per-call timings of each fn (eager first), `calls` calls per sample, in rounds."""
+    looped = [(lambda fn=fn: [fn() for _ in range(calls)]) for fn in fns]
+    with torch.no_grad() if mode == "eval" else torch.enable_grad():
+        timings = alternate(looped, device, warmup=1, reps=reps, rounds=rounds)
+    return [dataclasses.replace(t, median_ms=t.median_ms / calls, spread_ms=t.spread_ms / calls) for t in timings]
+
+
+def _row(kind: str, shape: str, batch: int, dtype, device, timings, flops, err: float) -> Row:
+    eager, fused = timings
+    return Row(kind, shape, batch, str(dtype).replace("torch.", ""), str(device), fastaspp.resolve_backend(device),
+               eager.median_ms, fused.median_ms, eager.spread_ms, fused.spread_ms, flops[0], flops[1], err)
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def measure_op(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape: TinyConv = TINY_CONV,
+               calls: int = 50, reps: int = 5, rounds: int = 3) -> Row:
+    """fastaspp.ops.atrous_conv2d against conv2d → per-channel affine → relu (the functional call)."""
+    batch = _batch(mode)
+    gen = torch.Generator().manual_seed(1)
+    make = lambda *s: torch.randn(*s, generator=gen).to(device, dtype).requires_grad_(mode == "train")  # noqa: E731
+    weight, scale, shift = make(shape.c_out, shape.c_in, 3, 3), make(shape.c_out), make(shape.c_out)
+    conv = dict(padding=shape.rate, dilation=shape.rate)
+
+    def eager(x):
+        y = F.conv2d(x, weight, None, **conv)
+        return F.relu(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+
+    def fused(x):
+        return fastaspp.ops.atrous_conv2d(x, weight, None, scale=scale, shift=shift, relu=True, **conv)
+
+    xs = _inputs((batch, shape.c_in, shape.size, shape.size), mode, device, dtype)
+    with torch.no_grad():
+        err = _max_err(fused(xs[0]), eager(xs[0]))
+    next_x = _cycle(xs)
+    timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
+    flops = shape.flops(batch)
+    if mode == "train":
+        flops = (3 * flops[0], 3 * flops[1])
+    return _row(f"overhead op {mode}", shape.name, batch, dtype, device, timings, flops, err)
+
+
+def measure_convbnrelu(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape: TinyConv = TINY_CONV,
+                       calls: int = 50, reps: int = 5, rounds: int = 3) -> Row:
+    """fastaspp.nn.ConvBNReLU against nn.Sequential(Conv2d, BatchNorm2d, ReLU) with the same state."""
+    batch = _batch(mode)
+    torch.manual_seed(0)
+    eager = reference.conv_bn_relu(shape.c_in, shape.c_out, 3, padding=shape.rate, dilation=shape.rate)
+    with torch.no_grad():
+        eager[1].running_mean.uniform_(-0.5, 0.5)
+        eager[1].running_var.uniform_(0.5, 2.0)
+    fused = fastaspp.nn.ConvBNReLU(shape.c_in, shape.c_out, 3, padding=shape.rate, dilation=shape.rate)
+    fused.load_state_dict(eager.state_dict())
+    for m in (eager, fused):
+        m.to(device, dtype, memory_format=torch.channels_last).train(mode == "train")
+    xs = _inputs((batch, shape.c_in, shape.size, shape.size), mode, device, dtype)
+    err = float("nan")
+    if mode == "eval":
+        with torch.no_grad():
+            err = _max_err(fused(xs[0]), eager(xs[0]))
+    next_x = _cycle(xs)
+    timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
+    flops = shape.flops(batch)
+    if mode == "train":
+        flops = (3 * flops[0], 3 * flops[1])
+    return _row(f"overhead convbnrelu {mode}", shape.name, batch, dtype, device, timings, flops, err)
+
+
+def measure_aspp(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape: AsppShape = TINY_ASPP,
+                 calls: int = 20, reps: int = 5, rounds: int = 3) -> Row:
+    """fastaspp.nn.ASPP against the plain ASPP module with the same state."""
+    batch = _batch(mode)
+    eager, fused = aspp_pair(shape, dtype, device)
+    for m in (eager, fused):
+        m.train(mode == "train")
+    xs = _inputs((batch, shape.c_in, shape.size, shape.size), mode, device, dtype)
+    err = float("nan")  # training: dropout masks differ between the two modules' calls
+    if mode == "eval":
+        with torch.no_grad():
+            err = _max_err(fused(xs[0]), eager(xs[0]))
+    next_x = _cycle(xs)
+    timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
+    flops = shape.flops(batch)
+    if mode == "train":
+        flops = (3 * flops[0], 3 * flops[1])
+    return _row(f"overhead aspp {mode}", shape.name, batch, dtype, device, timings, flops, err)
+
+
+def measure_model(name: str, size: int, mode: str, dtype=torch.float32, device=torch.device("cpu"),
+                  reps: int = 3, rounds: int = 3) -> Row:
+    """A whole model, fused=True against fused=False with the same state: eval forward, or a training
+    forward + backward of the cross-entropy loss (train mode: batch statistics, dropout)."""
+    batch = _batch(mode)
+    plain, fused = model_pair(name, dtype, device)
+    xs = _inputs((batch, 3, size, size), "eval", device, dtype)  # the image takes no gradient
+    target = torch.randint(0, 21, (batch, size, size), generator=torch.Generator().manual_seed(0)).to(device)
+    useful, dense = model_flops(plain, xs[0])
+    err = float("nan")
+    if mode == "eval":
+        with torch.no_grad():
+            err = _max_err(fused.eval()(xs[0])["out"], plain.eval()(xs[0])["out"])
+    for m in (plain, fused):
+        m.train(mode == "train")
+    next_x = _cycle(xs)
+
+    def step(model):
+        if mode == "eval":
+            return lambda: model(next_x())["out"]
+        return lambda: F.cross_entropy(model(next_x())["out"].float(), target).backward()
+
+    timings = _time([step(plain), step(fused)], mode, device, 1, reps, rounds)
+    if mode == "train":
+        useful, dense = 3 * useful, 3 * dense
+    return _row(f"overhead model {mode}", f"{name}-{size}", batch, dtype, device, timings, (useful, dense), err)
+
+
+def run(dtype=torch.float32, device=torch.device("cpu"), models: Sequence[str] = (),
+        sizes: Sequence[int] = MODEL_SIZES, modes: Sequence[str] = MODES,
+        progress: Optional[Callable[[Row], None]] = None) -> List[Row]:
+    rows = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        if progress:
+            progress(row)
+
+    for mode in modes:
+        add(measure_op(mode, dtype, device))
+        add(measure_convbnrelu(mode, dtype, device))
+        add(measure_aspp(mode, dtype, device))
+    for name in models:
+        for size in sizes:
+            for mode in modes:
+                add(measure_model(name, size, mode, dtype, device))
+    return rows
