@@ -1,0 +1,142 @@
+"""Where one small fused call's host time goes on CPU: the whole public call against its parts,
+each timed alone (many calls, median of several samples), and torch.profiler's table of the ATen
+ops inside the C++ kernel.
+
+Parts of fastaspp.ops.atrous_conv2d (eval, no grad): argument checks; backend choice; weight
+preparation (the folded affine); the kernel (the C++ op called directly); the output layout. For a
+training call: the forward through the autograd-carrying op, and forward + backward. Eager
+PyTorch's conv2d → affine → relu is timed alongside. The parts name this commit's functions:
+update them when the layers change.
+
+    python benchmarks/overhead_profile.py [--threads 1] [--out benchmarks/results]
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import fastaspp
+from fastaspp.bench.report import environment
+from fastaspp.ops import atrous_conv as op_module
+
+SHAPE = dict(batch=1, c_in=8, c_out=8, size=6, rate=2)
+
+
+def per_call_us(fn, calls=200, samples=15):
+    for _ in range(calls // 4):
+        fn()
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(times)
+
+
+def parts(x, w, scale, shift):
+    """{part: callable} for this commit's layers of the op's eval call."""
+    stride, padding, dilation = [1, 1], [SHAPE["rate"]] * 2, [SHAPE["rate"]] * 2
+    alpha, beta = op_module._fold_affine(w, None, scale, shift, x.dtype)
+    y = torch.ops.fastaspp._atrous_conv2d_forward.default(x, w, alpha, beta, stride, padding, dilation, True)
+
+    def checks():
+        s, p, d = (op_module._pair(v, n) for v, n in ((1, "stride"), (2, "padding"), (2, "dilation")))
+        dtype = op_module.autocast_dtype(x)
+        for t in (x, w, None, scale, shift):
+            op_module.cast(t, dtype)
+        op_module.check_atrous_conv2d_args(x, w, None, scale, shift, s, p, d)
+
+    def backend():
+        b = fastaspp.resolve_backend(x.device)
+        op_module._plain_inference(x, w, None, scale, shift)
+        op_module._check_backend(b, x)
+
+    return {
+        "whole call": lambda: fastaspp.ops.atrous_conv2d(x, w, None, scale=scale, shift=shift, relu=True,
+                                                        padding=2, dilation=2),
+        "argument checks": checks,
+        "backend choice": backend,
+        "weight preparation (folded affine)": lambda: op_module._fold_affine(w, None, scale, shift, x.dtype),
+        "kernel (C++ op called directly)": lambda: torch.ops.fastaspp._atrous_conv2d_forward.default(
+            x, w, alpha, beta, stride, padding, dilation, True),
+        "output layout": lambda: y.contiguous(memory_format=op_module.suggest_memory_format(x)),
+        "custom-op dispatch (torch.ops.fastaspp.atrous_conv2d, no grad)": lambda: torch.ops.fastaspp.atrous_conv2d(
+            x, w, None, scale, shift, stride, padding, dilation, True, "cpu"),
+        "eager conv2d alone": lambda: F.conv2d(x, w, None, 1, 2, 2),
+        "eager conv2d + affine + relu": lambda: F.relu(F.conv2d(x, w, None, 1, 2, 2) * scale.view(1, -1, 1, 1)
+                                                       + shift.view(1, -1, 1, 1)),
+    }
+
+
+def train_parts(x, w, scale, shift):
+    xg, wg, sg, tg = (t.detach().clone().requires_grad_() for t in (x.expand(2, -1, -1, -1), w, scale, shift))
+    xg = xg.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def fused():
+        return fastaspp.ops.atrous_conv2d(xg, wg, None, scale=sg, shift=tg, relu=True, padding=2, dilation=2)
+
+    def eager():
+        return F.relu(F.conv2d(xg, wg, None, 1, 2, 2) * sg.view(1, -1, 1, 1) + tg.view(1, -1, 1, 1))
+
+    return {
+        "train: fused forward (autograd op)": fused,
+        "train: fused forward + backward": lambda: fused().sum().backward(),
+        "train: eager forward": eager,
+        "train: eager forward + backward": lambda: eager().sum().backward(),
+    }
+
+
+def kernel_ops(x, w, scale, shift, calls=100):
+    """torch.profiler's ATen ops under the C++ kernel: (name, calls per kernel call, self µs per kernel call)."""
+    alpha, beta = op_module._fold_affine(w, None, scale, shift, x.dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            torch.ops.fastaspp._atrous_conv2d_forward.default(x, w, alpha, beta, [1, 1], [2, 2], [2, 2], True)
+    rows = [(e.key, e.count / calls, e.self_cpu_time_total / calls) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE["batch"], SHAPE["c_in"], SHAPE["size"], SHAPE["size"], generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(SHAPE["c_out"], SHAPE["c_in"], 3, 3, generator=gen)
+    scale, shift = torch.rand(SHAPE["c_out"], generator=gen) + 0.5, torch.randn(SHAPE["c_out"], generator=gen)
+    timings = {}
+    with torch.no_grad():
+        for name, fn in parts(x, w, scale, shift).items():
+            timings[name] = per_call_us(fn)
+            print(f"{name:60s} {timings[name]:8.1f} µs", flush=True)
+    for name, fn in train_parts(x, w, scale, shift).items():
+        timings[name] = per_call_us(fn, calls=50)
+        print(f"{name:60s} {timings[name]:8.1f} µs", flush=True)
+    with torch.no_grad():
+        ops = kernel_ops(x, w, scale, shift)
+    print("\nATen ops inside the C++ kernel (per kernel call):")
+    for name, count, us in ops[:15]:
+        print(f"  {name:50s} x{count:5.1f} {us:8.1f} µs self")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path = os.path.join(args.out, f"overhead-profile-cpu-{stamp}.json")
+        with open(path, "w") as f:
+            json.dump({"environment": environment(), "shape": SHAPE, "per_call_us": timings,
+                       "kernel_aten_ops": [dict(op=n, calls=c, self_us=u) for n, c, u in ops]}, f, indent=2)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
