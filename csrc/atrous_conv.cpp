@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastaspp, m) {
+  // y = act((conv2d(x, weight, stride, padding, dilation) + bias) * scale + shift) per output
+  // channel (None: no bias, scale 1, shift 0), in x's suggested memory format.
   m.def(
-      "_atrous_conv2d_forward(Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+      "_atrous_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
       "int[2] stride, int[2] padding, int[2] dilation, bool relu) -> Tensor");
   m.def(
       "_atrous_conv2d_grad_input(Tensor grad, Tensor weight, int[4] input_size, "
@@ -16,4 +18,11 @@ TORCH_LIBRARY(fastaspp, m) {
   m.def(
       "_atrous_conv2d_grad_weight(Tensor x, Tensor grad, int[4] weight_size, "
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // The whole backward of _atrous_conv2d_forward in one call (cpu): (dx, dweight, dbias, dscale,
+  // dshift), None where output_mask is false; `out`, the saved output of a ReLU'd forward, masks
+  // the gradient (None: no ReLU).
+  m.def(
+      "_atrous_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor? scale, "
+      "Tensor? out, int[2] stride, int[2] padding, int[2] dilation, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

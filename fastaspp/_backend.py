@@ -96,9 +96,27 @@ def backend(name: str) -> Iterator[None]:
         _current = previous
 
 
+# Successful resolutions by (name, device type): what a backend can run does not change within a
+# process, so a call pays one dict look-up (DESIGN.md §7). Failures are not kept: they raise anew;
+# nor is triton on CPU tensors, which follows TRITON_INTERPRET (the interpreter: tests only).
+_RESOLVED: dict = {}
+
+
 def resolve_backend(device: torch.device, name: str | None = None) -> str:
     """The concrete backend a call on tensors of `device` uses, or an error saying why none can."""
     name = _current if name is None else name
+    if not isinstance(name, str) or torch.compiler.is_compiling():  # traced: no dict to guard on
+        return _resolve(device, name)
+    key = (name, device.type)
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _resolve(device, name)
+        if not (resolved == "triton" and device.type == "cpu"):
+            _RESOLVED[key] = resolved
+    return resolved
+
+
+def _resolve(device: torch.device, name: str) -> str:
     _check_name(name)
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpu"

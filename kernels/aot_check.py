@@ -66,9 +66,10 @@ def _compile(case, arch):
     const = dict(config.kwargs, ACC_DTYPE=acc, DOT_DTYPE=tl_dtype, DOT_PRECISION=precision)
     if kernel.startswith("fwd"):
         fused = kernel == "fwd_fused"
-        const.update(RELU=not fused, PROLOGUE=fused, IMAGE_BIAS=fused, STATS=fused)
+        const.update(RELU=not fused, PROLOGUE=fused, IMAGE_BIAS=fused, STATS=fused, HAS_SCALE=not fused,
+                     HAS_SHIFT=not fused)
     if kernel in ("aspp", "aspp_stats"):
-        const.update(RELU=kernel == "aspp", STATS=kernel == "aspp_stats")
+        const.update(RELU=kernel == "aspp", STATS=kernel == "aspp_stats", AFFINE=kernel == "aspp")
     if kernel != "wgrad":
         const.update(TILE_H=tile_h, TILE_W=tile_w)
     pointer = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32", "fp64": "*fp64"}[dtype]

@@ -11,8 +11,8 @@ Contract (the same semantics as the C++ backends; arguments are validated by the
         the same y, stored into out[:, channel_offset:channel_offset + Cout] of a preallocated
         out [N, Ctot, Ho, Wo] with dense NHWC storage (out.permute(0, 2, 3, 1).is_contiguous()),
         x's dtype and device; the other channels of out are not touched.  This is how several
-        convolutions write one concatenated buffer without torch.cat (DESIGN.md §2.5).  out is
-        validated here (ValueError / TypeError naming it); it must not share memory with x.
+        convolutions write one concatenated buffer without torch.cat (DESIGN.md §2.5).  out must
+        not share memory with x (asserted, with the other invariants).
         Keyword options fuse the training steps of DESIGN.md §2.6: prologue=(m, s, t) reads x as
         relu((x - m) * s + t), image_bias adds a per-image [N, Cout] bias, stats= records per-patch BN
         statistics (stats_buffer / merge_stats).
@@ -65,7 +65,6 @@ activation tensors are computed in int64.
 
 import contextlib
 import math
-import operator
 import os
 
 import torch
@@ -238,7 +237,7 @@ def _dgrad_tiles(args):
 def _atrous_fwd_kernel(
     x_ptr,  # [N, H, W, Cin]
     w_ptr,  # [KH, KW, Cin, Cout]
-    scale_ptr, shift_ptr,  # [Cout]
+    scale_ptr, shift_ptr,  # [Cout], read when HAS_SCALE / HAS_SHIFT (else 1 and 0)
     y_ptr,  # [N, Ho, Wo, y_pix_stride]; this conv's Cout channels start at y_c_off
     pro_centre_ptr, pro_scale_ptr, pro_shift_ptr,  # [Cin]: PROLOGUE's per-input-channel affine
     bias_ptr,  # [N, Cout]: IMAGE_BIAS's per-image bias
@@ -247,6 +246,7 @@ def _atrous_fwd_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     y_pix_stride, y_c_off, stats_plane,
     RELU: tl.constexpr, PROLOGUE: tl.constexpr, IMAGE_BIAS: tl.constexpr, STATS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
@@ -264,7 +264,8 @@ def _atrous_fwd_kernel(
                               Cin, Cout, Cin, stride_h, stride_w, offs_n, n_ok, PROLOGUE, ACC_DTYPE, DOT_DTYPE,
                               DOT_PRECISION, BLOCK_K)
     _epilogue(acc, scale_ptr, shift_ptr, bias_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end, ow_end, Ho, Wo, Cout,
-              offs_n, n_ok, y_pix_stride, y_c_off, stats_plane, RELU, IMAGE_BIAS, STATS, ACC_DTYPE)
+              offs_n, n_ok, y_pix_stride, y_c_off, stats_plane, RELU, IMAGE_BIAS, STATS, ACC_DTYPE,
+              HAS_SCALE, HAS_SHIFT)
 
 
 @triton.jit
@@ -325,12 +326,18 @@ def _accumulate_tap(acc, enabled, x_ptr, w_tap, pro_centre_ptr, pro_scale_ptr, p
 @triton.jit
 def _epilogue(acc, scale_ptr, shift_ptr, bias_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end, ow_end, Ho, Wo,
               Cout, offs_n, n_ok, y_pix_stride, y_c_off, stats_plane,
-              RELU: tl.constexpr, IMAGE_BIAS: tl.constexpr, STATS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+              RELU: tl.constexpr, IMAGE_BIAS: tl.constexpr, STATS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              HAS_SCALE: tl.constexpr = True, HAS_SHIFT: tl.constexpr = True):
     """act(acc * scale + shift [+ bias[n]]) stored NHWC at channel y_c_off of a y_pix_stride-channel
-    buffer; with STATS, the patch's BN statistics into row program_id(0) of the stats planes."""
-    scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
-    shift = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
-    out = acc * scale[None, :] + shift[None, :]
+    buffer (scale 1 and shift 0 unless HAS_SCALE / HAS_SHIFT); with STATS, the patch's BN statistics
+    into row program_id(0) of the stats planes."""
+    out = acc
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
+        out = out * scale[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
+        out = out + shift[None, :]
     if IMAGE_BIAS:
         bias = tl.load(bias_ptr + n.to(tl.int64) * Cout + offs_n, mask=n_ok, other=0.0)
         out += bias.to(ACC_DTYPE)[None, :]
@@ -588,41 +595,21 @@ def _forward_out_hw(x, weight, geo):
 
 
 def _check_out(out, channel_offset, x, cout, ho, wo):
-    """Validates atrous_conv2d_forward_into's out / channel_offset; returns the offset as int."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if isinstance(channel_offset, bool):  # bool is an int to operator.index
-        raise TypeError(f"channel_offset must be an int, got {channel_offset!r}")
-    try:
-        c0 = operator.index(channel_offset)
-    except TypeError:
-        raise TypeError(f"channel_offset must be an int, got {channel_offset!r}") from None
-    if out.dim() != 4:
-        raise ValueError(f"out must be a 4-D tensor [N, C, Ho, Wo], got shape {tuple(out.shape)}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"out has dtype {out.dtype} but x has {x.dtype}; they must match")
-    if out.device != x.device:
-        raise ValueError(f"out is on {out.device} but x is on {x.device}")
-    n, ctot = out.shape[0], out.shape[1]
-    if (n, out.shape[2], out.shape[3]) != (x.shape[0], ho, wo):
-        raise ValueError(f"out must have shape [N={x.shape[0]}, C, Ho={ho}, Wo={wo}], "
-                         f"got {tuple(out.shape)}")
-    if c0 < 0 or c0 + cout > ctot:
-        raise ValueError(f"channel_offset {c0} + Cout {cout} must lie within out's {ctot} "
-                         "channels")
+    """The invariants atrous_conv2d_forward_into's index math relies on (its callers build `out`)."""
+    assert out.dtype == x.dtype and out.device == x.device, "out must have x's dtype and device"
+    assert tuple(out.shape[::2]) == (x.shape[0], ho) and out.shape[3] == wo, "out must be [N, Ctot, Ho, Wo]"
+    assert 0 <= channel_offset and channel_offset + cout <= out.shape[1], "channel slice outside out"
     # is_contiguous ignores the strides of size-1 dims, which the kernel's index math never uses.
-    if not out.permute(0, 2, 3, 1).is_contiguous():
-        raise ValueError("out must have dense NHWC storage (channels_last, "
-                         f"out.permute(0, 2, 3, 1).is_contiguous()), got strides {out.stride()}")
-    # The kernel reads x while other programs write out: any shared storage is refused.
-    if (out.numel() and x.numel()
-            and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
-        raise ValueError("out must not share memory with x")
-    return c0
+    assert out.permute(0, 2, 3, 1).is_contiguous(), "out must have dense NHWC storage"
+    # The kernel reads x while other programs write out: shared storage would race.
+    assert not (out.numel() and x.numel()
+                and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()), "out shares x's memory"
+    return int(channel_offset)
 
 
 def atrous_conv2d_forward(x, weight, scale, shift, stride, padding, dilation, relu):
-    """act(conv2d(x, weight, None, stride, padding, dilation) * scale + shift) in x's format."""
+    """act(conv2d(x, weight, None, stride, padding, dilation) * scale + shift) in x's format (scale,
+    shift: [Cout] or None for 1 and 0)."""
     ho, wo = _forward_out_hw(x, weight, _geometry_args(stride, padding, dilation))
     y = _nhwc_empty(x.shape[0], weight.shape[0], ho, wo, x)
     atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilation, relu, y, 0)
@@ -678,28 +665,31 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
     if cin == 0 and (image_bias is not None or stats is not None):
         raise ValueError("atrous_conv2d_forward_into: image_bias and stats need Cin >= 1")
     if cin == 0:  # empty reduction: the convolution is zero
-        y = torch.relu(shift) if relu else shift
+        y = shift if shift is not None else out.new_zeros(cout)
+        y = torch.relu(y) if relu else y
         out[:, c0:c0 + cout].copy_(y.view(1, -1, 1, 1).expand(n, cout, ho, wo))
         return
     x_nhwc = x.contiguous(memory_format=torch.channels_last)
     w_kkio = _tap_major(weight, (2, 3, 1, 0))  # [KH, KW, Cin, Cout]: B rows along Cin
-    scale = scale.contiguous()
-    shift = shift.contiguous()
+    # Pointers a constexpr leaves unread get x's (no per-call placeholder tensors).
+    scale_arg = scale.contiguous() if scale is not None else x_nhwc
+    shift_arg = shift.contiguous() if shift is not None else x_nhwc
 
     def grid(meta):
         return (n * triton.cdiv(ho, meta["TILE_H"]) * triton.cdiv(wo, meta["TILE_W"]),
                 triton.cdiv(cout, meta["BLOCK_N"]))
 
-    pro = [t.contiguous() for t in prologue] if prologue is not None else [scale] * 3
-    bias = image_bias.contiguous() if image_bias is not None else scale
-    stats_planes = stats if stats is not None else scale.new_zeros(1)
+    pro = [t.contiguous() for t in prologue] if prologue is not None else [x_nhwc] * 3
+    bias = image_bias.contiguous() if image_bias is not None else x_nhwc
+    stats_planes = stats if stats is not None else x_nhwc
     with _launch_ctx(x):
         _atrous_fwd_kernel[grid](
-            x_nhwc, w_kkio, scale, shift, out, *pro, bias, stats_planes,
+            x_nhwc, w_kkio, scale_arg, shift_arg, out, *pro, bias, stats_planes,
             n, h, w, cin, ho, wo, cout, kh, kw, *geo, out.shape[1], c0,
             stats_planes[0].numel() if stats is not None else 0,
             RELU=bool(relu), PROLOGUE=prologue is not None, IMAGE_BIAS=image_bias is not None,
-            STATS=stats is not None, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
+            STATS=stats is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+            ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
 
 
 def atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation):

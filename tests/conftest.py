@@ -52,12 +52,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture(params=fastaspp.BACKENDS)
-def backend(request):
+# The cpu backend runs twice: "cpu" with its own choice of path (the small test shapes mostly run
+# its direct loops) and "cpu-gemm", every call forced onto the live-tap GEMMs
+# (FASTASPP_CPU_DIRECT_MAX_MACS=-1). Either yields the backend name "cpu".
+BACKEND_PARAMS = ("cpu", "cpu-gemm") + tuple(b for b in fastaspp.BACKENDS if b != "cpu")
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request, monkeypatch):
     """Each backend usable here; the others are reported as skipped with the reason."""
-    name = request.param
+    name, _, path = request.param.partition("-")
     reason = fastaspp._backend.unavailable_reason(name)
     if reason is not None:
         pytest.skip(f"backend {name} unavailable: {reason}")
+    if path == "gemm":
+        monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
     with fastaspp.backend(name):
         yield name

@@ -148,15 +148,24 @@ def test_opcheck(backend, case, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_opcheck_cpp_kernels(channels_last):
-    """The C++ kernel ops themselves (fake impls registered from Python)."""
+    """The C++ kernel ops themselves (fake impls registered from Python), with and without the
+    optional affine, and the cpu backend's one-call backward with every output mask."""
     case = ConvCase(2, 3, 4, 6, 6, dilation=2)
-    x, w, _, s, t = make_inputs(case, torch.float32, "cpu", channels_last)
+    x, w, b, s, t = make_inputs(case, torch.float32, "cpu", channels_last)
     geometry = ([1, 1], [2, 2], [2, 2])
-    torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_forward.default, (x, w, s, t, *geometry, True))
+    torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_forward.default, (x, w, b, s, t, *geometry, True))
+    torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_forward.default,
+                          (x, w, None, None, None, *geometry, False))
     g = torch.randn(2, 4, 6, 6)
     g = g.to(memory_format=torch.channels_last) if channels_last else g
     torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_grad_input.default, (g, w, list(x.shape), *geometry))
     torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_grad_weight.default, (x, g, list(w.shape), *geometry))
+    out = torch.ops.fastaspp._atrous_conv2d_forward.default(x, w, b, s, t, *geometry, True)
+    for mask in ([True] * 5, [True, False, False, True, False], [False, True, True, False, True]):
+        torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_backward.default,
+                              (g, x, w, b, s, out, *geometry, mask))
+    torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_backward.default,
+                          (g, x, w, None, None, None, *geometry, [True, True, False, False, True]))
 
 
 def test_torch_compile_fullgraph(backend):

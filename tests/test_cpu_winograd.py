@@ -1,7 +1,9 @@
 """The cpu backend's Winograd ASPP branches (csrc/cpu/winograd.cpp) against plain convolutions.
 
 Eval runs a 3x3 branch as Winograd over its rate's sub-grids when that needs at most 80% of the
-live (pixel, tap) products; FASTASPP_CPU_WINOGRAD=0 forces the direct live-tap kernel. Tolerances:
+live (pixel, tap) products; FASTASPP_CPU_WINOGRAD=0 forces the live-tap GEMMs. Branches with little
+work run the direct loops instead (csrc/cpu/direct_conv.h), and every shape here is small: these tests
+switch that path off (FASTASPP_CPU_DIRECT_MAX_MACS=-1) so that the rule above decides. Tolerances:
 fp64 agrees to 1e-10 of the output's scale; fp32 to 3e-5 of it (F(6,3) loses about 4 bits: measured
 up to 8e-6, benchmarks/cpu_eval_ceiling.py --check).
 """
@@ -36,6 +38,11 @@ def expect_winograd(h: int, w: int, rates) -> bool:
                for r in rates)
 
 
+@pytest.fixture(autouse=True)
+def no_direct_loops(monkeypatch):
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
+
+
 # (n, c_in, h, w, rates): every per-axis plan (s = 1, 2, 3..6, and several tiles for s > 6).
 CASES = [
     (1, 16, 33, 33, (6, 12, 18)),   # the paper's OS16 geometry: s = 6, 3, 2
@@ -45,7 +52,7 @@ CASES = [
     (2, 8, 13, 13, (1, 4)),         # rate 1: s = 13, three tiles
     (1, 6, 40, 3, (7, 2)),          # a thin map: s = 1 on one axis
     (1, 3, 1, 33, (6,)),            # one row
-    (1, 3, 1, 1, (6,)),             # 1x1 map: only the centre tap, stays direct
+    (1, 3, 1, 1, (6,)),             # 1x1 map: only the centre tap, stays on the GEMMs
 ]
 
 
@@ -78,12 +85,12 @@ def test_winograd_matches_conv(case, dtype, monkeypatch):
     expected = reference_branches(x, ws, rates, scale, shift)
     out = branches(x, ws, rates, scale, shift)
     monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
-    direct = branches(x, ws, rates, scale, shift)
+    gemm = branches(x, ws, rates, scale, shift)
     tol = (1e-10 if dtype == torch.float64 else 3e-5) * expected.abs().max().item()
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=0)
-    torch.testing.assert_close(direct.double(), expected, atol=tol, rtol=0)
+    torch.testing.assert_close(gemm.double(), expected, atol=tol, rtol=0)
     # The two paths round differently: unequal bits mean the Winograd path ran.
-    assert torch.equal(out, direct) != expect_winograd(h, w, rates)
+    assert torch.equal(out, gemm) != expect_winograd(h, w, rates)
 
 
 def test_chunked_transforms(monkeypatch):
@@ -115,36 +122,36 @@ def test_kept_weights_are_reused_and_follow_in_place_changes(monkeypatch):
     torch.testing.assert_close(after.double(), reference_branches(x, ws, rates, scale, shift),
                                atol=3e-5 * after.abs().max().item(), rtol=0)
     # Nothing kept (a zero budget) gives the same bits.
-    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD_CACHE_MB", "0")
+    monkeypatch.setenv("FASTASPP_CPU_KEPT_MB", "0")
     assert torch.equal(branches(x, ws, rates, scale, shift), after)
 
 
-def test_weights_without_kept_transforms_run_direct(monkeypatch):
+def test_weights_without_kept_transforms_run_the_gemms(monkeypatch):
     """Weights that take a gradient or are inference tensors cannot keep their transforms, and
-    transforming per call costs more than Winograd saves: such branches run the direct kernel."""
+    transforming per call costs more than Winograd saves: such branches run the live-tap GEMMs."""
     rates = (6, 12)
     x, ws, scale, shift = make_inputs(1, 6, 20, 20, rates, torch.float64)
     expected = reference_branches(x, ws, rates, scale, shift)
     assert expect_winograd(20, 20, rates)
     monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
-    direct = branches(x, ws, rates, scale, shift)
+    gemm = branches(x, ws, rates, scale, shift)
     monkeypatch.delenv("FASTASPP_CPU_WINOGRAD")
-    assert not torch.equal(branches(x, ws, rates, scale, shift), direct)
+    assert not torch.equal(branches(x, ws, rates, scale, shift), gemm)
 
     grad_ws = [w.clone().requires_grad_() for w in ws]
     out = fastaspp.ops.aspp_branches(x, grad_ws, rates, scale, shift)
-    assert torch.equal(out.detach(), direct)
+    assert torch.equal(out.detach(), gemm)
     out.sum().backward()
     assert all(w.grad is not None for w in grad_ws)
     with torch.inference_mode():
         inf_ws = [w.clone() for w in ws]
-        assert torch.equal(branches(x.clone(), inf_ws, rates, scale, shift), direct)
-    torch.testing.assert_close(direct, expected, atol=1e-10, rtol=0)
+        assert torch.equal(branches(x.clone(), inf_ws, rates, scale, shift), gemm)
+    torch.testing.assert_close(gemm, expected, atol=1e-10, rtol=0)
 
 
 def test_module_eval_keeps_transforms(monkeypatch):
     """nn.ASPP's memoised folded weights are detached, so eval under no_grad runs Winograd from
-    kept transforms: the same bits on every call, unlike the direct kernel's."""
+    kept transforms: the same bits on every call, unlike the live-tap GEMMs'."""
     case = ASPP_CASES[6]  # 33x33, rates (6, 12, 18)
     ref, mine = make_pair(case, torch.device("cpu"))
     ref.eval(), mine.eval()
@@ -153,7 +160,7 @@ def test_module_eval_keeps_transforms(monkeypatch):
         first, second = mine(x), mine(x)
         expected = ref(x)
         monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
-        direct = mine(x)
+        gemm = mine(x)
     assert torch.equal(first, second)
-    assert not torch.equal(first, direct)
+    assert not torch.equal(first, gemm)
     torch.testing.assert_close(first, expected, atol=3e-5 * expected.abs().max().item(), rtol=1e-4)

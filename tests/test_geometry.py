@@ -33,13 +33,28 @@ def _gemm_calls(fn):
 
 
 @pytest.mark.parametrize("size,rate,live_taps", [(33, 6, 9), (9, 6, 9), (5, 6, 1), (33, 40, 1), (16, 12, 9), (12, 12, 1)])
-def test_cpu_kernel_runs_one_gemm_per_live_tap(size, rate, live_taps):
-    """Work scales with live taps: dead taps launch no GEMM, forward and backward."""
+def test_cpu_kernel_runs_one_gemm_per_live_tap(size, rate, live_taps, monkeypatch):
+    """Work scales with live taps: dead taps launch no GEMM, forward and backward (the live-tap GEMM
+    path, which these small shapes reach only when the direct loops are switched off)."""
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
     x = torch.randn(1, 8, size, size)
     w = torch.randn(4, 8, 3, 3)
     s, t = torch.ones(4), torch.zeros(4)
     geometry = ([1, 1], [rate, rate], [rate, rate])
-    assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_forward(x, w, s, t, *geometry, True)) == live_taps
+    assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_forward(x, w, None, s, t, *geometry, True)) == live_taps
     g = torch.randn(1, 4, size, size)
     assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_grad_input(g, w, list(x.shape), *geometry)) == live_taps
     assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_grad_weight(x, g, list(w.shape), *geometry)) == live_taps
+
+
+def test_small_problems_run_no_gemm():
+    """The direct loops (csrc/cpu/direct_conv.h): a small conv's forward and whole backward call no
+    BLAS at all, whatever its live taps."""
+    x = torch.randn(2, 8, 9, 9)
+    w = torch.randn(4, 8, 3, 3)
+    geometry = ([1, 1], [2, 2], [2, 2])
+    out = torch.ops.fastaspp._atrous_conv2d_forward(x, w, None, None, None, *geometry, True)
+    assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_forward(x, w, None, None, None, *geometry, True)) == 0
+    backward = lambda: torch.ops.fastaspp._atrous_conv2d_backward(  # noqa: E731
+        torch.randn_like(out), x, w, None, None, out, *geometry, [True] * 2 + [False] * 3)
+    assert _gemm_calls(backward) == 0

@@ -85,24 +85,30 @@ def test_conv_bn_relu_eval_is_one_fused_op(backend, bias, stride):
     assert not [c for c in calls if "batch_norm" in c or "relu" in c]
 
 
-def test_plain_inference_calls_the_kernel_without_the_op_dispatch(backend, monkeypatch):
-    """No grad required and plain tensors: the backend kernel runs directly (same result, bitwise);
-    when autograd is needed the call goes through torch.ops.fastaspp.atrous_conv2d."""
+def test_eager_calls_skip_the_op_dispatch(backend, monkeypatch):
+    """Plain eager calls run the backend kernels directly, with and without autograd (same results,
+    bitwise, as through torch.ops.fastaspp.atrous_conv2d); a dispatch mode (as under tracing) sees
+    the op."""
     device = device_for(backend)
     ref, mine = _pair(bias=True, stride=1, device=device)
     mine.eval()
-    x = torch.randn(2, 4, 11, 9, device=device).to(memory_format=torch.channels_last)
-    through_op = mine(x.requires_grad_()).detach()
+    x = torch.randn(2, 4, 11, 9, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    calls = []
+    with _Recorder(calls):
+        through_op = mine(x)
+    assert "fastaspp.atrous_conv2d.default" in calls
+    (grad_op,) = torch.autograd.grad(through_op.sum(), [x])
 
     def refuse(*args, **kwargs):
         raise AssertionError("torch.ops.fastaspp.atrous_conv2d called")
 
     monkeypatch.setattr(torch.ops.fastaspp, "atrous_conv2d", refuse)
     with torch.no_grad():
-        direct = mine(x)
-    assert torch.equal(direct, through_op)
-    with pytest.raises(AssertionError, match="atrous_conv2d called"):
-        mine(x)  # grad enabled and x requires grad: autograd needs the op
+        assert torch.equal(mine(x), through_op.detach())
+    direct = mine(x)  # autograd needed: the eager autograd.Function, not the op
+    assert direct.requires_grad and torch.equal(direct, through_op)
+    (grad_direct,) = torch.autograd.grad(direct.sum(), [x])
+    assert torch.equal(grad_direct, grad_op)
 
 
 def test_conv_bn_relu_fold_is_memoised_and_refreshed():

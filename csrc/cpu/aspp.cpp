@@ -4,12 +4,18 @@
 // GEMM with N = (1+R)*C. The off-centre taps of each 3x3 branch then accumulate into that
 // branch's channel slice (dead taps skipped). In eval, fp32/fp64 branches whose rate leaves
 // small sub-grids run as Winograd convs instead (winograd.h), which need fewer products than
-// the live taps. Eval applies every branch's scale, shift and ReLU in one epilogue; training
-// returns the raw sums with their batch-norm statistics.
+// the live taps, and branches with little work run whole by the direct loops (direct_conv.h).
+// Weight preparations (the concatenated centre taps, tap matrices, Winograd transforms) are kept
+// per weight version (kept.h). Eval applies every branch's scale, shift and ReLU in one epilogue;
+// training returns the raw sums with their batch-norm statistics.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
+#include "direct_conv.h"
+#include "kept.h"
 #include "tap_gemm.h"
 #include "winograd.h"
 
@@ -37,50 +43,76 @@ int64_t check_branches(const at::Tensor& x, at::TensorList weights, at::IntArray
   return ch;
 }
 
+// Whether any off-centre tap of a 3x3 branch at `rate` reads the map: taps sit `rate` pixels from
+// the centre, so none does once the rate reaches both sides of the map.
+bool off_centre_live(int64_t in_h, int64_t in_w, int64_t rate) { return rate < in_h || rate < in_w; }
+
 // The raw branch sums into acc: [N, H, W, (1+R)*C] in the compute dtype, contiguous (x must not
-// be empty). With allow_winograd, 3x3 branches that use_winograd accepts run winograd_conv3x3 whole.
+// be empty). Each branch runs one of three ways: whole by the direct loops when its live
+// multiply-adds are few (direct_conv.h); whole as Winograd when allow_winograd and use_winograd
+// accept it; otherwise its centre tap in the shared GEMM and its live off-centre taps one GEMM each.
 void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, int64_t ch,
                    bool allow_winograd, const at::Tensor& acc) {
+  enum class Way { kShared, kDirect, kWinograd };
   const int64_t branches = static_cast<int64_t>(weights.size());
   const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
   const auto dtype = compute_dtype(x.scalar_type());
+  std::vector<Way> way(branches, Way::kShared);
+  std::vector<ConvGeometry> geometry(branches);
+  for (int64_t i = 0; i < branches; ++i) {
+    const int64_t r = i == 0 ? 0 : rates[i - 1];
+    geometry[i] = make_geometry({1, 1}, {r, r}, {std::max<int64_t>(r, 1), std::max<int64_t>(r, 1)});
+    if (use_direct(live_macs(x.sizes(), weights[i].sizes(), in_h, in_w, geometry[i])))
+      way[i] = Way::kDirect;
+    else if (i > 0 && allow_winograd && use_winograd(in_h, in_w, r, weights[i], dtype))
+      way[i] = Way::kWinograd;
+  }
+  for (int64_t i = 0; i < branches; ++i) {
+    if (way[i] != Way::kDirect) continue;
+    at::Tensor slice = acc.narrow(3, i * ch, ch).permute({0, 3, 1, 2});  // [N, C, H, W] view
+    direct_forward(x, weights[i], at::Tensor(), at::Tensor(), /*relu=*/false, geometry[i], slice);
+  }
+  if (std::all_of(way.begin(), way.end(), [](Way w) { return w == Way::kDirect; })) return;
   const at::Tensor xh = to_nhwc(x, dtype);
-  std::vector<bool> winograd(branches, false);
-  for (int64_t i = 1; i < branches; ++i)
-    winograd[i] = allow_winograd && use_winograd(in_h, in_w, rates[i - 1], weights[i], dtype);
 
-  // Shared centre tap: [N*H*W, Cin] @ [Cin, C] for every direct branch, one GEMM per run of
-  // adjacent direct branches (all of them when none runs Winograd) straight into the buffer.
+  // Shared centre tap: [N*H*W, Cin] @ [Cin, C] for every shared branch, one GEMM per run of
+  // adjacent shared branches straight into the buffer, their centre taps concatenated once per
+  // weight version (kept.h).
   const at::Tensor x_2d = xh.reshape({batch * in_h * in_w, in_ch});  // explicit: in_ch may be 0
   at::Tensor acc_2d = acc.view({-1, branches * ch});
   int64_t first = 0;
   while (first < branches) {
-    if (winograd[first]) {
+    if (way[first] != Way::kShared) {
       ++first;
       continue;
     }
-    std::vector<at::Tensor> centre;
     int64_t last = first;
-    for (; last < branches && !winograd[last]; ++last) {
-      const int64_t mid = last == 0 ? 0 : 1;
-      centre.push_back(weights[last].to(dtype).select(3, mid).select(2, mid));  // [C, Cin]
-    }
+    while (last < branches && way[last] == Way::kShared) ++last;
+    const at::TensorList run = weights.slice(first, last - first);
+    const at::Tensor centre = kept(run, {kCentreTaps, static_cast<int64_t>(dtype), first}, [&] {
+      std::vector<at::Tensor> taps;
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t mid = i == 0 ? 0 : 1;
+        taps.push_back(weights[i].to(dtype).select(3, mid).select(2, mid));  // [C, Cin]
+      }
+      return at::cat(taps, 0).t().contiguous();  // [Cin, run * C]
+    });
     at::Tensor out = acc_2d.narrow(1, first * ch, (last - first) * ch);
-    at::mm_out(out, x_2d, at::cat(centre, 0).t());
+    at::mm_out(out, x_2d, centre);
     first = last;
   }
 
-  // Off-centre taps of each direct 3x3 branch into its channel slice; Winograd branches whole.
+  // Off-centre taps of each shared 3x3 branch into its channel slice; Winograd branches whole.
   for (int64_t i = 1; i < branches; ++i) {
     const int64_t r = rates[i - 1];
     const at::Tensor slice = acc.narrow(3, i * ch, ch);
-    if (winograd[i]) {
+    if (way[i] == Way::kWinograd) {
       winograd_conv3x3(xh, weights[i], r, slice);  // xh is contiguous NHWC (to_nhwc)
-      continue;
+    } else if (way[i] == Way::kShared && off_centre_live(in_h, in_w, r)) {
+      const at::Tensor w_taps = kept({weights[i]}, {kTapMatrices, static_cast<int64_t>(dtype)},
+                                     [&] { return tap_matrices(weights[i], dtype); });
+      for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, geometry[i], n, slice, /*skip_centre=*/true);
     }
-    const ConvGeometry g = make_geometry({1, 1}, {r, r}, {r, r});
-    const at::Tensor w_taps = tap_matrices(weights[i], dtype);
-    for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, g, n, slice, /*skip_centre=*/true);
   }
 }
 

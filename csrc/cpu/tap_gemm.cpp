@@ -240,6 +240,73 @@ void forward_image(const at::Tensor& xh, const at::Tensor& w_taps, const ConvGeo
   }
 }
 
+at::Tensor masked_nhwc(const at::Tensor& grad, const at::Tensor& out, at::ScalarType dtype) {
+  if (!out.defined()) return to_nhwc(grad, dtype);
+  TORCH_CHECK(out.sizes() == grad.sizes(), "fastaspp: out has shape ", out.sizes(), " but grad has ", grad.sizes());
+  const int64_t batch = grad.size(0), channels = grad.size(1), height = grad.size(2), width = grad.size(3);
+  at::Tensor g = at::empty({batch, height, width, channels}, grad.options().dtype(dtype));
+  if (g.numel() == 0) return g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "masked_nhwc", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const at::Tensor o = out.to(grad.scalar_type());
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* op = o.data_ptr<scalar_t>();
+    acc_t* dst = g.data_ptr<acc_t>();
+    const int64_t gs[4] = {grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3)};
+    const int64_t os[4] = {o.stride(0), o.stride(1), o.stride(2), o.stride(3)};
+    at::parallel_for(0, batch * height, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width * channels)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / height, h = r - n * height;
+        for (int64_t w = 0; w < width; ++w) {
+          acc_t* row = dst + (r * width + w) * channels;
+          const scalar_t* gpix = gp + n * gs[0] + h * gs[2] + w * gs[3];
+          const scalar_t* opix = op + n * os[0] + h * os[2] + w * os[3];
+          for (int64_t c = 0; c < channels; ++c)
+            row[c] = opix[c * os[1]] <= scalar_t(0) ? acc_t(0) : static_cast<acc_t>(gpix[c * gs[1]]);
+        }
+      }
+    });
+  });
+  return g;
+}
+
+namespace {
+
+constexpr int64_t kSumBlock = 256;  // pixels per block of channel_sums
+
+template <typename acc_t>
+void channel_sums_impl(const at::Tensor& a_2d, at::Tensor& sums) {
+  const int64_t pixels = a_2d.size(0), channels = a_2d.size(1);
+  const int64_t blocks = ceil_div(pixels, kSumBlock);
+  const acc_t* a = a_2d.data_ptr<acc_t>();
+  std::vector<double> part(blocks * channels, 0.0);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 64 / std::max<int64_t>(1, channels / 64)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double* s = part.data() + b * channels;
+      for (int64_t p = b * kSumBlock; p < std::min(pixels, (b + 1) * kSumBlock); ++p)
+        for (int64_t c = 0; c < channels; ++c) s[c] += a[p * channels + c];
+    }
+  });
+  acc_t* out = sums.data_ptr<acc_t>();
+  for (int64_t c = 0; c < channels; ++c) {
+    double total = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) total += part[b * channels + c];
+    out[c] = static_cast<acc_t>(total);
+  }
+}
+
+}  // namespace
+
+at::Tensor channel_sums(const at::Tensor& a_2d) {
+  TORCH_CHECK(a_2d.dim() == 2 && a_2d.is_contiguous(), "fastaspp: channel_sums needs a contiguous [P, C] matrix, got ",
+              a_2d.sizes());
+  at::Tensor sums = at::empty({a_2d.size(1)}, a_2d.options());
+  AT_DISPATCH_FLOATING_TYPES(a_2d.scalar_type(), "channel_sums", [&] { channel_sums_impl<scalar_t>(a_2d, sums); });
+  return sums;
+}
+
 void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "fastaspp cpu backend: ", name,
               " must be a CPU tensor, got device ", t.device());

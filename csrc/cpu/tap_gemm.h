@@ -65,6 +65,15 @@ void bn_relu_epilogue(const at::Tensor& acc, const at::Tensor& scale, const at::
 // its dtype: the batch-norm training statistics. Deterministic whatever the thread count.
 std::pair<at::Tensor, at::Tensor> channel_stats(const at::Tensor& acc_2d);
 
+// grad as a contiguous [N, H, W, C] tensor in `dtype`, zero where out <= 0 when out is defined (the
+// gradient through a ReLU, read from its saved output; NaN outputs keep their gradient, as with
+// grad.masked_fill(out <= 0, 0)). grad and out: [N, C, H, W], any strides.
+at::Tensor masked_nhwc(const at::Tensor& grad, const at::Tensor& out, at::ScalarType dtype);
+
+// Per-channel sums of a_2d ([P, C] contiguous, fp32 or fp64), in fixed blocks of pixels merged in
+// order: the same bits whatever the thread count.
+at::Tensor channel_sums(const at::Tensor& a_2d);
+
 void check_cpu_float(const at::Tensor& t, const char* name);
 void check_4d(const at::Tensor& t, const char* name);
 

@@ -11,18 +11,17 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <list>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "../common/tap_geometry.h"
+#include "kept.h"
+#include "simd.h"
 #include "tap_gemm.h"
 
 namespace fastaspp {
@@ -116,15 +115,7 @@ AxisPlan axis_plan(int64_t s) {
   return {m, tiles, m + 2, f.g, f.bt, f.at};
 }
 
-// dst += coef * src, the transforms' inner loop. The extension is built for baseline x86-64
-// (SSE2); GCC clones this for AVX2 and picks the clone at load time. No FMA, so both clones
-// round alike and results do not depend on the machine.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTASPP_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FASTASPP_AVX2_CLONES
-#endif
-
+// dst += coef * src, the transforms' inner loop (cloned for AVX2: simd.h).
 FASTASPP_AVX2_CLONES void axpy(float* dst, const float* src, float coef, int64_t n) {
   for (int64_t c = 0; c < n; ++c) dst[c] += coef * src[c];
 }
@@ -305,66 +296,6 @@ at::Tensor make_transformed_weights(const at::Tensor& weight, at::ScalarType dty
   return u;
 }
 
-// As the Triton backend's kept weight re-layouts: weights that take a gradient change every
-// step (and gradcheck perturbs them behind the version counter), and inference tensors keep no
-// version counter, so neither is kept.
-bool keepable(const at::Tensor& weight) { return !weight.requires_grad() && !weight.is_inference(); }
-
-int64_t env_megabytes(const char* name, int64_t fallback) {
-  const char* mb = std::getenv(name);
-  return (mb != nullptr ? std::atoll(mb) : fallback) << 20;
-}
-
-// Transformed weights, kept while their weight tensor lives and is unchanged (same object,
-// storage and version counter), least recently used dropped first beyond the byte budget.
-// Eval's folded weights (nn.ASPP's FoldCache) are such tensors: transformed once, not per call.
-class TransformCache {
- public:
-  at::Tensor get(const at::Tensor& weight, at::ScalarType dtype, const AxisPlan& h, const AxisPlan& w) {
-    if (!keepable(weight)) return make_transformed_weights(weight, dtype, h, w);
-    const int64_t version = weight._version();
-    std::lock_guard<std::mutex> lock(mutex_);
-    entries_.remove_if([](const Entry& e) { return e.owner.expired(); });
-    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-      if (it->impl == weight.unsafeGetTensorImpl() && it->data == weight.data_ptr() && it->version == version &&
-          it->dtype == dtype && it->mh == h.m && it->mw == w.m) {
-        entries_.splice(entries_.begin(), entries_, it);
-        return it->u;
-      }
-    }
-    at::Tensor u = make_transformed_weights(weight, dtype, h, w);
-    const int64_t bytes = u.numel() * u.element_size(), budget = env_megabytes("FASTASPP_CPU_WINOGRAD_CACHE_MB", 1024);
-    if (bytes > budget) return u;
-    int64_t held = bytes;
-    for (const Entry& e : entries_) held += e.u.numel() * e.u.element_size();
-    while (held > budget) {
-      held -= entries_.back().u.numel() * entries_.back().u.element_size();
-      entries_.pop_back();
-    }
-    entries_.push_front({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()),
-                         weight.unsafeGetTensorImpl(), weight.data_ptr(), version, dtype, h.m, w.m, u});
-    return u;
-  }
-
- private:
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
-    const c10::TensorImpl* impl;
-    const void* data;
-    int64_t version;
-    at::ScalarType dtype;
-    int64_t mh, mw;  // the tile sizes name each axis' transforms (m = 2 is the swapped F(2,2))
-    at::Tensor u;
-  };
-  std::mutex mutex_;
-  std::list<Entry> entries_;  // most recently used first
-};
-
-TransformCache& transform_cache() {
-  static TransformCache cache;
-  return cache;
-}
-
 // The transformed input of one chunk, kept per calling thread between calls: a fresh tens of
 // MB would cost about 2 ms of page faults per conv (measured at aspp-33).
 at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
@@ -381,7 +312,7 @@ bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& we
   if (flag != nullptr && std::string(flag) == "0") return false;
   // Transforming the weights costs more than Winograd saves (mostly page faults on the fresh
   // tens of MB: 72 ms against 29 ms saved at aspp-33 rate 6), so only kept weights qualify.
-  if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;  // kept.h
   const double products = static_cast<double>(axis_products(in_h, rate)) * axis_products(in_w, rate);
   const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);
   return products <= kMaxProductShare * live;
@@ -392,7 +323,10 @@ void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t ra
   const int64_t in_ch = xh.size(3), out_ch = weight.size(0);
   Tiling g{xh.size(0), xh.size(1), xh.size(2), rate, std::min(rate, xh.size(1)), std::min(rate, xh.size(2)),
            axis_plan(ceil_div(xh.size(1), rate)), axis_plan(ceil_div(xh.size(2), rate))};
-  const at::Tensor u = transform_cache().get(weight, xh.scalar_type(), g.h, g.w);
+  // Kept per weight version (kept.h); the tile sizes name each axis' transforms (m = 2 is the
+  // swapped F(2,2)).
+  const at::Tensor u = kept({weight}, {kWinogradWeights, static_cast<int64_t>(xh.scalar_type()), g.h.m, g.w.m},
+                            [&] { return make_transformed_weights(weight, xh.scalar_type(), g.h, g.w); });
   const int64_t points = g.h.points * g.w.points, tiles = g.tiles();
   // Tiles per chunk: the transformed input of a chunk stays within FASTASPP_CPU_WINOGRAD_WORKSPACE_MB.
   const int64_t tile_bytes = std::max<int64_t>(1, points * in_ch * xh.element_size());  // in_ch may be 0

@@ -10,6 +10,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../affine.h"
 #include "../common/tap_geometry.h"
 #include "atrous_conv.h"
 #include "binding_utils.h"
@@ -64,27 +65,20 @@ at::Tensor to_format(const at::Tensor& nhwc, at::MemoryFormat fmt) {
 }
 
 at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                      const at::Tensor& scale, const at::Tensor& shift,
-                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, bool relu) {
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& scale,
+                                      const std::optional<at::Tensor>& shift, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
   constexpr const char* op = "fastaspp::_atrous_conv2d_forward";
   check_tensor(op, x, "x", 4);
   check_tensor(op, weight, "weight", 4);
-  check_tensor(op, scale, "scale", 1);
-  check_tensor(op, shift, "shift", 1);
   check_same(op, x, "x", weight, "weight");
-  check_same(op, x, "x", scale, "scale");
-  check_same(op, x, "x", shift, "shift");
   const Conv2dGeom g = check_geom(op, stride, padding, dilation);
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t c_out = weight.size(0), kh = weight.size(2), kw = weight.size(3);
   TORCH_CHECK(weight.size(1) == c_in, op, ": weight has ", weight.size(1),
               " input channels but x has ", c_in, " (groups must be 1)");
   TORCH_CHECK(kh >= 1 && kw >= 1, op, ": weight kernel size must be >= 1, got ", kh, "x", kw);
-  TORCH_CHECK(scale.size(0) == c_out, op, ": scale must have ", c_out, " elements, got ",
-              scale.size(0));
-  TORCH_CHECK(shift.size(0) == c_out, op, ": shift must have ", c_out, " elements, got ",
-              shift.size(0));
   const auto [ho, wo] = out_size(op, h, w, kh, kw, g);
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -95,8 +89,10 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
 
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w_hwio = weight_hwio(weight);  // [KH,KW,Cin,Cout]
-  const at::Tensor scale_c = scale.contiguous();
-  const at::Tensor shift_c = shift.contiguous();
+  // The launcher reads (scale, shift) in x's dtype: the affine folded in fp32 (fp64), then rounded.
+  const Affine affine = fold_affine(bias, scale, shift,
+                                    x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto [scale_c, shift_c] = dense_affine(affine, c_out, x.options());
   const cudaStream_t stream = current_stream(x);
   check_launch(fastaspp_atrous_conv2d_forward_cuda(
                    x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.data_ptr(),

@@ -9,7 +9,9 @@ from torch import Tensor
 
 
 def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype active for x's device, or None."""
+    """The autocast dtype active for x's device, or None (one cheap global test when autocast is off)."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
     device_type = x.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 

@@ -1,0 +1,44 @@
+// Direct convolution for small problems on CPU: plain loops over output (or input) pixels and live
+// taps, vectorised over channels, with no GEMM call, no per-tap allocation and no thread fan-out
+// below a grain of work. A conv with little work costs its arithmetic plus one output allocation,
+// where the live-tap GEMM path (tap_gemm.h) pays a BLAS call and several tensor views per tap.
+//
+// The rule: a call runs direct when its live multiply-adds (N * live (pixel, tap) pairs * Cin *
+// Cout) are at most FASTASPP_CPU_DIRECT_MAX_MACS (default kDirectMaxMacs, where the two paths
+// cost the same on this project's 2-core CPUs: benchmarks/cpu_direct_crossover.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "tap_gemm.h"
+
+namespace fastaspp {
+
+// The default threshold of the rule above, in multiply-adds.
+constexpr int64_t kDirectMaxMacs = 2000000;
+
+// Multiply-adds over live taps of a conv of x [N, Cin, H, W] with a [Cout, Cin, KH, KW] weight.
+int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
+                  const ConvGeometry& g);
+
+// Whether a conv of `macs` live multiply-adds runs direct (the rule above).
+bool use_direct(int64_t macs);
+
+// y = act(conv(x, weight) * alpha + beta) per output channel, written into y ([N, Cout, Ho, Wo]
+// of x's dtype, any strides). alpha, beta: contiguous [Cout] in the compute dtype (compute_dtype),
+// or undefined for ones / zeros.
+void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& beta,
+                    bool relu, const ConvGeometry& g, at::Tensor& y);
+
+// dx = conv_transpose(g * scale, weight) into dx ([N, Cin, H, W] of any dtype and strides).
+// gm: the output gradient as [N, Ho, Wo, Cout], contiguous, compute dtype; scale: [Cout] in the
+// compute dtype, or undefined for 1.
+void direct_grad_input(const at::Tensor& gm, const at::Tensor& weight, const at::Tensor& scale,
+                       const ConvGeometry& g, at::Tensor& dx);
+
+// The weight gradient sum over pixels of g * x per tap, as [KH, KW, Cout, Cin] in the compute
+// dtype. xh: x as [N, H, W, Cin], contiguous, compute dtype; gm as for direct_grad_input.
+at::Tensor direct_grad_weight(const at::Tensor& xh, const at::Tensor& gm, int64_t kernel_h, int64_t kernel_w,
+                              const ConvGeometry& g);
+
+}  // namespace fastaspp

@@ -1,0 +1,102 @@
+// The kept weight preparations of kept.h: one process-wide list, most recently used first.
+#include "kept.h"
+
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstdlib>
+#include <list>
+#include <mutex>
+
+namespace fastaspp {
+
+bool keepable(const at::Tensor& weight) { return !weight.requires_grad() && !weight.is_inference(); }
+
+int64_t env_megabytes(const char* name, int64_t fallback) {
+  const char* mb = std::getenv(name);
+  return (mb != nullptr ? std::atoll(mb) : fallback) << 20;
+}
+
+namespace {
+
+// What must be unchanged for a kept copy of one weight to stay valid.
+struct Stamp {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
+  const c10::TensorImpl* impl;
+  const void* data;
+  int64_t version;
+
+  explicit Stamp(const at::Tensor& t)
+      : owner(t.getIntrusivePtr()), impl(t.unsafeGetTensorImpl()), data(t.data_ptr()), version(t._version()) {}
+  bool matches(const at::Tensor& t) const {
+    return impl == t.unsafeGetTensorImpl() && data == t.data_ptr() && version == t._version();
+  }
+};
+
+struct Entry {
+  std::vector<Stamp> stamps;
+  std::vector<int64_t> tag;
+  at::Tensor value;
+
+  bool expired() const {
+    for (const Stamp& s : stamps)
+      if (s.owner.expired()) return true;
+    return false;
+  }
+  bool matches(at::TensorList weights, const std::vector<int64_t>& key) const {
+    if (tag != key || stamps.size() != weights.size()) return false;
+    for (size_t i = 0; i < weights.size(); ++i)
+      if (!stamps[i].matches(weights[i])) return false;
+    return true;
+  }
+  int64_t bytes() const { return value.numel() * value.element_size(); }
+};
+
+std::mutex& kept_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+std::list<Entry>& kept_entries() {
+  static std::list<Entry> entries;
+  return entries;
+}
+
+}  // namespace
+
+at::Tensor kept(at::TensorList weights, const std::vector<int64_t>& tag, const std::function<at::Tensor()>& make) {
+  for (const at::Tensor& w : weights)
+    if (!keepable(w)) return make();
+  {
+    std::lock_guard<std::mutex> lock(kept_mutex());
+    std::list<Entry>& entries = kept_entries();
+    entries.remove_if([](const Entry& e) { return e.expired(); });
+    for (auto it = entries.begin(); it != entries.end(); ++it) {
+      if (it->matches(weights, tag)) {
+        entries.splice(entries.begin(), entries, it);
+        return it->value;
+      }
+    }
+  }
+  at::Tensor value = make();  // outside the lock: it may run parallel loops
+  const int64_t budget = env_megabytes("FASTASPP_CPU_KEPT_MB", 1024);
+  const int64_t bytes = value.numel() * value.element_size();
+  if (bytes > budget) return value;
+  std::lock_guard<std::mutex> lock(kept_mutex());
+  std::list<Entry>& entries = kept_entries();
+  // An entry for an older version of the same weights is stale for good: drop it now.
+  entries.remove_if([&](const Entry& e) {
+    return e.tag == tag && e.stamps.size() == weights.size() && e.stamps[0].impl == weights[0].unsafeGetTensorImpl();
+  });
+  int64_t held = bytes;
+  for (const Entry& e : entries) held += e.bytes();
+  while (held > budget && !entries.empty()) {
+    held -= entries.back().bytes();
+    entries.pop_back();
+  }
+  Entry entry{{}, tag, value};
+  for (const at::Tensor& w : weights) entry.stamps.emplace_back(w);
+  entries.push_front(std::move(entry));
+  return value;
+}
+
+}  // namespace fastaspp
