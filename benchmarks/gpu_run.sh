@@ -3,9 +3,10 @@
 # (triton and cuda backends; slow cases included), then benchmark. Everything lands in $OUT:
 #   env.txt, build.log, tests.log, bench-{aspp,conv}.log and the benches' JSON + markdown.
 # Stages are bounded by timeouts so that a hang in one still leaves the others' files.
-#   STAGES     which stages to run, in order (default "build tests bench")
+#   STAGES     which stages to run, in order (default "build tests bench profile")
 #   TEST_S     seconds for the test suite (default 150); TEST_ARGS extra pytest arguments
-#   BENCH_S    seconds for each benchmark (default 120); BENCH_OPS which (default "aspp conv")
+#   BENCH_S    seconds for each benchmark (default 120); BENCH_OPS which (default "overhead aspp conv";
+#              "model" adds the whole models, eval rows with and without CUDA graphs)
 #   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
 set -u
@@ -43,9 +44,10 @@ stage_tests() {
 }
 
 stage_bench() {
-    # ASPP first (the issue's targets), then the single convs; each writes its own JSON + markdown.
+    # The fixed cost per call first (tiny inputs: host time), then the ASPP and the single convs;
+    # each writes its own JSON + markdown.
     local op
-    for op in ${BENCH_OPS:-aspp conv}; do
+    for op in ${BENCH_OPS:-overhead aspp conv}; do
         local t0=$SECONDS
         timeout "${BENCH_S:-120}" $PY -m fastaspp bench --op $op --device cuda --dtype bfloat16 --out "$OUT" \
             ${BENCH_ARGS:-} >"$OUT/bench-$op.log" 2>&1
@@ -58,6 +60,6 @@ stage_profile() {
     timeout "${PROFILE_S:-90}" $PY benchmarks/gpu_profile.py 2>&1 | tee "$OUT/profile.log" | cut -c1-300
 }
 
-for stage in ${STAGES:-build tests bench}; do
+for stage in ${STAGES:-build tests bench profile}; do
     "stage_$stage"
 done

@@ -2,9 +2,11 @@
 each timed alone (many calls, median of several samples), and torch.profiler's table of the ATen
 ops inside the C++ kernel.
 
-Parts of fastaspp.ops.atrous_conv2d (eval, no grad): argument checks; backend choice; weight
-preparation (the folded affine); the kernel (the C++ op called directly); the output layout. For a
-training call: the forward through the autograd-carrying op, and forward + backward. Eager
+Parts of fastaspp.ops.atrous_conv2d (eval, no grad): argument checks; backend choice and the route
+past the op dispatch; the kernel (the C++ op called directly), with its weight layout kept and
+re-made; the torch op's dispatch. For a training call: the forward with autograd, and forward +
+backward. (Before 2026-11-30 the parts were those of that commit's layers: the folded affine in
+Python, the output layout, the custom op.) Eager
 PyTorch's conv2d → affine → relu is timed alongside. The parts name this commit's functions:
 update them when the layers change.
 
@@ -42,32 +44,33 @@ def per_call_us(fn, calls=200, samples=15):
 
 def parts(x, w, scale, shift):
     """{part: callable} for this commit's layers of the op's eval call."""
+    from fastaspp.ops._library import route
+
     stride, padding, dilation = [1, 1], [SHAPE["rate"]] * 2, [SHAPE["rate"]] * 2
-    alpha, beta = op_module._fold_affine(w, None, scale, shift, x.dtype)
-    y = torch.ops.fastaspp._atrous_conv2d_forward.default(x, w, alpha, beta, stride, padding, dilation, True)
+    kernel = torch.ops.fastaspp._atrous_conv2d_forward.default
 
     def checks():
         s, p, d = (op_module._pair(v, n) for v, n in ((1, "stride"), (2, "padding"), (2, "dilation")))
-        dtype = op_module.autocast_dtype(x)
-        for t in (x, w, None, scale, shift):
-            op_module.cast(t, dtype)
+        op_module.autocast_dtype(x)
         op_module.check_atrous_conv2d_args(x, w, None, scale, shift, s, p, d)
 
     def backend():
-        b = fastaspp.resolve_backend(x.device)
-        op_module._plain_inference(x, w, None, scale, shift)
-        op_module._check_backend(b, x)
+        fastaspp.resolve_backend(x.device)
+        route(x, w, None, scale, shift)
 
+    def fresh_weight():  # a weight whose tap-major copy cannot be kept (it takes a gradient)
+        return kernel(x, w_grad, None, scale, shift, stride, padding, dilation, True)
+
+    w_grad = w.clone().requires_grad_()
     return {
         "whole call": lambda: fastaspp.ops.atrous_conv2d(x, w, None, scale=scale, shift=shift, relu=True,
                                                         padding=2, dilation=2),
         "argument checks": checks,
-        "backend choice": backend,
-        "weight preparation (folded affine)": lambda: op_module._fold_affine(w, None, scale, shift, x.dtype),
-        "kernel (C++ op called directly)": lambda: torch.ops.fastaspp._atrous_conv2d_forward.default(
-            x, w, alpha, beta, stride, padding, dilation, True),
-        "output layout": lambda: y.contiguous(memory_format=op_module.suggest_memory_format(x)),
-        "custom-op dispatch (torch.ops.fastaspp.atrous_conv2d, no grad)": lambda: torch.ops.fastaspp.atrous_conv2d(
+        "backend choice and route": backend,
+        "kernel (C++ op called directly, kept weight layout)": lambda: kernel(
+            x, w, None, scale, shift, stride, padding, dilation, True),
+        "kernel with the weight re-laid out (no kept copy)": fresh_weight,
+        "torch op dispatch (torch.ops.fastaspp.atrous_conv2d, no grad)": lambda: torch.ops.fastaspp.atrous_conv2d(
             x, w, None, scale, shift, stride, padding, dilation, True, "cpu"),
         "eager conv2d alone": lambda: F.conv2d(x, w, None, 1, 2, 2),
         "eager conv2d + affine + relu": lambda: F.relu(F.conv2d(x, w, None, 1, 2, 2) * scale.view(1, -1, 1, 1)
@@ -86,7 +89,7 @@ def train_parts(x, w, scale, shift):
         return F.relu(F.conv2d(xg, wg, None, 1, 2, 2) * sg.view(1, -1, 1, 1) + tg.view(1, -1, 1, 1))
 
     return {
-        "train: fused forward (autograd op)": fused,
+        "train: fused forward (with autograd)": fused,
         "train: fused forward + backward": lambda: fused().sum().backward(),
         "train: eager forward": eager,
         "train: eager forward + backward": lambda: eager().sum().backward(),
@@ -95,10 +98,9 @@ def train_parts(x, w, scale, shift):
 
 def kernel_ops(x, w, scale, shift, calls=100):
     """torch.profiler's ATen ops under the C++ kernel: (name, calls per kernel call, self µs per kernel call)."""
-    alpha, beta = op_module._fold_affine(w, None, scale, shift, x.dtype)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
-            torch.ops.fastaspp._atrous_conv2d_forward.default(x, w, alpha, beta, [1, 1], [2, 2], [2, 2], True)
+            torch.ops.fastaspp._atrous_conv2d_forward.default(x, w, None, scale, shift, [1, 1], [2, 2], [2, 2], True)
     rows = [(e.key, e.count / calls, e.self_cpu_time_total / calls) for e in prof.key_averages()]
     return sorted(rows, key=lambda r: -r[2])
 

@@ -109,7 +109,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"whole models, fused vs plain PyTorch ({device}, {args.dtype}, channels_last, 513x513, "
                       f"backend {backend})")
                 rows += bench_models.run(names, [8, 16] if gpu_full else [1], ["eval"] if args.quick else
-                                         ["eval", "train"], dtype, device, 513, args.compile, progress)
+                                         ["eval", "train"], dtype, device, 513, args.compile, progress,
+                                         cuda_graphs=device.type == "cuda")
             if args.op == "overhead":
                 from fastaspp.bench import models as bench_models
                 from fastaspp.bench import overhead as bench_overhead

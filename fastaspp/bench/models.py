@@ -52,10 +52,35 @@ def model_flops(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
+def graphed(forward: Callable[[torch.Tensor], object], example: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    """forward captured in a CUDA graph (after a warm-up on a side stream): a call copies its input
+    into the captured one and replays the graph, one launch for the whole model."""
+    static_x = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            forward(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward(static_x)
+
+    def replay(x: torch.Tensor):
+        static_x.copy_(x)
+        graph.replay()
+        return static_out
+    return replay
+
+
 def measure(name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.device, size: int = 513,
-            compile_baseline: bool = False, reps: int = 3, rounds: int = 2) -> Row:
+            compile_baseline: bool = False, reps: int = 3, rounds: int = 2, cuda_graphs: bool = False) -> Row:
+    """One row: plain against fused. With cuda_graphs (eval on a GPU), both sides run as captured CUDA
+    graphs, so the row compares device time without the host's per-op cost."""
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    if cuda_graphs and (mode != "eval" or device.type != "cuda"):
+        raise ValueError("cuda_graphs applies to eval rows on a CUDA device")
     plain, fused = model_pair(name, dtype, device)
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, 3, size, size, generator=gen).to(device, dtype, memory_format=torch.channels_last)
@@ -69,6 +94,10 @@ def measure(name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.
         return xs[state["i"]]
 
     def step(model) -> Callable[[], object]:
+        if mode == "eval" and cuda_graphs:
+            with torch.no_grad():
+                replay = graphed(lambda x: model(x)["out"], xs[0])
+            return lambda: replay(next_x())
         if mode == "eval":
             return lambda: model(next_x())["out"]
 
@@ -92,19 +121,24 @@ def measure(name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.
         mems = [peak_memory_mb(fn, device) for fn in fns[:2]]
     if mode == "train":
         useful, dense = 3 * useful, 3 * dense
-    return Row(f"model {mode}", f"{name}-{size}", batch, str(dtype).replace("torch.", ""), str(device),
+    return Row(f"model {mode}" + (" cuda-graph" if cuda_graphs else ""), f"{name}-{size}", batch, str(dtype).replace("torch.", ""), str(device),
                fastaspp.resolve_backend(device), times[0].median_ms, times[1].median_ms, times[0].spread_ms,
                times[1].spread_ms, useful, dense, err, times[2].median_ms if compile_baseline else None, *mems)
 
 
 def run(names: Sequence[str], batches: Sequence[int], modes: Sequence[str], dtype, device, size: int = 513,
-        compile_baseline: bool = False, progress: Optional[Callable[[Row], None]] = None) -> List[Row]:
+        compile_baseline: bool = False, progress: Optional[Callable[[Row], None]] = None,
+        cuda_graphs: bool = False) -> List[Row]:
+    """Rows per model, batch and mode; with cuda_graphs (GPU), each eval row again with both sides
+    captured in CUDA graphs."""
     rows = []
     for name in names:
         for batch in batches:
             for mode in modes:
-                rows.append(measure(name, max(batch, 2) if mode == "train" else batch, mode, dtype, device, size,
-                                    compile_baseline))
-                if progress:
-                    progress(rows[-1])
+                graphs = [False, True] if cuda_graphs and mode == "eval" and device.type == "cuda" else [False]
+                for graph in graphs:
+                    rows.append(measure(name, max(batch, 2) if mode == "train" else batch, mode, dtype, device, size,
+                                        compile_baseline and not graph, cuda_graphs=graph))
+                    if progress:
+                        progress(rows[-1])
     return rows

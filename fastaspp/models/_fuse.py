@@ -1,52 +1,18 @@
 """Fused Conv2d → BatchNorm2d (→ ReLU) on fastaspp's op, for modules that keep their torch children.
 
 The models keep torchvision's attributes (plain nn.Conv2d / nn.BatchNorm2d / nn.ReLU, so the
-state_dict is torchvision's) and call `conv_bn_act` in their forward instead of the children.
+state_dict is torchvision's) and call `conv_bn_act` (fastaspp.nn.atrous_conv, the block that
+ConvBNReLU runs too) in their forward instead of the children.
 """
 from __future__ import annotations
 
 from typing import List
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastaspp.nn._fold_cache import FoldCache
-from fastaspp.nn.atrous_conv import ConvBNReLU, _check_fusable, _explicit_padding
-from fastaspp.ops.atrous_conv import atrous_conv2d
+from fastaspp.nn.atrous_conv import _check_fusable, conv_bn_act
 
-
-def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool = True) -> Tensor:
-    """act(bn(conv(x))) with the conv on fastaspp's op.
-
-    Eval (BN with running statistics): one op, BN folded into a per-channel scale and shift.
-    Training: the op, then `bn` itself (batch statistics, running-stat updates exactly as usual).
-    Under autocast the op gets the autocast dtype, as nn.Conv2d would (the op is a custom op,
-    which autocast does not cast by itself).
-    """
-    weight, bias = conv.weight, conv.bias
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    padding = _explicit_padding(conv)
-    if bn.training or bn.running_mean is None:
-        y = bn(atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation))
-        return F.relu(y) if relu else y
-    scale, shift = _folded(bn, x)
-    return atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation, scale=scale, shift=shift, relu=relu)
-
-
-def _folded(bn: nn.BatchNorm2d, x: Tensor) -> tuple:
-    """bn's eval (scale, shift) in x's dtype, memoised on bn until its parameters or buffers change."""
-    compute = lambda: tuple(t.to(x.dtype) for t in ConvBNReLU.fold(bn))  # noqa: E731
-    if torch.compiler.is_compiling():
-        return compute()
-    cache = bn.__dict__.get("_fastaspp_fold")
-    if cache is None:
-        cache = bn.__dict__["_fastaspp_fold"] = FoldCache()
-    return cache.get(bn, x, compute)
+__all__ = ["conv_bn_act", "FusedSequential", "fusable_runs"]
 
 
 def _plain_forward(module: nn.Module, base: type) -> bool:

@@ -1,41 +1,74 @@
-"""A memo for a module's folded (eval) parameters, so BN folding runs once rather than every call."""
+"""A memo for a module's folded (eval) parameters: BN folding and weight preparation run once per
+parameter version rather than every call (DESIGN.md §7).
+
+The rule (the C++ backend's twin is csrc/cpu/kept.h): a kept value is valid while every tensor it
+came from is the same object with the same storage and version counter. In-place updates
+(optimizer steps, load_state_dict, running-stat updates) bump the version; reassignment and
+module.to() change the object or its storage. The memo is dropped when the module trains (the
+train/eval switch), bypassed under torch.compile (the graph folds the few [C]-sized ops itself)
+and whenever autograd would record the fold (a kept value would carry one call's graph into the
+next backward). Kept values are computed outside inference mode, so that they are ordinary tensors
+with version counters (the backends keep their re-laid-out weights by them).
+"""
 from __future__ import annotations
 
-import itertools
-from typing import Callable, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
 
 
-def needs_autograd(module: nn.Module) -> bool:
-    """Whether autograd would record a computation from module's parameters right now."""
-    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+def state_tensors(module: nn.Module, out: Optional[List[Tensor]] = None) -> List[Tensor]:
+    """module's parameters and buffers, from its submodules' own dicts: a fifth of the time of
+    parameters() + buffers() (no name building, no de-duplication set), which a per-call check needs."""
+    out = [] if out is None else out
+    for t in module._parameters.values():
+        if t is not None:
+            out.append(t)
+    for t in module._buffers.values():
+        if t is not None:
+            out.append(t)
+    for child in module._modules.values():
+        if child is not None:
+            state_tensors(child, out)
+    return out
+
+
+def records_autograd(tensors: Iterable[Optional[Tensor]]) -> bool:
+    """Whether autograd would record a computation from these tensors right now."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class FoldCache:
-    """Holds what `compute()` returned until the module's parameters or buffers change.
-
-    The key is every parameter's and buffer's (data_ptr, _version) plus the input's dtype and
-    device: in-place updates (optimizer steps, load_state_dict, running-stat updates) bump
-    _version, reassignment changes data_ptr. The memo is bypassed under torch.compile (the graph
-    folds the few [C]-sized ops itself) and whenever autograd would record the fold (a kept value
-    would carry one call's graph into the next backward). Kept values are computed outside
-    inference mode, so that they are ordinary tensors with version counters (the Triton backend
-    keeps its re-laid-out weights by them).
-    """
+    """Holds what `compute()` returned until one of its source tensors changes (the rule above)."""
 
     def __init__(self) -> None:
-        self.key: Optional[tuple] = None
+        self.stamp: Optional[List] = None
         self.value = None
 
-    def get(self, module: nn.Module, x: Tensor, compute: Callable[[], object]):
-        if torch.compiler.is_compiling() or needs_autograd(module):
+    def clear(self) -> None:
+        self.stamp = self.value = None
+
+    def _valid(self, tensors: List[Optional[Tensor]], context: tuple) -> bool:
+        stamp = self.stamp
+        if stamp is None or stamp[0] != context or len(stamp) != len(tensors) + 1:
+            return False
+        for t, (kept, version, data) in zip(tensors, stamp[1:]):
+            # The stamp holds the tensors themselves, so no other tensor can reuse their identity.
+            if t is not kept or (t is not None and (t._version != version or t.data_ptr() != data)):
+                return False
+        return True
+
+    def get(self, tensors: List[Optional[Tensor]], context: tuple, compute: Callable[[], object]):
+        """compute()'s value for these source tensors; `context` (hashable: the input's dtype and
+        device, hyper-parameters such as a BN's eps) must match as well. Under torch.compile the
+        value is computed afresh (the graph holds the fold); callers bypass the memo when autograd
+        records the fold (records_autograd)."""
+        if torch.compiler.is_compiling():
             return compute()
-        tensors = itertools.chain(module.parameters(), module.buffers())
-        key = (x.dtype, x.device) + tuple((t.data_ptr(), t._version) for t in tensors)
-        if key != self.key:
+        if not self._valid(tensors, context):
+            stamp = [context] + [(t, t._version, t.data_ptr()) if t is not None else (None, 0, 0) for t in tensors]
             with torch.inference_mode(False), torch.no_grad():
                 self.value = compute()
-            self.key = key
+            self.stamp = stamp
         return self.value

@@ -6,10 +6,10 @@ from typing import List, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastaspp.nn._fold_cache import FoldCache, needs_autograd
-from fastaspp.nn.atrous_conv import ConvBNReLU
+from fastaspp.nn._fold_cache import FoldCache, records_autograd, state_tensors
+from fastaspp.nn.atrous_conv import ConvBNReLU, fold_bn
 from fastaspp.nn.sync_bn import SyncBatchNorm2d
-from fastaspp.ops.aspp import aspp_eval
+from fastaspp.ops.aspp import aspp_eval_folded, fold_aspp_eval
 from fastaspp.ops.aspp_train import affine_relu_project, aspp_branches_stats
 from fastaspp.ops.atrous_conv import atrous_conv2d
 from fastaspp.ops.batch_norm import batch_norm_scale
@@ -64,15 +64,21 @@ class ASPP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.training and self._branch_bns_shareable():
-            return self._forward_train(x)
-        if self.training or needs_autograd(self) or x.requires_grad:
+        if self.training:
+            self._fold_cache.clear()  # the train/eval switch drops the kept fold
+            return self._forward_train(x) if self._branch_bns_shareable() else self._forward_per_branch(x)
+        state = state_tensors(self)
+        if records_autograd(state) or (torch.is_grad_enabled() and x.requires_grad):
             return self._forward_per_branch(x)
-        return self._forward_fused(x)
+        return self._forward_fused(x, state)
+
+    def _conv_branches(self) -> List[nn.Module]:
+        """convs.0 … convs.R: the conv branches (a list: slicing the ModuleList would build a module)."""
+        return list(self.convs)[:-1]
 
     # -- training -------------------------------------------------------------------------
     def _branch_bns(self) -> List[nn.BatchNorm2d]:
-        return [branch[1] for branch in self.convs[:-1]]
+        return [branch[1] for branch in self._conv_branches()]
 
     @staticmethod
     def _shareable(bn: nn.Module) -> bool:
@@ -96,7 +102,7 @@ class ASPP(nn.Module):
         statistics from its epilogue."""
         bns = self._branch_bns()
         c = bns[0].num_features
-        weights = [branch[0].weight for branch in self.convs[:-1]]
+        weights = [branch[0].weight for branch in self._conv_branches()]
         total = len(weights) * c
         count = x.shape[0] * x.shape[2] * x.shape[3]
         z, mean, var = aspp_branches_stats(x, weights, self.atrous_rates)
@@ -151,21 +157,24 @@ class ASPP(nn.Module):
         return dropout(relu(bn(atrous_conv2d(feats, conv.weight))))
 
     # -- inference ------------------------------------------------------------------------
-    def folded_parameters(self, dtype: torch.dtype) -> tuple:
-        """(weights, scale, shift, pool_weight, pool_scale, pool_shift, proj_weight, proj_scale, proj_shift)."""
-        conv_branches = self.convs[:-1]
-        scales, shifts = zip(*(ConvBNReLU.fold(b[1]) for b in conv_branches))
+    def folded_parameters(self, x: Tensor):
+        """The eval weights prepared for inputs like x (fastaspp.ops.fold_aspp_eval): BN folded, the
+        projection's scale folded into its weight. Detached (they are kept in a FoldCache, computed
+        without autograd), so that backends keep their re-laid-out or transformed copies of them."""
+        dtype = x.dtype
+        conv_branches = self._conv_branches()
+        scales, shifts = zip(*(fold_bn(b[1]) for b in conv_branches))
         pool = self.convs[-1]
-        pool_scale, pool_shift = ConvBNReLU.fold(pool[2])
-        proj_scale, proj_shift = ConvBNReLU.fold(self.project[1])
-        # Memoised (FoldCache, no grad): detached, so that backends keep their re-laid-out or
-        # transformed copies of these weights between calls (they keep no weight that requires grad).
-        cast = (lambda t: t.to(dtype)) if torch.is_grad_enabled() else (lambda t: t.detach().to(dtype))
-        return ([cast(b[0].weight) for b in conv_branches], cast(torch.cat(scales)), cast(torch.cat(shifts)),
-                cast(pool[1].weight), pool_scale, pool_shift, cast(self.project[0].weight), proj_scale, proj_shift)
+        cast = lambda t: t.detach().to(dtype)  # noqa: E731
+        return fold_aspp_eval(x, [cast(b[0].weight) for b in conv_branches], self.atrous_rates,
+                              cast(torch.cat(scales)), cast(torch.cat(shifts)), pool[1].weight.detach(),
+                              *fold_bn(pool[2]), self.project[0].weight.detach(), *fold_bn(self.project[1]))
 
-    def _forward_fused(self, x: Tensor) -> Tensor:
-        folded = self._fold_cache.get(self, x, lambda: self.folded_parameters(x.dtype))
-        weights, scale, shift, *rest = folded
-        y = aspp_eval(x, weights, self.atrous_rates, scale, shift, *rest)
+    def _forward_fused(self, x: Tensor, state: List[Tensor]) -> Tensor:
+        folded = self._fold_cache.get(state, (x.dtype, x.device, tuple(m.eps for m in self._all_bns())),
+                                      lambda: self.folded_parameters(x))
+        y = aspp_eval_folded(x, self.atrous_rates, folded)
         return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+
+    def _all_bns(self) -> List[nn.BatchNorm2d]:
+        return [*self._branch_bns(), self.convs[-1][2], self.project[1]]

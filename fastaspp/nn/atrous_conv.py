@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastaspp.nn._fold_cache import FoldCache
+from fastaspp.nn._fold_cache import FoldCache, records_autograd
 from fastaspp.ops._dtypes import accumulator_dtype
 from fastaspp.ops.atrous_conv import atrous_conv2d
 
@@ -47,14 +47,56 @@ class AtrousConv2d(nn.Conv2d):
         return atrous_conv2d(input, self.weight, self.bias, self.stride, _explicit_padding(self), self.dilation)
 
 
+def fold_bn(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of a BN in eval: γ/√(σ²+ε) and β − μ·γ/√(σ²+ε), in fp32 (fp64 for fp64)."""
+    acc = accumulator_dtype(bn.running_var.dtype)
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(acc)
+    return scale, shift
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool = True,
+                cache: Optional[FoldCache] = None) -> Tensor:
+    """act(bn(conv(x))) with the conv on fastaspp's op: the one conv + BN (+ ReLU) block that
+    ConvBNReLU and the models' fused blocks run.
+
+    Eval (BN with running statistics): one op call, BN folded into a per-channel scale and shift.
+    The fold and a detached view of the conv's weight are kept in `cache` (default: one held by
+    `bn`) while the parameters and statistics are unchanged, so a call pays one version check and
+    the backends keep their re-laid-out weights. Training: the op, then `bn` itself (batch
+    statistics, running-stat updates exactly as nn.BatchNorm2d); the kept fold is dropped.
+    """
+    if cache is None:
+        cache = bn.__dict__.get("_fastaspp_fold")
+        if cache is None:
+            cache = bn.__dict__["_fastaspp_fold"] = FoldCache()
+    padding = _explicit_padding(conv)
+    if bn.training or bn.running_mean is None:
+        cache.clear()
+        y = bn(atrous_conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation))
+        return F.relu(y) if relu else y
+    sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if torch.compiler.is_compiling() or records_autograd(sources):
+        weight, bias = conv.weight, conv.bias
+        scale, shift = (t.to(x.dtype) for t in fold_bn(bn))
+    else:
+        weight, bias, scale, shift = cache.get(sources, (x.dtype, x.device, bn.eps), lambda: (
+            conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+            *(t.to(x.dtype) for t in fold_bn(bn))))
+    return atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation, scale=scale, shift=shift, relu=relu)
+
+
 class ConvBNReLU(nn.Sequential):
     """Conv2d → BatchNorm2d → ReLU with the state_dict of that nn.Sequential.
 
-    Eval (BN using running statistics): one fused op, BN folded into a per-channel
-    scale and shift (memoised until a parameter or buffer changes). Training, or a BN
-    without running statistics: the conv runs on fastaspp's kernel and BatchNorm2d
-    itself normalises with batch statistics and updates its buffers, so results and
-    running stats match nn.BatchNorm2d exactly.
+    Eval (BN using running statistics): one fused op, BN folded into a per-channel scale and
+    shift, kept until a parameter or buffer changes. Training, or a BN without running statistics:
+    the conv runs on fastaspp's kernel and BatchNorm2d itself normalises with batch statistics and
+    updates its buffers, so results and running stats match nn.BatchNorm2d exactly (conv_bn_act).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=0, dilation=1,
@@ -81,26 +123,9 @@ class ConvBNReLU(nn.Sequential):
 
     def folded_bn(self) -> tuple[Tensor, Tensor]:
         """(scale, shift) of this module's BN in eval."""
-        return self.fold(self[1])
+        return fold_bn(self[1])
 
-    @staticmethod
-    def fold(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-        """(scale, shift) of a BN in eval: γ/√(σ²+ε) and β − μ·γ/√(σ²+ε), in fp32 (fp64 for fp64)."""
-        acc = accumulator_dtype(bn.running_var.dtype)
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(acc)
-        return scale, shift
+    fold = staticmethod(fold_bn)
 
     def forward(self, input: Tensor) -> Tensor:
-        conv, bn = self[0], self[1]
-        padding = _explicit_padding(conv)
-        if bn.training or bn.running_mean is None:
-            z = atrous_conv2d(input, conv.weight, conv.bias, conv.stride, padding, conv.dilation)
-            return F.relu(bn(z))
-        scale, shift = self._fold_cache.get(self, input, lambda: tuple(t.to(input.dtype) for t in self.folded_bn()))
-        return atrous_conv2d(input, conv.weight, conv.bias, conv.stride, padding, conv.dilation,
-                             scale=scale, shift=shift, relu=True)
+        return conv_bn_act(self[0], self[1], input, relu=True, cache=self._fold_cache)

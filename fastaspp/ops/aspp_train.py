@@ -34,7 +34,8 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._dtypes import accumulator_dtype
-from fastaspp.ops.aspp import _branches_shape, _triton_aspp, branches_backward, check_aspp_args
+from fastaspp.ops._library import LIB, Route, route
+from fastaspp.ops.aspp import _branches_shape, _triton_aspp, any_needed, branches_backward, check_aspp_args
 from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor
 
 Stats = Tuple[Tensor, Tensor, Tensor]
@@ -58,57 +59,21 @@ def _stats_grad(grad: Tensor, out: Tensor, mean: Tensor, grad_mean: Tensor, grad
     return g
 
 
-# ---------------------------------------------------------------- aspp_branches_stats
-@torch.library.custom_op("fastaspp::aspp_branches_stats", mutates_args=())
-def _branches_stats_op(x: Tensor, weights: List[Tensor], rates: List[int], backend: str) -> Stats:
-    _check_backend(backend, x)
+# ---------------------------------------------------------------- backend kernels
+def _branches_stats_kernel(x: Tensor, weights: List[Tensor], rates: List[int], backend: str) -> Stats:
     if backend == "triton":
-        return _triton_aspp().aspp_branches_stats_forward(x, list(weights), list(rates))
+        return _triton_aspp().aspp_branches_stats_forward(x, weights, rates)
     if backend == "cpu":
-        return torch.ops.fastaspp._aspp_branches_stats_forward.default(x, list(weights), list(rates))
+        return torch.ops.fastaspp._aspp_branches_stats_forward.default(x, weights, rates)
     # cuda: the branch kernel (scale 1, shift 0, no ReLU), then the statistics as a second pass.
     total = len(weights) * weights[0].shape[0]
-    z = torch.ops.fastaspp._aspp_branches_forward.default(x, list(weights), list(rates), x.new_ones(total),
-                                                          x.new_zeros(total), False)
+    z = torch.ops.fastaspp._aspp_branches_forward.default(x, weights, rates, x.new_ones(total), x.new_zeros(total),
+                                                          False)
     return (z, *_var_mean(z))
 
 
-def _stats_fakes(t: Tensor, out_shape: List[int], channels: int) -> Stats:
-    out = t.new_empty(out_shape).contiguous(memory_format=torch.channels_last)
-    acc = accumulator_dtype(t.dtype)
-    return out, t.new_empty(channels, dtype=acc), t.new_empty(channels, dtype=acc)
-
-
-@_branches_stats_op.register_fake
-def _(x, weights, rates, backend):
-    shape = _branches_shape(x, weights)
-    return _stats_fakes(x, shape, shape[1])
-
-
-def _setup_branches_stats(ctx, inputs, output):
-    x, weights, rates, backend = inputs
-    z, mean, _ = output
-    ctx.save_for_backward(x, z, mean, *weights)
-    ctx.rates, ctx.backend = list(rates), backend
-
-
-def _branches_stats_backward(ctx, grad_z, grad_mean, grad_var):
-    x, z, mean, *weights = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    g = _stats_grad(grad_z, z, mean, grad_mean, grad_var).to(x.dtype)
-    dx, dws, _, _ = branches_backward(g.contiguous(memory_format=torch.channels_last), x, weights, ctx.rates, None,
-                                      ctx.backend, (need_x, need_w, False, False))
-    return dx, dws, None, None
-
-
-_branches_stats_op.register_autograd(_branches_stats_backward, setup_context=_setup_branches_stats)
-
-
-# ---------------------------------------------------------------- affine_relu_project
-@torch.library.custom_op("fastaspp::affine_relu_project", mutates_args=())
-def _project_op(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, image_bias: Tensor,
-                backend: str) -> Stats:
-    _check_backend(backend, z)
+def _project_kernel(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, image_bias: Tensor,
+                    backend: str) -> Stats:
     args = (z, centre, scale, shift, weight, image_bias)
     if backend == "triton":
         return _triton_aspp().affine_relu_project_forward(*args)
@@ -128,13 +93,34 @@ def _project_reference(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, 
     return y.to(z.dtype).contiguous(memory_format=torch.channels_last)
 
 
-@_project_op.register_fake
-def _(z, centre, scale, shift, weight, image_bias, backend):
-    return _stats_fakes(z, [z.shape[0], weight.shape[0], z.shape[2], z.shape[3]], weight.shape[0])
+def _stats_fakes(t: Tensor, out_shape: List[int], channels: int) -> Stats:
+    out = t.new_empty(out_shape).contiguous(memory_format=torch.channels_last)
+    acc = accumulator_dtype(t.dtype)
+    return out, t.new_empty(channels, dtype=acc), t.new_empty(channels, dtype=acc)
 
 
-def _setup_project(ctx, inputs, output):
-    z, centre, scale, shift, weight, image_bias, backend = inputs
+# ---------------------------------------------------------------- backward (one formula each, two registrations)
+def _save_branches_stats(ctx, x, weights, rates, output, backend) -> None:
+    z, mean, _ = output
+    ctx.save_for_backward(x, z, mean, *weights)
+    ctx.rates, ctx.backend = list(rates), backend
+
+
+def _branches_stats_grads(ctx, grad_z, grad_mean, grad_var, need_x: bool, need_w: bool) -> tuple:
+    x, z, mean, *weights = ctx.saved_tensors
+    g = _stats_grad(grad_z, z, mean, grad_mean, grad_var).to(x.dtype)
+    dx, dws, _, _ = branches_backward(g.contiguous(memory_format=torch.channels_last), x, weights, ctx.rates, None,
+                                      ctx.backend, (need_x, need_w, False, False))
+    return dx, dws
+
+
+def _branches_stats_backward(ctx, grad_z, grad_mean, grad_var):
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx, dws = _branches_stats_grads(ctx, grad_z, grad_mean, grad_var, need_x, any_needed(need_w))
+    return dx, dws, None, None
+
+
+def _save_project(ctx, z, centre, scale, shift, weight, output) -> None:
     y, mean, _ = output
     ctx.save_for_backward(z, centre, scale, shift, weight, y, mean)
 
@@ -159,16 +145,90 @@ def _project_backward(ctx, grad_y, grad_mean, grad_var):
     return dz, dcentre, dscale, dshift.to(shift.dtype), dweight, dbias, None
 
 
-_project_op.register_autograd(_project_backward, setup_context=_setup_project)
+class _BranchesStatsFunction(torch.autograd.Function):
+    """Eager autograd around the kernels: aspp_branches_stats's autograd without the op dispatch
+    (the weights last, one argument each: autograd sees no tensor in a list)."""
+
+    @staticmethod
+    def forward(ctx, x, rates, backend, *weights):
+        ctx.set_materialize_grads(False)
+        out = _branches_stats_kernel(x, list(weights), rates, backend)
+        _save_branches_stats(ctx, x, weights, rates, out, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_mean, grad_var):
+        need_w = any(ctx.needs_input_grad[3:])
+        dx, dws = _branches_stats_grads(ctx, grad_z, grad_mean, grad_var, ctx.needs_input_grad[0], need_w)
+        return (dx, None, None, *(dws if need_w else [None] * (len(ctx.rates) + 1)))
+
+
+class _ProjectFunction(torch.autograd.Function):
+    """Eager autograd around the kernels: affine_relu_project's autograd without the op dispatch."""
+
+    @staticmethod
+    def forward(ctx, z, centre, scale, shift, weight, image_bias, backend):
+        ctx.set_materialize_grads(False)
+        out = _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
+        _save_project(ctx, z, centre, scale, shift, weight, out)
+        return out
+
+    backward = staticmethod(_project_backward)
+
+
+# ---------------------------------------------------------------- the torch ops
+LIB.define("aspp_branches_stats(Tensor x, Tensor[] weights, int[] rates, str backend) -> (Tensor, Tensor, Tensor)")
+LIB.define("affine_relu_project(Tensor z, Tensor centre, Tensor scale, Tensor shift, Tensor weight, "
+           "Tensor image_bias, str backend) -> (Tensor, Tensor, Tensor)")
+
+
+def _op_branches_stats(x, weights, rates, backend):
+    _check_backend(backend, x)
+    return _branches_stats_kernel(x, list(weights), list(rates), backend)
+
+
+def _op_project(z, centre, scale, shift, weight, image_bias, backend):
+    _check_backend(backend, z)
+    return _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
+
+
+LIB.impl("aspp_branches_stats", _op_branches_stats, "CompositeExplicitAutograd")
+LIB.impl("affine_relu_project", _op_project, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastaspp::aspp_branches_stats", lib=LIB)
+def _(x, weights, rates, backend):
+    shape = _branches_shape(x, weights)
+    return _stats_fakes(x, shape, shape[1])
+
+
+@torch.library.register_fake("fastaspp::affine_relu_project", lib=LIB)
+def _(z, centre, scale, shift, weight, image_bias, backend):
+    return _stats_fakes(z, [z.shape[0], weight.shape[0], z.shape[2], z.shape[3]], weight.shape[0])
+
+
+def _setup_branches_stats(ctx, inputs, output):
+    x, weights, rates, backend = inputs
+    _save_branches_stats(ctx, x, weights, rates, output, backend)
+
+
+def _setup_project(ctx, inputs, output):
+    _save_project(ctx, *inputs[:5], output)
+
+
+torch.library.register_autograd("fastaspp::aspp_branches_stats", _branches_stats_backward,
+                                setup_context=_setup_branches_stats, lib=LIB)
+torch.library.register_autograd("fastaspp::affine_relu_project", _project_backward, setup_context=_setup_project,
+                                lib=LIB)
 
 
 if _ext.loaded():
-    @torch.library.register_fake("fastaspp::_aspp_branches_stats_forward")
+    @torch.library.register_fake("fastaspp::_aspp_branches_stats_forward", lib=LIB)
     def _(x, weights, rates):
         shape = _branches_shape(x, weights)
         return _stats_fakes(x, shape, shape[1])
 
-    @torch.library.register_fake("fastaspp::_affine_relu_project_forward")
+    @torch.library.register_fake("fastaspp::_affine_relu_project_forward", lib=LIB)
     def _(z, centre, scale, shift, weight, image_bias):
         return _stats_fakes(z, [z.shape[0], weight.shape[0], z.shape[2], z.shape[3]], weight.shape[0])
 
@@ -179,11 +239,17 @@ def aspp_branches_stats(x: Tensor, weights: Sequence[Tensor], rates: Sequence[in
     their batch statistics [(1+R)*C] (fp32; fp64 for fp64 x). weights as for aspp_branches."""
     if isinstance(x, Tensor) and isinstance(weights, (list, tuple)):
         dtype = autocast_dtype(x)
-        x = cast(x, dtype)
-        weights = [cast(w, dtype) if isinstance(w, Tensor) else w for w in weights]
+        if dtype is not None:
+            x = cast(x, dtype)
+            weights = [cast(w, dtype) if isinstance(w, Tensor) else w for w in weights]
     check_aspp_args(x, weights, rates)
-    return torch.ops.fastaspp.aspp_branches_stats(x, list(weights), [int(r) for r in rates],
-                                                  resolve_backend(x.device))
+    weights, rates, backend = list(weights), [int(r) for r in rates], resolve_backend(x.device)
+    how = route(x, *weights)
+    if how is Route.KERNEL:
+        return _branches_stats_kernel(x, weights, rates, backend)
+    if how is Route.FUNCTION:
+        return _BranchesStatsFunction.apply(x, rates, backend, *weights)
+    return torch.ops.fastaspp.aspp_branches_stats(x, weights, rates, backend)
 
 
 def affine_relu_project(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
@@ -196,7 +262,7 @@ def affine_relu_project(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
     (or [Cout, K, 1, 1]); image_bias [N, Cout];
     all of z's dtype and device (under autocast they are cast like conv2d's operands).
     """
-    if isinstance(z, Tensor):
+    if isinstance(z, Tensor) and autocast_dtype(z) is not None:
         dtype = autocast_dtype(z)
         z, centre, scale, shift, weight, image_bias = (cast(t, dtype) if isinstance(t, Tensor) else t
                                                        for t in (z, centre, scale, shift, weight, image_bias))
@@ -214,5 +280,10 @@ def affine_relu_project(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
         if tuple(t.shape) != shape:
             want = "[Cout, K]" if name == "weight" else str(list(shape))
             raise ValueError(f"{name} must have shape {want} for z of shape {tuple(z.shape)}, got {tuple(t.shape)}")
-    return torch.ops.fastaspp.affine_relu_project(z, centre, scale, shift, weight, image_bias,
-                                                  resolve_backend(z.device))
+    args = (z, centre, scale, shift, weight, image_bias, resolve_backend(z.device))
+    how = route(*args[:6])
+    if how is Route.KERNEL:
+        return _project_kernel(*args)
+    if how is Route.FUNCTION:
+        return _ProjectFunction.apply(*args)
+    return torch.ops.fastaspp.affine_relu_project(*args)

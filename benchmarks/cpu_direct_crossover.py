@@ -1,0 +1,100 @@
+"""Where the cpu backend's direct loops stop paying: the threshold of csrc/cpu/direct_conv.h.
+
+For a sweep of 3x3 conv + BN + ReLU shapes (eval, batch 1, channels_last, fp32) it times, in one
+run and interleaved: eager PyTorch (oneDNN conv, then BN and ReLU), the fused op forced onto the
+direct loops, and the fused op forced onto the live-tap GEMMs (FASTASPP_CPU_DIRECT_MAX_MACS set
+per call), and reports each shape's live multiply-adds. The crossover is the smallest MACs from
+which the GEMMs beat the loops on every larger shape; the default threshold should sit there.
+
+    python benchmarks/cpu_direct_crossover.py [--threads 2] [--out benchmarks/results]
+"""
+import argparse
+import datetime
+import json
+import os
+
+import torch
+
+import fastaspp
+from fastaspp.bench.report import environment
+from fastaspp.bench.timing import alternate
+from fastaspp.geometry import live_tap_pixels
+
+CHANNELS = (8, 16, 32, 64, 128, 256)
+SIZES = (5, 9, 17, 33)
+RATES = (1, 2, 6)
+
+
+def forced(limit: str, fn):
+    """fn with FASTASPP_CPU_DIRECT_MAX_MACS set to limit for the call (read per call by the C++ rule)."""
+    def call():
+        os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"] = limit
+        try:
+            return fn()
+        finally:
+            del os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"]
+    return call
+
+
+def measure(c: int, size: int, rate: int, reps: int, calls: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=rate, dilation=rate, bias=False),
+                                torch.nn.BatchNorm2d(c), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        eager[1].running_var.uniform_(0.5, 2.0, generator=gen)
+    eager = eager.to(memory_format=torch.channels_last)
+    fused = fastaspp.nn.ConvBNReLU.from_modules(eager[0], eager[1]).eval()
+    x = torch.randn(1, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    live, _ = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))
+    loop = lambda fn: (lambda: [fn() for _ in range(calls)])  # noqa: E731
+    fns = [loop(lambda: eager(x)), loop(forced(str(10**15), lambda: fused(x))), loop(forced("-1", lambda: fused(x)))]
+    with torch.no_grad():
+        eager_t, direct_t, gemm_t = alternate(fns, torch.device("cpu"), warmup=1, reps=reps, rounds=3)
+    per = lambda t: t.median_ms / calls  # noqa: E731
+    return dict(channels=c, size=size, rate=rate, macs=live * c * c, eager_ms=per(eager_t), direct_ms=per(direct_t),
+                gemm_ms=per(gemm_t))
+
+
+def crossover(rows) -> int:
+    """The smallest MACs from which the GEMMs are at least as fast as the loops on every larger shape."""
+    ordered = sorted(rows, key=lambda r: r["macs"])
+    for i, row in enumerate(ordered):
+        if all(r["gemm_ms"] <= r["direct_ms"] for r in ordered[i:]):
+            return row["macs"]
+    return ordered[-1]["macs"] + 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for c in CHANNELS:
+        for size in SIZES:
+            for rate in RATES:
+                if rate >= size:
+                    continue
+                macs = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))[0] * c * c
+                row = measure(c, size, rate, args.reps, calls=max(1, min(200, 2_000_000 // max(macs, 1))))
+                rows.append(row)
+                print(f"c{c:4d} {size:3d}x{size:<3d} r{rate:<2d} {row['macs']:>11,d} MACs: eager {row['eager_ms']:.4f}"
+                      f" direct {row['direct_ms']:.4f} gemm {row['gemm_ms']:.4f} ms", flush=True)
+    point = crossover(rows)
+    print(f"crossover: the GEMMs win from {point:,d} MACs on (default threshold: "
+          f"{fastaspp._ext._C.CPU_DIRECT_MAX_MACS:,d})")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path = os.path.join(args.out, f"cpu-direct-crossover-{stamp}.json")
+        with open(path, "w") as f:
+            json.dump({"environment": environment(), "threads": torch.get_num_threads(), "crossover_macs": point,
+                       "rows": rows}, f, indent=2)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

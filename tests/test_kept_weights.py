@@ -1,0 +1,160 @@
+"""Weight preparations kept between calls (the modules' folded parameters, nn/_fold_cache.py; the
+cpu backend's re-laid-out and transformed weights, csrc/cpu/kept.h) and the rule that picks the
+cpu backend's path for a call.
+
+Every way a weight can change must reach the next call: an in-place update, load_state_dict,
+module.to() and the train/eval switch (which drops a module's kept fold). Each case compares the
+fused module against the plain PyTorch module it replaces, after the change; the cache's internals
+are read only to show that a value was kept or dropped.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastaspp
+from fastaspp import reference
+from fastaspp.geometry import live_tap_pixels
+
+from test_aspp import ASPP_CASES, make_pair as aspp_pair, make_x, randomized
+from test_nn import _pair as convbnrelu_pair
+
+
+def _modules(kind):
+    if kind == "convbnrelu":
+        ref, mine = convbnrelu_pair(c_in=6, c_out=8, dilation=2, bias=True)
+        x = torch.randn(2, 6, 9, 9, generator=torch.Generator().manual_seed(3)).contiguous(
+            memory_format=torch.channels_last)
+        return ref.eval(), mine.eval(), x
+    case = ASPP_CASES[0]
+    ref, mine = aspp_pair(case, "cpu")
+    return ref.eval(), mine.eval(), make_x(case, "cpu")
+
+
+def _assert_same(mine, ref, x):
+    with torch.no_grad():
+        got, expected = mine(x), ref(x)
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+    return got
+
+
+def _conv_weight(module):
+    return module[0].weight if isinstance(module, torch.nn.Sequential) else module.convs[1][0].weight
+
+
+@pytest.fixture(params=["direct", "gemm"])
+def cpu_path(request, monkeypatch):
+    """The cpu backend's small-problem loops (these shapes' own choice) and its live-tap GEMMs."""
+    if request.param == "gemm":
+        monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
+    return request.param
+
+
+@pytest.mark.parametrize("kind", ["convbnrelu", "aspp"])
+def test_fold_is_kept_until_a_parameter_changes_in_place(kind, cpu_path):
+    ref, mine, x = _modules(kind)
+    _assert_same(mine, ref, x)
+    kept = mine._fold_cache.value
+    _assert_same(mine, ref, x)
+    assert mine._fold_cache.value is kept  # nothing changed: one version check, no new fold
+    with torch.no_grad():
+        for m in (ref, mine):
+            _conv_weight(m).mul_(-1.5)  # the conv weight: the backend's kept layout must be dropped too
+    _assert_same(mine, ref, x)
+    assert mine._fold_cache.value is not kept
+
+
+@pytest.mark.parametrize("kind", ["convbnrelu", "aspp"])
+def test_load_state_dict_reaches_the_next_call(kind, cpu_path):
+    ref, mine, x = _modules(kind)
+    _assert_same(mine, ref, x)
+    other = randomized(reference.conv_bn_relu(6, 8, 3, padding=2, dilation=2, bias=True)) if kind == "convbnrelu" \
+        else randomized(reference.ASPP(ASPP_CASES[0].c_in, ASPP_CASES[0].rates, ASPP_CASES[0].c))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-0.7)
+    ref.load_state_dict(other.state_dict())
+    mine.load_state_dict(other.state_dict())
+    _assert_same(mine, ref, x)
+
+
+@pytest.mark.parametrize("kind", ["convbnrelu", "aspp"])
+def test_module_to_reaches_the_next_call(kind, cpu_path):
+    ref, mine, x = _modules(kind)
+    _assert_same(mine, ref, x)
+    ref.double()
+    mine.double()
+    got = _assert_same(mine, ref, x.double())
+    assert got.dtype == torch.float64
+    ref.float()
+    mine.float()
+    _assert_same(mine, ref, x)
+
+
+@pytest.mark.parametrize("kind", ["convbnrelu", "aspp"])
+def test_train_eval_switch_drops_the_kept_fold(kind, cpu_path):
+    ref, mine, x = _modules(kind)
+    _assert_same(mine, ref, x)
+    assert mine._fold_cache.value is not None
+    for m in (ref, mine):
+        m.train()
+        with torch.no_grad():
+            m(torch.cat([x, x.flip(0)]))  # moves the running statistics in place
+    assert mine._fold_cache.stamp is None and mine._fold_cache.value is None
+    ref.eval()
+    mine.eval()
+    _assert_same(mine, ref, x)
+
+
+def test_kept_layouts_follow_weights_of_the_op_itself(cpu_path):
+    """The functional op with a weight that takes no gradient: its kept layout is reused while the
+    weight is unchanged and redone after an in-place change or a zero budget (FASTASPP_CPU_KEPT_MB)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, 8, generator=gen)
+    w = torch.randn(7, 5, 3, 3, generator=gen)
+    conv = lambda: fastaspp.ops.atrous_conv2d(x, w, padding=2, dilation=2)  # noqa: E731
+    first = conv()
+    assert torch.equal(conv(), first)
+    with torch.no_grad():
+        w.mul_(2.0).add_(0.5)
+    after = conv()
+    torch.testing.assert_close(after, F.conv2d(x, w, padding=2, dilation=2), atol=1e-5, rtol=1e-4)
+    fresh = fastaspp.ops.atrous_conv2d(x, w.clone(), padding=2, dilation=2)
+    assert torch.equal(after, fresh)
+
+
+def test_zero_kept_budget_gives_the_same_bits(monkeypatch):
+    ref, mine, x = _modules("aspp")
+    kept = _assert_same(mine, ref, x)
+    monkeypatch.setenv("FASTASPP_CPU_KEPT_MB", "0")
+    mine._fold_cache.clear()
+    assert torch.equal(_assert_same(mine, ref, x), kept)
+
+
+def _macs(n, c_in, c_out, size, rate):
+    live, _ = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))
+    return n * live * c_in * c_out
+
+
+def test_the_cpu_path_follows_the_documented_rule(monkeypatch):
+    """A conv runs the direct loops when its live multiply-adds are at most
+    FASTASPP_CPU_DIRECT_MAX_MACS, the live-tap GEMMs otherwise: the two round differently, so the
+    result's bits tell which ran."""
+    gen = torch.Generator().manual_seed(0)
+    n, c_in, c_out, size, rate = 1, 32, 24, 9, 2
+    x = torch.randn(n, c_in, size, size, generator=gen)
+    w = torch.randn(c_out, c_in, 3, 3, generator=gen)
+    conv = lambda: fastaspp.ops.atrous_conv2d(x, w, padding=rate, dilation=rate)  # noqa: E731
+    macs = _macs(n, c_in, c_out, size, rate)
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", str(10**12))
+    direct = conv()
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
+    gemm = conv()
+    assert not torch.equal(direct, gemm)  # else this test could not tell the paths apart
+    torch.testing.assert_close(direct, gemm, atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", str(macs))
+    assert torch.equal(conv(), direct)  # at the threshold: direct
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", str(macs - 1))
+    assert torch.equal(conv(), gemm)  # one multiply-add above it: the GEMMs
+    monkeypatch.delenv("FASTASPP_CPU_DIRECT_MAX_MACS")
+    assert macs <= fastaspp._ext._C.CPU_DIRECT_MAX_MACS
+    assert torch.equal(conv(), direct)  # the default threshold (kDirectMaxMacs)
