@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "../common/tap_geometry.h"
 #include "kept.h"
@@ -22,11 +23,59 @@ namespace {
 // Multiply-adds per thread chunk: below this, starting a parallel region costs more than it saves.
 constexpr int64_t kGrainMacs = 1 << 17;
 
-// Channels per register block: 8 floats (one AVX2 register) for narrow layers, else 16; doubles 4 or 8.
+// 32 bytes of acc_t (one AVX2 register, two SSE ones) as a GCC vector, and B lanes as B / kLanes of
+// them: arithmetic on these stays in registers as SIMD in each clone (the loop form `acc[j] += v * w[j]`
+// over a local array was kept in B scalar registers; one 64-byte vector went through the stack).
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(32)));
+  static constexpr int kLanes = 32 / sizeof(acc_t);
+};
+
+template <typename acc_t, int B>
+struct Block {
+  using V = typename Vec<acc_t>::type;
+  static constexpr int kRegs = B / Vec<acc_t>::kLanes;
+  V r[kRegs];
+
+  FASTASPP_INLINE void zero() {
+    for (int i = 0; i < kRegs; ++i) r[i] = V{};
+  }
+  // this += v * p[0 .. B)
+  FASTASPP_INLINE void axpy(acc_t v, const acc_t* p) {
+    for (int i = 0; i < kRegs; ++i) {
+      V w;
+      std::memcpy(&w, p + i * Vec<acc_t>::kLanes, sizeof(V));  // an unaligned vector load
+      r[i] += v * w;
+    }
+  }
+  FASTASPP_INLINE void add(const Block& other) {
+    for (int i = 0; i < kRegs; ++i) r[i] += other.r[i];
+  }
+  FASTASPP_INLINE void store(acc_t* out) const { std::memcpy(out, r, sizeof(r)); }
+};
+
+// sum += sum over k < count of v(k) * row(k)[0 .. B), as two interleaved partial sums: twice the
+// independent add chains, so the adds' latency is hidden (a fixed order: the same bits every call).
+template <typename acc_t, int B, typename Value, typename Row>
+FASTASPP_INLINE void dot_rows(Block<acc_t, B>& sum, int64_t count, Value v, Row row) {
+  Block<acc_t, B> odd;
+  odd.zero();
+  int64_t k = 0;
+  for (; k + 1 < count; k += 2) {
+    sum.axpy(v(k), row(k));
+    odd.axpy(v(k + 1), row(k + 1));
+  }
+  if (k < count) sum.axpy(v(k), row(k));
+  sum.add(odd);
+}
+
+// Channels per register block: one, two or four AVX2 registers (8, 16 or 32 floats; 4, 8 or 16
+// doubles), the fewest that cover the channels (padding is wasted work).
 template <typename acc_t>
 int64_t block_for(int64_t channels) {
-  constexpr int64_t wide = 64 / sizeof(acc_t);
-  return channels <= wide / 2 ? wide / 2 : wide;
+  constexpr int64_t lanes = 32 / sizeof(acc_t);  // one register
+  return channels <= lanes ? lanes : channels <= 2 * lanes ? 2 * lanes : 4 * lanes;
 }
 
 // The weights tap-major in the compute dtype, the vectorised channels padded to a multiple of
@@ -70,7 +119,8 @@ FASTASPP_INLINE void forward_pixels_impl(const ForwardArgs<acc_t>& a, int64_t p0
     const int64_t n = p / (s.ho * s.wo), rem = p - n * s.ho * s.wo, oh = rem / s.wo, ow = rem - oh * s.wo;
     acc_t* yp = a.y + n * a.ys[0] + oh * a.ys[2] + ow * a.ys[3];
     for (int64_t c0 = 0; c0 < s.cout; c0 += B) {
-      acc_t acc[B] = {};
+      Block<acc_t, B> sum;
+      sum.zero();
       for (int64_t kh = 0; kh < s.kh; ++kh) {
         const int64_t ih = oh * s.g.stride[0] + tap_offset(kh, s.g.dilation[0], s.g.padding[0]);
         if (ih < 0 || ih >= s.h) continue;
@@ -79,13 +129,12 @@ FASTASPP_INLINE void forward_pixels_impl(const ForwardArgs<acc_t>& a, int64_t p0
           if (iw < 0 || iw >= s.w) continue;
           const acc_t* xp = a.x + n * a.xs[0] + ih * a.xs[2] + iw * a.xs[3];
           const acc_t* wp = a.wt + (kh * s.kw + kw) * cin * cpad + c0;
-          for (int64_t ci = 0; ci < cin; ++ci) {
-            const acc_t v = xp[ci * a.xs[1]];
-            const acc_t* wr = wp + ci * cpad;
-            for (int j = 0; j < B; ++j) acc[j] += v * wr[j];
-          }
+          const int64_t xc = a.xs[1];
+          dot_rows(sum, cin, [&](int64_t ci) { return xp[ci * xc]; }, [&](int64_t ci) { return wp + ci * cpad; });
         }
       }
+      acc_t acc[B];
+      sum.store(acc);
       const int64_t valid = std::min<int64_t>(B, s.cout - c0);
       for (int64_t j = 0; j < valid; ++j) {
         const int64_t co = c0 + j;
@@ -118,7 +167,8 @@ FASTASPP_INLINE void grad_input_pixels_impl(const GradInputArgs<acc_t>& a, int64
     const int64_t n = p / (s.h * s.w), rem = p - n * s.h * s.w, ih = rem / s.w, iw = rem - ih * s.w;
     acc_t* dp = a.dx + n * a.ds[0] + ih * a.ds[2] + iw * a.ds[3];
     for (int64_t c0 = 0; c0 < s.cin; c0 += B) {
-      acc_t acc[B] = {};
+      Block<acc_t, B> sum;
+      sum.zero();
       for (int64_t kh = 0; kh < s.kh; ++kh) {
         // Output row oh reads input row ih through tap kh when oh * stride = ih - offset.
         const int64_t th = ih - tap_offset(kh, s.g.dilation[0], s.g.padding[0]);
@@ -130,13 +180,16 @@ FASTASPP_INLINE void grad_input_pixels_impl(const GradInputArgs<acc_t>& a, int64
           const int64_t ow = tw / s.g.stride[1];
           const acc_t* gp = a.g + ((n * s.ho + oh) * s.wo + ow) * cout;
           const acc_t* wp = a.wt + (kh * s.kw + kw) * cout * cpad + c0;
-          for (int64_t co = 0; co < cout; ++co) {
-            const acc_t v = a.scale != nullptr ? gp[co] * a.scale[co] : gp[co];
-            const acc_t* wr = wp + co * cpad;
-            for (int j = 0; j < B; ++j) acc[j] += v * wr[j];
+          if (a.scale != nullptr) {
+            const acc_t* sc = a.scale;
+            dot_rows(sum, cout, [&](int64_t co) { return gp[co] * sc[co]; }, [&](int64_t co) { return wp + co * cpad; });
+          } else {
+            dot_rows(sum, cout, [&](int64_t co) { return gp[co]; }, [&](int64_t co) { return wp + co * cpad; });
           }
         }
       }
+      acc_t acc[B];
+      sum.store(acc);
       const int64_t valid = std::min<int64_t>(B, s.cin - c0);
       for (int64_t j = 0; j < valid; ++j) dp[(c0 + j) * a.ds[1]] = acc[j];
     }
@@ -161,7 +214,9 @@ FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int6
   const LiveRange rows = tap_live_range(kh, s.h, s.ho, s.g.stride[0], s.g.padding[0], s.g.dilation[0]);
   const LiveRange cols = tap_live_range(kw, s.w, s.wo, s.g.stride[1], s.g.padding[1], s.g.dilation[1]);
   const int64_t valid = std::min<int64_t>(B, cin - c0);
-  acc_t acc[B] = {};
+  Block<acc_t, B> sum;
+  sum.zero();
+  acc_t acc[B] = {};  // the last, partial block
   for (int64_t n = 0; n < a.n; ++n)
     for (int64_t oh = rows.lo; oh < rows.hi; ++oh) {
       const int64_t ih = oh * s.g.stride[0] + tap_offset(kh, s.g.dilation[0], s.g.padding[0]);
@@ -170,12 +225,13 @@ FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int6
         const acc_t* xp = a.x + ((n * s.h + ih) * s.w + iw) * cin + c0;
         const acc_t v = a.g[((n * s.ho + oh) * s.wo + ow) * cout + co];
         if (valid == B) {
-          for (int j = 0; j < B; ++j) acc[j] += v * xp[j];
+          sum.axpy(v, xp);
         } else {
           for (int64_t j = 0; j < valid; ++j) acc[j] += v * xp[j];
         }
       }
     }
+  if (valid == B) sum.store(acc);
   acc_t* row = a.dw + (tap * cout + co) * cin + c0;
   for (int64_t j = 0; j < valid; ++j) row[j] = acc[j];
 }
@@ -200,27 +256,35 @@ FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int6
 
 FASTASPP_DIRECT_ENTRIES(float, 8)
 FASTASPP_DIRECT_ENTRIES(float, 16)
+FASTASPP_DIRECT_ENTRIES(float, 32)
 FASTASPP_DIRECT_ENTRIES(double, 4)
 FASTASPP_DIRECT_ENTRIES(double, 8)
+FASTASPP_DIRECT_ENTRIES(double, 16)
 #undef FASTASPP_DIRECT_ENTRIES
 
 void forward_pixels(const ForwardArgs<float>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 8 ? forward_pixels_float_8(a, p0, p1) : forward_pixels_float_16(a, p0, p1);
+  block == 8 ? forward_pixels_float_8(a, p0, p1)
+             : block == 16 ? forward_pixels_float_16(a, p0, p1) : forward_pixels_float_32(a, p0, p1);
 }
 void forward_pixels(const ForwardArgs<double>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 4 ? forward_pixels_double_4(a, p0, p1) : forward_pixels_double_8(a, p0, p1);
+  block == 4 ? forward_pixels_double_4(a, p0, p1)
+             : block == 8 ? forward_pixels_double_8(a, p0, p1) : forward_pixels_double_16(a, p0, p1);
 }
 void grad_input_pixels(const GradInputArgs<float>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 8 ? grad_input_pixels_float_8(a, p0, p1) : grad_input_pixels_float_16(a, p0, p1);
+  block == 8 ? grad_input_pixels_float_8(a, p0, p1)
+             : block == 16 ? grad_input_pixels_float_16(a, p0, p1) : grad_input_pixels_float_32(a, p0, p1);
 }
 void grad_input_pixels(const GradInputArgs<double>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 4 ? grad_input_pixels_double_4(a, p0, p1) : grad_input_pixels_double_8(a, p0, p1);
+  block == 4 ? grad_input_pixels_double_4(a, p0, p1)
+             : block == 8 ? grad_input_pixels_double_8(a, p0, p1) : grad_input_pixels_double_16(a, p0, p1);
 }
 void grad_weight_rows(const GradWeightArgs<float>& a, int64_t block, int64_t r0, int64_t r1) {
-  block == 8 ? grad_weight_rows_float_8(a, r0, r1) : grad_weight_rows_float_16(a, r0, r1);
+  block == 8 ? grad_weight_rows_float_8(a, r0, r1)
+             : block == 16 ? grad_weight_rows_float_16(a, r0, r1) : grad_weight_rows_float_32(a, r0, r1);
 }
 void grad_weight_rows(const GradWeightArgs<double>& a, int64_t block, int64_t r0, int64_t r1) {
-  block == 4 ? grad_weight_rows_double_4(a, r0, r1) : grad_weight_rows_double_8(a, r0, r1);
+  block == 4 ? grad_weight_rows_double_4(a, r0, r1)
+             : block == 8 ? grad_weight_rows_double_8(a, r0, r1) : grad_weight_rows_double_16(a, r0, r1);
 }
 
 void strides_of(const at::Tensor& t, int64_t* out) {

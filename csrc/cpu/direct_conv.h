@@ -4,8 +4,10 @@
 // where the live-tap GEMM path (tap_gemm.h) pays a BLAS call and several tensor views per tap.
 //
 // The rule: a call runs direct when its live multiply-adds (N * live (pixel, tap) pairs * Cin *
-// Cout) are at most FASTASPP_CPU_DIRECT_MAX_MACS (default kDirectMaxMacs, where the two paths
-// cost the same on this project's 2-core CPUs: benchmarks/cpu_direct_crossover.py).
+// Cout) are at most FASTASPP_CPU_DIRECT_MAX_MACS (default kDirectMaxMacs: where the GEMMs start to
+// win on this project's 2-core CPUs, 10-11 million in benchmarks/results/cpu-direct-crossover-*).
+// The loops multiply and add without FMA (every clone rounds alike), so above a few million
+// multiply-adds oneDNN's FMA kernels outrun them; below, the GEMM path's per-tap calls cost more.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,7 +17,7 @@
 namespace fastaspp {
 
 // The default threshold of the rule above, in multiply-adds.
-constexpr int64_t kDirectMaxMacs = 2000000;
+constexpr int64_t kDirectMaxMacs = 10000000;
 
 // Multiply-adds over live taps of a conv of x [N, Cin, H, W] with a [Cout, Cin, KH, KW] weight.
 int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
