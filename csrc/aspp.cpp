@@ -20,4 +20,9 @@ TORCH_LIBRARY_FRAGMENT(fastaspp, m) {
   // its batch-norm statistics as above. The normalised z is never materialised.
   m.def("_affine_relu_project_forward(Tensor z, Tensor centre, Tensor scale, Tensor shift, Tensor weight, "
         "Tensor image_bias) -> (Tensor, Tensor, Tensor)");
+  // Backward of the raw branch sums (cpu): (dx, [dweight_i]) of sum(grad * branches(x)) with scale
+  // 1, shift 0 and no ReLU, every branch's input gradient summed in one buffer; None / [] where
+  // output_mask (dx, dweights) is false.
+  m.def("_aspp_branches_backward(Tensor grad, Tensor x, Tensor[] weights, int[] rates, bool[2] output_mask) "
+        "-> (Tensor, Tensor[])");
 }

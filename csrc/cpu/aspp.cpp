@@ -11,9 +11,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <tuple>
 #include <vector>
 
+#include "conv_paths.h"
 #include "direct_conv.h"
 #include "kept.h"
 #include "tap_gemm.h"
@@ -62,7 +64,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   for (int64_t i = 0; i < branches; ++i) {
     const int64_t r = i == 0 ? 0 : rates[i - 1];
     geometry[i] = make_geometry({1, 1}, {r, r}, {std::max<int64_t>(r, 1), std::max<int64_t>(r, 1)});
-    if (use_direct(live_macs(x.sizes(), weights[i].sizes(), in_h, in_w, geometry[i])))
+    if (runs_direct(x.sizes(), weights[i].sizes(), in_h, in_w, geometry[i]))
       way[i] = Way::kDirect;
     else if (i > 0 && allow_winograd && use_winograd(in_h, in_w, r, weights[i], dtype))
       way[i] = Way::kWinograd;
@@ -109,8 +111,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
     if (way[i] == Way::kWinograd) {
       winograd_conv3x3(xh, weights[i], r, slice);  // xh is contiguous NHWC (to_nhwc)
     } else if (way[i] == Way::kShared && off_centre_live(in_h, in_w, r)) {
-      const at::Tensor w_taps = kept({weights[i]}, {kTapMatrices, static_cast<int64_t>(dtype)},
-                                     [&] { return tap_matrices(weights[i], dtype); });
+      const at::Tensor w_taps = kept_tap_matrices(weights[i], dtype);
       for (int64_t n = 0; n < batch; ++n) forward_image(xh, w_taps, geometry[i], n, slice, /*skip_centre=*/true);
     }
   }
@@ -170,11 +171,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cpu(c
   return {z, mean, var};
 }
 
+// The input and weight gradients of the raw branch sums (_aspp_branches_forward with scale 1, shift
+// 0 and no ReLU) in one call: dx = the sum over branches of each one's transposed conv of its
+// channel slice of grad, accumulated in one buffer; dweights[i] its weight gradient. Each conv by
+// its own path (conv_paths.h); the slices are read in place.
+std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                           at::TensorList weights, at::IntArrayRef rates,
+                                                                           std::array<bool, 2> output_mask) {
+  const int64_t ch = check_branches(x, weights, rates);
+  const int64_t branches = static_cast<int64_t>(weights.size());
+  check_4d(grad, "grad");
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == branches * ch && grad.size(2) == x.size(2) &&
+                  grad.size(3) == x.size(3),
+              "fastaspp: grad must have shape [", x.size(0), ", ", branches * ch, ", ", x.size(2), ", ", x.size(3),
+              "], got ", grad.sizes());
+  const auto dtype = compute_dtype(x.scalar_type());
+  const at::Tensor gh = to_nhwc(grad, dtype);  // [N, H, W, (1+R)*C]
+  at::Tensor dx_acc, xh;
+  if (output_mask[0]) dx_acc = at::zeros({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(dtype));
+  if (output_mask[1]) xh = to_nhwc(x, dtype);
+  std::vector<at::Tensor> dweights;
+  for (int64_t i = 0; i < branches; ++i) {
+    const int64_t r = i == 0 ? 0 : rates[i - 1];
+    const ConvGeometry geo = make_geometry({1, 1}, {r, r}, {std::max<int64_t>(r, 1), std::max<int64_t>(r, 1)});
+    const at::Tensor gi = gh.narrow(3, i * ch, ch);
+    if (output_mask[0] && dx_acc.numel() > 0) add_grad_input(gi, weights[i], at::Tensor(), geo, dx_acc);
+    if (output_mask[1]) {
+      dweights.push_back(grad_weight_taps(xh, gi, weights[i].size(2), weights[i].size(3), geo)
+                             .permute({2, 3, 0, 1})
+                             .to(weights[i].scalar_type())
+                             .contiguous());
+    }
+  }
+  at::Tensor dx;
+  if (output_mask[0]) {
+    dx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+    dx.copy_(dx_acc.permute({0, 3, 1, 2}));
+  }
+  return {dx, dweights};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastaspp, CPU, m) {
   m.impl("_aspp_branches_forward", &aspp_branches_forward_cpu);
   m.impl("_aspp_branches_stats_forward", &aspp_branches_stats_forward_cpu);
+  m.impl("_aspp_branches_backward", &aspp_branches_backward_cpu);
 }
 
 }  // namespace fastaspp

@@ -12,9 +12,8 @@
 #include <tuple>
 
 #include "../affine.h"
+#include "conv_paths.h"
 #include "direct_conv.h"
-#include "kept.h"
-#include "tap_gemm.h"
 
 namespace fastaspp {
 namespace {
@@ -25,45 +24,6 @@ std::pair<int64_t, int64_t> out_hw(at::IntArrayRef x_size, at::IntArrayRef weigh
   TORCH_CHECK(out_h >= 1 && out_w >= 1, "fastaspp: output size ", out_h, "x", out_w, " is too small for input ",
               x_size, " and weight ", weight_size);
   return {out_h, out_w};
-}
-
-// The weights as per-tap GEMM operands (tap_matrices), kept as kept.h says.
-at::Tensor kept_tap_matrices(const at::Tensor& weight, at::ScalarType dtype) {
-  return kept({weight}, {kTapMatrices, static_cast<int64_t>(dtype)}, [&] { return tap_matrices(weight, dtype); });
-}
-
-// [N, Ho, Wo, Cout] in the compute dtype: conv(x, weight) over live taps, one GEMM per tap.
-at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g, int64_t out_h,
-                        int64_t out_w) {
-  const auto dtype = compute_dtype(x.scalar_type());
-  const at::Tensor xh = to_nhwc(x, dtype);
-  const at::Tensor w_taps = kept_tap_matrices(weight, dtype);  // [KH, KW, Cout, Cin]
-  at::Tensor acc = at::zeros({x.size(0), out_h, out_w, weight.size(0)}, x.options().dtype(dtype));
-  for (int64_t n = 0; n < x.size(0); ++n) forward_image(xh, w_taps, g, n, acc);
-  return acc;
-}
-
-// [N, H, W, Cin] in gh's dtype: the transposed conv of gh ([N, Ho, Wo, Cout], NHWC), per live tap.
-at::Tensor gemm_grad_input(const at::Tensor& gh, const at::Tensor& weight, at::IntArrayRef input_size,
-                           const ConvGeometry& g) {
-  const at::Tensor w_taps = kept_tap_matrices(weight, gh.scalar_type());
-  at::Tensor dx = at::zeros({input_size[0], input_size[2], input_size[3], input_size[1]}, gh.options());
-  for (const LiveTap& t : live_taps(weight.size(2), weight.size(3), input_size[2], input_size[3], gh.size(1),
-                                    gh.size(2), g)) {
-    accumulate_gemm(input_rect(dx, t, g), gather_rect(output_rect(gh, t)), w_taps[t.kh][t.kw]);
-  }
-  return dx;
-}
-
-// [KH, KW, Cout, Cin] in xh's dtype: sum of gh^T @ x over each live tap's rectangle.
-at::Tensor gemm_grad_weight(const at::Tensor& xh, const at::Tensor& gh, int64_t kernel_h, int64_t kernel_w,
-                            const ConvGeometry& g) {
-  at::Tensor dw = at::zeros({kernel_h, kernel_w, gh.size(3), xh.size(3)}, xh.options());
-  for (const LiveTap& t : live_taps(kernel_h, kernel_w, xh.size(1), xh.size(2), gh.size(1), gh.size(2), g)) {
-    at::Tensor dw_tap = dw[t.kh][t.kw];
-    at::mm_out(dw_tap, gather_rect(output_rect(gh, t)).t(), gather_rect(input_rect(xh, t, g)));
-  }
-  return dw;
 }
 
 at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -80,7 +40,7 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
                            x.options().memory_format(x.suggest_memory_format()));
   if (y.numel() == 0) return y;
   const Affine affine = fold_affine(bias, scale, shift, compute_dtype(x.scalar_type()));
-  if (use_direct(live_macs(x.sizes(), weight.sizes(), out_h, out_w, g))) {
+  if (runs_direct(x.sizes(), weight.sizes(), out_h, out_w, g)) {
     direct_forward(x, weight, affine.alpha, affine.beta, relu, g, y);
   } else {
     const auto [alpha, beta] = dense_affine(affine, weight.size(0), x.options().dtype(compute_dtype(x.scalar_type())));
@@ -104,21 +64,14 @@ at::Tensor atrous_conv2d_grad_input_cpu(const at::Tensor& grad, const at::Tensor
   at::Tensor dx = at::empty(input_size, grad.options().memory_format(grad.suggest_memory_format()));
   if (dx.numel() == 0) return dx;
   const at::Tensor gh = to_nhwc(grad, compute_dtype(grad.scalar_type()));
-  if (use_direct(live_macs(input_size, weight.sizes(), out_h, out_w, g))) {
-    direct_grad_input(gh, weight, at::Tensor(), g, dx);
+  if (runs_direct(input_size, weight.sizes(), out_h, out_w, g)) {
+    direct_grad_input(gh, weight, at::Tensor(), g, dx);  // straight into dx: nothing to add to
   } else {
-    dx.copy_(gemm_grad_input(gh, weight, input_size, g).permute({0, 3, 1, 2}));
+    at::Tensor acc = at::zeros({input_size[0], input_size[2], input_size[3], input_size[1]}, gh.options());
+    add_grad_input(gh, weight, at::Tensor(), g, acc);
+    dx.copy_(acc.permute({0, 3, 1, 2}));
   }
   return dx;
-}
-
-// [KH, KW, Cout, Cin] in the compute dtype: the weight gradient of conv(x) against gh (NHWC).
-at::Tensor grad_weight_taps(const at::Tensor& x, const at::Tensor& gh, int64_t kernel_h, int64_t kernel_w,
-                            const ConvGeometry& g) {
-  const at::Tensor xh = to_nhwc(x, gh.scalar_type());
-  const int64_t macs = live_macs(x.sizes(), {gh.size(3), x.size(1), kernel_h, kernel_w}, gh.size(1), gh.size(2), g);
-  return use_direct(macs) ? direct_grad_weight(xh, gh, kernel_h, kernel_w, g)
-                          : gemm_grad_weight(xh, gh, kernel_h, kernel_w, g);
 }
 
 at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& grad,
@@ -134,7 +87,7 @@ at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ", x.sizes(),
               " and weight ", weight_size);
   const at::Tensor gh = to_nhwc(grad, compute_dtype(x.scalar_type()));
-  return grad_weight_taps(x, gh, weight_size[2], weight_size[3], g)
+  return grad_weight_taps(to_nhwc(x, gh.scalar_type()), gh, weight_size[2], weight_size[3], g)
       .permute({2, 3, 0, 1})
       .to(x.scalar_type())
       .contiguous();
@@ -163,22 +116,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
   const bool has_scale = scale.has_value() && scale->defined();
   const at::Tensor scale_acc = has_scale ? scale->to(dtype).contiguous() : at::Tensor();
   const at::Tensor gh = masked_nhwc(grad, out.has_value() ? *out : at::Tensor(), dtype);  // [N, Ho, Wo, Cout]
-  const int64_t macs = live_macs(x.sizes(), weight.sizes(), out_h, out_w, g);
 
   at::Tensor dx, dweight, dbias, dscale, dshift;
   if (output_mask[0]) {
     dx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
     if (dx.numel() > 0) {
-      if (use_direct(macs)) {
-        direct_grad_input(gh, weight, scale_acc, g, dx);
+      if (runs_direct(x.sizes(), weight.sizes(), out_h, out_w, g)) {
+        direct_grad_input(gh, weight, scale_acc, g, dx);  // straight into dx: nothing to add to
       } else {
-        const at::Tensor scaled = has_scale ? gh * scale_acc : gh;
-        dx.copy_(gemm_grad_input(scaled, weight, x.sizes(), g).permute({0, 3, 1, 2}));
+        at::Tensor acc = at::zeros({x.size(0), x.size(2), x.size(3), x.size(1)}, gh.options());
+        add_grad_input(gh, weight, scale_acc, g, acc);
+        dx.copy_(acc.permute({0, 3, 1, 2}));
       }
     }
   }
   if (output_mask[1] || output_mask[3]) {
-    const at::Tensor taps = grad_weight_taps(x, gh, weight.size(2), weight.size(3), g);  // [KH, KW, Cout, Cin]
+    const at::Tensor taps = grad_weight_taps(to_nhwc(x, dtype), gh, weight.size(2), weight.size(3), g);
     if (output_mask[1]) {
       const at::Tensor scaled = has_scale ? taps * scale_acc.view({1, 1, -1, 1}) : taps;
       dweight = scaled.permute({2, 3, 0, 1}).to(weight.scalar_type()).contiguous();

@@ -151,12 +151,14 @@ FASTASPP_INLINE void forward_pixels_impl(const ForwardArgs<acc_t>& a, int64_t p0
 template <typename acc_t>
 struct GradInputArgs {
   Shape s;
-  const acc_t* g;      // [N, Ho, Wo, Cout]
+  const acc_t* g;      // [N, Ho, Wo, Cout], g_pixel elements from one pixel to the next
+  int64_t g_pixel;
   const acc_t* wt;     // [KH*KW, Cout, Cin_pad]
   int64_t cin_pad;
   const acc_t* scale;  // [Cout] or nullptr
   acc_t* dx;
   int64_t ds[4];
+  bool accumulate;     // dx += instead of dx =
 };
 
 template <typename acc_t, int B>
@@ -178,7 +180,7 @@ FASTASPP_INLINE void grad_input_pixels_impl(const GradInputArgs<acc_t>& a, int64
           const int64_t tw = iw - tap_offset(kw, s.g.dilation[1], s.g.padding[1]);
           if (tw < 0 || tw % s.g.stride[1] != 0 || tw / s.g.stride[1] >= s.wo) continue;
           const int64_t ow = tw / s.g.stride[1];
-          const acc_t* gp = a.g + ((n * s.ho + oh) * s.wo + ow) * cout;
+          const acc_t* gp = a.g + ((n * s.ho + oh) * s.wo + ow) * a.g_pixel;
           const acc_t* wp = a.wt + (kh * s.kw + kw) * cout * cpad + c0;
           if (a.scale != nullptr) {
             const acc_t* sc = a.scale;
@@ -191,7 +193,11 @@ FASTASPP_INLINE void grad_input_pixels_impl(const GradInputArgs<acc_t>& a, int64
       acc_t acc[B];
       sum.store(acc);
       const int64_t valid = std::min<int64_t>(B, s.cin - c0);
-      for (int64_t j = 0; j < valid; ++j) dp[(c0 + j) * a.ds[1]] = acc[j];
+      if (a.accumulate) {
+        for (int64_t j = 0; j < valid; ++j) dp[(c0 + j) * a.ds[1]] += acc[j];
+      } else {
+        for (int64_t j = 0; j < valid; ++j) dp[(c0 + j) * a.ds[1]] = acc[j];
+      }
     }
   }
 }
@@ -201,7 +207,8 @@ struct GradWeightArgs {
   Shape s;
   int64_t n;
   const acc_t* x;  // [N, H, W, Cin]
-  const acc_t* g;  // [N, Ho, Wo, Cout]
+  const acc_t* g;  // [N, Ho, Wo, Cout], g_pixel elements from one pixel to the next
+  int64_t g_pixel;
   acc_t* dw;       // [KH*KW, Cout, Cin]
 };
 
@@ -223,7 +230,7 @@ FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int6
       for (int64_t ow = cols.lo; ow < cols.hi; ++ow) {
         const int64_t iw = ow * s.g.stride[1] + tap_offset(kw, s.g.dilation[1], s.g.padding[1]);
         const acc_t* xp = a.x + ((n * s.h + ih) * s.w + iw) * cin + c0;
-        const acc_t v = a.g[((n * s.ho + oh) * s.wo + ow) * cout + co];
+        const acc_t v = a.g[((n * s.ho + oh) * s.wo + ow) * a.g_pixel + co];
         if (valid == B) {
           sum.axpy(v, xp);
         } else {
@@ -291,6 +298,20 @@ void strides_of(const at::Tensor& t, int64_t* out) {
   for (int i = 0; i < 4; ++i) out[i] = t.stride(i);
 }
 
+// The distance between pixels of g ([N, Ho, Wo, C] with unit channel stride and evenly spaced
+// pixels: a dense NHWC tensor, or a channel slice of a wider one).
+int64_t pixel_stride(const at::Tensor& g) {
+  // The step between consecutive pixels, read off the innermost pixel dimension longer than 1.
+  const int64_t step = g.size(2) > 1 ? g.stride(2)
+                       : g.size(1) > 1 ? g.stride(1)
+                       : g.size(0) > 1 ? g.stride(0) : g.size(3);
+  TORCH_CHECK(g.size(3) <= 1 || g.stride(3) == 1, "fastaspp: the direct kernels want a unit channel stride");
+  TORCH_CHECK(step >= g.size(3) && (g.size(1) <= 1 || g.stride(1) == step * g.size(2)) &&
+                  (g.size(0) <= 1 || g.stride(0) == step * g.size(2) * g.size(1)),
+              "fastaspp: the direct kernels want evenly spaced pixels, got strides ", g.strides());
+  return step;
+}
+
 }  // namespace
 
 int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
@@ -332,8 +353,10 @@ void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 }
 
 void direct_grad_input(const at::Tensor& gm, const at::Tensor& weight, const at::Tensor& scale,
-                       const ConvGeometry& g, at::Tensor& dx) {
+                       const ConvGeometry& g, at::Tensor& dx, bool accumulate) {
   const auto dtype = gm.scalar_type();
+  TORCH_CHECK(!accumulate || dx.scalar_type() == dtype, "fastaspp: direct_grad_input accumulates in the compute dtype");
+  const int64_t g_pixel = pixel_stride(gm);
   at::Tensor da = dx.scalar_type() == dtype ? dx : at::empty_like(dx, dx.options().dtype(dtype));
   const Shape s{dx.size(1), dx.size(2), dx.size(3), weight.size(0), weight.size(2), weight.size(3), gm.size(1),
                 gm.size(2), g};
@@ -342,8 +365,9 @@ void direct_grad_input(const at::Tensor& gm, const at::Tensor& weight, const at:
   AT_DISPATCH_FLOATING_TYPES(dtype, "direct_grad_input", [&] {
     const int64_t block = block_for<scalar_t>(s.cin);
     const at::Tensor wt = tap_major(weight, dtype, kDirectGradInputLayout, block);
-    GradInputArgs<scalar_t> a{s, gm.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), wt.size(3),
-                              scale.defined() ? scale.data_ptr<scalar_t>() : nullptr, da.data_ptr<scalar_t>(), {}};
+    GradInputArgs<scalar_t> a{s, gm.data_ptr<scalar_t>(), g_pixel, wt.data_ptr<scalar_t>(), wt.size(3),
+                              scale.defined() ? scale.data_ptr<scalar_t>() : nullptr, da.data_ptr<scalar_t>(), {},
+                              accumulate};
     strides_of(da, a.ds);
     at::parallel_for(0, pixels, grain(per_pixel),
                      [&](int64_t begin, int64_t end) { grad_input_pixels(a, block, begin, end); });
@@ -358,7 +382,8 @@ at::Tensor direct_grad_weight(const at::Tensor& xh, const at::Tensor& gm, int64_
   const int64_t rows = kernel_h * kernel_w * s.cout;  // one (tap, output channel) row of dw each
   const int64_t per_row = xh.size(0) * s.ho * s.wo * s.cin;  // at most: a live tap's rectangle
   AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "direct_grad_weight", [&] {
-    GradWeightArgs<scalar_t> a{s, xh.size(0), xh.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>()};
+    GradWeightArgs<scalar_t> a{s, xh.size(0), xh.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), pixel_stride(gm),
+                               dw.data_ptr<scalar_t>()};
     const int64_t block = block_for<scalar_t>(s.cin);
     at::parallel_for(0, rows, grain(per_row), [&](int64_t begin, int64_t end) { grad_weight_rows(a, block, begin, end); });
   });

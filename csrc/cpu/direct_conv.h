@@ -32,11 +32,12 @@ bool use_direct(int64_t macs);
 void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& beta,
                     bool relu, const ConvGeometry& g, at::Tensor& y);
 
-// dx = conv_transpose(g * scale, weight) into dx ([N, Cin, H, W] of any dtype and strides).
-// gm: the output gradient as [N, Ho, Wo, Cout], contiguous, compute dtype; scale: [Cout] in the
-// compute dtype, or undefined for 1.
+// dx = conv_transpose(g * scale, weight) into dx ([N, Cin, H, W] of any dtype and strides), or
+// dx += it with accumulate (dx then in the compute dtype). gm: the output gradient as
+// [N, Ho, Wo, Cout] in the compute dtype, unit channel stride, evenly spaced pixels (a dense NHWC
+// tensor or a channel slice of one); scale: [Cout] in the compute dtype, or undefined for 1.
 void direct_grad_input(const at::Tensor& gm, const at::Tensor& weight, const at::Tensor& scale,
-                       const ConvGeometry& g, at::Tensor& dx);
+                       const ConvGeometry& g, at::Tensor& dx, bool accumulate = false);
 
 // The weight gradient sum over pixels of g * x per tap, as [KH, KW, Cout, Cin] in the compute
 // dtype. xh: x as [N, H, W, Cin], contiguous, compute dtype; gm as for direct_grad_input.

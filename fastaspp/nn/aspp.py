@@ -121,16 +121,19 @@ class ASPP(nn.Module):
         pooled = pool[3](pool[2](pool[1](pool[0](x)))).flatten(1)  # [N, C]
         conv, bn, relu, dropout = self.project
         image_bias = pooled @ conv.weight[:, total:].flatten(1).t()  # [N, Cout]
+        as_z = lambda t: t if t.dtype == z.dtype else t.to(z.dtype)  # noqa: E731
         y, proj_mean, proj_var = affine_relu_project(
-            z, *(t.to(z.dtype) for t in (centre, scale, shift, conv.weight[:, :total].flatten(1), image_bias)))
+            z, *(as_z(t) for t in (centre, scale, shift, conv.weight[:, :total].flatten(1), image_bias)))
         if self._shareable(bn):
             proj_centre, proj_scale = self._batch_norm_scale(bn, proj_mean, proj_var, count, bn.weight,
                                                              bn.running_mean, bn.running_var)
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
             acc = proj_scale.dtype
-            out = relu((y.to(acc) - proj_centre.view(1, -1, 1, 1)) * proj_scale.view(1, -1, 1, 1)
-                       + bn.bias.to(acc).view(1, -1, 1, 1)).to(y.dtype)
+            y_acc = y if y.dtype == acc else y.to(acc)
+            out = relu(torch.addcmul(bn.bias.to(acc).view(1, -1, 1, 1), y_acc - proj_centre.view(1, -1, 1, 1),
+                                     proj_scale.view(1, -1, 1, 1)))
+            out = out if out.dtype == y.dtype else out.to(y.dtype)
         else:  # a projection BN of another kind: its own module, on the stored y
             out = relu(bn(y))
         # The dropout mask follows memory order: the same layout draws the same mask for the same seed.

@@ -78,8 +78,14 @@ def branches_backward(g: Tensor, x: Tensor, weights: Sequence[Tensor], rates: Se
     """(dx, [dw_i], dscale, dshift) of sum(g · (conv_i(x)·scale_i + shift_i)) over the branches, g the
     gradient of the whole buffer with any ReLU mask already applied; scale None means 1. dx comes
     from the branches' input-gradient kernel (one launch on triton), each branch's weight and scale
-    gradients from the atrous-conv backward."""
+    gradients from the atrous-conv backward; on cpu, when no scale or shift gradient is asked for,
+    one call computes all of them (_aspp_branches_backward)."""
     need_x, need_w, need_scale, need_shift = needs
+    if backend == "cpu" and not (need_scale or need_shift):  # one C++ call: every branch, dx and dW
+        g_scaled = g if scale is None else g * scale.view(1, -1, 1, 1)
+        dx, dws = torch.ops.fastaspp._aspp_branches_backward.default(g_scaled, x, list(weights), list(rates),
+                                                                     [bool(need_x), bool(need_w)])
+        return dx, (list(dws) if need_w else None), None, None
     c = weights[0].shape[0]
     dx = None
     if need_x:
@@ -186,6 +192,11 @@ if _ext.loaded():
     @torch.library.register_fake("fastaspp::_aspp_branches_forward", lib=LIB)
     def _(x, weights, rates, scale, shift, relu):
         return x.new_empty(_branches_shape(x, weights)).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fastaspp::_aspp_branches_backward", lib=LIB)
+    def _(grad, x, weights, rates, output_mask):
+        dx = x.new_empty(x.shape).contiguous(memory_format=suggest_memory_format(x)) if output_mask[0] else None
+        return dx, [w.new_empty(w.shape) for w in weights] if output_mask[1] else []
 
 
 # ---------------------------------------------------------------- public entry points

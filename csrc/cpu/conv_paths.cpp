@@ -1,0 +1,55 @@
+// The cpu backend's two paths for one conv (see conv_paths.h).
+#include "conv_paths.h"
+
+#include "direct_conv.h"
+#include "kept.h"
+
+namespace fastaspp {
+
+at::Tensor kept_tap_matrices(const at::Tensor& weight, at::ScalarType dtype) {
+  return kept({weight}, {kTapMatrices, static_cast<int64_t>(dtype)}, [&] { return tap_matrices(weight, dtype); });
+}
+
+bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
+                 const ConvGeometry& geo) {
+  return use_direct(live_macs(x_size, weight_size, out_h, out_w, geo));
+}
+
+at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g, int64_t out_h,
+                        int64_t out_w) {
+  const auto dtype = compute_dtype(x.scalar_type());
+  const at::Tensor xh = to_nhwc(x, dtype);
+  const at::Tensor w_taps = kept_tap_matrices(weight, dtype);  // [KH, KW, Cout, Cin]
+  at::Tensor acc = at::zeros({x.size(0), out_h, out_w, weight.size(0)}, x.options().dtype(dtype));
+  for (int64_t n = 0; n < x.size(0); ++n) forward_image(xh, w_taps, g, n, acc);
+  return acc;
+}
+
+void add_grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& scale, const ConvGeometry& geo,
+                    at::Tensor& dx) {
+  const std::vector<int64_t> x_size = {dx.size(0), dx.size(3), dx.size(1), dx.size(2)};
+  if (runs_direct(x_size, weight.sizes(), g.size(1), g.size(2), geo)) {
+    at::Tensor dx_nchw = dx.permute({0, 3, 1, 2});
+    direct_grad_input(g, weight, scale, geo, dx_nchw, /*accumulate=*/true);
+    return;
+  }
+  const at::Tensor gs = scale.defined() ? g * scale : g;
+  const at::Tensor w_taps = kept_tap_matrices(weight, g.scalar_type());
+  for (const LiveTap& t : live_taps(weight.size(2), weight.size(3), dx.size(1), dx.size(2), g.size(1), g.size(2), geo))
+    accumulate_gemm(input_rect(dx, t, geo), gather_rect(output_rect(gs, t)), w_taps[t.kh][t.kw]);
+}
+
+at::Tensor grad_weight_taps(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,
+                            const ConvGeometry& geo) {
+  const std::vector<int64_t> x_size = {xh.size(0), xh.size(3), xh.size(1), xh.size(2)};
+  if (runs_direct(x_size, {g.size(3), xh.size(3), kernel_h, kernel_w}, g.size(1), g.size(2), geo))
+    return direct_grad_weight(xh, g, kernel_h, kernel_w, geo);
+  at::Tensor dw = at::zeros({kernel_h, kernel_w, g.size(3), xh.size(3)}, xh.options());
+  for (const LiveTap& t : live_taps(kernel_h, kernel_w, xh.size(1), xh.size(2), g.size(1), g.size(2), geo)) {
+    at::Tensor dw_tap = dw[t.kh][t.kw];  // [Cout, Cin] = g^T @ x over the live rectangle
+    at::mm_out(dw_tap, gather_rect(output_rect(g, t)).t(), gather_rect(input_rect(xh, t, geo)));
+  }
+  return dw;
+}
+
+}  // namespace fastaspp
