@@ -7,6 +7,8 @@ import torch
 
 import fastaspp
 
+from test_aspp import randomized
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
 GPU_BACKENDS = ("triton", "cuda")
@@ -14,13 +16,7 @@ GPU_BACKENDS = ("triton", "cuda")
 
 def _model():
     torch.manual_seed(0)
-    model = fastaspp.models.deeplabv3_mobilenet_v3_large(num_classes=5, fused=True)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    model = randomized(fastaspp.models.deeplabv3_mobilenet_v3_large(num_classes=5, fused=True))
     return model.cuda().to(memory_format=torch.channels_last)
 
 

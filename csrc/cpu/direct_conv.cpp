@@ -269,30 +269,19 @@ FASTASPP_DIRECT_ENTRIES(double, 8)
 FASTASPP_DIRECT_ENTRIES(double, 16)
 #undef FASTASPP_DIRECT_ENTRIES
 
-void forward_pixels(const ForwardArgs<float>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 8 ? forward_pixels_float_8(a, p0, p1)
-             : block == 16 ? forward_pixels_float_16(a, p0, p1) : forward_pixels_float_32(a, p0, p1);
-}
-void forward_pixels(const ForwardArgs<double>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 4 ? forward_pixels_double_4(a, p0, p1)
-             : block == 8 ? forward_pixels_double_8(a, p0, p1) : forward_pixels_double_16(a, p0, p1);
-}
-void grad_input_pixels(const GradInputArgs<float>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 8 ? grad_input_pixels_float_8(a, p0, p1)
-             : block == 16 ? grad_input_pixels_float_16(a, p0, p1) : grad_input_pixels_float_32(a, p0, p1);
-}
-void grad_input_pixels(const GradInputArgs<double>& a, int64_t block, int64_t p0, int64_t p1) {
-  block == 4 ? grad_input_pixels_double_4(a, p0, p1)
-             : block == 8 ? grad_input_pixels_double_8(a, p0, p1) : grad_input_pixels_double_16(a, p0, p1);
-}
-void grad_weight_rows(const GradWeightArgs<float>& a, int64_t block, int64_t r0, int64_t r1) {
-  block == 8 ? grad_weight_rows_float_8(a, r0, r1)
-             : block == 16 ? grad_weight_rows_float_16(a, r0, r1) : grad_weight_rows_float_32(a, r0, r1);
-}
-void grad_weight_rows(const GradWeightArgs<double>& a, int64_t block, int64_t r0, int64_t r1) {
-  block == 4 ? grad_weight_rows_double_4(a, r0, r1)
-             : block == 8 ? grad_weight_rows_double_8(a, r0, r1) : grad_weight_rows_double_16(a, r0, r1);
-}
+// name(args, block, i0, i1): the entry for a block size (block_for), per compute dtype.
+#define FASTASPP_BY_BLOCK(name, Args)                                                                         \
+  void name(const Args<float>& a, int64_t block, int64_t i0, int64_t i1) {                                    \
+    block == 8 ? name##_float_8(a, i0, i1) : block == 16 ? name##_float_16(a, i0, i1) : name##_float_32(a, i0, i1); \
+  }                                                                                                           \
+  void name(const Args<double>& a, int64_t block, int64_t i0, int64_t i1) {                                   \
+    block == 4 ? name##_double_4(a, i0, i1) : block == 8 ? name##_double_8(a, i0, i1) : name##_double_16(a, i0, i1); \
+  }
+
+FASTASPP_BY_BLOCK(forward_pixels, ForwardArgs)
+FASTASPP_BY_BLOCK(grad_input_pixels, GradInputArgs)
+FASTASPP_BY_BLOCK(grad_weight_rows, GradWeightArgs)
+#undef FASTASPP_BY_BLOCK
 
 void strides_of(const at::Tensor& t, int64_t* out) {
   for (int i = 0; i < 4; ++i) out[i] = t.stride(i);

@@ -7,7 +7,7 @@ the input taking a gradient, no optimizer step: the same on both sides):
   * op: fastaspp.ops.atrous_conv2d(x, W, scale=, shift=, relu=True) against conv2d → affine → relu;
   * convbnrelu: fastaspp.nn.ConvBNReLU against nn.Sequential(Conv2d, BatchNorm2d, ReLU);
   * aspp: fastaspp.nn.ASPP against the plain ASPP module (torchvision's layout);
-  * the three models, fused=True against fused=False, at small inputs.
+  * the three models, fused=True against fused=False, at 33x33, 65x65 and 129x129.
 A sample times `calls` back-to-back calls (so that the clock's resolution and the loop do not
 count) and reports the time of one; eager and fused are interleaved in rounds.
 """
@@ -49,7 +49,7 @@ class TinyConv:
 
 TINY_CONV = TinyConv()
 TINY_ASPP = AsppShape("16x5x5-(6,12,18)-16", 16, 5, (6, 12, 18), 16)
-MODEL_SIZES = (33, 65)
+MODEL_SIZES = (33, 65, 129)
 
 
 def _batch(mode: str) -> int:
