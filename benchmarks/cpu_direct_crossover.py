@@ -1,10 +1,11 @@
 """Where the cpu backend's direct loops stop paying: the threshold of csrc/cpu/direct_conv.h.
 
 For a sweep of 3x3 conv + BN + ReLU shapes (eval, batch 1, channels_last, fp32) it times, in one
-run and interleaved: eager PyTorch (oneDNN conv, then BN and ReLU), the fused op forced onto the
-direct loops, and the fused op forced onto the live-tap GEMMs (FASTASPP_CPU_DIRECT_MAX_MACS set
-per call), and reports each shape's live multiply-adds. The crossover is the smallest MACs from
-which the GEMMs beat the loops on every larger shape; the default threshold should sit there.
+run and interleaved: eager PyTorch (oneDNN conv, then BN and ReLU), and the fused op forced onto
+each of the cpu backend's forward paths (FASTASPP_CPU_DIRECT_MAX_MACS and FASTASPP_CPU_ONEDNN set
+per call): the direct loops, the live-tap GEMMs, and oneDNN's conv with the fused epilogue; and
+reports each shape's live multiply-adds. The crossover is the smallest MACs from which the GEMMs
+beat the loops on every larger shape; the default threshold should sit there.
 
     python benchmarks/cpu_direct_crossover.py [--threads 2] [--out benchmarks/results]
 """
@@ -25,14 +26,15 @@ SIZES = (5, 9, 17, 33)
 RATES = (1, 2, 6)
 
 
-def forced(limit: str, fn):
-    """fn with FASTASPP_CPU_DIRECT_MAX_MACS set to limit for the call (read per call by the C++ rule)."""
+def forced(limit: str, onednn: str, fn):
+    """fn with FASTASPP_CPU_DIRECT_MAX_MACS and FASTASPP_CPU_ONEDNN set for the call (the C++ rule
+    reads them per call)."""
     def call():
-        os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"] = limit
+        os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"], os.environ["FASTASPP_CPU_ONEDNN"] = limit, onednn
         try:
             return fn()
         finally:
-            del os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"]
+            del os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"], os.environ["FASTASPP_CPU_ONEDNN"]
     return call
 
 
@@ -47,12 +49,13 @@ def measure(c: int, size: int, rate: int, reps: int, calls: int) -> dict:
     x = torch.randn(1, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
     live, _ = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))
     loop = lambda fn: (lambda: [fn() for _ in range(calls)])  # noqa: E731
-    fns = [loop(lambda: eager(x)), loop(forced(str(10**15), lambda: fused(x))), loop(forced("-1", lambda: fused(x)))]
+    fns = [loop(lambda: eager(x)), loop(forced(str(10**15), "0", lambda: fused(x))),
+           loop(forced("-1", "0", lambda: fused(x))), loop(forced("-1", "1", lambda: fused(x)))]
     with torch.no_grad():
-        eager_t, direct_t, gemm_t = alternate(fns, torch.device("cpu"), warmup=1, reps=reps, rounds=3)
+        eager_t, direct_t, gemm_t, onednn_t = alternate(fns, torch.device("cpu"), warmup=1, reps=reps, rounds=3)
     per = lambda t: t.median_ms / calls  # noqa: E731
     return dict(channels=c, size=size, rate=rate, macs=live * c * c, eager_ms=per(eager_t), direct_ms=per(direct_t),
-                gemm_ms=per(gemm_t))
+                gemm_ms=per(gemm_t), onednn_ms=per(onednn_t))
 
 
 def crossover(rows) -> int:
@@ -82,7 +85,8 @@ def main() -> None:
                 row = measure(c, size, rate, args.reps, calls=max(1, min(200, 2_000_000 // max(macs, 1))))
                 rows.append(row)
                 print(f"c{c:4d} {size:3d}x{size:<3d} r{rate:<2d} {row['macs']:>11,d} MACs: eager {row['eager_ms']:.4f}"
-                      f" direct {row['direct_ms']:.4f} gemm {row['gemm_ms']:.4f} ms", flush=True)
+                      f" direct {row['direct_ms']:.4f} gemm {row['gemm_ms']:.4f} onednn {row['onednn_ms']:.4f} ms",
+                      flush=True)
     point = crossover(rows)
     print(f"crossover: the GEMMs win from {point:,d} MACs on (default threshold: "
           f"{fastaspp._ext._C.CPU_DIRECT_MAX_MACS:,d})")

@@ -52,10 +52,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-# The cpu backend runs twice: "cpu" with its own choice of path (the small test shapes mostly run
-# its direct loops) and "cpu-gemm", every call forced onto the live-tap GEMMs
-# (FASTASPP_CPU_DIRECT_MAX_MACS=-1). Either yields the backend name "cpu".
-BACKEND_PARAMS = ("cpu", "cpu-gemm") + tuple(b for b in fastaspp.BACKENDS if b != "cpu")
+# The cpu backend runs three times: "cpu" with its own choice of path (the small test shapes mostly
+# run its direct loops), "cpu-gemm" with every call forced onto the live-tap GEMMs
+# (FASTASPP_CPU_DIRECT_MAX_MACS=-1, FASTASPP_CPU_ONEDNN=0), and "cpu-onednn" with every fp32
+# forward on oneDNN plus the fused epilogue (FASTASPP_CPU_ONEDNN=1; other dtypes and the gradients
+# take the GEMMs). Each yields the backend name "cpu".
+CPU_PATHS = {"gemm": {"FASTASPP_CPU_DIRECT_MAX_MACS": "-1", "FASTASPP_CPU_ONEDNN": "0"},
+             "onednn": {"FASTASPP_CPU_DIRECT_MAX_MACS": "-1", "FASTASPP_CPU_ONEDNN": "1"}}
+BACKEND_PARAMS = ("cpu", "cpu-gemm", "cpu-onednn") + tuple(b for b in fastaspp.BACKENDS if b != "cpu")
 
 
 @pytest.fixture(params=BACKEND_PARAMS)
@@ -65,7 +69,7 @@ def backend(request, monkeypatch):
     reason = fastaspp._backend.unavailable_reason(name)
     if reason is not None:
         pytest.skip(f"backend {name} unavailable: {reason}")
-    if path == "gemm":
-        monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
+    for variable, value in CPU_PATHS.get(path, {}).items():
+        monkeypatch.setenv(variable, value)
     with fastaspp.backend(name):
         yield name

@@ -16,6 +16,7 @@ from fastaspp import reference
 from fastaspp.geometry import live_tap_pixels
 
 from test_aspp import ASPP_CASES, make_pair as aspp_pair, make_x, randomized
+from conftest import CPU_PATHS
 from test_nn import _pair as convbnrelu_pair
 
 
@@ -41,11 +42,12 @@ def _conv_weight(module):
     return module[0].weight if isinstance(module, torch.nn.Sequential) else module.convs[1][0].weight
 
 
-@pytest.fixture(params=["direct", "gemm"])
+@pytest.fixture(params=["direct", "gemm", "onednn"])
 def cpu_path(request, monkeypatch):
-    """The cpu backend's small-problem loops (these shapes' own choice) and its live-tap GEMMs."""
-    if request.param == "gemm":
-        monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
+    """The cpu backend's small-problem loops (these shapes' own choice), its live-tap GEMMs, and
+    oneDNN's conv with the fused epilogue (fp32 forwards)."""
+    for variable, value in CPU_PATHS.get(request.param, {}).items():
+        monkeypatch.setenv(variable, value)
     return request.param
 
 
@@ -137,8 +139,9 @@ def _macs(n, c_in, c_out, size, rate):
 
 def test_the_cpu_path_follows_the_documented_rule(monkeypatch):
     """A conv runs the direct loops when its live multiply-adds are at most
-    FASTASPP_CPU_DIRECT_MAX_MACS, the live-tap GEMMs otherwise: the two round differently, so the
-    result's bits tell which ran."""
+    FASTASPP_CPU_DIRECT_MAX_MACS, the live-tap GEMMs otherwise (oneDNN switched off here): the two
+    round differently, so the result's bits tell which ran."""
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "0")
     gen = torch.Generator().manual_seed(0)
     n, c_in, c_out, size, rate = 1, 32, 24, 9, 2
     x = torch.randn(n, c_in, size, size, generator=gen)
@@ -158,3 +161,27 @@ def test_the_cpu_path_follows_the_documented_rule(monkeypatch):
     monkeypatch.delenv("FASTASPP_CPU_DIRECT_MAX_MACS")
     assert macs <= fastaspp._ext._C.CPU_DIRECT_MAX_MACS
     assert torch.equal(conv(), direct)  # the default threshold (kDirectMaxMacs)
+
+
+@pytest.mark.parametrize("rate,onednn", [(2, True), (6, False)])
+def test_large_fp32_forwards_take_onednn_unless_most_taps_are_dead(monkeypatch, rate, onednn):
+    """Above the direct loops' range an fp32 forward runs oneDNN's conv with the fused epilogue when
+    more than half of its (pixel, tap) pairs are live (kOnednnMinLiveShare), the live-tap GEMMs
+    otherwise; the result's bits tell which ran, and both match the reference."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 9, 9, generator=gen)
+    w, scale, shift = torch.randn(8, 16, 3, 3, generator=gen), torch.rand(8, generator=gen), torch.randn(8, generator=gen)
+    live, dense = live_tap_pixels((9, 9), (3, 3), (1, 1), (rate, rate), (rate, rate))
+    assert (live > 0.5 * dense) == onednn
+    conv = lambda: fastaspp.ops.atrous_conv2d(x, w, padding=rate, dilation=rate, scale=scale, shift=shift,  # noqa: E731
+                                              relu=True)
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
+    by_path = {}
+    for choice in ("0", "1"):
+        monkeypatch.setenv("FASTASPP_CPU_ONEDNN", choice)
+        by_path[choice] = conv()
+        reference_out = reference.atrous_conv2d(x, w, padding=rate, dilation=rate, scale=scale, shift=shift, relu=True)
+        torch.testing.assert_close(by_path[choice], reference_out, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(by_path["0"], by_path["1"])
+    monkeypatch.delenv("FASTASPP_CPU_ONEDNN")
+    assert torch.equal(conv(), by_path["1" if onednn else "0"])

@@ -36,16 +36,28 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
               x.size(1));
   const ConvGeometry g = make_geometry(stride, padding, dilation);
   const auto [out_h, out_w] = out_hw(x.sizes(), weight.sizes(), g);
-  at::Tensor y = at::empty({x.size(0), weight.size(0), out_h, out_w},
-                           x.options().memory_format(x.suggest_memory_format()));
-  if (y.numel() == 0) return y;
+  const auto options = x.options().memory_format(x.suggest_memory_format());
+  if (x.size(0) * weight.size(0) == 0) return at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
   const Affine affine = fold_affine(bias, scale, shift, compute_dtype(x.scalar_type()));
-  if (runs_direct(x.sizes(), weight.sizes(), out_h, out_w, g)) {
-    direct_forward(x, weight, affine.alpha, affine.beta, relu, g, y);
-  } else {
-    const auto [alpha, beta] = dense_affine(affine, weight.size(0), x.options().dtype(compute_dtype(x.scalar_type())));
-    bn_relu_epilogue(gemm_forward(x, weight, g, out_h, out_w), alpha, beta, relu, y);
+  const ForwardPath path = forward_path(x, weight, out_h, out_w, g);
+  at::Tensor y;
+  if (path != ForwardPath::kOnednn) y = at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
+  switch (path) {
+    case ForwardPath::kDirect:
+      direct_forward(x, weight, affine.alpha, affine.beta, relu, g, y);
+      return y;
+    case ForwardPath::kOnednn: {
+      // oneDNN's conv (its output takes x's layout), then the fused epilogue in place: one pass.
+      at::Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1)
+                         .contiguous(x.suggest_memory_format());
+      affine_relu_inplace(z, affine.alpha, affine.beta, relu);
+      return z;
+    }
+    case ForwardPath::kTapGemm:
+      break;
   }
+  const auto [alpha, beta] = dense_affine(affine, weight.size(0), x.options().dtype(compute_dtype(x.scalar_type())));
+  bn_relu_epilogue(gemm_forward(x, weight, g, out_h, out_w), alpha, beta, relu, y);
   return y;
 }
 

@@ -1,6 +1,10 @@
 // The cpu backend's two paths for one conv (see conv_paths.h).
 #include "conv_paths.h"
 
+#include <cstdlib>
+#include <string>
+
+#include "../common/tap_geometry.h"
 #include "direct_conv.h"
 #include "kept.h"
 
@@ -13,6 +17,22 @@ at::Tensor kept_tap_matrices(const at::Tensor& weight, at::ScalarType dtype) {
 bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
                  const ConvGeometry& geo) {
   return use_direct(live_macs(x_size, weight_size, out_h, out_w, geo));
+}
+
+ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
+                         const ConvGeometry& geo) {
+  if (runs_direct(x.sizes(), weight.sizes(), out_h, out_w, geo)) return ForwardPath::kDirect;
+  if (x.scalar_type() != at::kFloat) return ForwardPath::kTapGemm;
+  const char* choice = std::getenv("FASTASPP_CPU_ONEDNN");
+  if (choice != nullptr && std::string(choice) == "0") return ForwardPath::kTapGemm;
+  if (choice != nullptr && std::string(choice) == "1") return ForwardPath::kOnednn;
+  int64_t live[2] = {0, 0};
+  const int64_t in[2] = {x.size(2), x.size(3)}, out[2] = {out_h, out_w};
+  for (int axis = 0; axis < 2; ++axis)
+    for (int64_t k = 0; k < weight.size(2 + axis); ++k)
+      live[axis] += tap_live_range(k, in[axis], out[axis], geo.stride[axis], geo.padding[axis], geo.dilation[axis]).size();
+  const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
+  return live[0] * live[1] > kOnednnMinLiveShare * dense ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
 }
 
 at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g, int64_t out_h,

@@ -1,7 +1,9 @@
-// One conv's forward, input gradient and weight gradient on the cpu backend, each by one of two
-// paths chosen per call by the rule in direct_conv.h: the direct loops for small problems, one GEMM
-// per live tap (tap_gemm.h) otherwise. The single-conv ops (atrous_conv.cpp) and the ASPP's
-// branches (aspp.cpp) both run their convs through here.
+// One conv's forward, input gradient and weight gradient on the cpu backend, each by a path chosen
+// per call: the direct loops for small problems (the rule in direct_conv.h), one GEMM per live tap
+// (tap_gemm.h) otherwise. A single conv's fp32 forward above the direct loops' range runs oneDNN's
+// convolution with fastaspp's epilogue applied in place instead, unless most of its taps are dead
+// (forward_path below). The single-conv ops (atrous_conv.cpp) and the ASPP's branches (aspp.cpp)
+// both run their convs through here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,9 +30,22 @@ void add_grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Ten
 at::Tensor grad_weight_taps(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,
                             const ConvGeometry& geo);
 
-// The live multiply-adds of a conv of x [N, Cin, H, W] by weight [Cout, Cin, KH, KW] to Ho x Wo,
-// and whether the rule sends it to the direct loops.
+// Whether the rule of direct_conv.h sends a conv of x [N, Cin, H, W] by weight [Cout, Cin, KH, KW]
+// to Ho x Wo to the direct loops.
 bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
                  const ConvGeometry& geo);
+
+// The path of a single conv's forward. Above the direct loops' range, oneDNN (at::convolution, with
+// FMA) outruns one GEMM per live tap on this project's CPUs, 1.1-1.3x at 10M-600M multiply-adds,
+// dead taps or not (oneDNN skips them too), except on 2048-channel ASPP-sized convs at rates that
+// leave fewer than half of the (pixel, tap) pairs live, where the GEMMs were ahead by 3-9%
+// (benchmarks/results/cpu-direct-crossover-*, all-cpu-float32-20261127T105902Z). So: fp32 with more
+// than kOnednnMinLiveShare of its pairs live runs oneDNN. FASTASPP_CPU_ONEDNN=0 never uses oneDNN, =1
+// for every fp32 forward above the direct loops' range. Half types and fp64 keep the GEMMs (oneDNN
+// would round half outputs before the epilogue; fp64 dilated convs are not oneDNN's).
+enum class ForwardPath { kDirect, kOnednn, kTapGemm };
+constexpr double kOnednnMinLiveShare = 0.5;
+ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
+                         const ConvGeometry& geo);
 
 }  // namespace fastaspp

@@ -4,10 +4,11 @@
 // where the live-tap GEMM path (tap_gemm.h) pays a BLAS call and several tensor views per tap.
 //
 // The rule: a call runs direct when its live multiply-adds (N * live (pixel, tap) pairs * Cin *
-// Cout) are at most FASTASPP_CPU_DIRECT_MAX_MACS (default kDirectMaxMacs: where the GEMMs start to
-// win on this project's 2-core CPUs, 10-11 million in benchmarks/results/cpu-direct-crossover-*).
-// The loops multiply and add without FMA (every clone rounds alike), so above a few million
-// multiply-adds oneDNN's FMA kernels outrun them; below, the GEMM path's per-tap calls cost more.
+// Cout) are at most FASTASPP_CPU_DIRECT_MAX_MACS (default kDirectMaxMacs: where oneDNN's conv with
+// the fused epilogue starts to win for fp32 on this project's 2-core CPUs, about 8 million, and the
+// live-tap GEMMs at 10-11 million; benchmarks/results/cpu-direct-crossover-*). The loops multiply
+// and add without FMA (every clone rounds alike), so above that oneDNN's FMA kernels outrun them;
+// below, the other paths' fixed costs (per-tap calls, oneDNN's setup) weigh more.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,7 +18,7 @@
 namespace fastaspp {
 
 // The default threshold of the rule above, in multiply-adds.
-constexpr int64_t kDirectMaxMacs = 10000000;
+constexpr int64_t kDirectMaxMacs = 8000000;
 
 // Multiply-adds over live taps of a conv of x [N, Cin, H, W] with a [Cout, Cin, KH, KW] weight.
 int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,

@@ -359,6 +359,33 @@ void bn_relu_epilogue(const at::Tensor& acc, const at::Tensor& scale, const at::
   });
 }
 
+void affine_relu_inplace(at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta, bool relu) {
+  if (!alpha.defined() && !beta.defined() && !relu) return;
+  const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(nhwc || y.is_contiguous(), "fastaspp: affine_relu_inplace wants a dense NCHW or NHWC tensor");
+  const int64_t channels = y.size(1), plane = y.size(2) * y.size(3);
+  // Rows of one channel each (NCHW: a (n, c) plane) or of every channel (NHWC: a pixel).
+  const int64_t rows = nhwc ? y.size(0) * plane : y.size(0) * channels, row = nhwc ? channels : plane;
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "affine_relu_inplace", [&] {
+    scalar_t* p = y.data_ptr<scalar_t>();
+    const scalar_t* a = alpha.defined() ? alpha.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b = beta.defined() ? beta.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row)), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* v = p + r * row;
+        for (int64_t i = 0; i < row; ++i) {
+          const int64_t c = nhwc ? i : r % channels;
+          scalar_t out = v[i];
+          if (a != nullptr) out *= a[c];
+          if (b != nullptr) out += b[c];
+          if (relu && out < scalar_t(0)) out = scalar_t(0);  // not !(out > 0): NaN stays NaN, as in torch.relu
+          v[i] = out;
+        }
+      }
+    });
+  });
+}
+
 // Statistics in fixed blocks of pixels: each block's mean and centred sum of squares (two
 // passes over the block while it is in cache, so no E[x^2] - E[x]^2 cancellation), then the
 // blocks merged in order with Chan's formula. Blocks do not depend on the thread count, so

@@ -61,6 +61,10 @@ void forward_image(const at::Tensor& xh, const at::Tensor& w_taps, const ConvGeo
 void bn_relu_epilogue(const at::Tensor& acc, const at::Tensor& scale, const at::Tensor& shift, bool relu,
                       at::Tensor& y);
 
+// y = act(y * alpha + beta) per channel, in place: y [N, C, H, W] fp32/fp64, contiguous or
+// channels_last; alpha, beta: [C] in y's dtype, or undefined for ones / zeros.
+void affine_relu_inplace(at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta, bool relu);
+
 // Per-channel mean and biased variance of acc_2d ([P, C] contiguous, fp32 or fp64; P > 0), in
 // its dtype: the batch-norm training statistics. Deterministic whatever the thread count.
 std::pair<at::Tensor, at::Tensor> channel_stats(const at::Tensor& acc_2d);
