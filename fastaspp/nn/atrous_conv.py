@@ -59,6 +59,14 @@ def fold_bn(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
+def _member(module: nn.Module, table: str, name: str) -> Optional[Tensor]:
+    """module.<name> read from its parameter or buffer dict: nn.Module.__getattr__ costs a few
+    tenths of a µs a read, which a small call pays six times (a parametrized weight, which lives
+    elsewhere, falls back to getattr)."""
+    members = module.__dict__[table]
+    return members[name] if name in members else getattr(module, name)
+
+
 def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool = True,
                 cache: Optional[FoldCache] = None) -> Tensor:
     """act(bn(conv(x))) with the conv on fastaspp's op: the one conv + BN (+ ReLU) block that
@@ -75,18 +83,19 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool = Tru
         if cache is None:
             cache = bn.__dict__["_fastaspp_fold"] = FoldCache()
     padding = _explicit_padding(conv)
-    if bn.training or bn.running_mean is None:
+    weight, bias = _member(conv, "_parameters", "weight"), _member(conv, "_parameters", "bias")
+    running_mean = _member(bn, "_buffers", "running_mean")
+    if bn.training or running_mean is None:
         cache.clear()
-        y = bn(atrous_conv2d(x, conv.weight, conv.bias, conv.stride, padding, conv.dilation))
+        y = bn(atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation))
         return F.relu(y) if relu else y
-    sources = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    sources = [weight, bias, _member(bn, "_parameters", "weight"), _member(bn, "_parameters", "bias"), running_mean,
+               _member(bn, "_buffers", "running_var")]
     if torch.compiler.is_compiling() or records_autograd(sources):
-        weight, bias = conv.weight, conv.bias
         scale, shift = (t.to(x.dtype) for t in fold_bn(bn))
     else:
         weight, bias, scale, shift = cache.get(sources, (x.dtype, x.device, bn.eps), lambda: (
-            conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
-            *(t.to(x.dtype) for t in fold_bn(bn))))
+            weight.detach(), None if bias is None else bias.detach(), *(t.to(x.dtype) for t in fold_bn(bn))))
     return atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation, scale=scale, shift=shift, relu=relu)
 
 
@@ -128,4 +137,5 @@ class ConvBNReLU(nn.Sequential):
     fold = staticmethod(fold_bn)
 
     def forward(self, input: Tensor) -> Tensor:
-        return conv_bn_act(self[0], self[1], input, relu=True, cache=self._fold_cache)
+        modules = self._modules  # not self[0]: Sequential's indexing costs µs a call
+        return conv_bn_act(modules["0"], modules["1"], input, relu=True, cache=self._fold_cache)

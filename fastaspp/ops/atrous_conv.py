@@ -43,8 +43,10 @@ IntPair = Union[int, Sequence[int]]
 def _pair(value: IntPair, name: str) -> List[int]:
     if type(value) is int:
         return [value, value]
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value):
-        return list(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        first, second = value
+        if type(first) is int and type(second) is int:
+            return [first, second]
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
