@@ -197,10 +197,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const
     const at::Tensor gi = gh.narrow(3, i * ch, ch);
     if (output_mask[0] && dx_acc.numel() > 0) add_grad_input(gi, weights[i], at::Tensor(), geo, dx_acc);
     if (output_mask[1]) {
-      dweights.push_back(grad_weight_taps(xh, gi, weights[i].size(2), weights[i].size(3), geo)
-                             .permute({2, 3, 0, 1})
-                             .to(weights[i].scalar_type())
-                             .contiguous());
+      dweights.push_back(grad_weight(xh, gi, weights[i].size(2), weights[i].size(3), geo).to(weights[i].scalar_type()));
     }
   }
   at::Tensor dx;

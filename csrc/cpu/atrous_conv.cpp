@@ -99,10 +99,7 @@ at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ", x.sizes(),
               " and weight ", weight_size);
   const at::Tensor gh = to_nhwc(grad, compute_dtype(x.scalar_type()));
-  return grad_weight_taps(to_nhwc(x, gh.scalar_type()), gh, weight_size[2], weight_size[3], g)
-      .permute({2, 3, 0, 1})
-      .to(x.scalar_type())
-      .contiguous();
+  return grad_weight(to_nhwc(x, gh.scalar_type()), gh, weight_size[2], weight_size[3], g).to(x.scalar_type());
 }
 
 // The whole backward of _atrous_conv2d_forward in one call: (dx, dweight, dbias, dscale, dshift)
@@ -143,12 +140,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
     }
   }
   if (output_mask[1] || output_mask[3]) {
-    const at::Tensor taps = grad_weight_taps(to_nhwc(x, dtype), gh, weight.size(2), weight.size(3), g);
-    if (output_mask[1]) {
-      const at::Tensor scaled = has_scale ? taps * scale_acc.view({1, 1, -1, 1}) : taps;
-      dweight = scaled.permute({2, 3, 0, 1}).to(weight.scalar_type()).contiguous();
-    }
-    if (output_mask[3]) dscale = (taps * weight.to(dtype).permute({2, 3, 0, 1})).sum({0, 1, 3});
+    const at::Tensor raw = grad_weight(to_nhwc(x, dtype), gh, weight.size(2), weight.size(3), g);  // wgrad(x, g)
+    if (output_mask[1]) dweight = (has_scale ? raw * scale_acc.view({-1, 1, 1, 1}) : raw).to(weight.scalar_type());
+    if (output_mask[3]) dscale = (raw * weight.to(dtype)).sum({1, 2, 3});
   }
   if (output_mask[2] || output_mask[3] || output_mask[4]) {
     const at::Tensor sums = channel_sums(gh.view({-1, gh.size(3)}));

@@ -59,8 +59,8 @@ void add_grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Ten
     accumulate_gemm(input_rect(dx, t, geo), gather_rect(output_rect(gs, t)), w_taps[t.kh][t.kw]);
 }
 
-at::Tensor grad_weight_taps(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,
-                            const ConvGeometry& geo) {
+at::Tensor grad_weight(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,
+                       const ConvGeometry& geo) {
   const std::vector<int64_t> x_size = {xh.size(0), xh.size(3), xh.size(1), xh.size(2)};
   if (runs_direct(x_size, {g.size(3), xh.size(3), kernel_h, kernel_w}, g.size(1), g.size(2), geo))
     return direct_grad_weight(xh, g, kernel_h, kernel_w, geo);
@@ -69,7 +69,7 @@ at::Tensor grad_weight_taps(const at::Tensor& xh, const at::Tensor& g, int64_t k
     at::Tensor dw_tap = dw[t.kh][t.kw];  // [Cout, Cin] = g^T @ x over the live rectangle
     at::mm_out(dw_tap, gather_rect(output_rect(g, t)).t(), gather_rect(input_rect(xh, t, geo)));
   }
-  return dw;
+  return dw.permute({2, 3, 0, 1}).contiguous();
 }
 
 }  // namespace fastaspp

@@ -25,9 +25,10 @@ at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const Con
 void add_grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& scale, const ConvGeometry& geo,
                     at::Tensor& dx);
 
-// [KH, KW, Cout, Cin] in the compute dtype: the weight gradient of conv(x) against g. xh: x as
-// [N, H, W, Cin] contiguous in the compute dtype; g as for add_grad_input.
-at::Tensor grad_weight_taps(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,
+// [Cout, Cin, KH, KW] (nn.Conv2d's layout), contiguous, in the compute dtype: the weight gradient
+// of conv(x) against g. xh: x as [N, H, W, Cin] contiguous in the compute dtype; g as for
+// add_grad_input.
+at::Tensor grad_weight(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,
                             const ConvGeometry& geo);
 
 // Whether the rule of direct_conv.h sends a conv of x [N, Cin, H, W] by weight [Cout, Cin, KH, KW]

@@ -209,17 +209,16 @@ struct GradWeightArgs {
   const acc_t* x;  // [N, H, W, Cin]
   const acc_t* g;  // [N, Ho, Wo, Cout], g_pixel elements from one pixel to the next
   int64_t g_pixel;
-  acc_t* dw;       // [KH*KW, Cout, Cin]
+  acc_t* dw;       // [Cout, Cin, KH*KW] (nn.Conv2d's layout), zeroed: dead taps are not written
 };
 
-// One tap's weight gradient for B input channels from c0 (fewer at the end), summed over the tap's
-// live output rectangle in a fixed order.
+// One live tap's weight gradient for B input channels from c0 (fewer at the end), summed over the
+// tap's live output rectangle in a fixed order.
 template <typename acc_t, int B>
-FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int64_t tap, int64_t co, int64_t c0) {
+FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int64_t tap, int64_t co, int64_t c0,
+                                            const LiveRange& rows, const LiveRange& cols) {
   const Shape& s = a.s;
-  const int64_t cin = s.cin, cout = s.cout, kh = tap / s.kw, kw = tap - kh * s.kw;
-  const LiveRange rows = tap_live_range(kh, s.h, s.ho, s.g.stride[0], s.g.padding[0], s.g.dilation[0]);
-  const LiveRange cols = tap_live_range(kw, s.w, s.wo, s.g.stride[1], s.g.padding[1], s.g.dilation[1]);
+  const int64_t cin = s.cin, taps = s.kh * s.kw, kh = tap / s.kw, kw = tap - kh * s.kw;
   const int64_t valid = std::min<int64_t>(B, cin - c0);
   Block<acc_t, B> sum;
   sum.zero();
@@ -239,8 +238,23 @@ FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int6
       }
     }
   if (valid == B) sum.store(acc);
-  acc_t* row = a.dw + (tap * cout + co) * cin + c0;
-  for (int64_t j = 0; j < valid; ++j) row[j] = acc[j];
+  acc_t* out = a.dw + (co * cin + c0) * taps + tap;  // straight into nn.Conv2d's layout
+  for (int64_t j = 0; j < valid; ++j) out[j * taps] = acc[j];
+}
+
+// Rows r0 .. r1 of the weight gradient, r = co * taps + tap (one output channel's taps together, so
+// its strided stores stay in cache); dead taps are skipped (their zeros are already there).
+template <typename acc_t, int B>
+FASTASPP_INLINE void grad_weight_rows_impl(const GradWeightArgs<acc_t>& a, int64_t r0, int64_t r1) {
+  const Shape& s = a.s;
+  const int64_t taps = s.kh * s.kw, blocks = ceil_div(s.cin, B);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t co = r / taps, tap = r - co * taps, kh = tap / s.kw, kw = tap - kh * s.kw;
+    const LiveRange rows = tap_live_range(kh, s.h, s.ho, s.g.stride[0], s.g.padding[0], s.g.dilation[0]);
+    const LiveRange cols = tap_live_range(kw, s.w, s.wo, s.g.stride[1], s.g.padding[1], s.g.dilation[1]);
+    if (rows.empty() || cols.empty()) continue;
+    for (int64_t b = 0; b < blocks; ++b) grad_weight_block_impl<acc_t, B>(a, tap, co, b * B, rows, cols);
+  }
 }
 
 // The vector-cloned entry points (simd.h): one per compute dtype and block.
@@ -254,11 +268,7 @@ FASTASPP_INLINE void grad_weight_block_impl(const GradWeightArgs<acc_t>& a, int6
   }                                                                                                            \
   FASTASPP_AVX2_CLONES void grad_weight_rows_##acc_t##_##B(const GradWeightArgs<acc_t>& a, int64_t r0,         \
                                                           int64_t r1) {                                        \
-    const int64_t blocks = ceil_div(a.s.cin, B);                                                               \
-    for (int64_t r = r0; r < r1; ++r) {                                                                        \
-      const int64_t tap = r / a.s.cout, co = r - tap * a.s.cout;                                               \
-      for (int64_t b = 0; b < blocks; ++b) grad_weight_block_impl<acc_t, B>(a, tap, co, b * B);                \
-    }                                                                                                          \
+    grad_weight_rows_impl<acc_t, B>(a, r0, r1);                                                                \
   }
 
 FASTASPP_DIRECT_ENTRIES(float, 8)
@@ -367,8 +377,8 @@ void direct_grad_input(const at::Tensor& gm, const at::Tensor& weight, const at:
 at::Tensor direct_grad_weight(const at::Tensor& xh, const at::Tensor& gm, int64_t kernel_h, int64_t kernel_w,
                               const ConvGeometry& g) {
   const Shape s{xh.size(3), xh.size(1), xh.size(2), gm.size(3), kernel_h, kernel_w, gm.size(1), gm.size(2), g};
-  at::Tensor dw = at::empty({kernel_h, kernel_w, s.cout, s.cin}, xh.options());
-  const int64_t rows = kernel_h * kernel_w * s.cout;  // one (tap, output channel) row of dw each
+  at::Tensor dw = at::zeros({s.cout, s.cin, kernel_h, kernel_w}, xh.options());
+  const int64_t rows = kernel_h * kernel_w * s.cout;  // one (output channel, tap) row of dw each
   const int64_t per_row = xh.size(0) * s.ho * s.wo * s.cin;  // at most: a live tap's rectangle
   AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "direct_grad_weight", [&] {
     GradWeightArgs<scalar_t> a{s, xh.size(0), xh.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), pixel_stride(gm),

@@ -40,8 +40,9 @@ void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 void direct_grad_input(const at::Tensor& gm, const at::Tensor& weight, const at::Tensor& scale,
                        const ConvGeometry& g, at::Tensor& dx, bool accumulate = false);
 
-// The weight gradient sum over pixels of g * x per tap, as [KH, KW, Cout, Cin] in the compute
-// dtype. xh: x as [N, H, W, Cin], contiguous, compute dtype; gm as for direct_grad_input.
+// The weight gradient, the sum over pixels of g * x per tap, as [Cout, Cin, KH, KW] (nn.Conv2d's
+// layout) in the compute dtype. xh: x as [N, H, W, Cin], contiguous, compute dtype; gm as for
+// direct_grad_input.
 at::Tensor direct_grad_weight(const at::Tensor& xh, const at::Tensor& gm, int64_t kernel_h, int64_t kernel_w,
                               const ConvGeometry& g);
 
