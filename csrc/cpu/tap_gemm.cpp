@@ -9,6 +9,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "simd.h"
+
 namespace fastaspp {
 
 ConvGeometry make_geometry(at::IntArrayRef stride, at::IntArrayRef padding,
@@ -359,6 +361,29 @@ void bn_relu_epilogue(const at::Tensor& acc, const at::Tensor& scale, const at::
   });
 }
 
+namespace {
+
+// One row of affine_relu_inplace, v = act(v * a + b): a and b per element (an NHWC pixel) or one
+// pair for the row (an NCHW plane). Branch-free loops, so that they vectorise.
+template <typename scalar_t, bool kRelu>
+FASTASPP_INLINE scalar_t affine_act(scalar_t v, scalar_t a, scalar_t b) {
+  const scalar_t out = v * a + b;
+  return kRelu && out < scalar_t(0) ? scalar_t(0) : out;  // not !(out > 0): NaN stays NaN, as torch.relu
+}
+
+template <typename scalar_t, bool kRelu>
+void affine_pixel(scalar_t* __restrict__ v, const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                  int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = affine_act<scalar_t, kRelu>(v[i], a[i], b[i]);
+}
+
+template <typename scalar_t, bool kRelu>
+void affine_plane(scalar_t* __restrict__ v, scalar_t a, scalar_t b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = affine_act<scalar_t, kRelu>(v[i], a, b);
+}
+
+}  // namespace
+
 void affine_relu_inplace(at::Tensor& y, const at::Tensor& alpha, const at::Tensor& beta, bool relu) {
   if (!alpha.defined() && !beta.defined() && !relu) return;
   const bool nhwc = y.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -366,20 +391,21 @@ void affine_relu_inplace(at::Tensor& y, const at::Tensor& alpha, const at::Tenso
   const int64_t channels = y.size(1), plane = y.size(2) * y.size(3);
   // Rows of one channel each (NCHW: a (n, c) plane) or of every channel (NHWC: a pixel).
   const int64_t rows = nhwc ? y.size(0) * plane : y.size(0) * channels, row = nhwc ? channels : plane;
+  // Missing factors as ones and zeros, so that every row runs the same branch-free loop.
+  const at::Tensor a = alpha.defined() ? alpha : at::ones({channels}, y.options());
+  const at::Tensor b = beta.defined() ? beta : at::zeros({channels}, y.options());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "affine_relu_inplace", [&] {
     scalar_t* p = y.data_ptr<scalar_t>();
-    const scalar_t* a = alpha.defined() ? alpha.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b = beta.defined() ? beta.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row)), [&](int64_t begin, int64_t end) {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, row)), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* v = p + r * row;
-        for (int64_t i = 0; i < row; ++i) {
-          const int64_t c = nhwc ? i : r % channels;
-          scalar_t out = v[i];
-          if (a != nullptr) out *= a[c];
-          if (b != nullptr) out += b[c];
-          if (relu && out < scalar_t(0)) out = scalar_t(0);  // not !(out > 0): NaN stays NaN, as in torch.relu
-          v[i] = out;
+        if (nhwc) {
+          relu ? affine_pixel<scalar_t, true>(v, ap, bp, row) : affine_pixel<scalar_t, false>(v, ap, bp, row);
+        } else {
+          const int64_t c = r % channels;
+          relu ? affine_plane<scalar_t, true>(v, ap[c], bp[c], row) : affine_plane<scalar_t, false>(v, ap[c], bp[c], row);
         }
       }
     });
