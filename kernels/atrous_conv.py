@@ -22,8 +22,8 @@ Contract (the same semantics as the C++ backends; arguments are validated by the
         dw [Cout, Cin, KH, KW] = weight_size, contiguous.
 
 stride, padding and dilation are (h, w) tuples of ints.  y and dx come back in the memory format
-of x and grad respectively (channels_last when the tensor is channels_last-contiguous and not
-plain contiguous, torch's convention; contiguous otherwise); every kernel works on NHWC storage,
+of x and grad respectively (torch's suggest_memory_format, as the C++ kernels and the fake impls
+choose it); every kernel works on NHWC storage,
 so NCHW inputs are converted once on entry and the result once on exit.  Batch 0 (or any empty
 dimension) returns without launching.
 
@@ -70,6 +70,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._prims_common import suggest_memory_format
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Decided at import: the interpreter needs the variable set before triton is imported anyway.
@@ -528,10 +529,9 @@ def _dtype_meta(dtype):
 
 
 def _memory_format(t):
-    """torch's convention: channels_last only when it is that and not also plain contiguous."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    """The layout a result takes from t: torch's suggest_memory_format (what the C++ kernels and the
+    ops' fake impls use too, so that eager and traced strides agree on ambiguous shapes)."""
+    return suggest_memory_format(t)
 
 
 def _nhwc_empty(n, c, h, w, like):

@@ -5,7 +5,7 @@
 per output channel. Layers, each paying only for what it adds (a small call's budget is that of
 eager PyTorch's conv + affine + relu, DESIGN.md §7):
   * atrous_conv2d(): checks arguments once (errors name the argument), resolves the backend, then
-    runs the call one of three ways (_route): the backend kernel directly when no autograd is
+    runs the call one of three ways (fastaspp.ops._library.route): the backend kernel directly when no autograd is
     needed; an autograd.Function around the kernels when it is (eager training); the torch op
     under torch.compile, export, dispatch modes or tensor subclasses.
   * torch.ops.fastaspp.atrous_conv2d (+ _grad_input, _grad_weight): the torch ops, defined with
