@@ -1,12 +1,9 @@
-// CPU kernels of the "cpu" backend for fastaspp::_atrous_conv2d_*. Two paths, chosen per call by
-// the rule in direct_conv.h: small problems run the direct loops there; others one GEMM per live
-// tap (tap_gemm.h), the forward grouping taps by kernel column, the gradients gathering each live
-// tap's rectangle. The arguments were validated by the Python entry points (fastaspp/ops); the
-// checks here guard the kernels' own invariants.
+// CPU kernels of the "cpu" backend for fastaspp::_atrous_conv2d_*, each by the path conv_paths.h
+// chooses per call: the direct loops for small problems (direct_conv.h), oneDNN's conv with the
+// fused epilogue for large fp32 forwards, otherwise one GEMM per live tap (tap_gemm.h). The
+// arguments were validated by the Python entry points (fastaspp/ops); the checks here guard the
+// kernels' own invariants.
 #include <torch/library.h>
-
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include <array>
 #include <tuple>
@@ -74,15 +71,7 @@ at::Tensor atrous_conv2d_grad_input_cpu(const at::Tensor& grad, const at::Tensor
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for input ", input_size,
               " and weight ", weight.sizes());
   at::Tensor dx = at::empty(input_size, grad.options().memory_format(grad.suggest_memory_format()));
-  if (dx.numel() == 0) return dx;
-  const at::Tensor gh = to_nhwc(grad, compute_dtype(grad.scalar_type()));
-  if (runs_direct(input_size, weight.sizes(), out_h, out_w, g)) {
-    direct_grad_input(gh, weight, at::Tensor(), g, dx);  // straight into dx: nothing to add to
-  } else {
-    at::Tensor acc = at::zeros({input_size[0], input_size[2], input_size[3], input_size[1]}, gh.options());
-    add_grad_input(gh, weight, at::Tensor(), g, acc);
-    dx.copy_(acc.permute({0, 3, 1, 2}));
-  }
+  if (dx.numel() > 0) grad_input(to_nhwc(grad, compute_dtype(grad.scalar_type())), weight, at::Tensor(), g, dx);
   return dx;
 }
 
@@ -129,15 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
   at::Tensor dx, dweight, dbias, dscale, dshift;
   if (output_mask[0]) {
     dx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
-    if (dx.numel() > 0) {
-      if (runs_direct(x.sizes(), weight.sizes(), out_h, out_w, g)) {
-        direct_grad_input(gh, weight, scale_acc, g, dx);  // straight into dx: nothing to add to
-      } else {
-        at::Tensor acc = at::zeros({x.size(0), x.size(2), x.size(3), x.size(1)}, gh.options());
-        add_grad_input(gh, weight, scale_acc, g, acc);
-        dx.copy_(acc.permute({0, 3, 1, 2}));
-      }
-    }
+    grad_input(gh, weight, scale_acc, g, dx);
   }
   if (output_mask[1] || output_mask[3]) {
     const at::Tensor raw = grad_weight(to_nhwc(x, dtype), gh, weight.size(2), weight.size(3), g);  // wgrad(x, g)

@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <string>
 
-#include "../common/tap_geometry.h"
 #include "direct_conv.h"
 #include "kept.h"
 
@@ -21,18 +20,14 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo) {
-  if (runs_direct(x.sizes(), weight.sizes(), out_h, out_w, geo)) return ForwardPath::kDirect;
+  const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
+  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return ForwardPath::kDirect;
   if (x.scalar_type() != at::kFloat) return ForwardPath::kTapGemm;
   const char* choice = std::getenv("FASTASPP_CPU_ONEDNN");
   if (choice != nullptr && std::string(choice) == "0") return ForwardPath::kTapGemm;
   if (choice != nullptr && std::string(choice) == "1") return ForwardPath::kOnednn;
-  int64_t live[2] = {0, 0};
-  const int64_t in[2] = {x.size(2), x.size(3)}, out[2] = {out_h, out_w};
-  for (int axis = 0; axis < 2; ++axis)
-    for (int64_t k = 0; k < weight.size(2 + axis); ++k)
-      live[axis] += tap_live_range(k, in[axis], out[axis], geo.stride[axis], geo.padding[axis], geo.dilation[axis]).size();
   const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
-  return live[0] * live[1] > kOnednnMinLiveShare * dense ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
+  return pairs > kOnednnMinLiveShare * dense ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
 }
 
 at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g, int64_t out_h,
@@ -57,6 +52,18 @@ void add_grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Ten
   const at::Tensor w_taps = kept_tap_matrices(weight, g.scalar_type());
   for (const LiveTap& t : live_taps(weight.size(2), weight.size(3), dx.size(1), dx.size(2), g.size(1), g.size(2), geo))
     accumulate_gemm(input_rect(dx, t, geo), gather_rect(output_rect(gs, t)), w_taps[t.kh][t.kw]);
+}
+
+void grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& scale, const ConvGeometry& geo,
+                at::Tensor& dx) {
+  if (dx.numel() == 0) return;
+  if (runs_direct(dx.sizes(), weight.sizes(), g.size(1), g.size(2), geo)) {
+    direct_grad_input(g, weight, scale, geo, dx);  // straight into dx: nothing to add to
+    return;
+  }
+  at::Tensor acc = at::zeros({dx.size(0), dx.size(2), dx.size(3), dx.size(1)}, g.options());
+  add_grad_input(g, weight, scale, geo, acc);
+  dx.copy_(acc.permute({0, 3, 1, 2}));
 }
 
 at::Tensor grad_weight(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,

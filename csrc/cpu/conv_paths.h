@@ -25,6 +25,11 @@ at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const Con
 void add_grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& scale, const ConvGeometry& geo,
                     at::Tensor& dx);
 
+// dx = conv_transpose(g * scale, weight), overwriting dx ([N, Cin, H, W], any dtype and layout);
+// g and scale as for add_grad_input.
+void grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& scale, const ConvGeometry& geo,
+                at::Tensor& dx);
+
 // [Cout, Cin, KH, KW] (nn.Conv2d's layout), contiguous, in the compute dtype: the weight gradient
 // of conv(x) against g. xh: x as [N, H, W, Cin] contiguous in the compute dtype; g as for
 // add_grad_input.

@@ -313,14 +313,19 @@ int64_t pixel_stride(const at::Tensor& g) {
 
 }  // namespace
 
-int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
-                  const ConvGeometry& g) {
+int64_t live_pairs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
+                   const ConvGeometry& g) {
   int64_t live[2] = {0, 0};
   const int64_t in[2] = {x_size[2], x_size[3]}, out[2] = {out_h, out_w};
   for (int axis = 0; axis < 2; ++axis)
     for (int64_t k = 0; k < weight_size[2 + axis]; ++k)
       live[axis] += tap_live_range(k, in[axis], out[axis], g.stride[axis], g.padding[axis], g.dilation[axis]).size();
-  return x_size[0] * live[0] * live[1] * x_size[1] * weight_size[0];
+  return live[0] * live[1];
+}
+
+int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
+                  const ConvGeometry& g) {
+  return x_size[0] * live_pairs(x_size, weight_size, out_h, out_w, g) * x_size[1] * weight_size[0];
 }
 
 bool use_direct(int64_t macs) {

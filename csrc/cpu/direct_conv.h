@@ -20,7 +20,12 @@ namespace fastaspp {
 // The default threshold of the rule above, in multiply-adds.
 constexpr int64_t kDirectMaxMacs = 8000000;
 
-// Multiply-adds over live taps of a conv of x [N, Cin, H, W] with a [Cout, Cin, KH, KW] weight.
+// Live (output pixel, tap) pairs of one image of a conv of x [N, Cin, H, W] with a
+// [Cout, Cin, KH, KW] weight to Ho x Wo (the C++ twin of fastaspp.geometry.live_tap_pixels).
+int64_t live_pairs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
+                   const ConvGeometry& g);
+
+// Multiply-adds over live taps of that conv: N * live_pairs * Cin * Cout.
 int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t out_h, int64_t out_w,
                   const ConvGeometry& g);
 

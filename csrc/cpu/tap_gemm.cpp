@@ -9,6 +9,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../affine.h"
 #include "simd.h"
 
 namespace fastaspp {
@@ -392,8 +393,7 @@ void affine_relu_inplace(at::Tensor& y, const at::Tensor& alpha, const at::Tenso
   // Rows of one channel each (NCHW: a (n, c) plane) or of every channel (NHWC: a pixel).
   const int64_t rows = nhwc ? y.size(0) * plane : y.size(0) * channels, row = nhwc ? channels : plane;
   // Missing factors as ones and zeros, so that every row runs the same branch-free loop.
-  const at::Tensor a = alpha.defined() ? alpha : at::ones({channels}, y.options());
-  const at::Tensor b = beta.defined() ? beta : at::zeros({channels}, y.options());
+  const auto [a, b] = dense_affine({alpha, beta}, channels, y.options());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "affine_relu_inplace", [&] {
     scalar_t* p = y.data_ptr<scalar_t>();
     const scalar_t* ap = a.data_ptr<scalar_t>();

@@ -95,6 +95,22 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def _compare(kind: str, mode: str, eager, fused, x_shape: Sequence[int], shape_name: str, flops, dtype, device,
+             calls: int, reps: int, rounds: int, err_in_train: bool = False) -> Row:
+    """One row: eager against fused on random inputs of x_shape (the max abs error in eval, and in
+    training when err_in_train: modules with dropout draw different masks), timed in rounds."""
+    xs = _inputs(x_shape, mode, device, dtype)
+    err = float("nan")
+    if mode == "eval" or err_in_train:
+        with torch.no_grad():
+            err = _max_err(fused(xs[0]), eager(xs[0]))
+    next_x = _cycle(xs)
+    timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
+    if mode == "train":  # forward + backward: about three forwards of work
+        flops = (3 * flops[0], 3 * flops[1])
+    return _row(f"overhead {kind} {mode}", shape_name, x_shape[0], dtype, device, timings, flops, err)
+
+
 def measure_op(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape: TinyConv = TINY_CONV,
                calls: int = 50, reps: int = 5, rounds: int = 3) -> Row:
     """fastaspp.ops.atrous_conv2d against conv2d → per-channel affine → relu (the functional call)."""
@@ -111,15 +127,8 @@ def measure_op(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape
     def fused(x):
         return fastaspp.ops.atrous_conv2d(x, weight, None, scale=scale, shift=shift, relu=True, **conv)
 
-    xs = _inputs((batch, shape.c_in, shape.size, shape.size), mode, device, dtype)
-    with torch.no_grad():
-        err = _max_err(fused(xs[0]), eager(xs[0]))
-    next_x = _cycle(xs)
-    timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
-    flops = shape.flops(batch)
-    if mode == "train":
-        flops = (3 * flops[0], 3 * flops[1])
-    return _row(f"overhead op {mode}", shape.name, batch, dtype, device, timings, flops, err)
+    return _compare("op", mode, eager, fused, (batch, shape.c_in, shape.size, shape.size), shape.name,
+                    shape.flops(batch), dtype, device, calls, reps, rounds, err_in_train=True)
 
 
 def measure_convbnrelu(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape: TinyConv = TINY_CONV,
@@ -135,17 +144,8 @@ def measure_convbnrelu(mode: str, dtype=torch.float32, device=torch.device("cpu"
     fused.load_state_dict(eager.state_dict())
     for m in (eager, fused):
         m.to(device, dtype, memory_format=torch.channels_last).train(mode == "train")
-    xs = _inputs((batch, shape.c_in, shape.size, shape.size), mode, device, dtype)
-    err = float("nan")
-    if mode == "eval":
-        with torch.no_grad():
-            err = _max_err(fused(xs[0]), eager(xs[0]))
-    next_x = _cycle(xs)
-    timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
-    flops = shape.flops(batch)
-    if mode == "train":
-        flops = (3 * flops[0], 3 * flops[1])
-    return _row(f"overhead convbnrelu {mode}", shape.name, batch, dtype, device, timings, flops, err)
+    return _compare("convbnrelu", mode, eager, fused, (batch, shape.c_in, shape.size, shape.size), shape.name,
+                    shape.flops(batch), dtype, device, calls, reps, rounds)
 
 
 def measure_aspp(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape: AsppShape = TINY_ASPP,
@@ -155,17 +155,8 @@ def measure_aspp(mode: str, dtype=torch.float32, device=torch.device("cpu"), sha
     eager, fused = aspp_pair(shape, dtype, device)
     for m in (eager, fused):
         m.train(mode == "train")
-    xs = _inputs((batch, shape.c_in, shape.size, shape.size), mode, device, dtype)
-    err = float("nan")  # training: dropout masks differ between the two modules' calls
-    if mode == "eval":
-        with torch.no_grad():
-            err = _max_err(fused(xs[0]), eager(xs[0]))
-    next_x = _cycle(xs)
-    timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
-    flops = shape.flops(batch)
-    if mode == "train":
-        flops = (3 * flops[0], 3 * flops[1])
-    return _row(f"overhead aspp {mode}", shape.name, batch, dtype, device, timings, flops, err)
+    return _compare("aspp", mode, eager, fused, (batch, shape.c_in, shape.size, shape.size), shape.name,
+                    shape.flops(batch), dtype, device, calls, reps, rounds)
 
 
 def measure_model(name: str, size: int, mode: str, dtype=torch.float32, device=torch.device("cpu"),
