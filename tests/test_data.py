@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import fastaspp.data.base
 from fastaspp.data import (IGNORE_INDEX, SYNTHETIC_CLASSES, VOC_PALETTE, EvalTransform, FolderSegmentation,
-                           SyntheticScenes, TrainTransform, VOCSegmentation, build_dataset, colorize, colorize_rgb,
-                           denormalize, normalize, read_label)
+                           SyntheticScenes, TrainTransform, VOCSegmentation, build_dataset, collect_images, colorize,
+                           colorize_rgb, denormalize, normalize, read_label)
 from fastaspp.metrics import ConfusionMatrix
 from fastaspp.visualize import overlay, save_overlay
 
@@ -292,10 +293,8 @@ def test_voc_errors_name_what_is_missing(voc_root, tmp_path):
                        match=r"VOC split 'test': list file .*test.txt does not exist "
                              r"\(splits there: \['train', 'val'\]"):
         VOCSegmentation(str(voc_root), "test")
-    (voc_root / "ImageSets/Segmentation/val.txt").write_text("2007_000003\n2007_999999\n")
+    # Files broken after construction are still caught, naming the file, when loaded.
     val = VOCSegmentation(str(voc_root), "val")
-    with pytest.raises(FileNotFoundError, match=r"'2007_999999' listed in .*val.txt: .*2007_999999.jpg does not exist"):
-        val[1]
     colorize(_voc_label(12, 16, 30)).save(voc_root / "SegmentationClass" / "2007_000003.png")
     with pytest.raises(ValueError, match=r"2007_000003.png holds values \[30\], outside 0..20"):
         val[0]
@@ -310,6 +309,43 @@ def test_voc_errors_name_what_is_missing(voc_root, tmp_path):
         with pytest.raises(FileNotFoundError, match=f"directory .*VOC2012/{sub} does not exist"):
             VOCSegmentation(str(voc_root))
         os.rename(voc_root / f"{sub}.moved", voc_root / sub)
+
+
+def test_voc_lists_every_missing_file_at_construction(voc_root):
+    ids = ["2007_000001", "2007_000003"] + [f"2008_{i:06d}" for i in range(12)]
+    (voc_root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
+    os.remove(voc_root / "SegmentationClass" / "2007_000003.png")
+    _write_image(voc_root / "JPEGImages" / "2008_000005.jpg", 12, 16, 0)
+    with pytest.raises(FileNotFoundError,
+                       match=r"VOC split 'val': 13 of the 14 ids listed in .*val.txt lack an image "
+                             r".*JPEGImages/<id>.jpg or a label .*SegmentationClass/<id>.png: "
+                             r"2007_000003 \(label\), 2008_000000 \(image and label\), .*"
+                             r"2008_000005 \(label\), .* and 3 more$"):
+        VOCSegmentation(str(voc_root), "val")
+
+
+def test_voc_checks_file_headers_at_construction_and_records_sizes(voc_root):
+    (voc_root / "ImageSets/Segmentation/val.txt").write_text("2007_000001\n2007_000002\n2007_000003\n")
+    _write_image(voc_root / "JPEGImages" / "2007_000002.jpg", 20, 30, 5)
+    colorize(_voc_label(20, 30, 7)).save(voc_root / "SegmentationClass" / "2007_000002.png")
+    val = VOCSegmentation(str(voc_root), "val")
+    assert val.image_sizes == [(12, 16), (20, 30), (12, 16)]
+    assert val.max_image_pixels == 600 and val.max_image_size == (20, 30)
+    (voc_root / "JPEGImages" / "2007_000001.jpg").write_text("not a JPEG")
+    Image.new("RGB", (16, 12)).save(voc_root / "SegmentationClass" / "2007_000002.png")  # also the wrong size
+    Image.new("P", (15, 12)).save(voc_root / "SegmentationClass" / "2007_000003.png")
+    with pytest.raises(ValueError) as error:
+        VOCSegmentation(str(voc_root), "val")
+    lines = str(error.value).splitlines()
+    assert lines[0] == "VOC split 'val': 4 problem(s) in 3 samples:", lines
+    assert lines[1].endswith("JPEGImages/2007_000001.jpg is not an image (PIL cannot identify its format)")
+    assert "SegmentationClass/2007_000002.png has mode RGB; expected a single-channel PNG" in lines[2]
+    assert lines[3].endswith("2007_000002.jpg is (20, 30) (H, W) but its label "
+                             f"{voc_root}/SegmentationClass/2007_000002.png is (12, 16)")
+    assert lines[4].endswith("2007_000003.jpg is (12, 16) (H, W) but its label "
+                             f"{voc_root}/SegmentationClass/2007_000003.png is (12, 15)")
+    assert len(lines) == 5
+
 
 
 # ---------------------------------------------------------------------------------------------- folder
@@ -359,12 +395,146 @@ def test_folder_errors_name_unmatched_files(tmp_path):
         FolderSegmentation(str(tmp_path / "nowhere"))
 
 
+def test_folder_checks_every_file_header_at_construction(tmp_path):
+    root = _folder(tmp_path / "data", ["a", "b", "c", "d", "e"], image_ext=".jpg")
+    (root / "images" / "a.jpg").write_text("text saved as a.jpg")
+    Image.new("RGB", (14, 10)).save(root / "masks" / "b.png")
+    Image.new("L", (14, 11)).save(root / "masks" / "c.png")
+    (root / "masks" / "d.png").write_bytes(b"\x89PNG but not really")
+    # num_classes given: no mask is decoded for the class scan, the header checks alone must fail.
+    with pytest.raises(ValueError) as error:
+        FolderSegmentation(str(root), num_classes=3)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"folder dataset {root}: 4 problem(s) in 5 samples:"
+    assert lines[1:] == [
+        f"  {root}/images/a.jpg is not an image (PIL cannot identify its format)",
+        f"  label {root}/masks/b.png has mode RGB; expected a single-channel PNG of class indices "
+        f"(mode P, L, I, I;16)",
+        f"  image {root}/images/c.jpg is (10, 14) (H, W) but its label {root}/masks/c.png is (11, 14)",
+        f"  {root}/masks/d.png is not an image (PIL cannot identify its format)"]
+
+
+def test_folder_lists_ten_problems_and_counts_the_rest(tmp_path):
+    stems = [f"s{i:02d}" for i in range(13)]
+    root = _folder(tmp_path / "data", stems)
+    for stem in stems:
+        Image.new("L", (3, 3)).save(root / "masks" / f"{stem}.png")
+    with pytest.raises(ValueError, match=r"13 problem\(s\) in 13 samples:\n(  image .*s\d\d.png is \(10, 14\) .*\n){10}"
+                                         r"  and 3 more$"):
+        FolderSegmentation(str(root), num_classes=3)
+
+
+def test_folder_reads_headers_only_and_records_image_sizes(tmp_path):
+    root = _folder(tmp_path / "data", ["a", "b"])
+    _write_image(root / "images" / "b.png", 30, 8, 0)
+    Image.fromarray(_voc_label(30, 8, 2)).save(root / "masks" / "b.png")
+    whole = (root / "images" / "a.png").read_bytes()
+    (root / "images" / "a.png").write_bytes(whole[:len(whole) // 3])  # a header, then truncated pixels
+    ds = FolderSegmentation(str(root), num_classes=3)
+    assert ds.image_sizes == [(10, 14), (30, 8)] and ds.max_image_pixels == 240 and ds.max_image_size == (30, 8)
+    with pytest.raises(OSError, match="truncated"):
+        ds[0]  # what a header does not show is found when loaded
+    assert SyntheticScenes("val", size=3, image_size=(32, 48)).image_sizes == [(32, 48)] * 3
+
+
+def test_progress_bars_for_many_files_only(tmp_path, capsys, monkeypatch):
+    root = _folder(tmp_path / "data", ["a", "b", "c"])
+    FolderSegmentation(str(root))
+    assert capsys.readouterr().err == ""  # 3 files: too few to show progress
+    monkeypatch.setattr(fastaspp.data.base, "PROGRESS_MIN_ITEMS", 3)  # as if there were many
+    FolderSegmentation(str(root))
+    err = capsys.readouterr().err
+    assert f"checking folder dataset {root} files: 100%" in err and "scanning masks for num_classes: 100%" in err
+    build_dataset("folder", str(root), progress=False)
+    assert capsys.readouterr().err == ""
+    (tmp_path / "VOC/ImageSets/Segmentation").mkdir(parents=True)
+    for sub in ("JPEGImages", "SegmentationClass"):
+        (tmp_path / "VOC" / sub).mkdir()
+    for name in ("x", "y", "z"):
+        _write_image(tmp_path / "VOC/JPEGImages" / f"{name}.jpg", 6, 6, 0)
+        Image.new("P", (6, 6)).save(tmp_path / "VOC/SegmentationClass" / f"{name}.png")
+    (tmp_path / "VOC/ImageSets/Segmentation/val.txt").write_text("x\ny\nz\n")
+    build_dataset("voc", str(tmp_path / "VOC"), "val")
+    assert "checking VOC split 'val' files: 100%" in capsys.readouterr().err
+    build_dataset("voc", str(tmp_path / "VOC"), "val", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+
 def test_build_dataset_errors():
     with pytest.raises(ValueError, match=r"dataset name must be one of \('synthetic', 'voc', 'folder'\), got 'coco'"):
         build_dataset("coco", "/tmp")
     with pytest.raises(ValueError, match="dataset 'voc' needs a root directory"):
         build_dataset("voc", None)
     assert isinstance(build_dataset("synthetic", None, "val", size=3), SyntheticScenes)
+
+
+# ---------------------------------------------------------------------------------------------- predict inputs
+
+
+def _images(directory, *names):
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        _write_image(directory / name, 6, 8, i)
+    return directory
+
+
+def test_collect_images_expands_directories_and_checks_every_input(tmp_path):
+    d = _images(tmp_path / "d", "b.PNG", "a.jpg", "c.jpeg", "e.Bmp")
+    (d / "notes.txt").write_text("not an image")
+    (d / "sub.png").mkdir()  # a directory named like an image is not one
+    _images(d / "sub.png", "deep.png")  # nor is anything below the directory
+    assert collect_images([str(d)]) == [(f"{d}/a.jpg", "a"), (f"{d}/b.PNG", "b"), (f"{d}/c.jpeg", "c"),
+                                        (f"{d}/e.Bmp", "e")]
+    one = _images(tmp_path / "one", "z.png")
+    assert collect_images([str(one / "z.png"), str(d / "a.jpg")]) == [(f"{one}/z.png", "z"), (f"{d}/a.jpg", "a")]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "t.txt").write_text("")
+    for empty in ("empty", "texts"):
+        with pytest.raises(ValueError, match=rf"directory .*{empty} holds no images \(.jpg, .jpeg, .png, .bmp\)"):
+            collect_images([str(d), str(tmp_path / empty)])
+    with pytest.raises(FileNotFoundError, match=rf"2 input path\(s\) do not exist: {tmp_path}/gone.png, "
+                                                rf"{tmp_path}/nowhere$"):
+        collect_images([str(tmp_path / "gone.png"), str(d), str(tmp_path / "nowhere")])
+    (tmp_path / "fake.jpg").write_text("text saved as a JPEG")
+    (d / "fake.png").write_bytes(b"")
+    with pytest.raises(ValueError) as error:
+        collect_images([str(tmp_path / "fake.jpg"), str(d)])
+    assert str(error.value).splitlines() == [
+        "2 of 6 input images cannot be read:",
+        f"  {tmp_path}/fake.jpg is not an image (PIL cannot identify its format)",
+        f"  {d}/fake.png is not an image (PIL cannot identify its format)"]
+    with pytest.raises(ValueError, match="no input images given"):
+        collect_images([])
+
+
+def test_collect_images_keeps_a_file_once(tmp_path):
+    d = _images(tmp_path / "d", "a.png", "b.png")
+    os.symlink(d / "a.png", tmp_path / "link.png")
+    got = collect_images([str(d / "b.png"), str(d), str(tmp_path / "d" / ".." / "d" / "a.png"),
+                          str(tmp_path / "link.png"), str(d / "b.png")])
+    assert got == [(f"{d}/b.png", "b"), (f"{d}/a.png", "a")]
+
+
+def test_collect_images_gives_unique_output_stems(tmp_path):
+    a = _images(tmp_path / "a", "photo.png", "photo.jpg", "x.png", "solo.png", "Case.png")
+    b = _images(tmp_path / "b", "x.png", "case.jpg")
+    got = dict(collect_images([str(a), str(b)]))
+    assert got == {f"{a}/Case.png": "Case_png", f"{a}/photo.jpg": "photo_jpg", f"{a}/photo.png": "photo_png",
+                   f"{a}/solo.png": "solo", f"{a}/x.png": "a_x_png", f"{b}/case.jpg": "case_jpg",
+                   f"{b}/x.png": "b_x_png"}
+    # A longer name can meet another file's stem: x.png's x_png is x_png.png's stem; both move on.
+    c = _images(tmp_path / "c", "x.png", "x.jpg", "x_png.png")
+    assert [stem for _, stem in collect_images([str(c)])] == ["x_jpg", "c_x_png", "x_png_png"]
+    # Distinct paths that spell the same whole name, c/x.png and the extensionless c/x_png, are numbered.
+    (c / "x_png").write_bytes((c / "x.png").read_bytes())
+    (c / "x_png.png").unlink()
+    stems = [stem for _, stem in collect_images([str(c / "x.png"), str(c / "x_png"), str(c / "x.jpg")])]
+    assert stems[2] == "x_jpg" and stems[1] == stems[0] + "_2" and stems[0].endswith("_c_x_png")
+    swapped = [stem for _, stem in collect_images([str(c / "x_png"), str(c / "x.png"), str(c / "x.jpg")])]
+    assert swapped == [stems[0], stems[0] + "_2", "x_jpg"]  # input order decides
+
 
 
 # ---------------------------------------------------------------------------------------------- palette, overlay

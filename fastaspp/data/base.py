@@ -1,14 +1,91 @@
-"""What the datasets share: image/label decoding and per-sample seeded augmentation."""
+"""What the datasets share: image/label decoding, up-front file validation and per-sample seeded
+augmentation."""
 from __future__ import annotations
 
 import os
+import sys
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from fastaspp.data.transforms import IGNORE_INDEX, EvalTransform
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # what a directory of images is searched for
+LABEL_MODES = ("P", "L", "I", "I;16")  # single-channel modes whose pixel values are class indices
+PROGRESS_MIN_ITEMS = 200  # below this, a pass over the files is too quick for a progress bar to matter
+MAX_LISTED = 10  # problems or names an error lists before "and N more"
+
+
+def listing(names: Iterable[str], sort: bool = True) -> str:
+    """Names joined by ", ", the first MAX_LISTED of them and a count of the rest."""
+    names = sorted(names) if sort else list(names)
+    more = len(names) - MAX_LISTED
+    return ", ".join(names[:MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def problem_report(summary: str, problems: Sequence[str]) -> str:
+    """An error message: summary, then one problem a line, the first MAX_LISTED and a count of the rest."""
+    more = len(problems) - MAX_LISTED
+    return f"{summary}:\n  " + "\n  ".join(problems[:MAX_LISTED]) + (f"\n  and {more} more" if more > 0 else "")
+
+
+def progress_bar(items: Sequence, desc: str, enabled: bool = True):
+    """tqdm over items on stderr; silent when not enabled or for fewer than PROGRESS_MIN_ITEMS items."""
+    return tqdm(items, desc=desc, total=len(items), file=sys.stderr,
+                disable=not enabled or len(items) < PROGRESS_MIN_ITEMS)
+
+
+def image_header(path: str) -> tuple[str, tuple[int, int]]:
+    """(mode, (H, W)) of an image file, from its header only: PIL's open is lazy and no pixels are
+    decoded here. Raises ValueError naming the file when PIL cannot read it as an image."""
+    try:
+        with Image.open(path) as image:
+            return image.mode, (image.height, image.width)
+    except FileNotFoundError:
+        raise
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image (PIL cannot identify its format)") from None
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{path} cannot be read as an image: {exc}") from None
+
+
+def label_mode_problem(path: str, mode: str) -> str | None:
+    """Why a label of this mode cannot hold class indices, or None when it can."""
+    if mode in LABEL_MODES:
+        return None
+    return (f"label {path} has mode {mode}; expected a single-channel PNG of class indices "
+            f"(mode {', '.join(LABEL_MODES)})")
+
+
+def _header_or_none(path: str, problems: list[str]) -> tuple[str, tuple[int, int]] | None:
+    try:
+        return image_header(path)
+    except ValueError as exc:
+        problems.append(str(exc))
+        return None
+
+
+def validate_samples(pairs: Sequence[tuple[str, str]], what: str, progress: bool = True) -> list[tuple[int, int]]:
+    """Check every (image, label) pair from file headers before any step runs, so a bad file fails the
+    dataset's construction instead of a DataLoader worker mid-run: each file must be an image PIL
+    reads, each label of a LABEL_MODES mode, and each label the size of its image. Label values need
+    decoding; load() checks them (check_label). Raises one ValueError listing the first MAX_LISTED
+    problems and their count; returns each image's (H, W), in the order of pairs."""
+    sizes, problems = [], []
+    for image_path, label_path in progress_bar(pairs, f"checking {what} files", progress):
+        image, label = _header_or_none(image_path, problems), _header_or_none(label_path, problems)
+        if label is not None and label_mode_problem(label_path, label[0]):
+            problems.append(label_mode_problem(label_path, label[0]))
+        if image is not None and label is not None and image[1] != label[1]:
+            problems.append(f"image {image_path} is {image[1]} (H, W) but its label {label_path} is {label[1]}")
+        sizes.append(image[1] if image is not None else None)  # returned only when every image was read
+    if problems:
+        raise ValueError(problem_report(f"{what}: {len(problems)} problem(s) in {len(pairs)} samples", problems))
+    return sizes
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -25,9 +102,9 @@ def read_label(path: str) -> torch.Tensor:
     refused, since recovering indices from colours is ambiguous.
     """
     with Image.open(path) as image:
-        if image.mode not in ("P", "L", "I", "I;16"):
-            raise ValueError(f"label {path} has mode {image.mode}; expected a single-channel PNG of class "
-                             f"indices (mode P, L or I)")
+        problem = label_mode_problem(path, image.mode)
+        if problem:
+            raise ValueError(problem)
         array = np.asarray(image)
     return torch.from_numpy(array.astype(np.int64))
 
@@ -61,6 +138,9 @@ class SegmentationDataset(Dataset):
     augmentation depends neither on the DataLoader's worker count nor on what ran before: a resumed
     run sees the same crops. Call set_epoch(epoch) before iterating an epoch (with
     persistent_workers=False, so workers get the new epoch).
+
+    image_sizes: each sample's image (H, W), by index, known without decoding (file datasets read
+    them from headers at construction), so memory can be planned for the largest image.
     """
 
     classes: tuple[str, ...] = ()
@@ -69,10 +149,21 @@ class SegmentationDataset(Dataset):
         self.transform = EvalTransform() if transform is None else transform
         self.seed = int(seed)
         self.epoch = 0
+        self.image_sizes: list[tuple[int, int]] = []
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def max_image_pixels(self) -> int:
+        """H * W of the dataset's largest image."""
+        return max(h * w for h, w in self.image_sizes)
+
+    @property
+    def max_image_size(self) -> tuple[int, int]:
+        """(H, W) of the dataset's largest image (the most pixels; the first such sample on a tie)."""
+        return max(self.image_sizes, key=lambda hw: hw[0] * hw[1])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

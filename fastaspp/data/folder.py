@@ -6,9 +6,8 @@ import os
 
 import torch
 
-from fastaspp.data.base import SegmentationDataset, check_label, check_size, read_image, read_label, require_dir
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+from fastaspp.data.base import (IMAGE_EXTENSIONS, SegmentationDataset, check_label, check_size, listing,
+                                 progress_bar, read_image, read_label, require_dir, validate_samples)
 
 
 def _by_stem(directory: str, extensions: tuple[str, ...]) -> dict[str, str]:
@@ -23,19 +22,18 @@ def _by_stem(directory: str, extensions: tuple[str, ...]) -> dict[str, str]:
     return files
 
 
-def _listing(names) -> str:
-    names = sorted(names)
-    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
-
 class FolderSegmentation(SegmentationDataset):
-    """Pairs root/images and root/masks by file stem; an unpaired file on either side is an error.
+    """Pairs root/images and root/masks by file stem; an unpaired file on either side is an error, and
+    so is, before any sample is loaded, a file that is not an image, a mask that is not single-channel
+    or a mask whose size differs from its image's (see validate_samples).
 
     num_classes: background included; if None it is found by scanning every mask once (max index
     other than 255, plus one). class names are "0", "1", ... unless `classes` is given.
+    progress: tqdm bars on stderr for the checks and the scan of a large folder.
     """
 
-    def __init__(self, root: str, num_classes: int | None = None, classes=None, transform=None, seed: int = 0):
+    def __init__(self, root: str, num_classes: int | None = None, classes=None, transform=None, seed: int = 0,
+                 progress: bool = True):
         super().__init__(transform=transform, seed=seed)
         self.root = root
         require_dir(root, "folder dataset root")
@@ -47,14 +45,17 @@ class FolderSegmentation(SegmentationDataset):
         if only_images or only_masks:
             parts = []
             if only_images:
-                parts.append(f"images without a mask in {self.mask_dir}: {_listing(only_images)}")
+                parts.append(f"images without a mask in {self.mask_dir}: {listing(only_images)}")
             if only_masks:
-                parts.append(f"masks without an image in {self.image_dir}: {_listing(only_masks)}")
+                parts.append(f"masks without an image in {self.image_dir}: {listing(only_masks)}")
             raise ValueError("folder dataset: unmatched files; " + "; ".join(parts))
         if not images:
             raise ValueError(f"folder dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) in {self.image_dir}")
         self.stems = sorted(images)
         self._images, self._masks = images, masks
+        self.progress = progress
+        self.image_sizes = validate_samples([self.paths(i) for i in range(len(self))],
+                                            f"folder dataset {root}", progress)
         if classes is not None:
             classes = tuple(classes)
             if num_classes is not None and num_classes != len(classes):
@@ -68,7 +69,7 @@ class FolderSegmentation(SegmentationDataset):
 
     def _scan_num_classes(self) -> int:
         highest = 0
-        for index in range(len(self)):
+        for index in progress_bar(range(len(self)), "scanning masks for num_classes", self.progress):
             label = read_label(self.paths(index)[1])
             label = label[label != 255]
             if label.numel():

@@ -163,6 +163,7 @@ class SyntheticScenes(SegmentationDataset):
         self.split = split
         self.size = int(size)
         self.image_size = hw
+        self.image_sizes = [hw] * self.size
         self.classes = SYNTHETIC_CLASSES[:num_classes]
 
     def __len__(self) -> int:

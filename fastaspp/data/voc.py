@@ -10,20 +10,36 @@ from __future__ import annotations
 
 import os
 
-from fastaspp.data.base import SegmentationDataset, check_label, check_size, read_image, read_label, require_dir
+from fastaspp.data.base import (SegmentationDataset, check_label, check_size, listing, read_image, read_label,
+                                 require_dir, validate_samples)
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor")
 
 
+def _missing(ids: list[str], pairs: list[tuple[str, str]]) -> list[str]:
+    """'<id> (image)', '<id> (label)' or '<id> (image and label)' for each id lacking files, in list order."""
+    missing = []
+    for name, (image_path, label_path) in zip(ids, pairs):
+        lacks = [what for what, path in (("image", image_path), ("label", label_path)) if not os.path.isfile(path)]
+        if lacks:
+            missing.append(f"{name} ({' and '.join(lacks)})")
+    return missing
+
+
 class VOCSegmentation(SegmentationDataset):
     """VOC 2012 segmentation. split names a list in ImageSets/Segmentation ("train", "val",
-    "trainval", ...). Items are (image float32 [3, H, W] after `transform`, label int64 [H, W])."""
+    "trainval", ...). Items are (image float32 [3, H, W] after `transform`, label int64 [H, W]).
+
+    Every listed id's image and label must exist and pass validate_samples, checked at construction
+    so that a bad file fails before training or evaluation starts; progress: a tqdm bar on stderr
+    while checking a large split.
+    """
 
     classes = VOC_CLASSES
 
-    def __init__(self, root: str, split: str = "train", transform=None, seed: int = 0):
+    def __init__(self, root: str, split: str = "train", transform=None, seed: int = 0, progress: bool = True):
         super().__init__(transform=transform, seed=seed)
         require_dir(root, "VOC root")
         self.root = root
@@ -45,6 +61,13 @@ class VOCSegmentation(SegmentationDataset):
         if not self.ids:
             raise ValueError(f"VOC split list {list_file} is empty")
         self.list_file = list_file
+        pairs = [self.paths(i) for i in range(len(self))]
+        missing = _missing(self.ids, pairs)
+        if missing:
+            raise FileNotFoundError(f"VOC split {split!r}: {len(missing)} of the {len(self.ids)} ids listed in "
+                                    f"{list_file} lack an image {self.image_dir}/<id>.jpg or a label "
+                                    f"{self.label_dir}/<id>.png: {listing(missing, sort=False)}")
+        self.image_sizes = validate_samples(pairs, f"VOC split {split!r}", progress)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,10 +78,6 @@ class VOCSegmentation(SegmentationDataset):
 
     def load(self, index: int):
         image_path, label_path = self.paths(index)
-        for path in (image_path, label_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"VOC sample {self.ids[index]!r} listed in {self.list_file}: "
-                                        f"{path} does not exist")
         image, label = read_image(image_path), read_label(label_path)
         check_size(image, label, image_path, label_path)
         check_label(label, self.num_classes, label_path)
