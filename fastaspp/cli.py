@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 import time
 
 import torch
+
+from fastaspp.devices import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,15 +72,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from fastaspp.bench.report import fmt_ms, markdown, write_results
     from fastaspp.bench.timing import measure_peak_tflops
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("fastaspp bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
     threads = getattr(args, "threads", None)
     if threads is not None:
-        if threads < 1:
-            print(f"fastaspp bench: --threads must be >= 1, got {threads}", file=sys.stderr)
-            return 2
         torch.set_num_threads(threads)
     dtype = DTYPES[args.dtype]
     gpu_full = device.type == "cuda" and not args.quick
@@ -129,18 +127,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind, low, what: str, above: bool = False):
+    """An argparse type: a finite `kind` number >= low (> low if `above`); `what` says so in the error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > low if above else value >= low) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, 1, "an int >= 1")
+_nonnegative_int = _number(int, 0, "an int >= 0")
+_positive_float = _number(float, 0.0, "a number > 0", above=True)
+_nonnegative_float = _number(float, 0.0, "a number >= 0")
+
+
 def _int_list(text: str) -> tuple:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 1,2,4, got {text!r}") from None
+    return tuple(_number(int, 1, "comma-separated ints >= 1 such as 1,2,4")(v) for v in text.split(","))
 
 
 def _float_list(text: str) -> tuple:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,1.0,1.5, got {text!r}") from None
+    return tuple(_number(float, 0.0, "comma-separated numbers > 0 such as 0.5,1.0,1.5", above=True)(v)
+                 for v in text.split(","))
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _resume_command(argv: list, checkpoint: str) -> str:
+    """The train command line that continues this run: the same arguments, resuming `checkpoint`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume=") and arg != "--overwrite":
+            kept.append(arg)
+    return shlex.join(["fastaspp", *kept, "--resume", checkpoint])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -150,9 +179,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, crop=args.crop, lr=args.lr, output_stride=args.output_stride,
                       multi_grid=args.multi_grid, aux_weight=args.aux_weight, amp=args.amp, backend=args.backend,
                       device=args.device, out=args.out, resume=args.resume, seed=args.seed, workers=args.workers,
-                      save_every=args.save_every, bn_recalibration=args.bn_recalibration)
+                      save_every=args.save_every, bn_recalibration=args.bn_recalibration, overwrite=args.overwrite,
+                      allow_config_change=args.allow_config_change)
     result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank0():
         print(f"trained to step {result['step']}, last loss {result['loss']:.4f}; checkpoint {result['checkpoint']}")
     return 0
 
@@ -161,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastaspp.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_root, args.device, args.out, args.scales,
-                                 args.flip, args.backend, args.split, args.overlays, args.limit)
+                                 args.flip, args.backend, args.split, args.overlays, args.limit, progress=True)
     print(f"mIoU {result['mIoU']:.4f}, pixel accuracy {result['pixel_acc']:.4f} over {result['images']} images "
           f"(scales {result['scales']}, flip {result['flip']}); wrote {os.path.join(args.out, 'eval.json')}")
     return 0
@@ -182,7 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fastaspp.evaluate import evaluate_checkpoint
     from fastaspp.train import TrainConfig, train
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     gpu = device.type == "cuda"
     print(f"fastaspp {fastaspp.__version__}: backends here {fastaspp.backends()}, "
           f"{device} tensors run on '{fastaspp.resolve_backend(device)}'")
@@ -193,14 +223,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if err > 1e-4:
         print("fastaspp demo: the fused op disagrees with the reference", file=sys.stderr)
         return 1
-    cfg = TrainConfig(model="deeplabv3_mobilenet_v3_large", dataset="synthetic", iters=args.iters or (400 if gpu else 150),
+    cfg = TrainConfig(model="deeplabv3_mobilenet_v3_large", dataset="synthetic", iters=(400 if gpu else 150) if args.iters is None else args.iters,
                       batch_size=16 if gpu else 8, crop=257 if gpu else 129, device=args.device, out=args.out,
-                      save_every=10**9, seed=0)
+                      save_every=10**9, seed=0, overwrite=True)
     print(f"2. training {cfg.model} (fused) on the synthetic scenes: {cfg.iters} iterations, batch {cfg.batch_size}, "
           f"crop {cfg.crop}")
     train(cfg)
     result = evaluate_checkpoint(os.path.join(cfg.out, "last.pt"), "synthetic", None, args.device,
-                                 os.path.join(cfg.out, "eval"), overlays=1)
+                                 os.path.join(cfg.out, "eval"), overlays=1, progress=True)
     print(f"3. val mIoU {result['mIoU']:.3f}, pixel accuracy {result['pixel_acc']:.3f} "
           f"({result['images']} images); overlay: {result['overlays'][0]}")
     print("4. speed, fused against eager:")
@@ -211,84 +241,152 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (options without a default say nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastaspp", description=__doc__)
+    import fastaspp
+    from fastaspp.train import MODELS
+
+    parser = argparse.ArgumentParser(prog="fastaspp", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastaspp {fastaspp.__version__} "
+                        f"(torch {torch.__version__})")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    demo = sub.add_parser("demo", help="check the fused ops, train and evaluate on synthetic data, time against eager")
-    demo.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    demo.add_argument("--iters", type=int, default=None, help="training iterations (default 150 on CPU, 400 on GPU)")
-    demo.add_argument("--out", default="fastaspp-demo", help="directory for the checkpoint, eval.json and overlay")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_HelpFormatter)
+
+    def backend_option(p: argparse.ArgumentParser, extra: str = "") -> None:
+        p.add_argument("--backend", default="auto", help=f"fastaspp backend: auto, cpu, triton or cuda{extra}")
+
+    def device_option(p: argparse.ArgumentParser, **kwargs) -> None:
+        p.add_argument("--device", choices=["cpu", "cuda"], help="where the model runs", **kwargs)
+
+    demo = command("demo", "check the fused ops, train and evaluate on synthetic data, time against eager")
+    device_option(demo, default=default_device)
+    demo.add_argument("--iters", type=_positive_int, default=None,
+                      help="training iterations (default 150 on CPU, 400 on GPU)")
+    demo.add_argument("--out", default="fastaspp-demo",
+                      help="directory for the checkpoint, eval.json and overlay (replaced on each run)")
     demo.set_defaults(func=cmd_demo)
 
-    from fastaspp.train import MODELS
-
-    train = sub.add_parser("train", help="train a DeepLabV3 model (the paper's protocol)")
-    train.add_argument("--model", choices=sorted(MODELS), required=True)
-    train.add_argument("--dataset", choices=["synthetic", "voc", "folder"], required=True)
+    train = command("train", "train a DeepLabV3 model (the paper's protocol)")
+    train.add_argument("--model", choices=sorted(MODELS), required=True, help="the architecture")
+    train.add_argument("--dataset", choices=["synthetic", "voc", "folder"], required=True, help="the training data")
     train.add_argument("--data-root", help="dataset directory (voc, folder)")
-    train.add_argument("--iters", type=int, required=True)
-    train.add_argument("--batch-size", type=int, required=True, help="global batch (split across processes)")
-    train.add_argument("--crop", type=int, required=True)
-    train.add_argument("--lr", type=float, default=0.007)
+    train.add_argument("--iters", type=_positive_int, required=True, help="training steps")
+    train.add_argument("--batch-size", type=_positive_int, required=True, help="global batch (split across processes)")
+    train.add_argument("--crop", type=_positive_int, required=True,
+                       help="training crop size in pixels (at least 2 x output stride + 1)")
+    train.add_argument("--lr", type=_positive_float, default=0.007, help="base learning rate of the poly schedule")
     train.add_argument("--output-stride", type=int, choices=[8, 16], default=None,
                        help="default: the model's (8 for ResNets, 16 for MobileNetV3)")
     train.add_argument("--multi-grid", type=_int_list, default=None, help="unit rates of layer4, e.g. 1,2,4")
-    train.add_argument("--aux-weight", type=float, default=0.0, help="> 0 trains the aux head with this weight")
+    train.add_argument("--aux-weight", type=_nonnegative_float, default=0.0,
+                       help="> 0 trains the aux head with this loss weight")
     train.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    train.add_argument("--backend", default="auto", help="auto, cpu, triton or cuda")
-    train.add_argument("--device", choices=["cpu", "cuda"], required=True)
-    train.add_argument("--out", required=True, help="directory for last.pt and metrics.jsonl")
-    train.add_argument("--resume", help="a last.pt to continue from")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    train.add_argument("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
-    train.add_argument("--bn-recalibration", type=int, default=20,
+    backend_option(train)
+    device_option(train, required=True)
+    train.add_argument("--out", required=True,
+                       help="directory for last.pt and metrics.jsonl: new or empty, unless --resume or --overwrite")
+    train.add_argument("--resume", help="a last.pt to continue from, with the configuration it was saved with")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume although --iters, --lr, --crop, ... differ from the checkpoint's")
+    train.add_argument("--seed", type=_nonnegative_int, default=0, help="seeds the weights, data order and crops")
+    train.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
+    train.add_argument("--save-every", type=_positive_int, default=50,
+                       help="checkpoint every N iterations (and at the end, and on Ctrl-C)")
+    train.add_argument("--bn-recalibration", type=_nonnegative_int, default=20,
                        help="batches for re-estimating BN running statistics after the last step (0: off)")
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="mIoU of a checkpoint on a dataset split")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--dataset", choices=["synthetic", "voc", "folder"], required=True)
-    evaluate.add_argument("--data-root")
-    evaluate.add_argument("--split", default="val")
-    evaluate.add_argument("--scales", type=_float_list, default=(1.0,), help="e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+    evaluate = command("eval", "mIoU of a checkpoint on a dataset split")
+    evaluate.add_argument("--checkpoint", required=True, help="a last.pt from fastaspp train")
+    evaluate.add_argument("--dataset", choices=["synthetic", "voc", "folder"], required=True, help="the data")
+    evaluate.add_argument("--data-root", help="dataset directory (voc, folder)")
+    evaluate.add_argument("--split", default="val", help="the split to evaluate")
+    evaluate.add_argument("--scales", type=_float_list, default="1.0",
+                          help="input scales whose class probabilities are averaged, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
     evaluate.add_argument("--flip", action="store_true", help="also average the mirrored input")
-    evaluate.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    evaluate.add_argument("--backend", default="auto")
-    evaluate.add_argument("--overlays", type=int, default=4, help="overlay PNGs to write")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    device_option(evaluate, default=default_device)
+    backend_option(evaluate)
+    evaluate.add_argument("--overlays", type=_nonnegative_int, default=4, help="overlay PNGs to write")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N images")
     evaluate.add_argument("--out", required=True, help="directory for eval.json and the overlays")
     evaluate.set_defaults(func=cmd_eval)
 
-    predict = sub.add_parser("predict", help="segment image files: VOC-palette masks and overlays")
-    predict.add_argument("--checkpoint", required=True)
-    predict.add_argument("images", nargs="+")
-    predict.add_argument("--out", required=True)
-    predict.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    predict.add_argument("--backend", default="auto")
+    predict = command("predict", "segment image files: VOC-palette masks and overlays")
+    predict.add_argument("--checkpoint", required=True, help="a last.pt from fastaspp train")
+    predict.add_argument("images", nargs="+", help="image files, or directories of them")
+    predict.add_argument("--out", required=True, help="directory for <name>_mask.png and <name>_overlay.png")
+    device_option(predict, default=default_device)
+    backend_option(predict)
     predict.set_defaults(func=cmd_predict)
 
-    bench = sub.add_parser("bench", help="benchmark fused conv+BN+ReLU and ASPP against eager PyTorch")
+    bench = command("bench", "benchmark fused conv+BN+ReLU and ASPP against eager PyTorch")
     bench.add_argument("--op", choices=["conv", "aspp", "model", "overhead", "all"], default="all",
                        help="all = conv and aspp; model (whole DeepLabV3s at 513x513) and overhead (the fixed cost per "
                             "call: tiny inputs, eval and train) are run on their own")
     bench.add_argument("--compile", action="store_true",
                        help="also time torch.compile of the eager modules (max-autotune on GPU)")
-    bench.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
-    bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    bench.add_argument("--backend", default="auto", help="auto, cpu, triton, cuda, or all (each usable one)")
+    device_option(bench, default=default_device)
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tensor dtype")
+    backend_option(bench, ", or all (each usable one)")
     bench.add_argument("--quick", action="store_true", help="a few shapes at batch 1")
     bench.add_argument("--out", help="directory for the JSON, markdown and PNG results")
-    bench.add_argument("--threads", type=int, default=None, help="torch threads for the run (default: torch's)")
+    bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads for the run (default: torch's)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
+def _first_line(error: BaseException) -> str:
+    return " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+
+
+# Errors that carry a message meant for the user (kept whole: a dataset check lists its problems one a
+# line below the summary); anything else is reported by its type and first line.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+
+
 def main(argv=None) -> int:
+    """Runs a command; an error prints `fastaspp <command>: <what is wrong>` and returns 1 (2 for bad
+    arguments, from argparse), with the traceback only under --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from fastaspp.checkpoint import CheckpointError
+    from fastaspp.train import TrainingInterrupted
+
+    try:
+        return args.func(args)
+    except TrainingInterrupted as stop:
+        if _rank0():
+            resume = f" Resume with: {_resume_command(argv, stop.checkpoint)}" if args.command == "train" else ""
+            print(f"fastaspp {args.command}: {stop}.{resume}", file=sys.stderr)
+        return 128 + signal.Signals[stop.signal_name].value
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"fastaspp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        if isinstance(error, _USER_ERRORS + (CheckpointError,)):
+            message = str(error).strip() or type(error).__name__
+        else:
+            message = f"{type(error).__name__}: {_first_line(error)} (run with --debug for the traceback)"
+        print(f"fastaspp {args.command}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ BN running statistics are re-estimated over a few training batches without the r
 
 Runs are resumable exactly: the sample order is a function of (seed, epoch), each sample's
 augmentation of (seed, epoch, index) (see fastaspp.data.base), and a checkpoint holds the model,
-optimizer, step and RNG states, so `--resume DIR/last.pt` continues as if never stopped.
+optimizer, step and RNG states, so `--resume DIR/last.pt` continues as if never stopped. A resume
+refuses a configuration that would change the run (RESUME_FIELDS) unless allow_config_change, and
+drops the log lines past the checkpoint's step. A run never writes into a directory that holds
+something else unless told to overwrite. SIGINT or SIGTERM ends the current step, saves, and raises
+TrainingInterrupted (a second SIGINT stops at once).
 
 Distributed: under torchrun (WORLD_SIZE > 1) each rank trains on its share of every batch with
 DistributedDataParallel and fastaspp's SyncBatchNorm2d (gloo on CPU, nccl on GPU); rank 0 logs and
@@ -21,6 +25,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Iterator, List, Optional, Sequence
 
@@ -32,9 +38,25 @@ import fastaspp
 from fastaspp import models
 from fastaspp.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from fastaspp.data import IGNORE_INDEX, TrainTransform, build_dataset
+from fastaspp.devices import resolve_device
 
 MODELS = {"deeplabv3_resnet50": models.deeplabv3_resnet50, "deeplabv3_resnet101": models.deeplabv3_resnet101,
           "deeplabv3_mobilenet_v3_large": models.deeplabv3_mobilenet_v3_large}
+DEFAULT_OUTPUT_STRIDE = {"deeplabv3_resnet50": 8, "deeplabv3_resnet101": 8, "deeplabv3_mobilenet_v3_large": 16}
+# What a run's trajectory depends on: a resume with any of these changed is not a continuation.
+# (device, backend, workers and the logging/saving cadence change where and how it runs, not what.)
+RESUME_FIELDS = ("model", "dataset", "data_root", "iters", "batch_size", "crop", "lr", "lr_power", "momentum",
+                 "weight_decay", "output_stride", "multi_grid", "aux_weight", "amp", "seed", "fused",
+                 "bn_recalibration")
+CHECKPOINT_NAME, LOG_NAME = "last.pt", "metrics.jsonl"
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving: `checkpoint` resumes it at `step`."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str):
+        super().__init__(f"training interrupted by {signal_name} at step {step}; saved {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
 @dataclasses.dataclass
@@ -64,6 +86,8 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 50
     progress: bool = True
+    overwrite: bool = False  # replace the run in a non-empty `out` (its last.pt and metrics.jsonl)
+    allow_config_change: bool = False  # resume although a RESUME_FIELDS value differs from the checkpoint's
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -71,16 +95,125 @@ class TrainConfig:
         for name in ("iters", "batch_size", "crop", "save_every", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        for name in ("workers", "bn_recalibration", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if self.multi_grid is not None and "resnet" not in self.model:
             raise ValueError(f"multi_grid applies to the ResNet models, not {self.model}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        resolve_device(self.device)
+        stride = self.output_stride or DEFAULT_OUTPUT_STRIDE[self.model]
+        if self.crop < 2 * stride + 1:
+            raise ValueError(f"crop must be at least {2 * stride + 1} at output stride {stride} (features of 3x3 "
+                             f"or more for the ASPP), got {self.crop}")
+        if self.overwrite and self.resume and _same_file(self.resume, os.path.join(self.out, CHECKPOINT_NAME)):
+            raise ValueError(f"overwrite would delete the checkpoint that resume names ({self.resume})")
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    """Refuse to write into a directory that holds something else: a new run needs an empty (or new)
+    `out` unless cfg.overwrite; a resume may continue in the directory of the run it resumes."""
+    if not os.path.exists(cfg.out):
+        return
+    if not os.path.isdir(cfg.out):
+        raise ValueError(f"out {cfg.out} exists and is not a directory")
+    entries = sorted(os.listdir(cfg.out))
+    if not entries or cfg.overwrite:
+        return
+    checkpoint = os.path.join(cfg.out, CHECKPOINT_NAME)
+    if cfg.resume and (not os.path.exists(checkpoint) or _same_file(cfg.resume, checkpoint)):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    if cfg.resume:
+        raise ValueError(f"out {cfg.out} holds another run's {CHECKPOINT_NAME}, not the one resume names "
+                         f"({cfg.resume}); choose another out, or overwrite to replace that run")
+    raise ValueError(f"out {cfg.out} is not empty ({shown}); choose a new directory, resume "
+                     f"{checkpoint} to continue that run, or overwrite to replace it")
+
+
+def _config_changes(saved: dict, cfg: TrainConfig) -> List[str]:
+    """'name: saved -> now' for each RESUME_FIELDS value that differs (fields the checkpoint lacks are skipped)."""
+    now = _jsonable(cfg)
+    changes = []
+    for name in RESUME_FIELDS:
+        if name not in saved:
+            continue
+        old, new = saved[name], now[name]
+        if name == "data_root" and old is not None and new is not None:
+            same = os.path.realpath(old) == os.path.realpath(new)
+        else:
+            same = old == new
+        if not same:
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
+
+
+def _resume_state(cfg: TrainConfig) -> dict:
+    """The checkpoint cfg.resume names, checked to be a training checkpoint this configuration continues."""
+    state = load_checkpoint(cfg.resume)
+    if state.get("kind") != "train":
+        raise ValueError(f"resume {cfg.resume}: not a training checkpoint (kind {state.get('kind')!r})")
+    changes = _config_changes(state.get("config", {}), cfg)
+    if changes and not cfg.allow_config_change:
+        raise ValueError(f"resume {cfg.resume}: the configuration differs from the checkpoint's, so the run would "
+                         f"not continue as it started ({'; '.join(changes)}); use the checkpoint's values, or allow "
+                         f"the config change")
+    step = int(state["step"])
+    if step >= cfg.iters:
+        raise ValueError(f"resume {cfg.resume}: the checkpoint is at step {step}, already at or past iters "
+                         f"{cfg.iters}; nothing to train")
+    return state
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Keep the log lines up to `step` (a resumed run rewrites the later ones); an unreadable line,
+    such as one cut short by a kill, is dropped."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class _StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step (checked with
+    `requested`); a second SIGINT raises KeyboardInterrupt at once. Handlers can only be set from the
+    main thread; elsewhere signals keep their usual effect."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def build_model(model: str, num_classes: int, output_stride: Optional[int] = None,
@@ -120,11 +253,19 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, rank
     return batches
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    # Ctrl-C signals the terminal's whole process group: a worker that died of it would fail the step
+    # that the main process means to finish and save. The main process stops the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(dataset, batches: List[List[int]], cfg: TrainConfig, epoch: int) -> torch.utils.data.DataLoader:
     """A DataLoader over these index batches with a generator of its own: a loader draws its workers'
     base seed when iterated, which from the global RNG would shift every later dropout mask on resume."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
-                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+                                       generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch),
+                                       worker_init_fn=_worker_ignores_stop_signals if cfg.workers else None)
 
 
 def _steps(dataset, cfg: TrainConfig, start: int, rank: int, world: int) -> Iterator[tuple]:
@@ -200,27 +341,37 @@ def _jsonable(cfg: TrainConfig) -> dict:
     return out
 
 
+def _stop_everywhere(stop: _StopOnSignal, world: int, device: torch.device) -> Optional[str]:
+    """The stop request, agreed by all ranks (any rank's signal stops all at the same step)."""
+    if world == 1:
+        return stop.requested
+    flag = torch.tensor([1 if stop.requested else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (stop.requested or "SIGTERM") if flag.item() else None
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Runs the training; returns {"step", "loss", "checkpoint"} (rank 0's view)."""
+    """Runs the training; returns {"step", "loss", "checkpoint"} (rank 0's view). Raises
+    TrainingInterrupted after saving if SIGINT/SIGTERM arrives."""
     cfg.validate()
+    _check_out(cfg)
+    state = _resume_state(cfg) if cfg.resume else None
+    start = int(state["step"]) if state else 0
     rank, world = _distributed(cfg)
     device = torch.device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if cfg.device == "cuda" else None)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
-    dataset = build_dataset(cfg.dataset, cfg.data_root, "train", transform=TrainTransform(cfg.crop), seed=cfg.seed)
+    dataset = build_dataset(cfg.dataset, cfg.data_root, "train", transform=TrainTransform(cfg.crop), seed=cfg.seed,
+                            progress=cfg.progress)
     model = build_model(cfg.model, dataset.num_classes, cfg.output_stride, cfg.multi_grid, cfg.aux_weight > 0,
                         cfg.fused).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start = 0
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume)
-        if state.get("kind") != "train":
-            raise ValueError(f"--resume {cfg.resume}: not a training checkpoint (kind {state.get('kind')!r})")
+    if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
         restore_rng_state(state["rng"])
+        del state
     if world > 1:
         # Each rank its own dropout stream (the weights are already equal: built from cfg.seed, and
         # DDP broadcasts rank 0's). Derived from (seed, rank, step), so a resumed run is
@@ -231,14 +382,21 @@ def train(cfg: TrainConfig) -> dict:
                                                           else None)
     module = model.module if world > 1 else model
     model.train()
-    os.makedirs(cfg.out, exist_ok=True)
-    checkpoint_path = os.path.join(cfg.out, "last.pt")
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
-    bar = None
-    if rank == 0 and cfg.progress:
-        from tqdm import tqdm
+    checkpoint_path = os.path.join(cfg.out, CHECKPOINT_NAME)
+    log_path = os.path.join(cfg.out, LOG_NAME)
+    log = bar = None
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        if cfg.overwrite and not cfg.resume:
+            for path in (checkpoint_path, log_path):
+                if os.path.exists(path):
+                    os.remove(path)
+        _truncate_log(log_path, start)
+        log = open(log_path, "a")
+        if cfg.progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+            bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
     def save(step: int) -> None:
         if rank == 0:
@@ -248,44 +406,56 @@ def train(cfg: TrainConfig) -> dict:
 
     loss_value = math.nan
     step = start
-    with fastaspp.backend(cfg.backend):
-        tick = time.perf_counter()
-        for step, images, labels in _steps(dataset, cfg, start, rank, world):
-            lr = poly_lr(cfg.lr, step, cfg.iters, cfg.lr_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, memory_format=torch.channels_last)
-            labels = labels.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                outputs = model(images)
-            loss = segmentation_loss(outputs, labels, cfg.aux_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()} at step {step}; lower --lr or drop --amp")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_value = loss.item()
-            now = time.perf_counter()
-            images_per_s = cfg.batch_size / (now - tick)
-            tick = now
-            if log is not None and (step + 1) % cfg.log_every == 0:
-                log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "images_per_s": images_per_s})
-                          + "\n")
-                log.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-            if (step + 1) % cfg.save_every == 0:
-                save(step + 1)
-            step += 1
-    if cfg.bn_recalibration and step == cfg.iters and start < cfg.iters:
-        with fastaspp.backend(cfg.backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            recalibrate_bn(model, _recalibration_images(dataset, cfg, device, rank, world))  # all ranks: SyncBN
-        save(step)
-    elif step % cfg.save_every:
-        save(step)
-    if bar is not None:
-        bar.close()
-    if log is not None:
-        log.close()
+    try:
+        with fastaspp.backend(cfg.backend), _StopOnSignal() as stop:
+            tick = time.perf_counter()
+            for step, images, labels in _steps(dataset, cfg, start, rank, world):
+                lr = poly_lr(cfg.lr, step, cfg.iters, cfg.lr_power)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = images.to(device, memory_format=torch.channels_last)
+                labels = labels.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    outputs = model(images)
+                loss = segmentation_loss(outputs, labels, cfg.aux_weight)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss is {loss.item()} at step {step}; lower lr or drop amp")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_value = loss.item()
+                now = time.perf_counter()
+                images_per_s = cfg.batch_size / (now - tick)
+                tick = now
+                if log is not None and (step + 1) % cfg.log_every == 0:
+                    log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr,
+                                          "images_per_s": images_per_s}) + "\n")
+                    log.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+                step += 1
+                signal_name = _stop_everywhere(stop, world, device)
+                if signal_name and step < cfg.iters:
+                    save(step)
+                    raise TrainingInterrupted(signal_name, step, checkpoint_path)
+                if step % cfg.save_every == 0:
+                    save(step)
+        if cfg.bn_recalibration and step == cfg.iters:
+            images = _recalibration_images(dataset, cfg, device, rank, world)
+            if rank == 0 and cfg.progress:
+                from tqdm import tqdm
+
+                images = tqdm(images, total=cfg.bn_recalibration, desc="BN recalibration", unit="batch",
+                              leave=False, dynamic_ncols=True)
+            with fastaspp.backend(cfg.backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                recalibrate_bn(model, images)  # all ranks: SyncBN
+            save(step)
+        elif step % cfg.save_every:
+            save(step)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
     return {"step": step, "loss": loss_value, "checkpoint": checkpoint_path}
