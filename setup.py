@@ -40,7 +40,7 @@ def want_cuda() -> bool:
 
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/common/*.cpp") + rel("csrc/cpu/*.cpp")
     # at::parallel_for is an OpenMP pragma in torch's headers: without -fopenmp it runs serially.
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     link = ["-fopenmp"]

@@ -4,7 +4,11 @@
 // coordinate read by output coordinate o is  i = o * stride + k * dilation - padding.
 // The tap is live for o only when 0 <= i < in_size. The live outputs form one
 // contiguous range [lo, hi); an empty range (lo >= hi) means the tap reads only
-// padding for every output pixel and is skipped entirely (DESIGN.md §2.1).
+// padding for every output pixel and is skipped entirely (docs/design.md §2).
+//
+// Also the one description of a conv's geometry (ConvGeometry: stride, padding, dilation per
+// axis, their valid ranges, and the output size they give); the torch bindings check their
+// arguments against it in checks.h.
 //
 // Pure C++ with optional __host__ __device__ so that CPU code and CUDA kernels
 // include the same definitions.
@@ -35,6 +39,32 @@ FASTASPP_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) {
 FASTASPP_HOST_DEVICE int64_t conv_out_size(int64_t in_size, int64_t kernel, int64_t stride,
                                            int64_t padding, int64_t dilation) {
   return floor_div(in_size + 2 * padding - dilation * (kernel - 1) - 1, stride) + 1;
+}
+
+// Stride, padding and dilation of a 2-D convolution, index 0 the row axis, 1 the column axis.
+struct ConvGeometry {
+  // The least value each takes; every kernel assumes these.
+  static constexpr int64_t kMinStride = 1, kMinPadding = 0, kMinDilation = 1;
+
+  int64_t stride[2];
+  int64_t padding[2];
+  int64_t dilation[2];
+
+  FASTASPP_HOST_DEVICE bool valid() const {
+    return stride[0] >= kMinStride && stride[1] >= kMinStride && padding[0] >= kMinPadding &&
+           padding[1] >= kMinPadding && dilation[0] >= kMinDilation && dilation[1] >= kMinDilation;
+  }
+  // Output size along `axis` of an input of in_size by a kernel of `kernel` taps.
+  FASTASPP_HOST_DEVICE int64_t out_size(int axis, int64_t in_size, int64_t kernel) const {
+    return conv_out_size(in_size, kernel, stride[axis], padding[axis], dilation[axis]);
+  }
+};
+
+// The geometry of an ASPP branch: stride 1 and padding = dilation = rate, so that the output is
+// the input's size; rate 0 is the 1x1 branch (no padding, dilation 1).
+FASTASPP_HOST_DEVICE ConvGeometry aspp_branch_geometry(int64_t rate) {
+  const int64_t dilation = rate > 0 ? rate : 1;
+  return ConvGeometry{{1, 1}, {rate, rate}, {dilation, dilation}};
 }
 
 // Offset of tap k in input coordinates relative to o * stride.

@@ -1,5 +1,5 @@
 // CPU kernels of fastaspp::_aspp_branches_forward and _aspp_branches_stats_forward: every
-// branch of an ASPP into one NHWC buffer, with the centre tap shared (DESIGN.md §2.2): the
+// branch of an ASPP into one NHWC buffer, with the centre tap shared (docs/design.md §4): the
 // 1x1 branch and the centre taps of all 3x3 branches read the same pixel, so they are one
 // GEMM with N = (1+R)*C. The off-centre taps of each 3x3 branch then accumulate into that
 // branch's channel slice (dead taps skipped). In eval, fp32/fp64 branches whose rate leaves
@@ -15,8 +15,11 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/checks.h"
+#include "channel_stats.h"
 #include "conv_paths.h"
 #include "direct_conv.h"
+#include "epilogue.h"
 #include "kept.h"
 #include "tap_gemm.h"
 #include "winograd.h"
@@ -63,7 +66,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   std::vector<ConvGeometry> geometry(branches);
   for (int64_t i = 0; i < branches; ++i) {
     const int64_t r = i == 0 ? 0 : rates[i - 1];
-    geometry[i] = make_geometry({1, 1}, {r, r}, {std::max<int64_t>(r, 1), std::max<int64_t>(r, 1)});
+    geometry[i] = aspp_branch_geometry(r);
     if (runs_direct(x.sizes(), weights[i].sizes(), in_h, in_w, geometry[i]))
       way[i] = Way::kDirect;
     else if (i > 0 && allow_winograd && use_winograd(in_h, in_w, r, weights[i], dtype))
@@ -193,7 +196,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const
   std::vector<at::Tensor> dweights;
   for (int64_t i = 0; i < branches; ++i) {
     const int64_t r = i == 0 ? 0 : rates[i - 1];
-    const ConvGeometry geo = make_geometry({1, 1}, {r, r}, {std::max<int64_t>(r, 1), std::max<int64_t>(r, 1)});
+    const ConvGeometry geo = aspp_branch_geometry(r);
     const at::Tensor gi = gh.narrow(3, i * ch, ch);
     if (output_mask[0] && dx_acc.numel() > 0) add_grad_input(gi, weights[i], at::Tensor(), geo, dx_acc);
     if (output_mask[1]) {

@@ -12,15 +12,18 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../common/checks.h"
+#include "channel_stats.h"
 #include "tap_gemm.h"
 
 namespace fastaspp {
 namespace {
 
 // Most pixels per chunk (a chunk may span images). Smaller chunks keep the [P, K] operand in
-// a faster cache level but cost GEMM efficiency: at K = 1024, Cout = 256, 256-pixel chunks
-// run ~10% below one whole GEMM, 1024-pixel ones ~3%. Chunks are balanced (1089 pixels: two
-// of ~545, not 1024 + 65, whose small GEMM would run far below peak).
+// a faster cache level but cost GEMM efficiency: at DeepLabV3's K and Cout, chunks of a quarter
+// of this run clearly below one whole GEMM, chunks of this size only a little. Chunks are
+// balanced (1089 pixels: two of 545 and 544, not 1024 + 65, whose small GEMM would run far below
+// peak).
 constexpr int64_t kChunk = 1024;
 
 void check_operand(const at::Tensor& t, const char* name, const at::Tensor& z, at::IntArrayRef shape) {

@@ -9,19 +9,17 @@
 #include <tuple>
 
 #include "../affine.h"
+#include "../common/checks.h"
+#include "channel_stats.h"
 #include "conv_paths.h"
 #include "direct_conv.h"
+#include "epilogue.h"
 
 namespace fastaspp {
 namespace {
 
-std::pair<int64_t, int64_t> out_hw(at::IntArrayRef x_size, at::IntArrayRef weight_size, const ConvGeometry& g) {
-  const int64_t out_h = conv_out_size(x_size[2], weight_size[2], g.stride[0], g.padding[0], g.dilation[0]);
-  const int64_t out_w = conv_out_size(x_size[3], weight_size[3], g.stride[1], g.padding[1], g.dilation[1]);
-  TORCH_CHECK(out_h >= 1 && out_w >= 1, "fastaspp: output size ", out_h, "x", out_w, " is too small for input ",
-              x_size, " and weight ", weight_size);
-  return {out_h, out_w};
-}
+// Prefix of the geometry checks' messages (checks.h), like this file's other messages.
+constexpr const char* kOp = "fastaspp";
 
 at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
@@ -31,8 +29,8 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
   check_4d(weight, "weight");
   TORCH_CHECK(weight.size(1) == x.size(1), "fastaspp: weight expects ", weight.size(1), " input channels but x has ",
               x.size(1));
-  const ConvGeometry g = make_geometry(stride, padding, dilation);
-  const auto [out_h, out_w] = out_hw(x.sizes(), weight.sizes(), g);
+  const ConvGeometry g = check_geometry(kOp, stride, padding, dilation);
+  const auto [out_h, out_w] = check_out_size(kOp, x.size(2), x.size(3), weight.size(2), weight.size(3), g);
   const auto options = x.options().memory_format(x.suggest_memory_format());
   if (x.size(0) * weight.size(0) == 0) return at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
   const Affine affine = fold_affine(bias, scale, shift, compute_dtype(x.scalar_type()));
@@ -64,8 +62,8 @@ at::Tensor atrous_conv2d_grad_input_cpu(const at::Tensor& grad, const at::Tensor
   check_4d(grad, "grad");
   check_4d(weight, "weight");
   TORCH_CHECK(input_size.size() == 4, "fastaspp: input_size must have 4 elements, got ", input_size.size());
-  const ConvGeometry g = make_geometry(stride, padding, dilation);
-  const auto [out_h, out_w] = out_hw(input_size, weight.sizes(), g);
+  const ConvGeometry g = check_geometry(kOp, stride, padding, dilation);
+  const auto [out_h, out_w] = check_out_size(kOp, input_size[2], input_size[3], weight.size(2), weight.size(3), g);
   TORCH_CHECK(grad.size(0) == input_size[0] && grad.size(1) == weight.size(0) && grad.size(2) == out_h &&
                   grad.size(3) == out_w,
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for input ", input_size,
@@ -81,8 +79,8 @@ at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
   check_4d(x, "x");
   check_4d(grad, "grad");
   TORCH_CHECK(weight_size.size() == 4, "fastaspp: weight_size must have 4 elements, got ", weight_size.size());
-  const ConvGeometry g = make_geometry(stride, padding, dilation);
-  const auto [out_h, out_w] = out_hw(x.sizes(), weight_size, g);
+  const ConvGeometry g = check_geometry(kOp, stride, padding, dilation);
+  const auto [out_h, out_w] = check_out_size(kOp, x.size(2), x.size(3), weight_size[2], weight_size[3], g);
   TORCH_CHECK(weight_size[1] == x.size(1) && grad.size(0) == x.size(0) && grad.size(1) == weight_size[0] &&
                   grad.size(2) == out_h && grad.size(3) == out_w,
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ", x.sizes(),
@@ -104,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
   check_4d(grad, "grad");
   check_4d(x, "x");
   check_4d(weight, "weight");
-  const ConvGeometry g = make_geometry(stride, padding, dilation);
-  const auto [out_h, out_w] = out_hw(x.sizes(), weight.sizes(), g);
+  const ConvGeometry g = check_geometry(kOp, stride, padding, dilation);
+  const auto [out_h, out_w] = check_out_size(kOp, x.size(2), x.size(3), weight.size(2), weight.size(3), g);
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == weight.size(0) && grad.size(2) == out_h &&
                   grad.size(3) == out_w,
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ", x.sizes(),

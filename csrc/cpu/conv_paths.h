@@ -42,13 +42,13 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
                  const ConvGeometry& geo);
 
 // The path of a single conv's forward. Above the direct loops' range, oneDNN (at::convolution, with
-// FMA) outruns one GEMM per live tap on this project's CPUs, 1.1-1.3x at 10M-600M multiply-adds,
-// dead taps or not (oneDNN skips them too), except on 2048-channel ASPP-sized convs at rates that
-// leave fewer than half of the (pixel, tap) pairs live, where the GEMMs were ahead by 3-9%
-// (benchmarks/results/cpu-direct-crossover-*, all-cpu-float32-20261127T105902Z). So: fp32 with more
-// than kOnednnMinLiveShare of its pairs live runs oneDNN. FASTASPP_CPU_ONEDNN=0 never uses oneDNN, =1
-// for every fp32 forward above the direct loops' range. Half types and fp64 keep the GEMMs (oneDNN
-// would round half outputs before the epilogue; fp64 dilated convs are not oneDNN's).
+// FMA) outruns one GEMM per live tap on this project's CPUs, dead taps or not (oneDNN skips them
+// too), except on 2048-channel ASPP-sized convs at rates that leave fewer than half of the (pixel,
+// tap) pairs live, where the GEMMs were ahead (benchmarks/results/cpu-direct-crossover-*,
+// all-cpu-float32-20261127T105902Z). So: fp32 with more than kOnednnMinLiveShare of its pairs live
+// runs oneDNN. FASTASPP_CPU_ONEDNN=0 never uses oneDNN, =1 for every fp32 forward above the direct
+// loops' range. Half types and fp64 keep the GEMMs (oneDNN would round half outputs before the
+// epilogue; fp64 dilated convs are not oneDNN's).
 enum class ForwardPath { kDirect, kOnednn, kTapGemm };
 constexpr double kOnednnMinLiveShare = 0.5;
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,

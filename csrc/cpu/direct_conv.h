@@ -5,8 +5,8 @@
 //
 // The rule: a call runs direct when its live multiply-adds (N * live (pixel, tap) pairs * Cin *
 // Cout) are at most FASTASPP_CPU_DIRECT_MAX_MACS (default kDirectMaxMacs: where oneDNN's conv with
-// the fused epilogue starts to win for fp32 on this project's 2-core CPUs, about 8 million, and the
-// live-tap GEMMs at 10-11 million; benchmarks/results/cpu-direct-crossover-*). The loops multiply
+// the fused epilogue starts to win for fp32 on this project's 2-core CPUs, a little before the
+// live-tap GEMMs do; benchmarks/results/cpu-direct-crossover-*). The loops multiply
 // and add without FMA (every clone rounds alike), so above that oneDNN's FMA kernels outrun them;
 // below, the other paths' fixed costs (per-tap calls, oneDNN's setup) weigh more.
 #pragma once

@@ -1,7 +1,7 @@
 // Weight preparations kept between calls: a re-layout or transform of a weight is made once per
 // weight version, not once per call.
 //
-// The rule (the Python side's twin is fastaspp/kernels/atrous_conv.py:_kept): a derived copy is
+// The rule (the Python side's twin is kernels/atrous_conv.py:_kept): a derived copy is
 // kept while every weight it came from lives with the same storage and version counter, so an
 // in-place update (optimizer step, load_state_dict, copy_) or a reassignment (module.to())
 // makes the next call prepare it again. Weights that take a gradient are not kept (they change

@@ -32,10 +32,9 @@ using Matrix = std::vector<std::vector<double>>;
 // Toom-Cook points; infinity is always the last one. Small, exact in binary, symmetric: they
 // keep F(6,3)'s fp32 error near 1e-5 of the output's scale.
 constexpr double kPoints[] = {0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5};
-constexpr int64_t kMaxTile = 6;              // F(6,3) needs all of kPoints
-constexpr double kMaxProductShare = 0.8;     // above it the transforms' memory traffic eats the gain
-                                             // (rate 18 at 33x33, 0.73, still gained 15%)
-constexpr int64_t kChannelBlock = 256;       // channels per pass of a transform (stays in L1/L2)
+constexpr int64_t kMaxTile = 6;           // F(6,3) needs all of kPoints
+constexpr double kMaxProductShare = 0.8;  // above it the transforms' memory traffic eats the gain
+constexpr int64_t kChannelBlock = 256;    // channels per pass of a transform (stays in L1/L2)
 
 Matrix zeros(int64_t rows, int64_t cols) { return Matrix(rows, std::vector<double>(cols, 0.0)); }
 
@@ -259,7 +258,7 @@ void output_transform(const T* y, const Tiling& g, int64_t channels, int64_t t0,
 // U [Ph * Pw, Cout, Cin] = Mw_h w Mw_w^T per (Cout, Cin) pair, from the tap matrices
 // taps [3, 3, Cout, Cin] (unit Cin stride): one output channel per task, vectorised over Cin.
 // Each U row (one point, one output channel) is written whole: the rows of one output channel
-// lie Cout*Cin apart, and interleaving short writes to them thrashed the cache (4x slower).
+// lie Cout*Cin apart, and interleaving short writes to them thrashed the cache.
 template <typename T>
 void weight_transform(const at::Tensor& taps, const AxisPlan& h, const AxisPlan& w, at::Tensor& u) {
   const int64_t out_ch = taps.size(2), in_ch = taps.size(3), ph = h.points, pw = w.points;
@@ -297,7 +296,7 @@ at::Tensor make_transformed_weights(const at::Tensor& weight, at::ScalarType dty
 }
 
 // The transformed input of one chunk, kept per calling thread between calls: a fresh tens of
-// MB would cost about 2 ms of page faults per conv (measured at aspp-33).
+// MB would cost page faults on every conv.
 at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
   thread_local at::Tensor buffer;
   if (!buffer.defined() || buffer.scalar_type() != options.dtype().toScalarType() || buffer.numel() < numel)
@@ -311,7 +310,7 @@ bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& we
   const char* flag = std::getenv("FASTASPP_CPU_WINOGRAD");
   if (flag != nullptr && std::string(flag) == "0") return false;
   // Transforming the weights costs more than Winograd saves (mostly page faults on the fresh
-  // tens of MB: 72 ms against 29 ms saved at aspp-33 rate 6), so only kept weights qualify.
+  // tens of MB), so only kept weights qualify.
   if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;  // kept.h
   const double products = static_cast<double>(axis_products(in_h, rate)) * axis_products(in_w, rate);
   const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);

@@ -2,7 +2,7 @@
 // the ASPP branches in eval. The pixels of equal residue mod rate form a sub-grid on which the
 // atrous conv is a plain 3x3 conv with unit spacing; per axis, a sub-grid of s pixels then costs
 // fewer products than its live taps (3s - 2): 3 for s = 2, s + 2 for 3 <= s <= 6 (F(s,3)).
-// Measured ceiling and trade-offs: benchmarks/cpu_eval_ceiling.py, README "CPU Winograd".
+// Measured ceiling and trade-offs: benchmarks/cpu_eval_ceiling.py, docs/design.md §9.
 #pragma once
 
 #include <ATen/ATen.h>

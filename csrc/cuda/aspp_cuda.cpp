@@ -7,10 +7,10 @@
 // (eval: BN folded into scale / shift per branch by the caller; training: scale 1, shift 0,
 // no ReLU, BN after), written straight into channels
 // [i*C, (i+1)*C) of ONE channels_last buffer [N, (1+R)*C, H, W]: no torch.cat and no
-// per-branch output tensor (DESIGN.md §2.5). Each branch is one launch of the forward conv
+// per-branch output tensor (docs/design.md §4). Each branch is one launch of the forward conv
 // kernel (fastaspp_atrous_conv2d_forward_strided_cuda, pixel stride (1+R)*C, channel offset
-// i*C), which skips dead taps per tile (§2.1). x is brought to NHWC once for all branches.
-// Not done here yet: sharing one read of x between b0 and the centre taps of b1..bR (§2.2).
+// i*C), which skips dead taps per tile (§2). x is brought to NHWC once for all branches.
+// Not done here yet: sharing one read of x between b0 and the centre taps of b1..bR (§4).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -19,6 +19,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/tap_geometry.h"
 #include "atrous_conv.h"
 #include "binding_utils.h"
 
@@ -82,10 +83,9 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
   const int dtype = dtype_code(x.scalar_type());
   const cudaStream_t stream = current_stream(x);
   for (int64_t i = 0; i <= num_rates; ++i) {
-    // "Same" geometry: stride 1, padding = dilation, so every branch is H x W.
+    // "Same" geometry (aspp_branch_geometry): stride 1, padding = dilation, so every branch is H x W.
     const int64_t k = i == 0 ? 1 : 3;
-    const int64_t dil = i == 0 ? 1 : rates[i - 1];
-    const int64_t pad = i == 0 ? 0 : dil;
+    const ConvGeometry g = aspp_branch_geometry(i == 0 ? 0 : rates[i - 1]);
     // Freed at the end of the iteration while the launch may still be queued: the caching
     // allocator's reuse is ordered on this stream, so that is safe.
     const at::Tensor w_hwio = weight_hwio(weights[i]);  // [k, k, Cin, C]
@@ -93,7 +93,8 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
         x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.narrow(0, i * c, c).data_ptr(),
         shift_c.narrow(0, i * c, c).data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total,
         /*y_channel_offset=*/i * c, dtype, n, c_in, h, w, c, k, k, /*h_out=*/h, /*w_out=*/w,
-        /*stride_h=*/1, /*stride_w=*/1, pad, pad, dil, dil, relu ? 1 : 0, stream);
+        g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
+        relu ? 1 : 0, stream);
     if (err != cudaSuccess) {
       check_launch(err, ("aspp_branches_forward (branch " + std::to_string(i) + ")").c_str());
     }

@@ -782,11 +782,9 @@ bool valid_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out
                     int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
                     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w) {
   if (n < 0 || c_in < 0 || h < 0 || w < 0 || c_out < 0 || kh < 1 || kw < 1) return false;
-  if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0 || dil_h < 1 || dil_w < 1) {
-    return false;
-  }
-  return h_out >= 0 && w_out >= 0 && h_out == conv_out_size(h, kh, stride_h, pad_h, dil_h) &&
-         w_out == conv_out_size(w, kw, stride_w, pad_w, dil_w);
+  const ConvGeometry g{{stride_h, stride_w}, {pad_h, pad_w}, {dil_h, dil_w}};
+  return g.valid() && h_out >= 0 && w_out >= 0 && h_out == g.out_size(0, h, kh) &&
+         w_out == g.out_size(1, w, kw);
 }
 
 // 16-bit types: tensor cores when the kernel image has them, else SIMT; 16-byte vector loads

@@ -11,7 +11,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../affine.h"
-#include "../common/tap_geometry.h"
+#include "../common/checks.h"
 #include "atrous_conv.h"
 #include "binding_utils.h"
 
@@ -24,34 +24,6 @@ using cuda_binding::check_tensor;
 using cuda_binding::current_stream;
 using cuda_binding::dtype_code;
 using cuda_binding::weight_hwio;
-
-struct Conv2dGeom {
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-};
-
-Conv2dGeom check_geom(const char* op, at::IntArrayRef stride, at::IntArrayRef padding,
-                      at::IntArrayRef dilation) {
-  TORCH_CHECK(stride.size() == 2, op, ": stride must have 2 elements, got ", stride.size());
-  TORCH_CHECK(padding.size() == 2, op, ": padding must have 2 elements, got ", padding.size());
-  TORCH_CHECK(dilation.size() == 2, op, ": dilation must have 2 elements, got ",
-              dilation.size());
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ",
-              dilation);
-  return Conv2dGeom{stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
-}
-
-// Output spatial size; errors when the (dilated) kernel does not fit the padded input.
-std::pair<int64_t, int64_t> out_size(const char* op, int64_t h, int64_t w, int64_t kh,
-                                     int64_t kw, const Conv2dGeom& g) {
-  const int64_t ho = conv_out_size(h, kh, g.stride_h, g.pad_h, g.dil_h);
-  const int64_t wo = conv_out_size(w, kw, g.stride_w, g.pad_w, g.dil_w);
-  TORCH_CHECK(ho > 0 && wo > 0, op, ": input ", h, "x", w, " with padding (", g.pad_h, ", ",
-              g.pad_w, ") is too small for a ", kh, "x", kw, " kernel at dilation (", g.dil_h,
-              ", ", g.dil_w, "): output would be ", ho, "x", wo);
-  return {ho, wo};
-}
 
 at::MemoryFormat result_format(const at::Tensor& like) {
   return like.suggest_memory_format() == at::MemoryFormat::ChannelsLast
@@ -73,13 +45,13 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
   check_tensor(op, x, "x", 4);
   check_tensor(op, weight, "weight", 4);
   check_same(op, x, "x", weight, "weight");
-  const Conv2dGeom g = check_geom(op, stride, padding, dilation);
+  const ConvGeometry g = check_geometry(op, stride, padding, dilation);
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t c_out = weight.size(0), kh = weight.size(2), kw = weight.size(3);
   TORCH_CHECK(weight.size(1) == c_in, op, ": weight has ", weight.size(1),
               " input channels but x has ", c_in, " (groups must be 1)");
   TORCH_CHECK(kh >= 1 && kw >= 1, op, ": weight kernel size must be >= 1, got ", kh, "x", kw);
-  const auto [ho, wo] = out_size(op, h, w, kh, kw, g);
+  const auto [ho, wo] = check_out_size(op, h, w, kh, kw, g);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat fmt = result_format(x);
@@ -97,8 +69,8 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
   check_launch(fastaspp_atrous_conv2d_forward_cuda(
                    x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.data_ptr(),
                    shift_c.data_ptr(), y.data_ptr(), dtype_code(x.scalar_type()), n, c_in, h, w,
-                   c_out, kh, kw, ho, wo, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h,
-                   g.dil_w, relu ? 1 : 0, stream),
+                   c_out, kh, kw, ho, wo, g.stride[0], g.stride[1], g.padding[0], g.padding[1],
+                   g.dilation[0], g.dilation[1], relu ? 1 : 0, stream),
                "atrous_conv2d_forward");
   return to_format(y, fmt);
 }
@@ -110,7 +82,7 @@ at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tenso
   check_tensor(op, grad, "grad", 4);
   check_tensor(op, weight, "weight", 4);
   check_same(op, grad, "grad", weight, "weight");
-  const Conv2dGeom g = check_geom(op, stride, padding, dilation);
+  const ConvGeometry g = check_geometry(op, stride, padding, dilation);
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 elements, got ",
               input_size.size());
   const int64_t n = input_size[0], c_in = input_size[1], h = input_size[2], w = input_size[3];
@@ -120,7 +92,7 @@ at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tenso
   TORCH_CHECK(weight.size(1) == c_in, op, ": weight has ", weight.size(1),
               " input channels but input_size has ", c_in);
   TORCH_CHECK(kh >= 1 && kw >= 1, op, ": weight kernel size must be >= 1, got ", kh, "x", kw);
-  const auto [ho, wo] = out_size(op, h, w, kh, kw, g);
+  const auto [ho, wo] = check_out_size(op, h, w, kh, kw, g);
   TORCH_CHECK(grad.size(0) == n && grad.size(1) == c_out && grad.size(2) == ho &&
                   grad.size(3) == wo,
               op, ": grad must have shape [", n, ", ", c_out, ", ", ho, ", ", wo, "], got ",
@@ -138,7 +110,8 @@ at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tenso
   check_launch(fastaspp_atrous_conv2d_grad_input_cuda(
                    g_nhwc.data_ptr(), w_hwoi.data_ptr(), dx.data_ptr(),
                    dtype_code(grad.scalar_type()), n, c_in, h, w, c_out, kh, kw, ho, wo,
-                   g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, stream),
+                   g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0],
+                   g.dilation[1], stream),
                "atrous_conv2d_grad_input");
   return to_format(dx, fmt);
 }
@@ -150,7 +123,7 @@ at::Tensor atrous_conv2d_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
   check_tensor(op, x, "x", 4);
   check_tensor(op, grad, "grad", 4);
   check_same(op, x, "x", grad, "grad");
-  const Conv2dGeom g = check_geom(op, stride, padding, dilation);
+  const ConvGeometry g = check_geometry(op, stride, padding, dilation);
   TORCH_CHECK(weight_size.size() == 4, op, ": weight_size must have 4 elements, got ",
               weight_size.size());
   const int64_t c_out = weight_size[0], c_in = weight_size[1], kh = weight_size[2],
@@ -161,7 +134,7 @@ at::Tensor atrous_conv2d_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
   TORCH_CHECK(x.size(1) == c_in, op, ": x has ", x.size(1), " channels but weight_size has ",
               c_in, " input channels");
-  const auto [ho, wo] = out_size(op, h, w, kh, kw, g);
+  const auto [ho, wo] = check_out_size(op, h, w, kh, kw, g);
   TORCH_CHECK(grad.size(0) == n && grad.size(1) == c_out && grad.size(2) == ho &&
                   grad.size(3) == wo,
               op, ": grad must have shape [", n, ", ", c_out, ", ", ho, ", ", wo, "], got ",
@@ -182,8 +155,8 @@ at::Tensor atrous_conv2d_grad_weight_cuda(const at::Tensor& x, const at::Tensor&
   const cudaStream_t stream = current_stream(x);
   check_launch(fastaspp_atrous_conv2d_grad_weight_cuda(
                    x_nhwc.data_ptr(), g_nhwc.data_ptr(), dw.data_ptr(), ws.data_ptr(), ws_bytes,
-                   dtype, n, c_in, h, w, c_out, kh, kw, ho, wo, g.stride_h, g.stride_w, g.pad_h,
-                   g.pad_w, g.dil_h, g.dil_w, stream),
+                   dtype, n, c_in, h, w, c_out, kh, kw, ho, wo, g.stride[0], g.stride[1],
+                   g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], stream),
                "atrous_conv2d_grad_weight");
   return dw;
 }
