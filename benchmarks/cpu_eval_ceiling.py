@@ -1,7 +1,7 @@
 """How fast can an ASPP eval forward get on this CPU? Floors for two algorithms, measured in one run
 against the eager reference ASPP and fastaspp.nn.ASPP.
 
-- direct: the useful (live-tap) FLOPs at the machine's matmul rate (DESIGN.md §2.1), measured in the
+- direct: the useful (live-tap) FLOPs at the machine's matmul rate (docs/design.md §2), measured in the
   same run. No kernel that performs each live multiply-add can beat it.
 - winograd: each 3x3 branch of rate r split into its r x r sub-grids (pixels of equal residue mod r),
   where the atrous conv becomes a plain 3x3 conv with unit spacing (zeros beyond the map). Per axis,

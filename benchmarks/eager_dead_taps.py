@@ -1,6 +1,6 @@
 """Does the eager baseline already skip dead taps? Times torch's conv2d (oneDNN on CPU, cuDNN on GPU)
 for one 3x3 ASPP branch at several rates on one map and compares the time with the live share of
-its (pixel, tap) pairs (DESIGN.md §2.1).
+its (pixel, tap) pairs (docs/design.md §2).
 
 If eager time tracks the live share, the baseline skips padding work itself and dead-tap skipping
 cannot buy a speed-up against it; if it stays flat, it multiplies the zeros.

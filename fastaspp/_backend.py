@@ -97,7 +97,7 @@ def backend(name: str) -> Iterator[None]:
 
 
 # Successful resolutions by (name, device type): what a backend can run does not change within a
-# process, so a call pays one dict look-up (DESIGN.md §7). Failures are not kept: they raise anew;
+# process, so a call pays one dict look-up (docs/design.md §13). Failures are not kept: they raise anew;
 # nor is triton on CPU tensors, which follows TRITON_INTERPRET (the interpreter: tests only).
 _RESOLVED: dict = {}
 

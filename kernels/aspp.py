@@ -1,4 +1,4 @@
-"""Triton ASPP branches (eval mode) of fastaspp: b0..bR of DESIGN.md §2 written into one buffer.
+"""Triton ASPP branches (eval mode) of fastaspp: b0..bR of docs/design.md §1 written into one buffer.
 
 Contract:
 
@@ -6,10 +6,10 @@ Contract:
         x [N, Cin, H, W]; weights = [w0, w1, ..., wR]: w0 [C, Cin, 1, 1] is the 1x1 branch,
         wi [C, Cin, 3, 3] (i >= 1) the 3x3 branch with dilation = padding = rates[i-1]
         (rates: R >= 0 ints >= 1; a rate may exceed the map).  scale, shift [(1+R)*C]: BN folded
-        per branch (DESIGN.md §2.3), concatenated in branch order.
+        per branch (docs/design.md §3), concatenated in branch order.
         y [N, (1+R)*C, H, W] with channels_last (dense NHWC) storage; channels [i*C, (i+1)*C)
         hold act(conv_i(x) * scale[i*C:(i+1)*C] + shift[i*C:(i+1)*C]) (act = ReLU if relu), i.e.
-        torch.cat([branch_0, ..., branch_R], 1) without the cat (§2.5: each branch's epilogue
+        torch.cat([branch_0, ..., branch_R], 1) without the cat (§4: each branch's epilogue
         stores straight into its channel slice).  Batch 0 returns the empty buffer.
 
     aspp_branches_stats_forward(x, weights, rates) -> (z, mean, var)
@@ -30,14 +30,14 @@ All branches are ONE launch of _aspp_branches_kernel: grid axis 1 runs over (bra
 block), so every branch's patches are in flight together. One branch alone has few programs at
 batch 1 (33x33 with 128-pixel patches: 9 patches x 2 channel blocks, for 132 SMs on an H100), and
 four launches in a row also paid four launch overheads. Each program skips the taps that read only
-padding for its patch (§2.1), the same tap loop as kernels/atrous_conv.py (_accumulate_tap): at
+padding for its patch (§2), the same tap loop as kernels/atrous_conv.py (_accumulate_tap): at
 rates larger than the map only the centre tap of a 3x3 branch runs. The weights go in packed,
 tap-major, kept for weights that take no gradient.
 
-Not exploited on this backend: the shared centre tap (§2.2). b0 and the centre taps of b1..bR read
+Not exploited on this backend: the shared centre tap (§4). b0 and the centre taps of b1..bR read
 the same pixels; sharing the read needs every branch's accumulator in one program (R+1 of them per
 patch) or an fp32 round trip of the centre sums, and it saves loads (mostly L2 hits), no MACs, so
-it waits for a GPU measurement. The pooling branch and the projection (§2.4, §2.5 back-to-back
+it waits for a GPU measurement. The pooling branch and the projection (§5, the back-to-back
 GEMM) are not part of this function.
 """
 
@@ -212,7 +212,7 @@ def _empty_stats(t, channels):
 def aspp_branches_stats_forward(x, weights, rates):
     """Training forward of the branches: (z, mean, var). z = the raw conv outputs [N, (1+R)*C, H, W]
     (channels_last, x's dtype); mean, var [(1+R)*C] = their per-channel BN batch statistics (biased
-    variance over N*H*W, fp32 or fp64), gathered in the conv epilogues (DESIGN.md §2.6) from the
+    variance over N*H*W, fp32 or fp64), gathered in the conv epilogues (docs/design.md §6) from the
     unrounded accumulators. Zeros when N*H*W == 0."""
     total = len(list(weights)) * weights[0].shape[0]
     n, _, h, w = x.shape

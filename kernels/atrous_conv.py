@@ -11,9 +11,9 @@ Contract (the same semantics as the C++ backends; arguments are validated by the
         the same y, stored into out[:, channel_offset:channel_offset + Cout] of a preallocated
         out [N, Ctot, Ho, Wo] with dense NHWC storage (out.permute(0, 2, 3, 1).is_contiguous()),
         x's dtype and device; the other channels of out are not touched.  This is how several
-        convolutions write one concatenated buffer without torch.cat (DESIGN.md §2.5).  out must
+        convolutions write one concatenated buffer without torch.cat (docs/design.md §4).  out must
         not share memory with x (asserted, with the other invariants).
-        Keyword options fuse the training steps of DESIGN.md §2.6: prologue=(m, s, t) reads x as
+        Keyword options fuse the training steps of docs/design.md §6: prologue=(m, s, t) reads x as
         relu((x - m) * s + t), image_bias adds a per-image [N, Cout] bias, stats= records per-patch BN
         statistics (stats_buffer / merge_stats).
     atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation) -> dx
@@ -35,7 +35,7 @@ smaller configs.  Under TRITON_INTERPRET=1, bfloat16 operands are widened to flo
 tl.dot, because the interpreter (numpy has no bfloat16) computes bfloat16 arithmetic wrongly; on
 the GPU they go to the tensor cores as bfloat16.
 
-Tiling and dead-tap skipping (DESIGN.md §2.1, §2.7).  Along one axis, tap k reads input
+Tiling and dead-tap skipping (docs/design.md §2, §7).  Along one axis, tap k reads input
 i = o * stride + k * dilation - padding for output o; the outputs for which that lies inside the
 image form one range [lo, hi) (``_live_out_range``, the mirror of ``tap_live_range`` in
 csrc/common/tap_geometry.h).
@@ -348,7 +348,7 @@ def _epilogue(acc, scale_ptr, shift_ptr, bias_ptr, y_ptr, stats_ptr, n, oh, ow, 
     store_ok = ((oh < oh_end) & (ow < ow_end))[:, None] & n_ok[None, :]
     tl.store(y_ptr + y_rows[:, None] + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
              mask=store_ok)
-    if STATS:  # BN batch statistics of this patch (DESIGN.md §2.6), about the patch's own mean
+    if STATS:  # BN batch statistics of this patch (docs/design.md §6), about the patch's own mean
         count = tl.sum(store_ok.to(ACC_DTYPE), axis=0)
         total = tl.sum(tl.where(store_ok, out, 0.0), axis=0)
         centred = tl.where(store_ok, out - (total / tl.maximum(count, 1.0))[None, :], 0.0)
@@ -540,9 +540,10 @@ def _nhwc_empty(n, c, h, w, like):
 
 
 # Tap-major copies of weights that take no gradient (eval-folded, frozen), kept while the weight
-# lives and is unchanged, so that repeated inference pays the re-layout once (on an H100 it was a
-# 0.032 ms kernel plus its launch on every call). Weights that train are re-laid out per call, as
-# they change every step and a kept copy would only add memory. Keyed by identity, weakly.
+# lives and is unchanged, so that repeated inference pays the re-layout once (otherwise every call
+# pays an extra kernel and its launch: benchmarks/results/GPU-NOTES.md). Weights that train are
+# re-laid out per call, as they change every step and a kept copy would only add memory. Keyed by
+# identity, weakly.
 _TAP_MAJOR = WeakIdKeyDictionary()
 
 
@@ -647,7 +648,7 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
     """atrous_conv2d_forward's result stored into out[:, channel_offset:channel_offset + Cout].
 
     out: [N, Ctot, Ho, Wo], dense NHWC storage, x's dtype and device.  Returns None.
-    Optional fusions (DESIGN.md §2.6), all validated by the caller:
+    Optional fusions (docs/design.md §6), all validated by the caller:
       prologue=(m, s, t): x is read as relu((x - m) * s + t) per input channel ([Cin] each;
         padding stays zero), the previous BN's normalize + ReLU applied while loading;
       image_bias [N, Cout]: added per image after scale/shift, before the ReLU;

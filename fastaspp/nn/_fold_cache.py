@@ -1,5 +1,5 @@
 """A memo for a module's folded (eval) parameters: BN folding and weight preparation run once per
-parameter version rather than every call (DESIGN.md §7).
+parameter version rather than every call (docs/design.md §12).
 
 The rule (the C++ backend's twin is csrc/cpu/kept.h): a kept value is valid while every tensor it
 came from is the same object with the same storage and version counter. In-place updates
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 
 def state_tensors(module: nn.Module, out: Optional[List[Tensor]] = None) -> List[Tensor]:
-    """module's parameters and buffers, from its submodules' own dicts: a fifth of the time of
+    """module's parameters and buffers, from its submodules' own dicts: much cheaper than
     parameters() + buffers() (no name building, no de-duplication set), which a per-call check needs."""
     out = [] if out is None else out
     for t in module._parameters.values():

@@ -23,7 +23,7 @@ class ASPP(nn.Module):
     Inference (eval, no autograd needed): one fused path, fastaspp.ops.aspp_eval: every
     branch into one buffer (no concat), the pooling branch as a per-image bias of the
     projection, all BN folded (folded parameters cached until a parameter or buffer changes).
-    Training (DESIGN.md §2.6): the conv branches into one buffer with their BN batch statistics
+    Training (docs/design.md §6): the conv branches into one buffer with their BN batch statistics
     from the conv epilogues (fastaspp.ops.aspp_branches_stats), the BN scale from them (running
     statistics moved exactly as each branch's nn.BatchNorm2d would; synchronised across ranks
     after convert_sync_batchnorm), then the projection with that normalize + ReLU in its GEMM
@@ -97,7 +97,7 @@ class ASPP(nn.Module):
                    and getattr(b, "process_group", None) is getattr(first, "process_group", None) for b in bns)
 
     def _forward_train(self, x: Tensor) -> Tensor:
-        """DESIGN.md §2.6: branch statistics from the conv epilogues, the branch BN's normalize + ReLU
+        """docs/design.md §6: branch statistics from the conv epilogues, the branch BN's normalize + ReLU
         in the projection's prologue (the normalised concat is never stored), the projection BN's
         statistics from its epilogue."""
         bns = self._branch_bns()

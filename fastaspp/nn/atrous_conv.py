@@ -60,8 +60,8 @@ def fold_bn(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
 
 
 def _member(module: nn.Module, table: str, name: str) -> Optional[Tensor]:
-    """module.<name> read from its parameter or buffer dict: nn.Module.__getattr__ costs a few
-    tenths of a µs a read, which a small call pays six times (a parametrized weight, which lives
+    """module.<name> read from its parameter or buffer dict: nn.Module.__getattr__ is slow (a search
+    of several dicts per read), which a small call pays six times (a parametrized weight, which lives
     elsewhere, falls back to getattr)."""
     members = module.__dict__[table]
     return members[name] if name in members else getattr(module, name)

@@ -30,7 +30,7 @@ _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 def route(*tensors: Optional[Tensor]) -> Route:
     """How an eager call on these tensors runs. The op dispatch costs a small call tens of µs of host
-    time (DESIGN.md §7), so plain eager calls skip it; anything that must see the op (tracing,
+    time (docs/design.md §13), so plain eager calls skip it; anything that must see the op (tracing,
     fake or functional tensors, modes) goes through it."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._is_torch_function_mode_enabled()):

@@ -1,4 +1,4 @@
-"""Eval-mode ASPP as fused ops (DESIGN.md §2).
+"""Eval-mode ASPP as fused ops (docs/design.md §3-§5).
 
   * torch.ops.fastaspp.aspp_branches: every conv branch (the 1x1 and the 3x3 atrous ones)
     with BN folded and ReLU, written into ONE NHWC buffer [N, (1+R)*C, H, W]: no concat.

@@ -1,4 +1,4 @@
-"""Training-mode ASPP ops (DESIGN.md §2.6): BN statistics from the conv epilogues, the branch BN's
+"""Training-mode ASPP ops (docs/design.md §6): BN statistics from the conv epilogues, the branch BN's
 normalize + ReLU in the prologue of the projection GEMM.
 
   * torch.ops.fastaspp.aspp_branches_stats(x, weights, rates) -> (z, mean, var): the raw conv

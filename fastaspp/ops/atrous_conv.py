@@ -3,7 +3,7 @@
     y = act((conv2d(x, weight, stride, padding, dilation) + bias) * scale + shift)
 
 per output channel. Layers, each paying only for what it adds (a small call's budget is that of
-eager PyTorch's conv + affine + relu, DESIGN.md §7):
+eager PyTorch's conv + affine + relu, docs/design.md §13):
   * atrous_conv2d(): checks arguments once (errors name the argument), resolves the backend, then
     runs the call one of three ways (fastaspp.ops._library.route): the backend kernel directly when no autograd is
     needed; an autograd.Function around the kernels when it is (eager training); the torch op
@@ -15,7 +15,7 @@ eager PyTorch's conv + affine + relu, DESIGN.md §7):
     has the whole backward in one call, _atrous_conv2d_backward) and fastaspp.kernels.atrous_conv
     (Triton).
 
-Backward (DESIGN.md §2.7): with g = grad masked by the saved output (ReLU),
+Backward (docs/design.md §7): with g = grad masked by the saved output (ReLU),
 dx = conv_transpose(g*scale, weight), dW = scale * wgrad(x, g), dshift = Σg,
 dbias = scale*Σg and dscale = Σ g*(z+bias) = <W, wgrad(x, g)> + bias*Σg, so the
 pre-activation z is never stored. The eager Function and the op's autograd share it.
@@ -216,7 +216,7 @@ def _backward(ctx, grad: Tensor):
 
 class _AtrousConv2dFunction(torch.autograd.Function):
     """Eager autograd around the backend kernels: what torch.ops.fastaspp.atrous_conv2d's autograd
-    does, without the op dispatch (about half the host time of a small training call)."""
+    does, without the op dispatch (a large part of a small training call's host time)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
