@@ -1,4 +1,4 @@
-"""Build fastaspp and its C++/CUDA op library fastaspp._C (with ninja).
+"""Build fastaspp's C++/CUDA op library fastaspp._C (with ninja); the package's metadata is in pyproject.toml.
 
 The C++ CPU kernels are always built. The CUDA kernels are built when torch has
 CUDA and nvcc is found; FASTASPP_WITH_CUDA=1 or =0 forces either way. The build
@@ -9,10 +9,9 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
-
 import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +38,9 @@ def want_cuda() -> bool:
 
 
 def extension():
-    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
     sources = rel("csrc/*.cpp") + rel("csrc/common/*.cpp") + rel("csrc/cpu/*.cpp")
     # at::parallel_for is an OpenMP pragma in torch's headers: without -fopenmp it runs serially.
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
@@ -58,19 +59,6 @@ def extension():
 
 
 setup(
-    name="fastaspp",
-    version="0.1.0",
-    description="Fused atrous convolution and ASPP kernels for DeepLabV3 (Triton, CUDA, C++)",
-    packages=["fastaspp", "fastaspp.ops", "fastaspp.nn", "fastaspp.kernels", "fastaspp.models", "fastaspp.data",
-              "fastaspp.bench"],
-    package_dir={"fastaspp.kernels": "kernels"},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "matplotlib", "pillow", "tqdm"],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "ninja"],
-    },
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["fastaspp = fastaspp.cli:main"]},
 )

@@ -136,7 +136,8 @@ def main() -> None:
     wino = {}
     for r in args.rates:
         points, rows = winograd_gemm_shape(batch, size, r)
-        wino[r] = (torch.randn(points, rows, args.c_in, generator=gen), torch.randn(points, args.c_in, c, generator=gen))
+        wino[r] = (torch.randn(points, rows, args.c_in, generator=gen),
+                   torch.randn(points, args.c_in, c, generator=gen))
 
     def eager_call():
         with torch.no_grad():
@@ -175,7 +176,8 @@ def main() -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path = os.path.join(args.out, f"cpu-eval-ceiling-{stamp}.json")
         result = {"environment": environment(), "shape": shape.name, "batch": batch, "eager_ms": t_eager,
-                  "fused_ms": t_fused, "peak_tflops": peak_tflops, "direct_floor_ms": direct_floor, "winograd_floor_ms": wino_floor,
+                  "fused_ms": t_fused, "peak_tflops": peak_tflops, "direct_floor_ms": direct_floor,
+                  "winograd_floor_ms": wino_floor,
                   "one_by_one_ms": t_1x1, "projection_ms": t_proj,
                   "rates": [{"rate": r, "onednn_conv_ms": t_conv[r], "winograd_gemm_ms": t_wino[r],
                              "winograd_points_rows": winograd_gemm_shape(batch, size, r)} for r in args.rates],

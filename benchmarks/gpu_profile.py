@@ -47,9 +47,9 @@ def main():
         pair = benchmark.ConvPair(shapes[name], batch, torch.bfloat16, torch.device("cuda"))
         x = pair.xs[0]
         with torch.no_grad():
-            fns = {"eager": lambda: pair.eager(x)}
+            fns = {"eager": lambda pair=pair, x=x: pair.eager(x)}
             for b in ("triton", "cuda"):
-                fns[b] = (lambda b=b: _with_backend(b, pair.fused, x))
+                fns[b] = (lambda b=b, pair=pair, x=x: _with_backend(b, pair.fused, x))
             for label, fn in fns.items():
                 call, host = per_call_ms(fn), host_ms(fn)
                 kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in kernel_table(fn))

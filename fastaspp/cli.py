@@ -80,9 +80,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     gpu_full = device.type == "cuda" and not args.quick
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    progress = lambda r: print(f"  {r.kind} {r.shape} b{r.batch} [{r.backend}]: eager {fmt_ms(r.eager_ms)} ms, "
-                               f"fused {fmt_ms(r.fused_ms)} ms, {r.speedup:.2f}x"
-                               + (f", compiled {fmt_ms(r.compiled_ms)} ms" if r.compiled_ms else ""), flush=True)
+    def progress(r):
+        print(f"  {r.kind} {r.shape} b{r.batch} [{r.backend}]: eager {fmt_ms(r.eager_ms)} ms, "
+              f"fused {fmt_ms(r.fused_ms)} ms, {r.speedup:.2f}x"
+              + (f", compiled {fmt_ms(r.compiled_ms)} ms" if r.compiled_ms else ""), flush=True)
     peak = measure_peak_tflops(device, dtype)
     print(f"peak: {peak:.2f} TFLOP/s ({args.dtype} matmul on {device})")
     rows = []
@@ -223,7 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if err > 1e-4:
         print("fastaspp demo: the fused op disagrees with the reference", file=sys.stderr)
         return 1
-    cfg = TrainConfig(model="deeplabv3_mobilenet_v3_large", dataset="synthetic", iters=(400 if gpu else 150) if args.iters is None else args.iters,
+    iters = (400 if gpu else 150) if args.iters is None else args.iters
+    cfg = TrainConfig(model="deeplabv3_mobilenet_v3_large", dataset="synthetic", iters=iters,
                       batch_size=16 if gpu else 8, crop=257 if gpu else 129, device=args.device, out=args.out,
                       save_every=10**9, seed=0, overwrite=True)
     print(f"2. training {cfg.model} (fused) on the synthetic scenes: {cfg.iters} iterations, batch {cfg.batch_size}, "
@@ -344,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     backend_option(bench, ", or all (each usable one)")
     bench.add_argument("--quick", action="store_true", help="a few shapes at batch 1")
     bench.add_argument("--out", help="directory for the JSON, markdown and PNG results")
-    bench.add_argument("--threads", type=_positive_int, default=None, help="torch threads for the run (default: torch's)")
+    bench.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch threads for the run (default: torch's)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

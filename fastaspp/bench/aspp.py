@@ -81,7 +81,8 @@ def measure(shape: AsppShape, batch: int, mode: str, dtype: torch.dtype, device:
     for m in (eager, fused):
         m.train(mode == "train")
     if mode == "eval":
-        step = lambda m: (lambda: m(next_x()))
+        def step(m):
+            return lambda: m(next_x())
         grad = torch.no_grad()
     else:
         def step(m):

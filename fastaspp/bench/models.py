@@ -121,7 +121,8 @@ def measure(name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.
         mems = [peak_memory_mb(fn, device) for fn in fns[:2]]
     if mode == "train":
         useful, dense = 3 * useful, 3 * dense
-    return Row(f"model {mode}" + (" cuda-graph" if cuda_graphs else ""), f"{name}-{size}", batch, str(dtype).replace("torch.", ""), str(device),
+    return Row(f"model {mode}" + (" cuda-graph" if cuda_graphs else ""), f"{name}-{size}", batch,
+               str(dtype).replace("torch.", ""), str(device),
                fastaspp.resolve_backend(device), times[0].median_ms, times[1].median_ms, times[0].spread_ms,
                times[1].spread_ms, useful, dense, err, times[2].median_ms if compile_baseline else None, *mems)
 

@@ -71,7 +71,8 @@ def markdown(rows: List[Row], peak_tflops: Optional[float]) -> str:
         compiled = "-" if r.compiled_ms is None else f"{fmt_ms(r.compiled_ms)} ({r.compiled_ms / r.fused_ms:.2f}x)"
         share = f"{100 * r.tflops('fused', 'useful') / peak_tflops:.1f}%" if peak_tflops else "-"
         lines.append(
-            f"| {r.kind} {r.shape} | {r.batch} | {r.dtype} | {r.backend} | {fmt_ms(r.eager_ms)} ±{fmt_ms(r.eager_spread_ms)} | "
+            f"| {r.kind} {r.shape} | {r.batch} | {r.dtype} | {r.backend} | "
+            f"{fmt_ms(r.eager_ms)} ±{fmt_ms(r.eager_spread_ms)} | "
             f"{fmt_ms(r.fused_ms)} ±{fmt_ms(r.fused_spread_ms)} | {r.speedup:.2f}x | {compiled} | "
             f"{r.tflops('fused', 'dense'):.3f} / {r.tflops('fused', 'useful'):.3f} | {share} | "
             f"{r.tflops('eager', 'dense'):.3f} / {r.tflops('eager', 'useful'):.3f} | {_mem(r)} | "
