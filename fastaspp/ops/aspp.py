@@ -29,7 +29,8 @@ from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._dtypes import accumulator_dtype
 from fastaspp.ops._library import LIB, Route, route
-from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor, conv_affine_backward
+from fastaspp.ops._checks import check_backend, check_like, check_tensor
+from fastaspp.ops.atrous_conv import conv_affine_backward
 
 
 def _triton_aspp():
@@ -156,12 +157,12 @@ LIB.define("aspp_branches_grad_input(Tensor grad, Tensor[] weights, int[] rates,
 
 
 def _op_branches(x, weights, rates, scale, shift, relu, backend):
-    _check_backend(backend, x)
+    check_backend(backend, x)
     return _branches_kernel(x, list(weights), list(rates), scale, shift, relu, backend)
 
 
 def _op_grad_input(grad, weights, rates, input_size, backend):
-    _check_backend(backend, grad)
+    check_backend(backend, grad)
     return _grad_input_kernel(grad, list(weights), list(rates), list(input_size), backend)
 
 
@@ -201,15 +202,15 @@ if _ext.loaded():
 
 # ---------------------------------------------------------------- public entry points
 def check_aspp_args(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int]) -> None:
-    _check_tensor(x, "x", 4)
+    check_tensor(x, "x", 4)
     if len(weights) != len(rates) + 1:
         raise ValueError(f"weights must hold {len(rates) + 1} tensors (the 1x1 branch, then one per rate), "
                          f"got {len(weights)}")
     c = weights[0].shape[0] if isinstance(weights[0], Tensor) and weights[0].dim() == 4 else -1
     cin = x.shape[1]
     for i, w in enumerate(weights):
-        _check_tensor(w, f"weights[{i}]", 4)
-        _check_like(w, f"weights[{i}]", x)
+        check_tensor(w, f"weights[{i}]", 4)
+        check_like(w, f"weights[{i}]", x)
         k = 1 if i == 0 else 3
         if tuple(w.shape) != (c, cin, k, k):
             raise ValueError(f"weights[{i}] must have shape {(c, cin, k, k)} for x with {cin} "
@@ -221,8 +222,8 @@ def check_aspp_args(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int]) 
 
 def _check_affine(x: Tensor, scale: Tensor, shift: Tensor, total: int) -> None:
     for name, t in (("scale", scale), ("shift", shift)):
-        _check_tensor(t, name, 1)
-        _check_like(t, name, x)
+        check_tensor(t, name, 1)
+        check_like(t, name, x)
         if t.shape[0] != total:
             raise ValueError(f"{name} must have length (1+R)*C={total}, got {t.shape[0]}")
 

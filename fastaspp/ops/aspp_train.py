@@ -36,7 +36,7 @@ from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._dtypes import accumulator_dtype
 from fastaspp.ops._library import LIB, Route, route
 from fastaspp.ops.aspp import _branches_shape, _triton_aspp, any_needed, branches_backward, check_aspp_args
-from fastaspp.ops.atrous_conv import _check_backend, _check_like, _check_tensor
+from fastaspp.ops._checks import check_backend, check_like, check_tensor
 
 Stats = Tuple[Tensor, Tensor, Tensor]
 
@@ -80,12 +80,13 @@ def _project_kernel(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, wei
     if backend == "cpu":
         return torch.ops.fastaspp._affine_relu_project_forward.default(*args)
     # cuda: torch ops (the .cu kernel has no prologue yet); the activation is materialised here.
-    y = _project_reference(*args)
+    y = _project_with_torch_ops(*args)
     return (y, *_var_mean(y))
 
 
-def _project_reference(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                       image_bias: Tensor) -> Tensor:
+def _project_with_torch_ops(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                            image_bias: Tensor) -> Tensor:
+    """The projection as torch ops: the cuda backend's path until its kernel has the BN + ReLU prologue."""
     acc = accumulator_dtype(z.dtype)
     centre, scale, shift = (t.to(acc).view(1, -1, 1, 1) for t in (centre, scale, shift))
     u = torch.relu((z.to(acc) - centre) * scale + shift)
@@ -183,12 +184,12 @@ LIB.define("affine_relu_project(Tensor z, Tensor centre, Tensor scale, Tensor sh
 
 
 def _op_branches_stats(x, weights, rates, backend):
-    _check_backend(backend, x)
+    check_backend(backend, x)
     return _branches_stats_kernel(x, list(weights), list(rates), backend)
 
 
 def _op_project(z, centre, scale, shift, weight, image_bias, backend):
-    _check_backend(backend, z)
+    check_backend(backend, z)
     return _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
 
 
@@ -266,7 +267,7 @@ def affine_relu_project(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
         dtype = autocast_dtype(z)
         z, centre, scale, shift, weight, image_bias = (cast(t, dtype) if isinstance(t, Tensor) else t
                                                        for t in (z, centre, scale, shift, weight, image_bias))
-    _check_tensor(z, "z", 4)
+    check_tensor(z, "z", 4)
     if isinstance(weight, Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
         weight = weight.flatten(1)
     n, k = z.shape[:2]
@@ -274,7 +275,7 @@ def affine_relu_project(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
     for name, t in named:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_like(t, name, z)
+        check_like(t, name, z)
     cout = weight.shape[0] if weight.dim() == 2 else -1
     for (name, t), shape in zip(named, [(k,)] * 3 + [(cout, k), (n, cout)]):
         if tuple(t.shape) != shape:

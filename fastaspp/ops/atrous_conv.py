@@ -22,7 +22,7 @@ pre-activation z is never stored. The eager Function and the op's autograd share
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,49 +32,20 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.geometry import conv_out_size
 from fastaspp.ops._autocast import autocast_dtype, cast
+from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
 from fastaspp.ops._dtypes import accumulator_dtype
 from fastaspp.ops._library import LIB, Route, route
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the common first: a membership test is a scan
-IntPair = Union[int, Sequence[int]]
-
 
 # ---------------------------------------------------------------- argument checks (the one layer)
-def _pair(value: IntPair, name: str) -> List[int]:
-    if type(value) is int:
-        return [value, value]
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        first, second = value
-        if type(first) is int and type(second) is int:
-            return [first, second]
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def _check_tensor(t: Tensor, name: str, dim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dim:
-        shape = "[N, C, H, W]" if dim == 4 else "[C_out]"
-        raise ValueError(f"{name} must be a {dim}-D tensor {shape}, got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
-def _check_like(t: Tensor, name: str, x: Tensor) -> None:
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-
-
 def check_atrous_conv2d_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                              shift: Optional[Tensor], stride: List[int], padding: List[int],
                              dilation: List[int]) -> None:
     """Raises the error that names the first bad argument. Each attribute is read once: this runs on
     every call, and a small call's whole budget is a few µs of Python."""
-    _check_tensor(x, "x", 4)
-    _check_tensor(weight, "weight", 4)
-    _check_like(weight, "weight", x)
+    check_tensor(x, "x", 4)
+    check_tensor(weight, "weight", 4)
+    check_like(weight, "weight", x)
     n, c, h, w = x.shape
     c_out, c_in, kh, kw = weight.shape
     if c_in != c:
@@ -84,8 +55,8 @@ def check_atrous_conv2d_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         raise ValueError(f"weight must have non-zero C_out, C_in, KH and KW, got shape {tuple(weight.shape)}")
     for name, t in (("bias", bias), ("scale", scale), ("shift", shift)):
         if t is not None:
-            _check_tensor(t, name, 1)
-            _check_like(t, name, x)
+            check_tensor(t, name, 1)
+            check_like(t, name, x)
             if t.shape[0] != c_out:
                 raise ValueError(f"{name} must have length C_out={c_out}, got {t.shape[0]}")
     if stride[0] < 1 or stride[1] < 1:
@@ -94,8 +65,8 @@ def check_atrous_conv2d_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         raise ValueError(f"dilation must be >= 1, got {tuple(dilation)}")
     if padding[0] < 0 or padding[1] < 0:
         raise ValueError(f"padding must be >= 0, got {tuple(padding)}")
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1  # geometry.conv_out_size
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    out_w = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
     if out_h < 1 or out_w < 1:
         raise ValueError(f"output size {out_h}x{out_w} is too small: x is {h}x{w}, kernel {kh}x{kw}, "
                          f"stride {tuple(stride)}, padding {tuple(padding)}, dilation {tuple(dilation)}")
@@ -106,16 +77,6 @@ def _triton_kernels():
     from fastaspp.kernels import atrous_conv as triton_atrous_conv
 
     return triton_atrous_conv
-
-
-def _check_backend(backend: str, t: Tensor) -> None:
-    """For calls of the torch ops themselves, whose backend argument nothing else has checked."""
-    resolved = resolve_backend(t.device, backend)
-    if backend == "auto" or resolved != backend:
-        raise ValueError(f"backend must be a concrete backend name, got {backend!r}")
-    if backend == "triton" and t.dtype not in _triton_kernels().SUPPORTED_DTYPES:
-        raise TypeError(f"fastaspp backend 'triton' does not support {t.dtype}; "
-                        f"supported: {_triton_kernels().SUPPORTED_DTYPES}")
 
 
 def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> List[int]:
@@ -237,18 +198,18 @@ LIB.define("atrous_conv2d_grad_weight(Tensor x, Tensor grad, int[] weight_size, 
 
 
 def _op_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
-    _check_backend(backend, x)
+    check_backend(backend, x)
     return _forward_kernel(x, weight, bias, scale, shift, list(stride), list(padding), list(dilation), relu, backend)
 
 
 def _op_grad_input(grad, weight, input_size, stride, padding, dilation, backend):
-    _check_backend(backend, grad)
+    check_backend(backend, grad)
     dx = _grad_input_kernel(grad, weight, list(input_size), list(stride), list(padding), list(dilation), backend)
     return dx.contiguous(memory_format=suggest_memory_format(grad))
 
 
 def _op_grad_weight(x, grad, weight_size, stride, padding, dilation, backend):
-    _check_backend(backend, x)
+    check_backend(backend, x)
     return _grad_weight_kernel(x, grad, list(weight_size), list(stride), list(padding), list(dilation),
                                backend).contiguous()
 
@@ -323,7 +284,7 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     when a gradient is needed); under torch.compile, export, dispatch modes or tensor subclasses the
     call is torch.ops.fastaspp.atrous_conv2d.
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     if isinstance(x, Tensor):
         dtype = autocast_dtype(x)
         if dtype is not None:

@@ -1,10 +1,7 @@
-"""Batch norm + ReLU over the ASPP branches' single buffer, batch norm synchronised across ranks, and
-the training BN's scale from batch statistics gathered elsewhere (batch_norm_scale: the conv
-epilogues of fastaspp.ops.aspp_train).
+"""Batch norm synchronised across ranks, and the training BN's scale from batch statistics gathered
+elsewhere (batch_norm_scale: the conv epilogues of fastaspp.ops.aspp_train).
 
-concat_bn_relu is DeepLabV3's "concat → BN → ReLU" step as one call on the buffer the branches
-wrote (fastaspp.ops.aspp_branches): one per-channel normalisation for every branch, no
-torch.cat. sync_batch_norm is the training batch norm whose statistics span every rank; its
+sync_batch_norm is the training batch norm whose statistics span every rank; its
 all-reduces are autograd-aware (torch.distributed.nn), so backward all-reduces the gradient
 sums as SyncBatchNorm's does, and it runs on CPU tensors (gloo), which torch.nn.SyncBatchNorm
 refuses.
@@ -15,7 +12,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastaspp.ops._dtypes import accumulator_dtype
@@ -87,26 +83,3 @@ def batch_norm_scale(mean: Tensor, var: Tensor, count: int, weight: Optional[Ten
             running_var.mul_(1 - factor).add_((var * (count / (count - 1))).to(running_var.dtype), alpha=factor)
     scale = torch.rsqrt(var + eps)
     return mean, scale if weight is None else weight.to(acc) * scale
-
-
-def concat_bn_relu(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], *, training: bool, factor: float, eps: float,
-                   synchronise: bool = False, process_group=None) -> Tensor:
-    """relu(batch_norm(z)) per channel of z [N, (1+R)*C, H, W], the branches' buffer.
-
-    weight, bias, running_mean, running_var: [(1+R)*C], every branch's BN parameters end to
-    end. Training uses batch statistics (all-reduced over process_group when synchronise and
-    torch.distributed is initialised) and moves the running statistics, in place, by factor
-    (nn.BatchNorm2d's momentum, or 1/num_batches_tracked for a cumulative average); eval uses
-    the running statistics.
-    """
-    if z.dim() != 4:
-        raise ValueError(f"z must be a 4-D tensor [N, C, H, W], got shape {tuple(z.shape)}")
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and tuple(t.shape) != (z.shape[1],):
-            raise ValueError(f"{name} must have shape ({z.shape[1]},), got {tuple(t.shape)}")
-    if training and synchronise and distributed():
-        y = sync_batch_norm(z, weight, bias, running_mean, running_var, factor, eps, process_group)
-    else:
-        y = F.batch_norm(z, running_mean, running_var, weight, bias, training, factor, eps)
-    return F.relu(y)
