@@ -1,4 +1,16 @@
-"""fastaspp.nn.ASPP and the ASPP ops against the reference ASPP (torchvision's layout)."""
+"""fastaspp.nn.ASPP and the ASPP ops against the reference ASPP (torchvision's layout).
+
+Tolerances (tests/_cases.py): eval and the ops against the reference in fp64 within the rounding
+bound of rule 2 (aspp_eval_bound: the branches, Winograd's magnitude where the cpu backend ran it,
+then the projection over them); training, whose batch statistics admit no useful a-priori bound,
+within 3x plain PyTorch's own fp32 error against fp64 (rule 3). Checked to fail on a plausible
+bug, in a scratch run: eval against a reference with a dropped tap (every case with a live corner
+tap), a pooling weight off by 1%, a projection BN weight or a branch BN bias off by 1e-3 (the cases
+where the Winograd path did not run: its worst-case bound is 20 to 350 times wider); training with
+a fused conv weight off by 1e-4 or a projection BN momentum off by 1e-3 (every case it reaches).
+"""
+import copy
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -8,6 +20,9 @@ import torch.nn.functional as F
 import fastaspp
 from fastaspp import reference
 
+from _cases import BN_FOLD, CONV_EPILOGUE, absolute, aspp_branches_bound, assert_as_accurate_as_plain, \
+    assert_masks_unambiguous, assert_relu_margin, assert_within, environ, expect_winograd, frozen_statistics, \
+    magnitude_model, per_conversion, recording_relu_inputs, relative_bound, winograd_conv_magnitude, winograd_depth
 from conftest import ON_GPU, device_for
 
 
@@ -65,6 +80,66 @@ def make_x(case, device, channels_last=True, seed=1):
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
+def _folded_bn_magnitude(bn, m):
+    """|scale| * m + |beta| + |mean| |scale| per channel: the magnitude of a folded eval BN applied to
+    values of magnitude m."""
+    scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = bn.bias.detach().double().abs() + bn.running_mean.double().abs() * scale.abs()
+    return scale.abs().view(1, -1, 1, 1) * m + shift.view(1, -1, 1, 1)
+
+
+def aspp_eval_bound(ref, x, winograd):
+    """(exact, magnitude, depth) of an eval ASPP (rule 2): the reference in fp64 on x's values, the
+    magnitude of each branch (Winograd's where the cpu backend may run it: winograd), their BNs
+    folded, then of the projection over them; depth: the longest branch chain (9 Cin products, the
+    Winograd transforms, or the pooling branch's mean over H*W then Cin products) plus the
+    projection's ((2+R)*C products, the per-image bias added), each with its folded BN (BN_FOLD) and
+    epilogue (CONV_EPILOGUE)."""
+    x64 = x.detach().double()
+    exact = copy.deepcopy(ref).double().eval()(x64)
+    n, c_in, h, w = x.shape
+    mags, depth = [], 0
+    for branch in list(ref.convs)[:-1]:
+        conv, bn = branch[0], branch[1]
+        weight = conv.weight.detach().double()
+        if conv.kernel_size == (1, 1):
+            mag, d = F.conv2d(x64.abs(), weight.abs()), c_in
+        elif winograd and expect_winograd(h, w, conv.dilation[0]):
+            mag, d = winograd_conv_magnitude(x64, weight, conv.dilation[0]), winograd_depth(c_in)
+        else:
+            r = conv.dilation[0]
+            mag, d = F.conv2d(x64.abs(), weight.abs(), padding=r, dilation=r), 9 * c_in
+        mags.append(_folded_bn_magnitude(bn, mag))
+        depth = max(depth, d)
+    pool = ref.convs[-1]
+    pooled = F.conv2d(x64.abs().mean((2, 3), keepdim=True), pool[1].weight.detach().double().abs())
+    mags.append(_folded_bn_magnitude(pool[2], pooled).expand(-1, -1, h, w))
+    depth = max(depth, h * w + 1 + c_in)
+    proj_conv, proj_bn = ref.project[0], ref.project[1]
+    magnitude = _folded_bn_magnitude(proj_bn, F.conv2d(torch.cat(mags, 1), proj_conv.weight.detach().double().abs()))
+    depth += proj_conv.in_channels + 2 * (BN_FOLD + CONV_EPILOGUE) + 1
+    return exact, magnitude, depth
+
+
+def ran_winograd(module, x, out, backend):
+    """Whether the cpu backend's Winograd path made `out` (module(x)): out differs in its bits from the
+    same call with Winograd switched off. Equal bits satisfy the other paths' (much tighter) bound."""
+    if backend != "cpu" or os.environ.get("FASTASPP_CPU_WINOGRAD") == "0":
+        return False
+    with torch.no_grad(), environ(FASTASPP_CPU_WINOGRAD="0"):
+        return not torch.equal(out, module(x))
+
+
+def assert_eval_close(mine, ref, x, backend, what="", dtype=torch.float32, storage_roundings=0):
+    """mine(x) (eval, no grad) within rule 2's bound of the fp64 reference (aspp_eval_bound);
+    returns mine(x)."""
+    with torch.no_grad():
+        out = mine(x)
+    exact, magnitude, depth = aspp_eval_bound(ref, x, winograd=ran_winograd(mine, x, out, backend))
+    assert_within(out, exact, magnitude, depth, dtype, what, storage_roundings)
+    return out
+
+
 def test_state_dict_matches_torchvision_layout():
     ref, mine = make_pair(ASPP_CASES[0], "cpu")
     assert list(mine.state_dict().keys()) == list(ref.state_dict().keys())
@@ -86,10 +161,9 @@ def test_eval_fused_matches_reference(backend, aspp_case, channels_last):
         calls = []
         with _Recorder(calls):
             out = mine(x)
-        expected = ref(x)
     # One fused branches op; no feature-map concat (only the tiny folded-BN vectors are concatenated).
     assert "fastaspp.aspp_branches.default" in calls and "aten.cat.default[4-D]" not in calls
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    assert torch.equal(assert_eval_close(mine, ref, x, backend, f"eval {aspp_case}"), out)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)
 
@@ -101,11 +175,12 @@ def test_eval_bf16(backend):
     ref.eval()
     mine.eval().to(torch.bfloat16)
     x = make_x(case, device)
-    with torch.no_grad():
-        out = mine(x.to(torch.bfloat16))
-        expected = ref.double()(x.double())
+    # Rule 2 against the reference on the same bf16 values (module and input), computed in fp64.
+    # Roundings to bf16 on a term's path: the folded branch scale or shift, the branch output, the
+    # folded projection weight or the per-image bias, the output: 4.
+    out = assert_eval_close(mine, ref.to(torch.bfloat16), x.to(torch.bfloat16), backend, "eval bf16",
+                            torch.bfloat16, storage_roundings=4 * per_conversion(backend, torch.bfloat16))
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), expected, atol=3e-2 * expected.abs().max().item(), rtol=3e-2)
 
 
 def test_fold_cache_refreshes_when_state_changes(backend):
@@ -120,13 +195,13 @@ def test_fold_cache_refreshes_when_state_changes(backend):
         for m in (ref, mine):
             m.convs[1][1].running_mean.add_(0.3)
             m.project[1].weight.mul_(1.5)
-        torch.testing.assert_close(mine(x), ref(x), atol=2e-5, rtol=1e-4)
+        assert_eval_close(mine, ref, x, backend, "after a BN change")
         for m in (ref, mine):  # a conv weight: backends' kept copies of it must be dropped too
             m.convs[1][0].weight.mul_(-1.0)
-        torch.testing.assert_close(mine(x), ref(x), atol=2e-5, rtol=1e-4)
+        assert_eval_close(mine, ref, x, backend, "after a weight change")
         mine.load_state_dict(randomized(reference.ASPP(case.c_in, case.rates, case.c)).to(device).state_dict())
         ref.load_state_dict(mine.state_dict())
-        torch.testing.assert_close(mine(x), ref(x), atol=2e-5, rtol=1e-4)
+        assert_eval_close(mine, ref, x, backend, "after load_state_dict")
 
 
 def test_memoised_folded_weights_are_detached():
@@ -147,44 +222,65 @@ def test_memoised_folded_weights_are_detached():
     assert weights[1]._version == params[1]._version
 
 
-def assert_grad_close(a, b, floor=0.0):
-    """fp32 gradients through BN in training: 1e-4 relative to the tensor's largest magnitude, or floor."""
-    torch.testing.assert_close(a, b, atol=max(1e-4 * max(b.abs().max().item(), 1e-3), floor), rtol=1e-4)
-
-
-def degenerate_bn_floor(case):
-    """With 2 values per channel (batch 2 of 1x1 maps) a training BN's input gradient is zero but for
-    eps: x̂ = ±1 and the three terms of its backward cancel, so every gradient upstream is fp32
-    rounding noise of the cancelled terms, whatever the implementation (measured against fp64:
-    PyTorch 3.5e-7, fastaspp 2.5e-6, on gradients of 1e-2 that are themselves eps-sized)."""
-    return 1e-5 if case.n * case.h * case.w <= 2 else 0.0
-
-
 def _grads(module, x, out, g):
     return torch.autograd.grad(out, [x, *module.parameters()], g)
+
+
+# The training tests' inputs: no ReLU input of the fp64 runs lies within 1e-5 of its layer's scale
+# from 0 (asserted: assert_relu_margin), so that the fused, plain and exact runs share their masks.
+TRAIN_SEED = 632
+
+
+def assert_train_steps_as_accurate_as_plain(mine, ref, case, device, steps, seed, grads=True):
+    """Rule 3 over `steps` training steps: outputs (same dropout mask: same seed), every gradient
+    (through x and each parameter) and the state, fused fp32 and plain fp32 each against the plain
+    module in fp64. Floors: 8 fp32 ulps of the exact tensor, and for gradients of the gradient with
+    the batch statistics frozen (frozen_statistics), which is what a training gradient is summed
+    from before the batch-norm backward cancels part of it. With 2 values per channel (batch 2 of
+    1x1 maps) a BN's input gradient cancels entirely but for eps, and every gradient upstream is
+    rounding noise of the cancelled terms: the frozen gradient is then the only scale there is."""
+    exact = copy.deepcopy(ref).double()
+    for m in (ref, mine, exact):
+        m.train()
+    for step in range(steps):
+        x = make_x(case, device, seed=seed + step).requires_grad_()
+        x64 = x.detach().double().requires_grad_()
+        frozen = frozen_statistics(exact, x64, seed=step)
+        torch.manual_seed(step)
+        out = mine(x)
+        torch.manual_seed(step)
+        expected = ref(x)
+        torch.manual_seed(step)
+        with recording_relu_inputs(exact) as relu_in:
+            exact_out = exact(x64)
+        assert_as_accurate_as_plain(out, expected, exact_out, f"step {step} output")
+        if not grads:
+            continue
+        assert_relu_margin(relu_in)
+        torch.manual_seed(step)
+        frozen_out = frozen(x64)
+        g = torch.randn_like(out)
+        names = ["x"] + [name for name, _ in mine.named_parameters()]
+        for name, a, b, e, f in zip(names, _grads(mine, x, out, g), _grads(ref, x, expected, g),
+                                    _grads(exact, x64, exact_out, g.double()),
+                                    _grads(frozen, x64, frozen_out, g.double())):
+            assert_as_accurate_as_plain(a, b, e, f"step {step} grad {name}", floor_scale=max(e.norm(), f.norm()).item())
+    for key, value in exact.state_dict().items():
+        if value.is_floating_point():
+            assert_as_accurate_as_plain(mine.state_dict()[key], ref.state_dict()[key], value, key)
+        else:
+            assert torch.equal(mine.state_dict()[key], value), key
 
 
 # Training needs batch >= 2: at batch 1 the pooling branch's BatchNorm sees one value per
 # channel and raises (torchvision's ASPP too).
 @pytest.mark.parametrize("aspp_case", [c for c in ASPP_CASES[:6] if c.n > 1], ids=str)
 def test_train_matches_reference(backend, aspp_case):
-    """Outputs (same dropout mask), every gradient and the running statistics, over three steps."""
+    """Outputs (same dropout mask), every gradient and the running statistics, over three steps,
+    as accurate as plain PyTorch's against fp64 (rule 3)."""
     device = device_for(backend)
     ref, mine = make_pair(aspp_case, device)
-    ref.train()
-    mine.train()
-    for step in range(3):
-        x = make_x(aspp_case, device, seed=10 + step).requires_grad_()
-        torch.manual_seed(step)
-        out = mine(x)
-        torch.manual_seed(step)
-        expected = ref(x)
-        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
-        g = torch.randn_like(out)
-        for a, b in zip(_grads(mine, x, out, g), _grads(ref, x, expected, g)):
-            assert_grad_close(a, b, degenerate_bn_floor(aspp_case))
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(mine.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert_train_steps_as_accurate_as_plain(mine, ref, aspp_case, device, steps=3, seed=TRAIN_SEED)
 
 
 def test_train_fuses_statistics_and_normalisation(backend):
@@ -214,14 +310,7 @@ def test_train_branch_by_branch_when_bns_differ(backend):
             if isinstance(bn, torch.nn.BatchNorm2d):
                 bn.momentum = None
     assert not mine._branch_bns_shareable()
-    for step in range(2):
-        x = make_x(case, device, seed=20 + step)
-        torch.manual_seed(step)
-        out = mine(x)
-        torch.manual_seed(step)
-        torch.testing.assert_close(out, ref(x), atol=2e-5, rtol=1e-4)
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(mine.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    assert_train_steps_as_accurate_as_plain(mine, ref, case, device, steps=2, seed=20, grads=False)
 
 
 def test_training_step_is_bitwise_reproducible(backend):
@@ -242,17 +331,32 @@ def test_training_step_is_bitwise_reproducible(backend):
 
 
 def test_eval_with_autograd_matches_reference(backend):
+    """Eval with autograd runs branch by branch (no Winograd: the weights take gradients). Output and
+    every gradient by rule 2: the gradients' magnitudes are magnitude_model's gradients seeded with
+    |grad| (no ReLU mask: an upper bound), their depth the forward's (the projection's weight
+    gradient sums forward values) plus the sums over N*H*W pixels and through the projection and a
+    3x3 branch backward. The exact run's ReLU inputs are farther from 0 than the forward bound
+    (asserted), so every run shares its masks."""
     case = ASPP_CASES[4]
     device = device_for(backend)
     ref, mine = make_pair(case, device)
     ref.eval()
     mine.eval()
     x = make_x(case, device).requires_grad_()
-    out, expected = mine(x), ref(x)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    out = mine(x)
+    exact_module = copy.deepcopy(ref).double()
+    exact_x = x.detach().double().requires_grad_()
+    exact, magnitude, depth = aspp_eval_bound(ref, x, winograd=False)
+    assert_within(out, exact, magnitude, depth, torch.float32, "eval with autograd")
+    assert_masks_unambiguous(exact_module, x, relative_bound(depth, torch.float32))
     g = torch.randn_like(out)
-    for a, b in zip(_grads(mine, x, out, g), _grads(ref, x, expected, g)):
-        assert_grad_close(a, b)
+    expected = _grads(exact_module, exact_x, exact_module(exact_x), g.double())
+    abs_module, abs_x = magnitude_model(ref), absolute(x).requires_grad_()
+    magnitudes = _grads(abs_module, abs_x, abs_module(abs_x), g.double().abs())
+    grad_depth = depth + case.n * case.h * case.w + 9 * (len(case.rates) + 2) * case.c + 2 * (BN_FOLD + CONV_EPILOGUE)
+    names = ["x"] + [name for name, _ in mine.named_parameters()]
+    for name, a, e, m in zip(names, _grads(mine, x, out, g), expected, magnitudes):
+        assert_within(a, e, m, grad_depth, torch.float32, f"grad {name}")
 
 
 def test_gradcheck_fp64(backend):
@@ -265,7 +369,20 @@ def test_gradcheck_fp64(backend):
     mine.project[3].p = 0.0
     x = make_x(case, device).double().requires_grad_()
     params = [mine.convs[1][0].weight, mine.project[0].weight]
+    # Rule 5: no pre-activation of this fp64 data (the same on every machine) lies within a step
+    # of eps = 1e-6 of a ReLU kink, so the central differences err by rounding alone (~1e-10).
     assert torch.autograd.gradcheck(lambda x, *p: mine(x), (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def assert_branches_close(out, x, ws, rates, scale, shift, relu, backend):
+    """aspp_branches' output by rule 2 (aspp_branches_bound), with Winograd's magnitude where the cpu
+    backend ran it (bits unequal to the call with FASTASPP_CPU_WINOGRAD=0)."""
+    winograd = False
+    if backend == "cpu":
+        with torch.no_grad(), environ(FASTASPP_CPU_WINOGRAD="0"):
+            winograd = not torch.equal(out, fastaspp.ops.aspp_branches(x, ws, rates, scale, shift, relu))
+    exact, magnitude, depth = aspp_branches_bound(x, ws, rates, scale, shift, relu, winograd)
+    assert_within(out, exact, magnitude, depth, x.dtype, "branches")
 
 
 @pytest.mark.parametrize("aspp_case", [ASPP_CASES[1], ASPP_CASES[4]], ids=str)
@@ -279,10 +396,7 @@ def test_aspp_branches_op(backend, aspp_case):
     b = len(ws) * aspp_case.c
     scale, shift = torch.randn(b, generator=gen).to(device), torch.randn(b, generator=gen).to(device)
     out = fastaspp.ops.aspp_branches(x, ws, aspp_case.rates, scale, shift)
-    expected = torch.cat([F.conv2d(x, ws[0])] + [F.conv2d(x, w, padding=r, dilation=r)
-                                                 for w, r in zip(ws[1:], aspp_case.rates)], 1)
-    expected = F.relu(expected * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert_branches_close(out, x, ws, aspp_case.rates, scale, shift, True, backend)
     assert out.is_contiguous(memory_format=torch.channels_last)
     for relu in (True, False):
         torch.library.opcheck(torch.ops.fastaspp.aspp_branches.default,
@@ -297,7 +411,7 @@ def test_aspp_branches_op(backend, aspp_case):
 
 
 def test_aspp_branches_with_zero_input_channels(backend):
-    """An empty reduction: every conv is zero, so each branch is act(shift)."""
+    """An empty reduction: every conv is zero, so each branch is act(shift), exactly."""
     device = device_for(backend)
     x = torch.randn(2, 0, 9, 7, device=device)
     ws = [torch.randn(4, 0, k, k, device=device) for k in (1, 3, 3, 3)]
@@ -320,9 +434,7 @@ def test_aspp_branches_follow_in_place_weight_changes(backend):
     with torch.no_grad():
         ws[1].mul_(-2.0)
     after = fastaspp.ops.aspp_branches(x, ws, case.rates, ones, zeros, relu=False)
-    expected = torch.cat([F.conv2d(x, ws[0])] + [F.conv2d(x, w, padding=r, dilation=r)
-                                                 for w, r in zip(ws[1:], case.rates)], 1)
-    torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+    assert_branches_close(after, x, ws, case.rates, ones, zeros, False, backend)
 
 
 def test_aspp_branches_gradcheck_fp64(backend):
@@ -339,7 +451,7 @@ def test_aspp_branches_gradcheck_fp64(backend):
     scale = torch.randn(6, generator=gen, dtype=torch.float64).to(device).requires_grad_()
     shift = (torch.randn(6, generator=gen, dtype=torch.float64) + 0.5).to(device).requires_grad_()
     for relu in (False, True):
-        fn = lambda x, s, t, *ws: fastaspp.ops.aspp_branches(x, ws, rates, s, t, relu)
+        fn = lambda x, s, t, *ws, relu=relu: fastaspp.ops.aspp_branches(x, ws, rates, s, t, relu)
         assert torch.autograd.gradcheck(fn, (x, scale, shift, *ws), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -367,11 +479,13 @@ def test_torch_compile_fullgraph_training(backend):
     compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
     x = make_x(case, device).requires_grad_()
     out, expected = compiled(x), eager(x)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    # The same kernels on both sides (rule 6; the same bits on CPU, measured): torch.testing's fp32
+    # defaults leave room for a graph that re-associates the aten tail, a few ulps.
+    torch.testing.assert_close(out, expected)
     g = torch.randn_like(out)
-    assert_grad_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(expected, x, g)[0])
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(expected, x, g)[0])
     for key, value in eager.state_dict().items():
-        torch.testing.assert_close(compiled_module.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+        torch.testing.assert_close(compiled_module.state_dict()[key], value, msg=key)
 
 
 @pytest.mark.parametrize("rates,message", [((), "1 to 4 rates"), ((1, 2, 3, 4, 5), "1 to 4 rates"),
@@ -430,4 +544,8 @@ def test_train_dropout_mask_matches_reference_in_every_layout(module_cl, input_c
     torch.manual_seed(1)
     expected = ref(x)
     torch.manual_seed(1)
-    torch.testing.assert_close(mine(x), expected, atol=2e-5, rtol=1e-4)
+    out = mine(x)
+    torch.manual_seed(1)
+    exact = copy.deepcopy(ref).double()(x.double())
+    # Rule 3: a mask drawn in another order would be off by whole elements, not by rounding.
+    assert_as_accurate_as_plain(out, expected, exact, "output")

@@ -1,6 +1,11 @@
 """Paper-sized shapes and Inductor compilation: slow on CPU, so CI skips them (-m "not slow").
 
 The GPU run includes them: there the triton and cuda backends see the real ASPP shapes.
+
+Tolerances (tests/_cases.py): rule 2 elementwise (K = 9 * Cin up to 18432 products: gamma_K is
+about 1e-3 of the magnitude, a loose but machine-independent bound) and rule 3, which is tight:
+the fused result within 3x plain PyTorch's own error (cuDNN or oneDNN in the same dtype, TF32 off)
+against fp64, plus 8 fp32 ulps (1 bf16 ulp) of the exact tensor's norm.
 """
 import pytest
 import torch
@@ -8,7 +13,7 @@ import torch
 import fastaspp
 from fastaspp import reference
 
-from _cases import assert_close_scaled
+from _cases import CONV_EPILOGUE, absolute, assert_as_accurate_as_plain, assert_within, per_conversion
 from conftest import device_for
 
 pytestmark = pytest.mark.slow
@@ -27,16 +32,25 @@ def test_paper_shapes(backend, dtype, c_in, c_out, size, rate, batch):
     x.requires_grad_()
     w.requires_grad_()
     out = fastaspp.ops.atrous_conv2d(x, w, None, 1, rate, rate, scale=s, shift=t, relu=True)
-    f64 = lambda v: v.detach().double()
+    plain = reference.atrous_conv2d(x, w, None, 1, rate, rate, scale=s, shift=t, relu=True)
+    f64 = lambda v: v.detach().double()  # noqa: E731
     ref = reference.atrous_conv2d(f64(x), f64(w), None, 1, rate, rate, scale=f64(s), shift=f64(t), relu=True)
-    assert_close_scaled(out, ref, dtype, "forward")
+    magnitude = reference.atrous_conv2d(absolute(x), absolute(w), None, 1, rate, rate, scale=absolute(s),
+                                        shift=absolute(t))
+    ulps = 8 if dtype == torch.float32 else 1
+    assert_within(out, ref, magnitude, 9 * c_in + CONV_EPILOGUE, dtype, "forward",
+                  storage_roundings=per_conversion(backend, dtype))
+    assert_as_accurate_as_plain(out, plain, ref, "forward", dtype, floor_ulps=ulps)
     g = torch.randn(out.shape, generator=gen).to(device, dtype)
+    mask = (out.detach() > 0).to(dtype)
     dx, dw = torch.autograd.grad(out, (x, w), g)
+    plain_pre = reference.atrous_conv2d(x, w, None, 1, rate, rate, scale=s, shift=t)
+    px, pw = torch.autograd.grad(plain_pre, (x, w), g * mask)
     xr, wr = f64(x).requires_grad_(), f64(w).requires_grad_()
     pre = reference.atrous_conv2d(xr, wr, None, 1, rate, rate, scale=f64(s), shift=f64(t))
-    ex, ew = torch.autograd.grad(pre, (xr, wr), g.double() * (out.detach() > 0).double())
-    assert_close_scaled(dx, ex, dtype, "grad x")
-    assert_close_scaled(dw, ew, dtype, "grad weight")
+    ex, ew = torch.autograd.grad(pre, (xr, wr), g.double() * mask.double())
+    assert_as_accurate_as_plain(dx, px, ex, "grad x", dtype, floor_ulps=ulps)
+    assert_as_accurate_as_plain(dw, pw, ew, "grad weight", dtype, floor_ulps=ulps)
 
 
 def test_inductor_compile(backend):
@@ -45,5 +59,5 @@ def test_inductor_compile(backend):
     x = torch.randn(2, 8, 9, 9, device=device).to(memory_format=torch.channels_last)
     torch._dynamo.reset()
     compiled = torch.compile(conv, fullgraph=True)
-    with torch.no_grad():
+    with torch.no_grad():  # the same kernel; Inductor may fold the BN in another order (rule 6: a few ulps)
         torch.testing.assert_close(compiled(x), conv(x))

@@ -172,7 +172,8 @@ def test_checksum_round_trips_every_kind_of_value(tmp_path):
     complex_values = torch.randn(3, dtype=torch.complex64)
     state = {
         "zero_dim": torch.tensor(2.5), "bool": torch.tensor([True, False]), "bf16": torch.randn(4).bfloat16(),
-        "complex": complex_values, "conj": complex_values.conj(), "neg": torch.randn(3, dtype=torch.complex64).conj().imag,
+        "complex": complex_values, "conj": complex_values.conj(),
+        "neg": torch.randn(3, dtype=torch.complex64).conj().imag,
         "strided": torch.arange(12.0).reshape(3, 4).t(), "view": torch.arange(10)[2:5], "empty": torch.empty(0, 3),
         "half": torch.randn(2, 2).half(), "int8": torch.tensor([-1, 2], dtype=torch.int8),
         "sparse": torch.eye(3).to_sparse(), "csr": torch.eye(3).to_sparse_csr(), "meta": torch.empty(2, device="meta"),

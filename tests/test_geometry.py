@@ -21,7 +21,9 @@ def test_live_range_matches_brute_force(in_size, k, stride, padding, dilation):
 
 @pytest.mark.parametrize("size,rate,share", [(33, 6, 0.77), (33, 12, 0.57), (33, 18, 0.40), (65, 36, 0.40)])
 def test_live_share_matches_design_table(size, rate, share):
-    """DESIGN.md §2.1: share of (pixel, tap) pairs of a 3x3 tap reading real data."""
+    """docs/design.md §2: share of (pixel, tap) pairs of a 3x3 tap reading real data. Integer counts,
+    one division: the 0.01 is the table's two-decimal rounding (at most 0.005), not a tolerance
+    for arithmetic."""
     live, dense = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))
     assert abs(live / dense - share) < 0.01
 
@@ -32,7 +34,8 @@ def _gemm_calls(fn):
     return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"))
 
 
-@pytest.mark.parametrize("size,rate,live_taps", [(33, 6, 9), (9, 6, 9), (5, 6, 1), (33, 40, 1), (16, 12, 9), (12, 12, 1)])
+@pytest.mark.parametrize("size,rate,live_taps",
+                         [(33, 6, 9), (9, 6, 9), (5, 6, 1), (33, 40, 1), (16, 12, 9), (12, 12, 1)])
 def test_cpu_kernel_runs_one_gemm_per_live_tap(size, rate, live_taps, monkeypatch):
     """Work scales with live taps: dead taps launch no GEMM, forward and backward (the live-tap GEMM
     path, which these small shapes reach only when the direct loops are switched off)."""
@@ -42,10 +45,11 @@ def test_cpu_kernel_runs_one_gemm_per_live_tap(size, rate, live_taps, monkeypatc
     w = torch.randn(4, 8, 3, 3)
     s, t = torch.ones(4), torch.zeros(4)
     geometry = ([1, 1], [rate, rate], [rate, rate])
-    assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_forward(x, w, None, s, t, *geometry, True)) == live_taps
+    ops = torch.ops.fastaspp
+    assert _gemm_calls(lambda: ops._atrous_conv2d_forward(x, w, None, s, t, *geometry, True)) == live_taps
     g = torch.randn(1, 4, size, size)
-    assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_grad_input(g, w, list(x.shape), *geometry)) == live_taps
-    assert _gemm_calls(lambda: torch.ops.fastaspp._atrous_conv2d_grad_weight(x, g, list(w.shape), *geometry)) == live_taps
+    assert _gemm_calls(lambda: ops._atrous_conv2d_grad_input(g, w, list(x.shape), *geometry)) == live_taps
+    assert _gemm_calls(lambda: ops._atrous_conv2d_grad_weight(x, g, list(w.shape), *geometry)) == live_taps
 
 
 def test_small_problems_run_no_gemm():

@@ -22,6 +22,11 @@ HAND_MATRIX = [[2, 1, 0],   # target 0: two right, one predicted as 1
                [1, 0, 1]]   # target 2: one predicted as 0, one right
 # IoU = TP / (row + column - TP): class 0: 2/(3+3-2), class 1: 2/(3+3-2), class 2: 1/(2+2-1)
 HAND_IOU = [2 / 4, 2 / 4, 1 / 3]
+# Tolerances: the metrics are ratios of exact integer counts computed in float64 (one division, a
+# mean of 3): within a few 2^-53 of the fractions above, far inside pytest.approx's 1e-6 relative.
+# The probabilities below are the same fp32 ops (softmax, bilinear resize, a mean of n maps) in
+# another association: a few fp32 ulps of values in [0, 1], inside torch.testing's fp32 defaults
+# (1.3e-6 relative + 1e-5 absolute; tests/_cases.py rule 6).
 
 
 def test_confusion_matrix_matches_hand_computation():
@@ -133,7 +138,8 @@ def test_flip_averages_probabilities_of_the_mirrored_prediction():
     want = (model_fn(x).softmax(1) + model_fn(x.flip(-1)).flip(-1).softmax(1)) / 2
     out = predict_multiscale(model_fn, x, flip=True)
     torch.testing.assert_close(out, want)
-    # Averaging logits instead would give something else here: the ramp makes the two views disagree.
+    # Averaging logits instead would give something else here: the ramp makes the two views disagree
+    # (by O(0.1) in probability, where rounding is ~1e-7).
     logit_mean = ((model_fn(x) + model_fn(x.flip(-1)).flip(-1)) / 2).softmax(1)
     assert not torch.allclose(out, logit_mean, atol=1e-3)
 

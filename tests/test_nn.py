@@ -1,4 +1,15 @@
-"""fastaspp.nn layers against the PyTorch modules they replace."""
+"""fastaspp.nn layers against the PyTorch modules they replace.
+
+Tolerances (tests/_cases.py): eval against the plain module in fp64 on the same values, within rule
+2's bound (magnitude_model; n = Cin*KH*KW products, the bias, the BN fold and the epilogue; the
+gradients add their sums over pixels and the transposed conv), with every ReLU input of the exact
+run farther from 0 than that bound, so that the masks agree; training (batch statistics) within
+3x plain PyTorch's own fp32 error against fp64 (rule 3). Checked to fail, in a scratch run, with
+the fused module's running variance off by 2e-3, its BN eps 1e-4 for 1e-5, or its conv weight off
+by 1e-4 (every test that reads them).
+"""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -6,7 +17,39 @@ from torch import nn
 import fastaspp
 from fastaspp import reference
 
+from _cases import BN_FOLD, CONV_EPILOGUE, absolute, assert_as_accurate_as_plain, assert_masks_unambiguous, \
+    assert_relu_margin, assert_within, frozen_statistics, magnitude_model, recording_relu_inputs, relative_bound
 from conftest import device_for
+
+
+def _grads(module, x, out, g):
+    return torch.autograd.grad(out, [x, *module.parameters()], g)
+
+
+def assert_eval_close(mine, ref, x, g=None, what=""):
+    """mine(x) and, with g, its gradients (x, then mine's parameters) against ref, an eval module of
+    convs and BNs, by rule 2: the exact run is ref in fp64, the magnitudes magnitude_model(ref)'s
+    output and gradients (seeded with |g|). Depths: the forward's Cin*KH*KW products (the largest
+    conv), its bias, the BN fold and the epilogue; the gradients add the sum over N*Ho*Wo pixels
+    and the transposed conv's Cout*KH*KW products."""
+    convs = [m for m in ref.modules() if isinstance(m, nn.Conv2d)]
+    depth = max(c.in_channels * c.kernel_size[0] * c.kernel_size[1] + 1 for c in convs) + BN_FOLD + CONV_EPILOGUE
+    x_ = x.detach().requires_grad_(g is not None)
+    out = mine(x_)
+    exact_module, abs_module = copy.deepcopy(ref).double(), magnitude_model(ref)
+    x64, abs_x = x.detach().double().requires_grad_(g is not None), absolute(x).requires_grad_(g is not None)
+    exact, magnitude = exact_module(x64), abs_module(abs_x)
+    assert_within(out, exact, magnitude, depth, x.dtype, f"{what} output")
+    if g is None:
+        return out
+    assert_masks_unambiguous(exact_module, x, relative_bound(depth, x.dtype))
+    grad_depth = depth + out.shape[0] * out.shape[2] * out.shape[3] + \
+        max(c.out_channels * c.kernel_size[0] * c.kernel_size[1] for c in convs) + BN_FOLD + CONV_EPILOGUE
+    names = ["x"] + [name for name, _ in mine.named_parameters()]
+    for name, a, e, m in zip(names, _grads(mine, x_, out, g), _grads(exact_module, x64, exact, g.double()),
+                             _grads(abs_module, abs_x, magnitude, g.double().abs())):
+        assert_within(a, e, m, grad_depth, x.dtype, f"{what} grad {name}")
+    return out
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -23,14 +66,9 @@ def test_atrous_conv2d_matches_conv2d(backend, kwargs):
     mine = fastaspp.nn.AtrousConv2d(**kwargs).to(device)
     assert mine.state_dict().keys() == ref.state_dict().keys()
     mine.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(2, kwargs["in_channels"], 9, 10, device=device, requires_grad=True)
-    out, expected = mine(x), ref(x)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, *mine.parameters()], g)
-    want = torch.autograd.grad(expected, [x, *ref.parameters()], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    x = torch.randn(2, kwargs["in_channels"], 9, 10, device=device)
+    g = torch.randn(ref(x).shape, device=device)
+    assert_eval_close(mine, ref, x, g)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -68,15 +106,9 @@ def test_conv_bn_relu_eval_is_one_fused_op(backend, bias, stride):
     ref.eval()
     mine.eval()
     x = torch.randn(2, 4, 11, 9, device=device).to(memory_format=torch.channels_last).requires_grad_()
-    out = mine(x)
-    expected = ref(x)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    g = torch.randn(ref(x).shape, device=device)
+    out = assert_eval_close(mine, ref, x, g)
     assert out.is_contiguous(memory_format=torch.channels_last)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, *mine.parameters()], g)
-    want = torch.autograd.grad(expected, [x, *ref.parameters()], g)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     # Eval runs the conv, the folded BN and the ReLU as a single op call.
     calls = []
     with torch.no_grad(), _Recorder(calls):
@@ -121,10 +153,8 @@ def test_conv_bn_relu_fold_is_memoised_and_refreshed():
         mine(x)
         assert mine._fold_cache.value is folded  # nothing changed: not refolded
         mine[1].running_var.mul_(4.0)  # an in-place buffer update must refresh the fold
-        after = mine(x)
-    expected = torch.relu(mine[1](mine[0](x)))
+        after = assert_eval_close(mine, nn.Sequential(mine[0], mine[1], nn.ReLU()), x)
     assert mine._fold_cache.value is not folded
-    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(after, first)
 
 
@@ -135,11 +165,9 @@ def test_conv_bn_relu_eval_backward_twice():
     ref.eval()
     mine.eval()
     x = torch.randn(2, 4, 7, 7)
+    g = torch.ones(2, 6, 7, 7)
     for _ in range(2):
-        grads = torch.autograd.grad(mine(x).sum(), list(mine.parameters()))
-        expected = torch.autograd.grad(torch.relu(ref(x)).sum(), list(ref.parameters()))
-        for a, b in zip(grads, expected):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert_eval_close(mine, ref, x, g)
     assert mine._fold_cache.stamp is None
 
 
@@ -165,20 +193,35 @@ class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_conv_bn_relu_training_matches_batchnorm(backend, momentum):
+    """Three training steps (batch statistics, running statistics moved), fused fp32 and plain fp32
+    each against plain fp64 (rule 3; gradient floors from the frozen-statistics gradient, as in
+    test_aspp). The inputs keep every ReLU input 1e-5 of its scale away from 0 (asserted)."""
     device = device_for(backend)
     ref, mine = _pair(bias=True, device=device)
     ref[1].momentum = mine[1].momentum = momentum
-    ref.train()
-    mine.train()
+    exact = copy.deepcopy(ref).double()
+    for m in (ref, mine, exact):
+        m.train()
     for step in range(3):
-        x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(step)).to(device).requires_grad_()
+        x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(TRAIN_SEED + step)).to(device)
+        x.requires_grad_()
+        x64 = x.detach().double().requires_grad_()
+        frozen = frozen_statistics(exact, x64)
         out, expected = mine(x), ref(x)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        with recording_relu_inputs(exact) as relu_in:
+            exact_out = exact(x64)
+        assert_relu_margin(relu_in)
+        assert_as_accurate_as_plain(out, expected, exact_out, f"step {step} output")
         g = torch.randn_like(out)
-        got = torch.autograd.grad(out, [x, *mine.parameters()], g)
-        want = torch.autograd.grad(expected, [x, *ref.parameters()], g)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    for key, value in ref.state_dict().items():
-        torch.testing.assert_close(mine.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+        names = ["x"] + [name for name, _ in mine.named_parameters()]
+        for name, a, b, e, f in zip(names, _grads(mine, x, out, g), _grads(ref, x, expected, g),
+                                    _grads(exact, x64, exact_out, g.double()),
+                                    _grads(frozen, x64, frozen(x64), g.double())):
+            assert_as_accurate_as_plain(a, b, e, f"step {step} grad {name}", floor_scale=max(e.norm(), f.norm()).item())
+    for key, value in exact.state_dict().items():
+        if value.is_floating_point():
+            assert_as_accurate_as_plain(mine.state_dict()[key], ref.state_dict()[key], value, key)
     assert mine[1].num_batches_tracked.item() == 3
+
+
+TRAIN_SEED = 0

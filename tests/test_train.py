@@ -248,8 +248,9 @@ def _ddp_worker(rank, world, port, out):
 
 def test_ddp_two_cpu_processes_match_one_process(tmp_path, monkeypatch):
     """Two gloo ranks (global batch 4, SyncBN) against one process at batch 4, dropout off (ranks
-    draw their own masks): the same samples, the same batch statistics; gradients agree up to how the cross-entropy means weigh ignored pixels
-    across ranks, so the parameters' update agrees to 5% after two steps."""
+    draw their own masks): the same samples, the same batch statistics; gradients agree up to how the
+    cross-entropy means weigh ignored pixels across ranks, so the parameters' update agrees to 5% after
+    two steps."""
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
     monkeypatch.setattr(torch.nn.Dropout, "forward", _no_dropout)
     single = train(TrainConfig(**dict(SMALL, batch_size=4), iters=2, out=str(tmp_path / "one")))
