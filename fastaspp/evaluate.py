@@ -21,7 +21,7 @@ import fastaspp
 from fastaspp.checkpoint import load_checkpoint
 from fastaspp.data import EvalTransform, build_dataset, collect_images, colorize, normalize, read_image
 from fastaspp.devices import available_memory, resolve_device
-from fastaspp.metrics import ConfusionMatrix, predict_multiscale
+from fastaspp.metrics import ConfusionMatrix, check_scales, predict_multiscale
 from fastaspp.train import build_model
 from fastaspp.visualize import save_overlay
 
@@ -154,9 +154,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data_root: Optional[str],
         raise ValueError(f"overlays must be >= 0, got {overlays}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
-    scales = tuple(scales)
-    if not scales or any(not s > 0 for s in scales):
-        raise ValueError(f"scales must be positive numbers, got {scales}")
+    scales = check_scales(scales)
     model, meta = load_trained_model(checkpoint, dev)
     data = _eval_dataset(dataset, data_root, split, meta["classes"], meta["config"].get("seed", 0), progress)
     sizes = list(getattr(data, "image_sizes", []))

@@ -90,6 +90,14 @@ class ConfusionMatrix:
                 "per_class_iou": {n: finite(v) for n, v in zip(names, self.per_class_iou().tolist())}}
 
 
+def check_scales(scales: Sequence[float]) -> tuple:
+    """scales as a tuple, or the error that says it must be a non-empty sequence of positive numbers."""
+    scales = tuple(scales)
+    if not scales or any(not s > 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    return scales
+
+
 def predict_multiscale(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                        scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
     """Class probabilities [N, C, H, W] (float32) averaged over scales and, with flip, mirrored inputs.
@@ -101,9 +109,7 @@ def predict_multiscale(model_fn: Callable[[torch.Tensor], torch.Tensor], image: 
     """
     if image.dim() != 4:
         raise ValueError(f"image must be a [N, 3, H, W] batch, got shape {tuple(image.shape)}")
-    scales = tuple(scales)
-    if not scales or any(not s > 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales!r}")
+    scales = check_scales(scales)
     height, width = image.shape[-2:]
     total, count = None, 0
     for scale in scales:

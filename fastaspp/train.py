@@ -38,6 +38,7 @@ import fastaspp
 from fastaspp import models
 from fastaspp.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from fastaspp.data import IGNORE_INDEX, TrainTransform, build_dataset
+from fastaspp.data.base import listing
 from fastaspp.devices import resolve_device
 
 MODELS = {"deeplabv3_resnet50": models.deeplabv3_resnet50, "deeplabv3_resnet101": models.deeplabv3_resnet101,
@@ -124,17 +125,16 @@ def _check_out(cfg: TrainConfig) -> None:
         return
     if not os.path.isdir(cfg.out):
         raise ValueError(f"out {cfg.out} exists and is not a directory")
-    entries = sorted(os.listdir(cfg.out))
+    entries = os.listdir(cfg.out)
     if not entries or cfg.overwrite:
         return
     checkpoint = os.path.join(cfg.out, CHECKPOINT_NAME)
     if cfg.resume and (not os.path.exists(checkpoint) or _same_file(cfg.resume, checkpoint)):
         return
-    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     if cfg.resume:
         raise ValueError(f"out {cfg.out} holds another run's {CHECKPOINT_NAME}, not the one resume names "
                          f"({cfg.resume}); choose another out, or overwrite to replace that run")
-    raise ValueError(f"out {cfg.out} is not empty ({shown}); choose a new directory, resume "
+    raise ValueError(f"out {cfg.out} is not empty ({listing(entries)}); choose a new directory, resume "
                      f"{checkpoint} to continue that run, or overwrite to replace it")
 
 
