@@ -122,7 +122,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print()
     print(markdown(rows, peak))
     if args.out:
-        command = "fastaspp " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"fastaspp bench {vars(args)}"
+        command = ("fastaspp " + " ".join(map(_portable_path, sys.argv[1:])) if sys.argv[1:2] == ["bench"]
+                   else f"fastaspp bench {vars(args)}")
         for path in write_results(args.out, args.op, device, args.dtype, rows, peak, command):
             print(f"wrote {path}")
     return 0
@@ -158,6 +159,16 @@ def _float_list(text: str) -> tuple:
 
 def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _portable_path(arg: str) -> str:
+    """arg, relative to the working directory when it is an absolute path below it: result files
+    record their command, and a committed one must not name this machine's directories."""
+    if os.path.isabs(arg):
+        relative = os.path.relpath(arg)
+        if not relative.startswith(os.pardir):
+            return relative
+    return arg
 
 
 def _resume_command(argv: list, checkpoint: str) -> str:

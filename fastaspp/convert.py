@@ -2,10 +2,11 @@
 
 What is converted (recognised by structure, state_dict keys and outputs unchanged; the converted
 modules share the original parameters and buffers, nothing is copied):
-  * ASPP: a module whose class is named "ASPP" with `convs` (ModuleList: a 1x1 Conv-BN-ReLU, one
-    3x3 Conv-BN-ReLU per rate with padding = dilation = rate, and an image-pooling Sequential of
+  * ASPP: a module whose class is named "ASPP" (torchvision's), or fastaspp.models.PlainASPP (the
+    ASPP of fastaspp's models built with fused=False), with `convs` (ModuleList: a 1x1 Conv-BN-ReLU,
+    one 3x3 Conv-BN-ReLU per rate with padding = dilation = rate, and an image-pooling Sequential of
     AdaptiveAvgPool2d, 1x1 Conv, BN, ReLU) and `project` (1x1 Conv, BN, ReLU, Dropout), all convs
-    bias-free (torchvision's and fastaspp.reference's) → fastaspp.nn.ASPP.
+    bias-free → fastaspp.nn.ASPP.
   * ResNet blocks: a module whose class is named "Bottleneck" (conv1..3, bn1..3, relu, downsample)
     or "BasicBlock" (conv1, bn1, relu, conv2, bn2, downsample) → fastaspp.models.resnet's
     FusedBottleneck (3x3 conv2 → bn2 → relu fused) or FusedBasicBlock (conv1 → bn1 → relu and
@@ -35,6 +36,7 @@ from fastaspp.models._fuse import (
     is_plain_relu,
 )
 from fastaspp.models.heads import DeepLabHead, FCNHead
+from fastaspp.models.plain_aspp import PlainASPP
 from fastaspp.models.resnet import FusedBasicBlock, FusedBottleneck
 from fastaspp.nn.aspp import ASPP
 from fastaspp.nn.atrous_conv import ConvBNReLU
@@ -76,7 +78,7 @@ def _replacement(module: nn.Module):
         module.fused = True  # fastaspp's own heads (built with fused=False): same children, fused forward
         return None
     name = type(module).__name__
-    if name == "ASPP" and not isinstance(module, ASPP):
+    if (name == "ASPP" or isinstance(module, PlainASPP)) and not isinstance(module, ASPP):
         return _aspp(module)
     if name == "Bottleneck" and type(module) is not FusedBottleneck:
         return _block(module, FusedBottleneck, ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu"), "conv2")

@@ -23,7 +23,7 @@ _TILE = {16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (11, 11), 256: (16, 16)}
 
 def _cases():
     """(kernel name, config index, kind, dtype name) for every config of every kernel."""
-    from fastaspp.kernels import atrous_conv as K
+    from fastaspp.kernels import launch as K
 
     out = []
     for kernel, tc, fma in [("fwd", K.GPU_CONV_TC_CONFIGS, K.GPU_CONV_FMA_CONFIGS),
@@ -46,7 +46,8 @@ def _compile(case, arch):
     from triton.compiler import ASTSource
 
     from fastaspp.kernels import aspp as A
-    from fastaspp.kernels import atrous_conv as K
+    from fastaspp.kernels import atrous_conv as C
+    from fastaspp.kernels import launch as K
 
     kernel, index, kind, dtype = case
     tl_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}[dtype]
@@ -54,11 +55,11 @@ def _compile(case, arch):
     precision = "ieee" if kind == "fma" else "tf32"
     if kernel == "wgrad":
         config = (K.GPU_WGRAD_TC_CONFIGS if kind == "tc" else K.GPU_WGRAD_FMA_CONFIGS)[index]
-        jit = K._atrous_wgrad_kernel
+        jit = C._atrous_wgrad_kernel
     else:
         config = (K.GPU_CONV_TC_CONFIGS if kind == "tc" else K.GPU_CONV_FMA_CONFIGS)[index]
-        jit = {"dgrad": K._atrous_dgrad_kernel, "aspp": A._aspp_branches_kernel, "aspp_stats": A._aspp_branches_kernel,
-               "aspp_dgrad": A._aspp_grad_input_kernel}.get(kernel, K._atrous_fwd_kernel)
+        jit = {"dgrad": C._atrous_dgrad_kernel, "aspp": A._aspp_branches_kernel, "aspp_stats": A._aspp_branches_kernel,
+               "aspp_dgrad": A._aspp_grad_input_kernel}.get(kernel, C._atrous_fwd_kernel)
         tile_h, tile_w = _TILE[config.kwargs["BLOCK_M"]]
     fn = jit
     while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap autotune / heuristics

@@ -22,15 +22,14 @@ Contract:
         y = weight [Cout, K] applied to relu((z - centre) * scale + shift) (a GEMM prologue) + image_bias
         [N, Cout] per image; y [N, Cout, H, W] channels_last; mean, var: y's batch statistics.
 
-Same dtypes as kernels/atrous_conv.py (float32, float16, bfloat16, float64, accumulated in
-float32 / float64); weights, scale and shift must have x's dtype and device.  x is converted to
-NHWC once and shared by all branches.
+Same dtypes as kernels/atrous_conv.py (kernels/launch.py); weights, scale and shift must have x's
+dtype and device.  x is converted to NHWC once and shared by all branches.
 
 All branches are ONE launch of _aspp_branches_kernel: grid axis 1 runs over (branch, channel
 block), so every branch's patches are in flight together. One branch alone has few programs at
 batch 1 (33x33 with 128-pixel patches: 9 patches x 2 channel blocks, for 132 SMs on an H100), and
 four launches in a row also paid four launch overheads. Each program skips the taps that read only
-padding for its patch (§2), the same tap loop as kernels/atrous_conv.py (_accumulate_tap): at
+padding for its patch (§2), the same tap loop as kernels/atrous_conv.py (accumulate_tap): at
 rates larger than the map only the centre tap of a 3x3 branch runs. The weights go in packed,
 tap-major, kept for weights that take no gradient.
 
@@ -47,15 +46,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .atrous_conv import (_CONV_CONFIGS, _CONV_PRUNE, _acc_dtype, _accumulate_tap, _dtype_meta, _epilogue, _kept,
-                          _launch_ctx, _nhwc_empty, _patch, _tile_shape, atrous_conv2d_forward_into,
-                          merge_stats, stats_buffer)
+from fastaspp._rules import accumulator_dtype
+
+from .atrous_conv import atrous_conv2d_forward_into
+from .implicit_gemm import (accumulate_tap, epilogue, merge_stats, nhwc_empty, program_patch, stats_buffer,
+                            tile_shape)
+from .kept import KeptCopies
+from .launch import CONV_CONFIGS, CONV_PRUNE, dtype_meta, launch_ctx
 
 
-@triton.autotune(configs=_CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=_CONV_PRUNE,
+@triton.autotune(configs=CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=CONV_PRUNE,
                  reset_to_zero=["stats_ptr"])
-@triton.heuristics({"TILE_H": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[0],
-                    "TILE_W": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[1]})
+@triton.heuristics({"TILE_H": lambda a: tile_shape(a["H"], a["W"], a["BLOCK_M"])[0],
+                    "TILE_W": lambda a: tile_shape(a["H"], a["W"], a["BLOCK_M"])[1]})
 @triton.jit
 def _aspp_branches_kernel(
     x_ptr,  # [N, H, W, Cin]
@@ -72,7 +75,7 @@ def _aspp_branches_kernel(
 ):
     """Every branch in one launch: axis 1 runs over (branch, channel block), so all branches' patches
     are in flight together (one branch's grid alone fills few SMs at batch 1)."""
-    n, oh, ow, oh0, ow0, oh_end, ow_end = _patch(tl.program_id(0), H, W, BLOCK_M, TILE_H, TILE_W)
+    n, oh, ow, oh0, ow0, oh_end, ow_end = program_patch(tl.program_id(0), H, W, BLOCK_M, TILE_H, TILE_W)
     blocks_n = tl.cdiv(C, BLOCK_N)
     branch = tl.program_id(1) // blocks_n
     offs_n = tl.program_id(1) % blocks_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,18 +87,18 @@ def _aspp_branches_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for tap in range(0, 9):
         slot = tl.where(one_by_one, 0, tap)
-        acc = _accumulate_tap(acc, (tap == 4) | (branch > 0), x_ptr, w_branch + slot * Cin * C, x_ptr, x_ptr,
+        acc = accumulate_tap(acc, (tap == 4) | (branch > 0), x_ptr, w_branch + slot * Cin * C, x_ptr, x_ptr,
                               x_ptr, n, oh, ow, oh0, ow0, oh_end, ow_end, (tap // 3 - 1) * rate,
                               (tap % 3 - 1) * rate, H, W, H, W, Cin, C, Cin, 1, 1, offs_n, n_ok, False, ACC_DTYPE,
                               DOT_DTYPE, DOT_PRECISION, BLOCK_K)
-    _epilogue(acc, scale_ptr + branch * C, shift_ptr + branch * C, scale_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end,
+    epilogue(acc, scale_ptr + branch * C, shift_ptr + branch * C, scale_ptr, y_ptr, stats_ptr, n, oh, ow, oh_end,
               ow_end, H, W, C, offs_n, n_ok, BRANCHES * C, branch * C, stats_plane, RELU, False, STATS, ACC_DTYPE,
               AFFINE, AFFINE)
 
 
-@triton.autotune(configs=_CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=_CONV_PRUNE)
-@triton.heuristics({"TILE_H": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[0],
-                    "TILE_W": lambda a: _tile_shape(a["H"], a["W"], a["BLOCK_M"])[1]})
+@triton.autotune(configs=CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=CONV_PRUNE)
+@triton.heuristics({"TILE_H": lambda a: tile_shape(a["H"], a["W"], a["BLOCK_M"])[0],
+                    "TILE_W": lambda a: tile_shape(a["H"], a["W"], a["BLOCK_M"])[1]})
 @triton.jit
 def _aspp_grad_input_kernel(
     g_ptr,  # [N, H, W, BRANCHES * C]: the gradient of the branches' buffer
@@ -110,7 +113,7 @@ def _aspp_grad_input_kernel(
     """dx = sum over branches and taps of the gradient shifted back by the tap's offset @ its weight
     transposed, in one accumulator: one launch and one store of dx for the whole ASPP (stride 1, so
     input and output pixels are the same grid). Taps skipped per patch as in the forward."""
-    n, ih, iw, ih0, iw0, ih_end, iw_end = _patch(tl.program_id(0), H, W, BLOCK_M, TILE_H, TILE_W)
+    n, ih, iw, ih0, iw0, ih_end, iw_end = program_patch(tl.program_id(0), H, W, BLOCK_M, TILE_H, TILE_W)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
     n_ok = offs_n < Cin
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -121,7 +124,7 @@ def _aspp_grad_input_kernel(
         for tap in range(0, 9):
             slot = tl.where(one_by_one, 0, tap)
             # Output pixel o read input o + off in the forward, so input i takes the gradient at i - off.
-            acc = _accumulate_tap(acc, (tap == 4) | (branch > 0), g_ptr + branch * C, w_branch + slot * Cin * C,
+            acc = accumulate_tap(acc, (tap == 4) | (branch > 0), g_ptr + branch * C, w_branch + slot * Cin * C,
                                   g_ptr, g_ptr, g_ptr, n, ih, iw, ih0, iw0, ih_end, iw_end, -(tap // 3 - 1) * rate,
                                   -(tap % 3 - 1) * rate, H, W, H, W, C, Cin, BRANCHES * C, 1, 1, offs_n, n_ok, False,
                                   ACC_DTYPE, DOT_DTYPE, DOT_PRECISION, BLOCK_K)
@@ -137,8 +140,8 @@ def aspp_branches_grad_input(grad, weights, rates, input_size):
     n, cin, h, w = (int(v) for v in input_size)
     c = weights[0].shape[0]
     branches = len(weights)
-    acc_dt, dot_dt, prec = _dtype_meta(grad.dtype)
-    dx = _nhwc_empty(n, cin, h, w, grad)
+    acc_dt, dot_dt, prec = dtype_meta(grad.dtype)
+    dx = nhwc_empty(n, cin, h, w, grad)
     if dx.numel() == 0:
         return dx
     if c == 0:
@@ -149,7 +152,7 @@ def aspp_branches_grad_input(grad, weights, rates, input_size):
     def grid(meta):
         return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]), triton.cdiv(cin, meta["BLOCK_N"]))
 
-    with _launch_ctx(grad):
+    with launch_ctx(grad):
         _aspp_grad_input_kernel[grid](g, _packed_weights(weights, (2, 3, 0, 1)), rates_t, dx, n, h, w, cin, c,
                                       branches, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
     return dx
@@ -161,12 +164,15 @@ def _rates_tensor(rates, device):
     return torch.tensor((0,) + tuple(rates), dtype=torch.int32, device=device)
 
 
+# The branch weights packed into one tap-major tensor, for weights that take no gradient: kernels/kept.py.
+PACKED = KeptCopies()
+
+
 def _packed_weights(weights, dims):
     """The branch weights as one tap-major tensor, each permuted by dims: (2, 3, 1, 0) gives w0 as
     [Cin, C], then each wi as [3, 3, Cin, C] (forward); (2, 3, 0, 1) the transposed [C, Cin] tap
-    matrices (input gradient). Kept for weights that take no gradient while they are unchanged
-    (atrous_conv's _kept)."""
-    return _kept(weights, ("aspp", dims), lambda: torch.cat([w.permute(*dims).reshape(-1) for w in weights]))
+    matrices (input gradient). Kept in PACKED."""
+    return PACKED.get(weights, dims, lambda: torch.cat([w.permute(*dims).reshape(-1) for w in weights]))
 
 
 def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None):
@@ -178,13 +184,13 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
     c = weights[0].shape[0]
     n, cin, h, w = x.shape
     branches = 1 + len(rates)
-    y = _nhwc_empty(n, branches * c, h, w, x)
+    y = nhwc_empty(n, branches * c, h, w, x)
     if y.numel() == 0:
         return y
     if cin == 0:  # empty reduction: every conv is zero
         y.zero_() if shift is None else y.copy_((torch.relu(shift) if relu else shift).view(1, -1, 1, 1).expand_as(y))
         return y
-    acc_dt, dot_dt, prec = _dtype_meta(x.dtype)
+    acc_dt, dot_dt, prec = dtype_meta(x.dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     rates_t = _rates_tensor(rates, x.device)
     # Pointers a constexpr leaves unread get x's (no per-call placeholder tensors).
@@ -195,7 +201,7 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
         return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]),
                 branches * triton.cdiv(c, meta["BLOCK_N"]))
 
-    with _launch_ctx(x):
+    with launch_ctx(x):
         _aspp_branches_kernel[grid](
             x, _packed_weights(weights, (2, 3, 1, 0)), rates_t, scale.contiguous() if affine else x,
             shift.contiguous() if affine else x, y, stats_planes,
@@ -206,7 +212,8 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
 
 
 def _empty_stats(t, channels):
-    return tuple(t.new_zeros(channels, dtype=_acc_dtype(t.dtype)) for _ in range(2))  # two tensors: outputs never alias
+    # Two tensors, not one twice: op outputs must never alias.
+    return tuple(t.new_zeros(channels, dtype=accumulator_dtype(t.dtype)) for _ in range(2))
 
 
 def aspp_branches_stats_forward(x, weights, rates):
@@ -217,8 +224,8 @@ def aspp_branches_stats_forward(x, weights, rates):
     total = len(list(weights)) * weights[0].shape[0]
     n, _, h, w = x.shape
     if n * h * w == 0:
-        return (_nhwc_empty(n, total, h, w, x), *_empty_stats(x, total))
-    stats = stats_buffer(_nhwc_empty(n, total, h, w, x[:0]))
+        return (nhwc_empty(n, total, h, w, x), *_empty_stats(x, total))
+    stats = stats_buffer(nhwc_empty(n, total, h, w, x[:0]))
     z = aspp_branches_forward(x, weights, rates, None, None, relu=False, stats=stats)
     return (z, *merge_stats(stats))
 
@@ -235,7 +242,7 @@ def affine_relu_project_forward(z, centre, scale, shift, weight, image_bias):
     """
     n, k, h, w = z.shape
     cout = weight.shape[0]
-    y = _nhwc_empty(n, cout, h, w, z)
+    y = nhwc_empty(n, cout, h, w, z)
     if y.numel() == 0:
         return (y, *_empty_stats(z, cout))
     stats = stats_buffer(y)

@@ -66,6 +66,7 @@ BACKEND_PARAMS = ("cpu", "cpu-gemm", "cpu-onednn") + tuple(b for b in fastaspp.B
 def backend(request, monkeypatch):
     """Each backend usable here; the others are reported as skipped with the reason."""
     name, _, path = request.param.partition("-")
+    # Why a backend is missing is private (users get it in the error of a call); a skip reports it.
     reason = fastaspp._backend.unavailable_reason(name)
     if reason is not None:
         pytest.skip(f"backend {name} unavailable: {reason}")

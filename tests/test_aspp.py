@@ -549,3 +549,25 @@ def test_train_dropout_mask_matches_reference_in_every_layout(module_cl, input_c
     exact = copy.deepcopy(ref).double()(x.double())
     # Rule 3: a mask drawn in another order would be off by whole elements, not by rounding.
     assert_as_accurate_as_plain(out, expected, exact, "output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_pooling_branch_matches_reference(training, layout, dtype):
+    """fastaspp.nn.ASPPPooling is production's own copy of the reference's pooling branch: the same
+    children (state_dict keys) and the same torch ops, so bitwise the same output, dtype, memory
+    format and running statistics."""
+    torch.manual_seed(0)
+    ref = randomized(reference.ASPPPooling(6, 4))
+    mine = fastaspp.nn.ASPPPooling(6, 4)
+    assert [(k, v.shape) for k, v in mine.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    ref.to(dtype).train(training)
+    mine.to(dtype).train(training)
+    x = torch.randn(3, 6, 5, 7, generator=torch.Generator().manual_seed(2)).to(dtype).contiguous(memory_format=layout)
+    expected, out = ref(x), mine(x)
+    assert out.dtype == expected.dtype == dtype and out.shape == (3, 4, 5, 7) and out.stride() == expected.stride()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for (key, a), b in zip(mine.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)

@@ -21,6 +21,7 @@ import torch
 
 import fastaspp
 from fastaspp import reference
+# The op layer's lazy import of the Triton kernels: their SUPPORTED_DTYPES decides which dtype cases run.
 from fastaspp.ops.atrous_conv import _triton_kernels
 
 from _cases import CASES, CONV_EPILOGUE, GRADCHECK_CASES, OPCHECK_CASES, ConvCase, absolute, assert_within, \
@@ -221,24 +222,35 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(torch.autograd.grad(got, w)[0], torch.autograd.grad(fn(x, w), w)[0])
 
 
-def test_triton_keeps_tap_major_weights_of_frozen_weights_only():
-    """The re-laid-out weight is kept while a no-grad weight is unchanged, redone after an in-place
-    change, and never kept for weights that train or for inference tensors (no version counter)."""
-    kernels = _triton_kernels()
+def test_triton_keeps_copies_of_frozen_weights_only():
+    """kernels/kept.py, tested directly: whether a copy was kept or made again is not visible through
+    the ops. A copy is kept while a no-grad weight is unchanged, made again after an in-place change
+    or when another weight of the set is swapped, and never kept for weights that train or for
+    inference tensors (no version counter); entries die with their weight."""
+    from fastaspp.kernels.kept import KeptCopies
+
+    store = KeptCopies()
+    tap_major = lambda w, dims: store.get((w,), dims, lambda: w.permute(*dims).contiguous())
     w = torch.randn(4, 3, 3, 3)
-    first = kernels._tap_major(w, (2, 3, 1, 0))
+    first = tap_major(w, (2, 3, 1, 0))
     assert torch.equal(first, w.permute(2, 3, 1, 0)) and first.is_contiguous()
-    assert kernels._tap_major(w, (2, 3, 1, 0)) is first
-    assert kernels._tap_major(w, (2, 3, 0, 1)) is not first  # each layout has its own entry
+    assert tap_major(w, (2, 3, 1, 0)) is first
+    assert tap_major(w, (2, 3, 0, 1)) is not first  # each tag has its own entry
     w.mul_(2)
-    again = kernels._tap_major(w, (2, 3, 1, 0))
+    again = tap_major(w, (2, 3, 1, 0))
     assert again is not first and torch.equal(again, w.permute(2, 3, 1, 0))
+    # A set of weights (the packed ASPP branches): swapping any but the first one invalidates the copy.
+    others = [torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)]
+    packed = lambda ws: store.get(ws, "packed", lambda: torch.cat([t.reshape(-1) for t in ws]))
+    kept_pack = packed([w, others[0]])
+    assert packed([w, others[0]]) is kept_pack
+    swapped = packed([w, others[1]])
+    assert swapped is not kept_pack and torch.equal(swapped[w.numel():], others[1].reshape(-1))
     trained = torch.randn(4, 3, 3, 3, requires_grad=True)
-    assert kernels._tap_major(trained, (2, 3, 1, 0)) is not kernels._tap_major(trained, (2, 3, 1, 0))
+    assert tap_major(trained, (2, 3, 1, 0)) is not tap_major(trained, (2, 3, 1, 0))
     with torch.inference_mode():
         frozen = torch.randn(4, 3, 3, 3)
-        assert kernels._tap_major(frozen, (2, 3, 1, 0)) is not kernels._tap_major(frozen, (2, 3, 1, 0))
-    assert not any(t.requires_grad for t in kernels._TAP_MAJOR.keys())
-    kept = len(kernels._TAP_MAJOR)
-    del w, first, again
-    assert len(kernels._TAP_MAJOR) == kept - 1  # a dead weight drops its entry
+        assert tap_major(frozen, (2, 3, 1, 0)) is not tap_major(frozen, (2, 3, 1, 0))
+    assert [t is w for t in store.owners()] == [True]
+    del w, first, again, kept_pack, swapped
+    assert store.owners() == []  # a dead weight drops its entry

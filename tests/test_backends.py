@@ -49,6 +49,7 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 
 
 def test_cuda_backend_reason():
+    # The private reason behind the public backends() list: the two must agree.
     reason = fastaspp._backend.unavailable_reason("cuda")
     assert (reason is None) == ("cuda" in fastaspp.backends())
     if not torch.cuda.is_available():

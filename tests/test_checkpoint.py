@@ -187,6 +187,7 @@ def test_checksum_round_trips_every_kind_of_value(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(path, state)
     loaded = load_checkpoint(path)  # no false alarm: the loaded state hashes as the saved one did
+    # The private digest itself: its inputs (what changes it) are the property under test.
     assert checkpoint._digest(loaded) == checkpoint._digest(state) == torch.load(path, weights_only=True)["sha256"]
     assert list(loaded) == list(state)
     # Every kind of change moves the digest, including ones that compare equal in Python.

@@ -265,6 +265,7 @@ def test_crop_too_small_for_the_output_stride(tmp_path, capsys):
 
 def test_help_gives_every_option_a_text_and_its_default(capsys):
     parser = build_parser()
+    # argparse has no public way to list a parser's actions.
     commands = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
     for name, sub in commands.choices.items():
         for action in sub._actions:
@@ -283,3 +284,15 @@ def test_eval_shows_progress(tmp_path, capsys, folder_run):
     assert main(["eval", "--checkpoint", checkpoint, "--dataset", "folder", "--data-root", str(root), "--device",
                  "cpu", "--overlays", "0", "--out", str(tmp_path / "e")]) == 0
     assert "eval: 100%" in capsys.readouterr().err
+
+
+def test_bench_records_paths_below_the_working_directory_relative(tmp_path, monkeypatch):
+    """The command a result file records must not name this machine's directories. The helper is
+    tested directly: a bench run that writes results takes minutes."""
+    from fastaspp.cli import _portable_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _portable_path(str(tmp_path / "benchmarks" / "results")) == os.path.join("benchmarks", "results")
+    outside = str(tmp_path.parent / "elsewhere")
+    assert _portable_path(outside) == outside
+    assert _portable_path("--out") == "--out"

@@ -52,6 +52,7 @@ CASES = [
 
 
 def branches(x, ws, rates, scale, shift, relu=True):
+    # The cpu kernel op (private): these tests pin its path and transform choices.
     return torch.ops.fastaspp._aspp_branches_forward(x, ws, list(rates), scale, shift, relu)
 
 

@@ -43,6 +43,7 @@ def _images(count=2, batch=2, size=65):
 
 
 def _usable(backend):
+    # The private reason for a skip, as in conftest.py.
     reason = fastaspp._backend.unavailable_reason(backend)
     if reason is not None:
         pytest.skip(f"backend {backend} unavailable: {reason}")

@@ -45,7 +45,7 @@ def test_cpu_kernel_runs_one_gemm_per_live_tap(size, rate, live_taps, monkeypatc
     w = torch.randn(4, 8, 3, 3)
     s, t = torch.ones(4), torch.zeros(4)
     geometry = ([1, 1], [rate, rate], [rate, rate])
-    ops = torch.ops.fastaspp
+    ops = torch.ops.fastaspp  # the cpu kernel ops (private): the GEMM count is a property of the kernel
     assert _gemm_calls(lambda: ops._atrous_conv2d_forward(x, w, None, s, t, *geometry, True)) == live_taps
     g = torch.randn(1, 4, size, size)
     assert _gemm_calls(lambda: ops._atrous_conv2d_grad_input(g, w, list(x.shape), *geometry)) == live_taps

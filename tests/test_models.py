@@ -186,7 +186,7 @@ def test_key_layout_matches_torchvision(arch):
     assert len(no_aux) == expected_entries(arch, aux=False)
     assert not any(k.startswith("aux_classifier") for k in no_aux)
     # Module tree: torchvision's names and indices; the fused model holds fastaspp's ASPP.
-    assert isinstance(fused.classifier[0], fastaspp.nn.ASPP) and isinstance(plain.classifier[0], reference.ASPP)
+    assert isinstance(fused.classifier[0], fastaspp.nn.ASPP) and type(plain.classifier[0]) is M.PlainASPP
     assert [type(m) for m in list(fused.classifier)[1:]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
     assert isinstance(fused.aux_classifier[3], nn.Dropout) and fused.aux_classifier[3].p == 0.1
     bns = [m for m in fused.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -200,11 +200,12 @@ def test_key_layout_matches_torchvision(arch):
         assert all(type(u) is Bottleneck for u in plain.backbone.layer4)
     else:
         assert list(dict(fused.backbone.named_children())) == [str(i) for i in range(17)]
-    # fused=False: torch modules and fastaspp's plain-PyTorch ones only (no fastaspp.nn; no fused op either,
-    # which test_eval_fused_matches_plain checks).
-    own = {type(m).__module__ for m in plain.modules() if not type(m).__module__.startswith("torch.")}
-    assert own <= {"fastaspp.models.deeplabv3", "fastaspp.models._utils", "fastaspp.models.resnet",
-                   "fastaspp.models.heads", "fastaspp.models.mobilenetv3", "fastaspp.reference"}
+    # fused=False: torch modules and fastaspp's plain-PyTorch ones only (from fastaspp.nn only ASPPPooling,
+    # plain torch ops; no fused op either, which test_eval_fused_matches_plain checks).
+    own = {type(m) for m in plain.modules() if not type(m).__module__.startswith("torch.")}
+    assert {c.__module__ for c in own - {fastaspp.nn.ASPPPooling}} <= {
+        "fastaspp.models.deeplabv3", "fastaspp.models._utils", "fastaspp.models.resnet", "fastaspp.models.heads",
+        "fastaspp.models.mobilenetv3", "fastaspp.models.plain_aspp"}
 
 
 # ---------------------------------------------------------------- fused == plain, eval
@@ -587,12 +588,57 @@ def test_torch_export(eval_resnet50):
         torch.testing.assert_close(out[key], expected[key])
 
 
+
+# ---------------------------------------------------------------- the plain ASPP (fused=False)
+@pytest.mark.parametrize("rates", [(2,), (2, 3, 6), (1, 2, 3, 4)], ids=lambda r: "r" + "-".join(map(str, r)))
+def test_plain_aspp_has_the_fused_and_reference_layout(rates):
+    """fused=False's ASPP, fastaspp.nn.ASPP and the reference: one module tree, one state_dict."""
+    modules = [M.PlainASPP(7, rates, 5), fastaspp.nn.ASPP(7, rates, 5), reference.ASPP(7, rates, 5)]
+    layouts = [[(k, tuple(v.shape)) for k, v in m.state_dict().items()] for m in modules]
+    assert layouts[0] == layouts[1] == layouts[2]
+    plain = modules[0]
+    assert type(plain.convs[-1]) is fastaspp.nn.ASPPPooling  # production's pooling branch, not the oracle's
+    for branch, rate in zip(plain.convs[1:-1], rates):
+        assert [type(m) for m in branch] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+        assert branch[0].padding == branch[0].dilation == (rate, rate) and branch[0].bias is None
+    assert [type(m) for m in plain.project] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout]
+    assert plain.project[3].p == 0.5
+    assert type(M.deeplabv3_mobilenet_v3_large(num_classes=3, fused=False).classifier[0]) is M.PlainASPP
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_plain_aspp_matches_reference(training, layout):
+    """PlainASPP runs the reference's torch ops in the same order, so with the same state (and, in
+    training, the same dropout seed) its output, gradients and running statistics are bitwise equal."""
+    torch.manual_seed(0)
+    ref = randomized(reference.ASPP(6, (2, 3), 4))
+    plain = M.PlainASPP(6, (2, 3), 4)
+    plain.load_state_dict(ref.state_dict(), strict=True)
+    ref.to(memory_format=layout).train(training)
+    plain.to(memory_format=layout).train(training)
+    x = torch.randn(2, 6, 9, 7, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=layout)
+    outs, grads = [], []
+    for module in (ref, plain):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = module(xi)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, [xi, *module.parameters()], torch.ones_like(out)))
+    assert outs[1].stride() == outs[0].stride()
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for g_plain, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_plain, g_ref, rtol=0, atol=0)
+    for (key, a), b in zip(plain.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=key)
+
+
 # ---------------------------------------------------------------- convert()
 def test_convert_torchvision_style_deeplabv3():
     _, plain = make_pair("resnet50", num_classes=3, aux_loss=True, output_stride=16)
     plain.eval()
     converted = convert(plain)
-    assert converted is not plain and isinstance(plain.classifier[0], reference.ASPP)  # the original is untouched
+    assert converted is not plain and type(plain.classifier[0]) is M.PlainASPP  # the original is untouched
     assert all(type(u) is Bottleneck for u in plain.backbone.layer4)
     assert isinstance(converted.classifier[0], fastaspp.nn.ASPP) and converted.classifier.fused
     assert converted.aux_classifier.fused

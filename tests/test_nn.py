@@ -144,6 +144,7 @@ def test_eager_calls_skip_the_op_dispatch(backend, monkeypatch):
 
 
 def test_conv_bn_relu_fold_is_memoised_and_refreshed():
+    # The cache's own value: whether a fold was redone is not visible in the results.
     _, mine = _pair(bias=False, stride=1, device=torch.device("cpu"))
     mine.eval()
     x = torch.randn(1, 4, 7, 7)
@@ -169,6 +170,29 @@ def test_conv_bn_relu_eval_backward_twice():
     for _ in range(2):
         assert_eval_close(mine, ref, x, g)
     assert mine._fold_cache.stamp is None
+
+
+def test_conv_bn_relu_under_autocast_folds_in_the_autocast_dtype():
+    """Under autocast the op casts its operands; a weight cast per call would be a new tensor each
+    time, so the backends could never keep its re-laid-out copy. The kept fold (read through the
+    module's cache, the only place it is visible) is made in the autocast dtype instead, and the
+    second call reuses it; the result stays within bf16 error of the fp32 module."""
+    _, mine = _pair(bias=True, stride=1, device=torch.device("cpu"))
+    mine.eval()
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        expected = mine(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = mine(x)
+            kept = mine._fold_cache.value  # (weight, bias, scale, shift)
+            assert all(t.dtype == torch.bfloat16 for t in kept)
+            mine(x)
+            assert all(a is b for a, b in zip(mine._fold_cache.value, kept))
+        mine(x)  # fp32 again: refolded in fp32
+        assert mine._fold_cache.value[0].dtype == torch.float32
+    assert got.dtype == torch.bfloat16
+    # bf16 rounds x, weight, scale, shift and the output: a few units of 2^-8 of the magnitude.
+    torch.testing.assert_close(got.float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0.02)
 
 
 def test_conv_bn_relu_fold_under_inference_mode_is_an_ordinary_tensor():

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/rules.h"
 #include "channel_stats.h"
 #include "conv_paths.h"
 #include "direct_conv.h"
@@ -61,7 +62,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   enum class Way { kShared, kDirect, kWinograd };
   const int64_t branches = static_cast<int64_t>(weights.size());
   const int64_t batch = x.size(0), in_ch = x.size(1), in_h = x.size(2), in_w = x.size(3);
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto dtype = accumulator_dtype(x.scalar_type());
   std::vector<Way> way(branches, Way::kShared);
   std::vector<ConvGeometry> geometry(branches);
   for (int64_t i = 0; i < branches; ++i) {
@@ -124,7 +125,7 @@ at::Tensor branches_acc(const at::Tensor& x, at::TensorList weights, at::IntArra
                         bool allow_winograd) {
   const int64_t branches = static_cast<int64_t>(weights.size());
   at::Tensor acc = at::empty({x.size(0), x.size(2), x.size(3), branches * ch},
-                             x.options().dtype(compute_dtype(x.scalar_type())));
+                             x.options().dtype(accumulator_dtype(x.scalar_type())));
   branches_into(x, weights, rates, ch, allow_winograd, acc);
   return acc;
 }
@@ -141,7 +142,7 @@ at::Tensor aspp_branches_forward_cpu(const at::Tensor& x, at::TensorList weights
   at::Tensor y = at::empty({x.size(0), branches * ch, x.size(2), x.size(3)},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
-  if (compute_dtype(x.scalar_type()) == x.scalar_type()) {
+  if (accumulator_dtype(x.scalar_type()) == x.scalar_type()) {
     // fp32/fp64: the sums go straight into y's storage and the epilogue runs in place.
     const at::Tensor acc = y.permute({0, 2, 3, 1});
     branches_into(x, weights, rates, ch, /*allow_winograd=*/true, acc);
@@ -159,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cpu(c
                                                                                at::IntArrayRef rates) {
   const int64_t ch = check_branches(x, weights, rates);
   const int64_t branches = static_cast<int64_t>(weights.size());
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto dtype = accumulator_dtype(x.scalar_type());
   const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   const std::vector<int64_t> shape = {x.size(0), branches * ch, x.size(2), x.size(3)};
   if (x.size(0) * x.size(2) * x.size(3) == 0 || ch == 0) {
@@ -188,7 +189,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const
                   grad.size(3) == x.size(3),
               "fastaspp: grad must have shape [", x.size(0), ", ", branches * ch, ", ", x.size(2), ", ", x.size(3),
               "], got ", grad.sizes());
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto dtype = accumulator_dtype(x.scalar_type());
   const at::Tensor gh = to_nhwc(grad, dtype);  // [N, H, W, (1+R)*C]
   at::Tensor dx_acc, xh;
   if (output_mask[0]) dx_acc = at::zeros({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(dtype));
@@ -205,7 +206,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const
   }
   at::Tensor dx;
   if (output_mask[0]) {
-    dx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+    dx = at::empty(x.sizes(), x.options().memory_format(result_format(x)));
     dx.copy_(dx_acc.permute({0, 3, 1, 2}));
   }
   return {dx, dweights};

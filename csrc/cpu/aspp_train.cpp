@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_project_forward_cpu(
   check_operand(weight, "weight", z, {out_ch, k});
   check_operand(image_bias, "image_bias", z, {batch, out_ch});
 
-  const auto dtype = compute_dtype(z.scalar_type());
+  const auto dtype = accumulator_dtype(z.scalar_type());
   const auto cl = z.options().memory_format(at::MemoryFormat::ChannelsLast);
   const int64_t pixels = batch * height * width;
   if (pixels == 0 || out_ch == 0) {

@@ -10,6 +10,7 @@
 
 #include "../affine.h"
 #include "../common/checks.h"
+#include "../common/rules.h"
 #include "channel_stats.h"
 #include "conv_paths.h"
 #include "direct_conv.h"
@@ -31,9 +32,9 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
               x.size(1));
   const ConvGeometry g = check_geometry(kOp, stride, padding, dilation);
   const auto [out_h, out_w] = check_out_size(kOp, x.size(2), x.size(3), weight.size(2), weight.size(3), g);
-  const auto options = x.options().memory_format(x.suggest_memory_format());
+  const auto options = x.options().memory_format(result_format(x));
   if (x.size(0) * weight.size(0) == 0) return at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
-  const Affine affine = fold_affine(bias, scale, shift, compute_dtype(x.scalar_type()));
+  const Affine affine = fold_affine(bias, scale, shift, accumulator_dtype(x.scalar_type()));
   const ForwardPath path = forward_path(x, weight, out_h, out_w, g);
   at::Tensor y;
   if (path != ForwardPath::kOnednn) y = at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
@@ -44,14 +45,15 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
     case ForwardPath::kOnednn: {
       // oneDNN's conv (its output takes x's layout), then the fused epilogue in place: one pass.
       at::Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1)
-                         .contiguous(x.suggest_memory_format());
+                         .contiguous(result_format(x));
       affine_relu_inplace(z, affine.alpha, affine.beta, relu);
       return z;
     }
     case ForwardPath::kTapGemm:
       break;
   }
-  const auto [alpha, beta] = dense_affine(affine, weight.size(0), x.options().dtype(compute_dtype(x.scalar_type())));
+  const auto [alpha, beta] =
+      dense_affine(affine, weight.size(0), x.options().dtype(accumulator_dtype(x.scalar_type())));
   bn_relu_epilogue(gemm_forward(x, weight, g, out_h, out_w), alpha, beta, relu, y);
   return y;
 }
@@ -68,8 +70,8 @@ at::Tensor atrous_conv2d_grad_input_cpu(const at::Tensor& grad, const at::Tensor
                   grad.size(3) == out_w,
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for input ", input_size,
               " and weight ", weight.sizes());
-  at::Tensor dx = at::empty(input_size, grad.options().memory_format(grad.suggest_memory_format()));
-  if (dx.numel() > 0) grad_input(to_nhwc(grad, compute_dtype(grad.scalar_type())), weight, at::Tensor(), g, dx);
+  at::Tensor dx = at::empty(input_size, grad.options().memory_format(result_format(grad)));
+  if (dx.numel() > 0) grad_input(to_nhwc(grad, accumulator_dtype(grad.scalar_type())), weight, at::Tensor(), g, dx);
   return dx;
 }
 
@@ -85,7 +87,7 @@ at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
                   grad.size(2) == out_h && grad.size(3) == out_w,
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ", x.sizes(),
               " and weight ", weight_size);
-  const at::Tensor gh = to_nhwc(grad, compute_dtype(x.scalar_type()));
+  const at::Tensor gh = to_nhwc(grad, accumulator_dtype(x.scalar_type()));
   return grad_weight(to_nhwc(x, gh.scalar_type()), gh, weight_size[2], weight_size[3], g).to(x.scalar_type());
 }
 
@@ -108,14 +110,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
                   grad.size(3) == out_w,
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ", x.sizes(),
               " and weight ", weight.sizes());
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto dtype = accumulator_dtype(x.scalar_type());
   const bool has_scale = scale.has_value() && scale->defined();
   const at::Tensor scale_acc = has_scale ? scale->to(dtype).contiguous() : at::Tensor();
   const at::Tensor gh = masked_nhwc(grad, out.has_value() ? *out : at::Tensor(), dtype);  // [N, Ho, Wo, Cout]
 
   at::Tensor dx, dweight, dbias, dscale, dshift;
   if (output_mask[0]) {
-    dx = at::empty(x.sizes(), x.options().memory_format(x.suggest_memory_format()));
+    dx = at::empty(x.sizes(), x.options().memory_format(result_format(x)));
     grad_input(gh, weight, scale_acc, g, dx);
   }
   if (output_mask[1] || output_mask[3]) {

@@ -32,7 +32,7 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
 
 at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g, int64_t out_h,
                         int64_t out_w) {
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto dtype = accumulator_dtype(x.scalar_type());
   const at::Tensor xh = to_nhwc(x, dtype);
   const at::Tensor w_taps = kept_tap_matrices(weight, dtype);  // [KH, KW, Cout, Cin]
   at::Tensor acc = at::zeros({x.size(0), out_h, out_w, weight.size(0)}, x.options().dtype(dtype));

@@ -335,7 +335,7 @@ bool use_direct(int64_t macs) {
 
 void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& beta,
                     bool relu, const ConvGeometry& g, at::Tensor& y) {
-  const auto dtype = compute_dtype(x.scalar_type());
+  const auto dtype = accumulator_dtype(x.scalar_type());
   const at::Tensor xa = x.to(dtype);  // fp32/fp64 read in place, with their strides
   at::Tensor ya = y.scalar_type() == dtype ? y : at::empty_like(y, y.options().dtype(dtype));
   const Shape s{x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3), y.size(2), y.size(3), g};

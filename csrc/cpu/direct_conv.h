@@ -33,7 +33,7 @@ int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t o
 bool use_direct(int64_t macs);
 
 // y = act(conv(x, weight) * alpha + beta) per output channel, written into y ([N, Cout, Ho, Wo]
-// of x's dtype, any strides). alpha, beta: contiguous [Cout] in the compute dtype (compute_dtype),
+// of x's dtype, any strides). alpha, beta: contiguous [Cout] in the compute dtype (accumulator_dtype),
 // or undefined for ones / zeros.
 void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& beta,
                     bool relu, const ConvGeometry& g, at::Tensor& y);

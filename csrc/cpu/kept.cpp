@@ -9,8 +9,6 @@
 
 namespace fastaspp {
 
-bool keepable(const at::Tensor& weight) { return !weight.requires_grad() && !weight.is_inference(); }
-
 int64_t env_megabytes(const char* name, int64_t fallback) {
   const char* mb = std::getenv(name);
   return (mb != nullptr ? std::atoll(mb) : fallback) << 20;

@@ -32,10 +32,6 @@ std::vector<LiveTap> live_taps(int64_t kernel_h, int64_t kernel_w, int64_t in_h,
   return taps;
 }
 
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // [N, H, W, C] view of an NCHW-shaped tensor, in the compute dtype.
 at::Tensor to_nhwc(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype).contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1});

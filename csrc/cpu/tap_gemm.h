@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "../common/rules.h"
 #include "../common/tap_geometry.h"
 
 namespace fastaspp {
@@ -26,9 +27,7 @@ struct LiveTap {
 std::vector<LiveTap> live_taps(int64_t kernel_h, int64_t kernel_w, int64_t in_h, int64_t in_w,
                                int64_t out_h, int64_t out_w, const ConvGeometry& g);
 
-// The dtype the kernels compute in: fp64 for fp64, fp32 for every other floating type.
-at::ScalarType compute_dtype(at::ScalarType t);
-// [N, H, W, C] view of an NCHW-shaped tensor, in the compute dtype.
+// [N, H, W, C] view of an NCHW-shaped tensor, in the given (accumulator) dtype.
 at::Tensor to_nhwc(const at::Tensor& t, at::ScalarType dtype);
 // [KH, KW, Cout, Cin] view whose tap matrices BLAS reads in place (see tap_gemm.cpp).
 at::Tensor tap_matrices(const at::Tensor& weight, at::ScalarType dtype);

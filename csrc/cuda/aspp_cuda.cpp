@@ -26,12 +26,7 @@
 namespace fastaspp {
 namespace {
 
-using cuda_binding::check_launch;
-using cuda_binding::check_same;
-using cuda_binding::check_tensor;
-using cuda_binding::current_stream;
-using cuda_binding::dtype_code;
-using cuda_binding::weight_hwio;
+using namespace cuda_binding;  // binding_utils.h: the helpers both bindings share
 
 at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,
                                       at::IntArrayRef rates, const at::Tensor& scale,

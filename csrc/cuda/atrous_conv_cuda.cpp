@@ -12,24 +12,14 @@
 
 #include "../affine.h"
 #include "../common/checks.h"
+#include "../common/rules.h"
 #include "atrous_conv.h"
 #include "binding_utils.h"
 
 namespace fastaspp {
 namespace {
 
-using cuda_binding::check_launch;
-using cuda_binding::check_same;
-using cuda_binding::check_tensor;
-using cuda_binding::current_stream;
-using cuda_binding::dtype_code;
-using cuda_binding::weight_hwio;
-
-at::MemoryFormat result_format(const at::Tensor& like) {
-  return like.suggest_memory_format() == at::MemoryFormat::ChannelsLast
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
+using namespace cuda_binding;  // binding_utils.h: the helpers both bindings share
 
 // Kernels write NHWC; hand back the layout the caller's tensor had.
 at::Tensor to_format(const at::Tensor& nhwc, at::MemoryFormat fmt) {
@@ -63,7 +53,7 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
   const at::Tensor w_hwio = weight_hwio(weight);  // [KH,KW,Cin,Cout]
   // The launcher reads (scale, shift) in x's dtype: the affine folded in fp32 (fp64), then rounded.
   const Affine affine = fold_affine(bias, scale, shift,
-                                    x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+                                    accumulator_dtype(x.scalar_type()));
   const auto [scale_c, shift_c] = dense_affine(affine, c_out, x.options());
   const cudaStream_t stream = current_stream(x);
   check_launch(fastaspp_atrous_conv2d_forward_cuda(

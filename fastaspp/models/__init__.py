@@ -10,6 +10,7 @@ from fastaspp.models._utils import IntermediateLayerGetter
 from fastaspp.models.deeplabv3 import (DeepLabV3, deeplabv3_mobilenet_v3_large, deeplabv3_resnet50,
                                        deeplabv3_resnet101)
 from fastaspp.models.heads import CascadeHead, DeepLabHead, FCNHead
+from fastaspp.models.plain_aspp import PlainASPP
 
-__all__ = ["DeepLabV3", "DeepLabHead", "FCNHead", "CascadeHead", "IntermediateLayerGetter",
+__all__ = ["DeepLabV3", "DeepLabHead", "FCNHead", "CascadeHead", "PlainASPP", "IntermediateLayerGetter",
            "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"]

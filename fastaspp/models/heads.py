@@ -2,7 +2,8 @@
 
 DeepLabHead and FCNHead have torchvision's indices (so its state_dict); with fused=True their
 3x3 Conv → BN → ReLU runs on fastaspp's op (called from forward, the children stay torch
-modules) and the ASPP is fastaspp.nn.ASPP; fused=False is plain PyTorch (fastaspp.reference.ASPP).
+modules) and the ASPP is fastaspp.nn.ASPP; fused=False is plain PyTorch (the ASPP is
+fastaspp.models.plain_aspp.PlainASPP).
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from fastaspp.models._fuse import conv_bn_act
+from fastaspp.models.plain_aspp import PlainASPP
 from fastaspp.models.resnet import Bottleneck, FusedBottleneck, init_weights, make_units
 from fastaspp.nn.aspp import ASPP
-from fastaspp.reference import ASPP as ReferenceASPP
 
 
 class DeepLabHead(nn.Sequential):
@@ -22,7 +23,7 @@ class DeepLabHead(nn.Sequential):
 
     def __init__(self, in_channels: int, num_classes: int, atrous_rates: Sequence[int] = (12, 24, 36),
                  fused: bool = True) -> None:
-        aspp = ASPP if fused else ReferenceASPP
+        aspp = ASPP if fused else PlainASPP
         super().__init__(
             aspp(in_channels, tuple(atrous_rates), 256),
             nn.Conv2d(256, 256, 3, padding=1, bias=False),

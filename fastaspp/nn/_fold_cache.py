@@ -1,10 +1,9 @@
 """A memo for a module's folded (eval) parameters: BN folding and weight preparation run once per
 parameter version rather than every call (docs/design.md §12).
 
-The rule (the C++ backend's twin is csrc/cpu/kept.h): a kept value is valid while every tensor it
-came from is the same object with the same storage and version counter. In-place updates
-(optimizer steps, load_state_dict, running-stat updates) bump the version; reassignment and
-module.to() change the object or its storage. The memo is dropped when the module trains (the
+A kept value is valid while every tensor it came from is the same object with the same
+fastaspp._rules.version_stamp (storage and version counter); that module states the rule the
+backends' caches follow too. The memo is dropped when the module trains (the
 train/eval switch), bypassed under torch.compile (the graph folds the few [C]-sized ops itself)
 and whenever autograd would record the fold (a kept value would carry one call's graph into the
 next backward). Kept values are computed outside inference mode, so that they are ordinary tensors
@@ -16,6 +15,8 @@ from typing import Callable, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
+
+from fastaspp._rules import version_stamp
 
 
 def state_tensors(module: nn.Module, out: Optional[List[Tensor]] = None) -> List[Tensor]:
@@ -55,6 +56,7 @@ class FoldCache:
             return False
         for t, (kept, version, data) in zip(tensors, stamp[1:]):
             # The stamp holds the tensors themselves, so no other tensor can reuse their identity.
+            # version_stamp, unrolled: this runs for every tensor of a module on every call.
             if t is not kept or (t is not None and (t._version != version or t.data_ptr() != data)):
                 return False
         return True
@@ -67,7 +69,7 @@ class FoldCache:
         if torch.compiler.is_compiling():
             return compute()
         if not self._valid(tensors, context):
-            stamp = [context] + [(t, t._version, t.data_ptr()) if t is not None else (None, 0, 0) for t in tensors]
+            stamp = [context] + [(t, *version_stamp(t)) if t is not None else (None, 0, 0) for t in tensors]
             with torch.inference_mode(False), torch.no_grad():
                 self.value = compute()
             self.stamp = stamp

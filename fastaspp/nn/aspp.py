@@ -1,9 +1,11 @@
-"""fastaspp.nn.ASPP: torchvision's ASPP (same constructor, module tree and state_dict) on fused ops."""
+"""fastaspp.nn.ASPP: torchvision's ASPP (same constructor, module tree and state_dict) on fused ops;
+fastaspp.nn.ASPPPooling: its image-pooling branch (also the one of fastaspp.models' plain ASPP)."""
 from __future__ import annotations
 
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastaspp.nn._fold_cache import FoldCache, records_autograd, state_tensors
@@ -12,8 +14,23 @@ from fastaspp.nn.sync_bn import SyncBatchNorm2d
 from fastaspp.ops.aspp import aspp_eval_folded, fold_aspp_eval
 from fastaspp.ops.aspp_train import affine_relu_project, aspp_branches_stats
 from fastaspp.ops.atrous_conv import atrous_conv2d
-from fastaspp.ops.batch_norm import batch_norm_scale
-from fastaspp.reference import ASPPPooling
+from fastaspp.ops.batch_norm import batch_norm_centre_scale
+
+
+class ASPPPooling(nn.Sequential):
+    """torchvision's image-pooling branch (same children, so the same state_dict keys): global average
+    → 1x1 conv → BN → ReLU, then back to x's size (bilinear, align_corners=False). Run as is on the
+    per-branch paths; the fused paths read its children (the pooled vector becomes a projection bias)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        for module in self:
+            x = module(x)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class ASPP(nn.Module):
@@ -108,8 +125,8 @@ class ASPP(nn.Module):
         z, mean, var = aspp_branches_stats(x, weights, self.atrous_rates)
         running_mean = torch.cat([b.running_mean for b in bns])
         running_var = torch.cat([b.running_var for b in bns])
-        centre, scale = self._batch_norm_scale(bns[0], mean, var, count, torch.cat([b.weight for b in bns]),
-                                               running_mean, running_var)
+        centre, scale = self._batch_norm_centre_scale(bns[0], mean, var, count, torch.cat([b.weight for b in bns]),
+                                                      running_mean, running_var)
         shift = torch.cat([b.bias for b in bns])
         with torch.no_grad():
             for i, bn in enumerate(bns):
@@ -125,8 +142,8 @@ class ASPP(nn.Module):
         y, proj_mean, proj_var = affine_relu_project(
             z, *(as_z(t) for t in (centre, scale, shift, conv.weight[:, :total].flatten(1), image_bias)))
         if self._shareable(bn):
-            proj_centre, proj_scale = self._batch_norm_scale(bn, proj_mean, proj_var, count, bn.weight,
-                                                             bn.running_mean, bn.running_var)
+            proj_centre, proj_scale = self._batch_norm_centre_scale(bn, proj_mean, proj_var, count, bn.weight,
+                                                                    bn.running_mean, bn.running_var)
             with torch.no_grad():
                 bn.num_batches_tracked.add_(1)
             acc = proj_scale.dtype
@@ -140,11 +157,11 @@ class ASPP(nn.Module):
         return dropout(out.contiguous(memory_format=self._reference_layout()))
 
     @staticmethod
-    def _batch_norm_scale(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int, weight: Tensor,
-                          running_mean: Tensor, running_var: Tensor) -> tuple:
-        return batch_norm_scale(mean, var, count, weight, running_mean, running_var, factor=bn.momentum, eps=bn.eps,
-                                synchronise=isinstance(bn, SyncBatchNorm2d),
-                                process_group=getattr(bn, "process_group", None))
+    def _batch_norm_centre_scale(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int, weight: Tensor,
+                                 running_mean: Tensor, running_var: Tensor) -> tuple:
+        return batch_norm_centre_scale(mean, var, count, weight, running_mean, running_var, factor=bn.momentum,
+                                       eps=bn.eps, synchronise=isinstance(bn, SyncBatchNorm2d),
+                                       process_group=getattr(bn, "process_group", None))
 
     def _reference_layout(self) -> torch.memory_format:
         """The memory format of torchvision's projection output, so that dropout (drawn in memory

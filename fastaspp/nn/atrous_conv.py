@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastaspp.nn._fold_cache import FoldCache, records_autograd
-from fastaspp.ops._dtypes import accumulator_dtype
+from fastaspp._rules import accumulator_dtype
+from fastaspp.ops._autocast import cast_dtype
 from fastaspp.ops.atrous_conv import atrous_conv2d
 
 
@@ -91,11 +92,16 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool = Tru
         return F.relu(y) if relu else y
     sources = [weight, bias, _member(bn, "_parameters", "weight"), _member(bn, "_parameters", "bias"), running_mean,
                _member(bn, "_buffers", "running_var")]
+    # The dtype the op computes in: x's, or the autocast dtype the op casts its operands to. The fold
+    # is made in it, so that the op's own cast finds it done: a weight cast on every call would be a
+    # new tensor each time, and the backends could never keep its re-laid-out copy.
+    dtype = cast_dtype(x)
     if torch.compiler.is_compiling() or records_autograd(sources):
-        scale, shift = (t.to(x.dtype) for t in fold_bn(bn))
+        scale, shift = (t.to(dtype) for t in fold_bn(bn))
     else:
-        weight, bias, scale, shift = cache.get(sources, (x.dtype, x.device, bn.eps), lambda: (
-            weight.detach(), None if bias is None else bias.detach(), *(t.to(x.dtype) for t in fold_bn(bn))))
+        weight, bias, scale, shift = cache.get(sources, (dtype, x.device, bn.eps), lambda: (
+            weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype),
+            *(t.to(dtype) for t in fold_bn(bn))))
     return atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation, scale=scale, shift=shift, relu=relu)
 
 

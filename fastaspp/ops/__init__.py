@@ -2,7 +2,7 @@
 from fastaspp.ops.aspp import aspp_branches, aspp_eval
 from fastaspp.ops.aspp_train import affine_relu_project, aspp_branches_stats
 from fastaspp.ops.atrous_conv import atrous_conv2d
-from fastaspp.ops.batch_norm import batch_norm_scale, sync_batch_norm
+from fastaspp.ops.batch_norm import batch_norm_centre_scale, sync_batch_norm
 
 __all__ = ["atrous_conv2d", "aspp_branches", "aspp_eval", "aspp_branches_stats", "affine_relu_project",
-           "batch_norm_scale", "sync_batch_norm"]
+           "batch_norm_centre_scale", "sync_batch_norm"]

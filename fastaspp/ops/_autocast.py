@@ -16,6 +16,14 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def cast_dtype(t: Tensor) -> torch.dtype:
+    """The dtype cast() would give t under the autocast state active now."""
+    dtype = autocast_dtype(t)
+    if dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t.dtype
+    return dtype
+
+
 def cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     """t in dtype when autocast is on (dtype not None), as autocast casts conv2d's operands: floating
     tensors other than float64, which autocast leaves alone."""

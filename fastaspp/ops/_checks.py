@@ -48,8 +48,8 @@ def check_backend(backend: str, t: Tensor) -> None:
     if backend == "auto" or resolved != backend:
         raise ValueError(f"backend must be a concrete backend name, got {backend!r}")
     if backend == "triton":
-        from fastaspp.kernels import atrous_conv as triton_kernels
+        from fastaspp.kernels import launch as triton_launch
 
-        if t.dtype not in triton_kernels.SUPPORTED_DTYPES:
+        if t.dtype not in triton_launch.SUPPORTED_DTYPES:
             raise TypeError(f"fastaspp backend 'triton' does not support {t.dtype}; "
-                            f"supported: {triton_kernels.SUPPORTED_DTYPES}")
+                            f"supported: {triton_launch.SUPPORTED_DTYPES}")

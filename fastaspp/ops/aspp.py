@@ -22,12 +22,11 @@ from typing import List, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
-from fastaspp.ops._dtypes import accumulator_dtype
+from fastaspp._rules import accumulator_dtype, result_format
 from fastaspp.ops._library import LIB, Route, route
 from fastaspp.ops._checks import check_backend, check_like, check_tensor
 from fastaspp.ops.atrous_conv import conv_affine_backward
@@ -94,7 +93,7 @@ def branches_backward(g: Tensor, x: Tensor, weights: Sequence[Tensor], rates: Se
         args = (g_scaled, list(weights), list(rates), list(x.shape), backend)
         dx = (_grad_input_kernel(*args) if route(g_scaled) is not Route.OP
               else torch.ops.fastaspp.aspp_branches_grad_input(*args))
-        dx = dx.contiguous(memory_format=suggest_memory_format(x))
+        dx = dx.contiguous(memory_format=result_format(x))
     dws, dscales, dshifts = [], [], []
     if need_w or need_scale or need_shift:
         for i, w in enumerate(weights):
@@ -196,7 +195,7 @@ if _ext.loaded():
 
     @torch.library.register_fake("fastaspp::_aspp_branches_backward", lib=LIB)
     def _(grad, x, weights, rates, output_mask):
-        dx = x.new_empty(x.shape).contiguous(memory_format=suggest_memory_format(x)) if output_mask[0] else None
+        dx = x.new_empty(x.shape).contiguous(memory_format=result_format(x)) if output_mask[0] else None
         return dx, [w.new_empty(w.shape) for w in weights] if output_mask[1] else []
 
 

@@ -11,7 +11,7 @@ normalize + ReLU in the prologue of the projection GEMM.
     normalised 1024-channel activation built tile by tile as the GEMM reads z (never stored),
     and y's batch statistics from the epilogue, for the projection's own BN.
 
-Between the two, batch_norm_scale (fastaspp.ops.batch_norm) turns (mean, var) into the BN's
+Between the two, batch_norm_centre_scale (fastaspp.ops.batch_norm) turns (mean, var) into the BN's
 centre and scale (γ/σ), all-reduced across ranks for SyncBN, and moves the running statistics.
 The BN stays in its centred form (z − mean)·scale + β rather than z·scale + (β − mean·scale):
 the backward then sums dpre·(z − mean), not dpre·z − mean·Σdpre, which loses the gradient of the
@@ -33,7 +33,7 @@ from torch import Tensor
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
-from fastaspp.ops._dtypes import accumulator_dtype
+from fastaspp._rules import accumulator_dtype
 from fastaspp.ops._library import LIB, Route, route
 from fastaspp.ops.aspp import _branches_shape, _triton_aspp, any_needed, branches_backward, check_aspp_args
 from fastaspp.ops._checks import check_backend, check_like, check_tensor

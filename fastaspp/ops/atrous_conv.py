@@ -26,14 +26,13 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.geometry import conv_out_size
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
-from fastaspp.ops._dtypes import accumulator_dtype
+from fastaspp._rules import accumulator_dtype, result_format
 from fastaspp.ops._library import LIB, Route, route
 
 
@@ -130,7 +129,7 @@ def conv_affine_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
     need_x, need_w, need_bias, need_scale, need_shift = needs
     c_out = weight.shape[0]
     g = grad.masked_fill(out <= 0, 0) if relu else grad
-    g = g.contiguous(memory_format=suggest_memory_format(x))
+    g = g.contiguous(memory_format=result_format(x))
     acc = accumulator_dtype(x.dtype)
 
     dx = dw = dbias = dscale = dshift = None
@@ -148,12 +147,12 @@ def conv_affine_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
             dscale = dscale.to(scale.dtype)
     if need_x:
         g_scaled = g if scale is None else (g * scale.view(1, c_out, 1, 1)).contiguous(
-            memory_format=suggest_memory_format(x))
+            memory_format=result_format(x))
         args = (g_scaled, weight, list(x.shape), stride, padding, dilation, backend)
         dx = (_grad_input_kernel(*args) if route(g_scaled) is not Route.OP
               else torch.ops.fastaspp.atrous_conv2d_grad_input(*args))
         # g's layout can be ambiguous (1x1 maps) where x's is not: dx follows x.
-        dx = dx.contiguous(memory_format=suggest_memory_format(x))
+        dx = dx.contiguous(memory_format=result_format(x))
     if need_bias:
         dbias = (grad_sum if scale is None else grad_sum * scale.to(acc)).to(bias.dtype)
     if need_shift:
@@ -205,7 +204,7 @@ def _op_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, 
 def _op_grad_input(grad, weight, input_size, stride, padding, dilation, backend):
     check_backend(backend, grad)
     dx = _grad_input_kernel(grad, weight, list(input_size), list(stride), list(padding), list(dilation), backend)
-    return dx.contiguous(memory_format=suggest_memory_format(grad))
+    return dx.contiguous(memory_format=result_format(grad))
 
 
 def _op_grad_weight(x, grad, weight_size, stride, padding, dilation, backend):
@@ -221,7 +220,7 @@ LIB.impl("atrous_conv2d_grad_weight", _op_grad_weight, "CompositeExplicitAutogra
 
 def _conv_fake(x, weight, stride, padding, dilation):
     return x.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(
-        memory_format=suggest_memory_format(x))
+        memory_format=result_format(x))
 
 
 @torch.library.register_fake("fastaspp::atrous_conv2d", lib=LIB)
@@ -231,7 +230,7 @@ def _(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
 
 @torch.library.register_fake("fastaspp::atrous_conv2d_grad_input", lib=LIB)
 def _(grad, weight, input_size, stride, padding, dilation, backend):
-    return grad.new_empty(list(input_size)).contiguous(memory_format=suggest_memory_format(grad))
+    return grad.new_empty(list(input_size)).contiguous(memory_format=result_format(grad))
 
 
 @torch.library.register_fake("fastaspp::atrous_conv2d_grad_weight", lib=LIB)
@@ -255,7 +254,7 @@ if _ext.loaded():
 
     @torch.library.register_fake("fastaspp::_atrous_conv2d_grad_input", lib=LIB)
     def _(grad, weight, input_size, stride, padding, dilation):
-        return grad.new_empty(list(input_size)).contiguous(memory_format=suggest_memory_format(grad))
+        return grad.new_empty(list(input_size)).contiguous(memory_format=result_format(grad))
 
     @torch.library.register_fake("fastaspp::_atrous_conv2d_grad_weight", lib=LIB)
     def _(x, grad, weight_size, stride, padding, dilation):
@@ -263,7 +262,7 @@ if _ext.loaded():
 
     @torch.library.register_fake("fastaspp::_atrous_conv2d_backward", lib=LIB)
     def _(grad, x, weight, bias, scale, out, stride, padding, dilation, output_mask):
-        like = (x.new_empty(x.shape).contiguous(memory_format=suggest_memory_format(x)), weight.new_empty(weight.shape),
+        like = (x.new_empty(x.shape).contiguous(memory_format=result_format(x)), weight.new_empty(weight.shape),
                 bias.new_empty(bias.shape) if bias is not None else None,
                 scale.new_empty(scale.shape) if scale is not None else None, x.new_empty(weight.shape[0]))
         return tuple(t if need else None for t, need in zip(like, output_mask))

@@ -1,5 +1,5 @@
 """Batch norm synchronised across ranks, and the training BN's scale from batch statistics gathered
-elsewhere (batch_norm_scale: the conv epilogues of fastaspp.ops.aspp_train).
+elsewhere (batch_norm_centre_scale: the conv epilogues of fastaspp.ops.aspp_train).
 
 sync_batch_norm is the training batch norm whose statistics span every rank; its
 all-reduces are autograd-aware (torch.distributed.nn), so backward all-reduces the gradient
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastaspp.ops._dtypes import accumulator_dtype
+from fastaspp._rules import accumulator_dtype
 
 
 def _all_reduce(t: Tensor, group) -> Tensor:
@@ -30,7 +30,7 @@ def distributed() -> bool:
 def sync_batch_norm(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                     running_var: Optional[Tensor], factor: float, eps: float, process_group=None) -> Tensor:
     """Training-mode batch norm of z [N, C, H, W] with statistics over every rank of process_group:
-    this rank's (mean, var) combined across ranks by batch_norm_scale.
+    this rank's (mean, var) combined across ranks by batch_norm_centre_scale.
 
     Running statistics, when given, move by `factor` as nn.BatchNorm2d's do (unbiased variance).
     """
@@ -43,19 +43,20 @@ def sync_batch_norm(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         var, mean = torch.var_mean(zf, dim=(0, 2, 3), unbiased=False)
     else:  # an empty batch on this rank adds nothing (var_mean would give NaN)
         mean = var = zf.new_zeros(z.shape[1])
-    centre, scale = batch_norm_scale(mean, var, count, weight, running_mean, running_var, factor=factor, eps=eps,
-                                     synchronise=True, process_group=process_group)
+    centre, scale = batch_norm_centre_scale(mean, var, count, weight, running_mean, running_var, factor=factor,
+                                            eps=eps, synchronise=True, process_group=process_group)
     y = (zf - centre.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
     if bias is not None:
         y = y + bias.to(acc).view(1, -1, 1, 1)
     return y.to(z.dtype)
 
 
-def batch_norm_scale(mean: Tensor, var: Tensor, count: int, weight: Optional[Tensor], running_mean: Optional[Tensor],
-                     running_var: Optional[Tensor], *, factor: float, eps: float, synchronise: bool = False,
-                     process_group=None) -> Tuple[Tensor, Tensor]:
-    """(mean, scale) of a training batch norm, y = (z − mean)·scale + bias with scale = weight/σ
-    (1/σ without weight), from z's batch statistics. (The centred form keeps the backward free of
+def batch_norm_centre_scale(mean: Tensor, var: Tensor, count: int, weight: Optional[Tensor],
+                            running_mean: Optional[Tensor], running_var: Optional[Tensor], *, factor: float,
+                            eps: float, synchronise: bool = False, process_group=None) -> Tuple[Tensor, Tensor]:
+    """(centre, scale) of a training batch norm, y = (z − centre)·scale + bias: centre is the batch
+    mean (across ranks when synchronised) and scale = weight/σ (1/σ without weight), from z's batch
+    statistics. (The centred form keeps the backward free of
     the cancellation in Σ g·z − mean·Σ g.)
 
     mean, var: this rank's per-channel batch mean and biased variance over `count` values each
