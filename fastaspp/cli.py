@@ -104,10 +104,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.op == "model":
                 from fastaspp.bench import models as bench_models
 
-                names = bench_models.MODEL_NAMES[:1] if not gpu_full else bench_models.MODEL_NAMES
-                print(f"whole models, fused vs plain PyTorch ({device}, {args.dtype}, channels_last, 513x513, "
+                cases = (bench_models.GPU_MODEL_CASES if gpu_full else
+                         bench_models.MODEL_CASES[:1] if args.quick else bench_models.MODEL_CASES)
+                print(f"whole models, fused vs plain PyTorch ({device}, {args.dtype}, channels_last, eval at "
+                      f"513x513, training steps at {bench_models.TRAIN_CROP}x{bench_models.TRAIN_CROP}, "
                       f"backend {backend})")
-                rows += bench_models.run(names, [8, 16] if gpu_full else [1], ["eval"] if args.quick else
+                rows += bench_models.run(cases, [8, 16] if gpu_full else [1], ["eval"] if args.quick else
                                          ["eval", "train"], dtype, device, 513, args.compile, progress,
                                          cuda_graphs=device.type == "cuda")
             if args.op == "overhead":

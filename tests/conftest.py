@@ -55,10 +55,11 @@ def pytest_collection_modifyitems(config, items):
 # The cpu backend runs three times: "cpu" with its own choice of path (the small test shapes mostly
 # run its direct loops), "cpu-gemm" with every call forced onto the live-tap GEMMs
 # (FASTASPP_CPU_DIRECT_MAX_MACS=-1, FASTASPP_CPU_ONEDNN=0), and "cpu-onednn" with every fp32
-# forward on oneDNN plus the fused epilogue (FASTASPP_CPU_ONEDNN=1; other dtypes and the gradients
-# take the GEMMs). Each yields the backend name "cpu".
-CPU_PATHS = {"gemm": {"FASTASPP_CPU_DIRECT_MAX_MACS": "-1", "FASTASPP_CPU_ONEDNN": "0"},
-             "onednn": {"FASTASPP_CPU_DIRECT_MAX_MACS": "-1", "FASTASPP_CPU_ONEDNN": "1"}}
+# forward and single-conv backward on oneDNN, plus the fused epilogue (FASTASPP_CPU_ONEDNN=1; other
+# dtypes take the GEMMs). Both switch Winograd off, whose error bound is its own
+# (tests/test_cpu_winograd.py, tests/test_cpu_conv_paths.py). Each yields the backend name "cpu".
+_FORCED = {"FASTASPP_CPU_DIRECT_MAX_MACS": "-1", "FASTASPP_CPU_WINOGRAD": "0"}
+CPU_PATHS = {"gemm": {**_FORCED, "FASTASPP_CPU_ONEDNN": "0"}, "onednn": {**_FORCED, "FASTASPP_CPU_ONEDNN": "1"}}
 BACKEND_PARAMS = ("cpu", "cpu-gemm", "cpu-onednn") + tuple(b for b in fastaspp.BACKENDS if b != "cpu")
 
 

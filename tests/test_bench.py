@@ -86,3 +86,16 @@ def test_overhead_rows_time_one_call_of_each_tiny_workload():
             assert row.eager_ms > 0 and row.fused_ms > 0
             if mode == "eval":  # fused against eager on the same input and state
                 assert row.max_abs_err <= ROW_ERROR_BOUND, row
+
+
+def test_model_cases_build_their_options_and_measure_training_steps():
+    from fastaspp.bench import models as bench_models
+
+    cascade = next(c for c in bench_models.MODEL_CASES if "cascade" in c.label)
+    plain, fused = bench_models.model_pair(cascade.name, torch.float32, torch.device("cpu"), **dict(cascade.options))
+    assert type(fused.classifier).__name__ == type(plain.classifier).__name__ == "CascadeHead"
+    assert fused.classifier.rates == (4, 8, 16)  # output stride 16: layer4 at rate 2
+    case = bench_models.MODEL_CASES[-1]  # MobileNetV3: the cheapest
+    row = bench_models.measure(case, 2, "train", torch.float32, torch.device("cpu"), size=65, reps=1, rounds=1)
+    assert (row.kind, row.shape, row.batch) == ("model train", f"{case.label}-65", 2)
+    assert row.eager_ms > 0 and row.fused_ms > 0

@@ -41,6 +41,7 @@ def test_cpu_kernel_runs_one_gemm_per_live_tap(size, rate, live_taps, monkeypatc
     path, which these small shapes reach only when the direct loops are switched off)."""
     monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
     monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "0")
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
     x = torch.randn(1, 8, size, size)
     w = torch.randn(4, 8, 3, 3)
     s, t = torch.ones(4), torch.zeros(4)

@@ -15,6 +15,7 @@
 #include "conv_paths.h"
 #include "direct_conv.h"
 #include "epilogue.h"
+#include "winograd.h"
 
 namespace fastaspp {
 namespace {
@@ -49,12 +50,28 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
       affine_relu_inplace(z, affine.alpha, affine.beta, relu);
       return z;
     }
+    case ForwardPath::kWinograd:
     case ForwardPath::kTapGemm:
       break;
   }
-  const auto [alpha, beta] =
-      dense_affine(affine, weight.size(0), x.options().dtype(accumulator_dtype(x.scalar_type())));
-  bn_relu_epilogue(gemm_forward(x, weight, g, out_h, out_w), alpha, beta, relu, y);
+  // The raw conv in the accumulator dtype (NHWC), then the epilogue into y.
+  const auto acc_dtype = accumulator_dtype(x.scalar_type());
+  at::Tensor acc;
+  if (path == ForwardPath::kWinograd) {
+    const at::Tensor xh = to_nhwc(x, acc_dtype).contiguous();
+    if (y.scalar_type() == acc_dtype && y.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      // Straight into y, then the epilogue in place: no accumulator to allocate and copy.
+      winograd_conv3x3(xh, weight, g.dilation[0], y.permute({0, 2, 3, 1}));
+      affine_relu_inplace(y, affine.alpha, affine.beta, relu);
+      return y;
+    }
+    acc = at::empty({x.size(0), out_h, out_w, weight.size(0)}, x.options().dtype(acc_dtype));
+    winograd_conv3x3(xh, weight, g.dilation[0], acc);
+  } else {
+    acc = gemm_forward(x, weight, g, out_h, out_w);
+  }
+  const auto [alpha, beta] = dense_affine(affine, weight.size(0), x.options().dtype(acc_dtype));
+  bn_relu_epilogue(acc, alpha, beta, relu, y);
   return y;
 }
 
@@ -116,12 +133,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
   const at::Tensor gh = masked_nhwc(grad, out.has_value() ? *out : at::Tensor(), dtype);  // [N, Ho, Wo, Cout]
 
   at::Tensor dx, dweight, dbias, dscale, dshift;
-  if (output_mask[0]) {
-    dx = at::empty(x.sizes(), x.options().memory_format(result_format(x)));
-    grad_input(gh, weight, scale_acc, g, dx);
+  const bool need_raw = output_mask[1] || output_mask[3];
+  at::Tensor raw;  // wgrad(x, g)
+  if (backward_on_onednn(x, weight, out_h, out_w, g) && (output_mask[0] || need_raw)) {
+    // One oneDNN call for both: dx = conv_transpose(g * scale, weight) is conv_transpose(g, weight
+    // scaled per output channel), and the weight gradient does not read the weight's values.
+    const at::Tensor w_scaled = has_scale ? weight * scale_acc.view({-1, 1, 1, 1}) : weight;
+    auto grads = at::convolution_backward(gh.permute({0, 3, 1, 2}), x, w_scaled, std::nullopt, stride, padding,
+                                          dilation, false, {0, 0}, 1, {output_mask[0], need_raw, false});
+    if (output_mask[0]) dx = std::get<0>(grads).contiguous(result_format(x));
+    if (need_raw) raw = std::get<1>(grads).contiguous();
+  } else {
+    if (output_mask[0]) {
+      dx = at::empty(x.sizes(), x.options().memory_format(result_format(x)));
+      grad_input(gh, weight, scale_acc, g, dx);
+    }
+    if (need_raw) raw = grad_weight(to_nhwc(x, dtype), gh, weight.size(2), weight.size(3), g);
   }
-  if (output_mask[1] || output_mask[3]) {
-    const at::Tensor raw = grad_weight(to_nhwc(x, dtype), gh, weight.size(2), weight.size(3), g);  // wgrad(x, g)
+  if (need_raw) {
     if (output_mask[1]) dweight = (has_scale ? raw * scale_acc.view({-1, 1, 1, 1}) : raw).to(weight.scalar_type());
     if (output_mask[3]) dscale = (raw * weight.to(dtype)).sum({1, 2, 3});
   }

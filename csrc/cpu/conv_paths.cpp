@@ -1,4 +1,4 @@
-// The cpu backend's two paths for one conv (see conv_paths.h).
+// The cpu backend's paths for one conv (see conv_paths.h).
 #include "conv_paths.h"
 
 #include <cstdlib>
@@ -6,6 +6,7 @@
 
 #include "direct_conv.h"
 #include "kept.h"
+#include "winograd.h"
 
 namespace fastaspp {
 
@@ -18,16 +19,42 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
   return use_direct(live_macs(x_size, weight_size, out_h, out_w, geo));
 }
 
+namespace {
+
+// The oneDNN rule of conv_paths.h for a conv above the direct loops' range with `pairs` live pairs.
+bool prefers_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t pairs, int64_t out_h, int64_t out_w) {
+  if (x.scalar_type() != at::kFloat) return false;
+  const char* choice = std::getenv("FASTASPP_CPU_ONEDNN");
+  if (choice != nullptr && std::string(choice) == "0") return false;
+  if (choice != nullptr && std::string(choice) == "1") return true;
+  const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
+  return pairs > kOnednnMinLiveShare * dense;
+}
+
+}  // namespace
+
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
   if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return ForwardPath::kDirect;
-  if (x.scalar_type() != at::kFloat) return ForwardPath::kTapGemm;
-  const char* choice = std::getenv("FASTASPP_CPU_ONEDNN");
-  if (choice != nullptr && std::string(choice) == "0") return ForwardPath::kTapGemm;
-  if (choice != nullptr && std::string(choice) == "1") return ForwardPath::kOnednn;
-  const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
-  return pairs > kOnednnMinLiveShare * dense ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
+  const int64_t rate = winograd_rate(weight.sizes(), geo);
+  if (rate > 0 && use_winograd(x.size(2), x.size(3), rate, weight, accumulator_dtype(x.scalar_type())))
+    return ForwardPath::kWinograd;
+  return prefers_onednn(x, weight, pairs, out_h, out_w) ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
+}
+
+bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
+                        const ConvGeometry& geo) {
+  const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
+  return !use_direct(x.size(0) * pairs * x.size(1) * weight.size(0)) &&
+         prefers_onednn(x, weight, pairs, out_h, out_w);
+}
+
+int64_t winograd_rate(at::IntArrayRef weight_size, const ConvGeometry& geo) {
+  const int64_t rate = geo.dilation[0];
+  const bool fits = weight_size[2] == 3 && weight_size[3] == 3 && geo.stride[0] == 1 && geo.stride[1] == 1 &&
+                    geo.dilation[1] == rate && geo.padding[0] == rate && geo.padding[1] == rate;
+  return fits ? rate : 0;
 }
 
 at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const ConvGeometry& g, int64_t out_h,

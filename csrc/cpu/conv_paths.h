@@ -1,7 +1,7 @@
 // One conv's forward, input gradient and weight gradient on the cpu backend, each by a path chosen
 // per call: the direct loops for small problems (the rule in direct_conv.h), one GEMM per live tap
-// (tap_gemm.h) otherwise. A single conv's fp32 forward above the direct loops' range runs oneDNN's
-// convolution with fastaspp's epilogue applied in place instead, unless most of its taps are dead
+// (tap_gemm.h) otherwise. A single conv's forward above the direct loops' range may instead run
+// Winograd (winograd.h) or, in fp32, oneDNN's convolution with fastaspp's epilogue applied in place
 // (forward_path below). The single-conv ops (atrous_conv.cpp) and the ASPP's branches (aspp.cpp)
 // both run their convs through here.
 #pragma once
@@ -49,9 +49,25 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 // runs oneDNN. FASTASPP_CPU_ONEDNN=0 never uses oneDNN, =1 for every fp32 forward above the direct
 // loops' range. Half types and fp64 keep the GEMMs (oneDNN would round half outputs before the
 // epilogue; fp64 dilated convs are not oneDNN's).
-enum class ForwardPath { kDirect, kOnednn, kTapGemm };
+//
+// Before oneDNN: Winograd, for a 3x3 conv with stride 1 and padding = dilation = the same rate on
+// both axes (every dilated 3x3 of a DeepLab backbone and the plain 3x3s), when use_winograd accepts
+// it (kept weights, products at most kMaxProductShare of the live pairs): fewer products than
+// oneDNN does, which already skips dead taps (docs/design.md §9).
+enum class ForwardPath { kDirect, kWinograd, kOnednn, kTapGemm };
 constexpr double kOnednnMinLiveShare = 0.5;
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo);
+
+// Whether a single conv's backward (input and weight gradients) runs oneDNN's convolution_backward:
+// by the forward's oneDNN rule, fp32 above the direct loops' range with more than
+// kOnednnMinLiveShare of its pairs live (FASTASPP_CPU_ONEDNN as there). Otherwise the direct loops
+// or the live-tap GEMMs, which lost to oneDNN on the backbone's convs (docs/design.md §8).
+bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
+                        const ConvGeometry& geo);
+
+// The rate of a conv winograd_conv3x3 can run (3x3, stride 1, padding = dilation = rate on both
+// axes), or 0.
+int64_t winograd_rate(at::IntArrayRef weight_size, const ConvGeometry& geo);
 
 }  // namespace fastaspp

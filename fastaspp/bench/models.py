@@ -1,8 +1,10 @@
 """Whole DeepLabV3 models: fused (fastaspp ops) against the plain PyTorch model with the same
-weights, and torch.compile of the plain one; eval forward and a training step (forward + backward)."""
+weights, and torch.compile of the plain one; eval forward at 513x513 and a training step (forward,
+backward and an SGD step on a 321x321 crop, batch 2 at least: the paper's crop)."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -12,19 +14,44 @@ from fastaspp.bench.timing import alternate, peak_memory_mb
 from fastaspp.geometry import conv_flops
 
 MODEL_NAMES = ("deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large")
+TRAIN_CROP = 321
 
 
-def model_pair(name: str, dtype: torch.dtype, device: torch.device, num_classes: int = 21):
-    """(plain, fused) models of `name` with the same random weights and BN statistics."""
+@dataclass(frozen=True)
+class ModelCase:
+    """A model and its options (keyword arguments of its builder), named by label in result rows."""
+
+    label: str
+    name: str
+    options: Tuple[Tuple[str, object], ...] = ()
+
+
+# Every model and option combination the CPU goals cover: both ResNets at output stride 8 and 16,
+# Multi-Grid, the cascade head, and MobileNetV3.
+MODEL_CASES = (
+    ModelCase("resnet50-os8", "deeplabv3_resnet50", (("output_stride", 8),)),
+    ModelCase("resnet50-os16", "deeplabv3_resnet50", (("output_stride", 16),)),
+    ModelCase("resnet101-os8", "deeplabv3_resnet101", (("output_stride", 8),)),
+    ModelCase("resnet101-os16", "deeplabv3_resnet101", (("output_stride", 16),)),
+    ModelCase("resnet50-os16-mg124", "deeplabv3_resnet50", (("output_stride", 16), ("multi_grid", (1, 2, 4)))),
+    ModelCase("resnet50-os16-cascade", "deeplabv3_resnet50", (("output_stride", 16), ("head", "cascade"))),
+    ModelCase("mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"),
+)
+# On a GPU, the three models at their defaults (a GPU session's device time is short).
+GPU_MODEL_CASES = tuple(ModelCase(name.replace("deeplabv3_", ""), name) for name in MODEL_NAMES)
+
+
+def model_pair(name: str, dtype: torch.dtype, device: torch.device, num_classes: int = 21, **options):
+    """(plain, fused) models of `name` (built with `options`) with the same random weights and BN statistics."""
     build = getattr(fastaspp.models, name)
     torch.manual_seed(0)
-    plain = build(num_classes=num_classes, fused=False)
+    plain = build(num_classes=num_classes, fused=False, **options)
     with torch.no_grad():
         for m in plain.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
-    fused = build(num_classes=num_classes, fused=True)
+    fused = build(num_classes=num_classes, fused=True, **options)
     fused.load_state_dict(plain.state_dict())
     to = dict(device=device, dtype=dtype, memory_format=torch.channels_last)
     return plain.to(**to), fused.to(**to)
@@ -73,15 +100,16 @@ def graphed(forward: Callable[[torch.Tensor], object], example: torch.Tensor) ->
     return replay
 
 
-def measure(name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.device, size: int = 513,
+def measure(case: ModelCase, batch: int, mode: str, dtype: torch.dtype, device: torch.device, size: int = 513,
             compile_baseline: bool = False, reps: int = 3, rounds: int = 2, cuda_graphs: bool = False) -> Row:
-    """One row: plain against fused. With cuda_graphs (eval on a GPU), both sides run as captured CUDA
-    graphs, so the row compares device time without the host's per-op cost."""
+    """One row: plain against fused. A training step is forward, backward and an SGD step (momentum
+    0.9) of each model's own optimizer. With cuda_graphs (eval on a GPU), both sides run as captured
+    CUDA graphs, so the row compares device time without the host's per-op cost."""
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     if cuda_graphs and (mode != "eval" or device.type != "cuda"):
         raise ValueError("cuda_graphs applies to eval rows on a CUDA device")
-    plain, fused = model_pair(name, dtype, device)
+    plain, fused = model_pair(case.name, dtype, device, **dict(case.options))
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(batch, 3, size, size, generator=gen).to(device, dtype, memory_format=torch.channels_last)
           for _ in range(2)]
@@ -101,9 +129,13 @@ def measure(name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.
         if mode == "eval":
             return lambda: model(next_x())["out"]
 
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
         def run():
             out = model(next_x())["out"]
+            optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(out.float(), target).backward()
+            optimizer.step()
         return run
 
     for m in (plain, fused):
@@ -121,25 +153,28 @@ def measure(name: str, batch: int, mode: str, dtype: torch.dtype, device: torch.
         mems = [peak_memory_mb(fn, device) for fn in fns[:2]]
     if mode == "train":
         useful, dense = 3 * useful, 3 * dense
-    return Row(f"model {mode}" + (" cuda-graph" if cuda_graphs else ""), f"{name}-{size}", batch,
+    return Row(f"model {mode}" + (" cuda-graph" if cuda_graphs else ""), f"{case.label}-{size}", batch,
                str(dtype).replace("torch.", ""), str(device),
                fastaspp.resolve_backend(device), times[0].median_ms, times[1].median_ms, times[0].spread_ms,
                times[1].spread_ms, useful, dense, err, times[2].median_ms if compile_baseline else None, *mems)
 
 
-def run(names: Sequence[str], batches: Sequence[int], modes: Sequence[str], dtype, device, size: int = 513,
+def run(cases: Sequence[ModelCase], batches: Sequence[int], modes: Sequence[str], dtype, device, size: int = 513,
         compile_baseline: bool = False, progress: Optional[Callable[[Row], None]] = None,
         cuda_graphs: bool = False) -> List[Row]:
-    """Rows per model, batch and mode; with cuda_graphs (GPU), each eval row again with both sides
-    captured in CUDA graphs."""
+    """Rows per model case, batch and mode: eval at size x size, training steps at TRAIN_CROP with a
+    batch of at least 2 (batch statistics); with cuda_graphs (GPU), each eval row again with both
+    sides captured in CUDA graphs."""
     rows = []
-    for name in names:
+    for case in cases:
         for batch in batches:
             for mode in modes:
                 graphs = [False, True] if cuda_graphs and mode == "eval" and device.type == "cuda" else [False]
                 for graph in graphs:
-                    rows.append(measure(name, max(batch, 2) if mode == "train" else batch, mode, dtype, device, size,
-                                        compile_baseline and not graph, cuda_graphs=graph))
+                    train = mode == "train"
+                    rows.append(measure(case, max(batch, 2) if train else batch, mode, dtype, device,
+                                        TRAIN_CROP if train else size, compile_baseline and not graph,
+                                        cuda_graphs=graph))
                     if progress:
                         progress(rows[-1])
     return rows

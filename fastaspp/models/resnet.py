@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence, Type, Union
 
 from torch import Tensor, nn
 
-from fastaspp.models._fuse import conv_bn_act
+from fastaspp.models._fuse import conv_bn_act, is_fusable_bn, is_fusable_conv
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -85,10 +85,33 @@ class Bottleneck(nn.Module):
 
 
 class FusedBottleneck(Bottleneck):
-    """Bottleneck with the 3x3 conv2 → bn2 → relu on fastaspp's op (one op in eval, BN folded)."""
+    """Bottleneck with the 3x3 conv2 → bn2 → relu on fastaspp's op (one op in eval, BN folded).
+
+    In eval the 1x1 convs with their BN (conv1 → bn1 → relu, conv3 → bn3, and the downsample's conv →
+    BN) run on the op too: their conv is oneDNN's either way (docs/design.md §8), and the fold saves
+    each BN's pass over the activations and its output allocation. In training they stay torch
+    modules, whose oneDNN backward the cpu backend would not beat on 1x1 convs.
+    """
 
     def _middle(self, out: Tensor) -> Tensor:
         return conv_bn_act(self.conv2, self.bn2, out, relu=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().forward(x)
+        identity = x if self.downsample is None else self._shortcut(x)
+        out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
+        out = conv_bn_act(self.conv3, self.bn3, self._middle(out), relu=False)
+        out += identity
+        return self.relu(out)
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        down = self.downsample
+        if type(down) is nn.Sequential and len(down) == 2:
+            conv, bn = down
+            if is_fusable_conv(conv) and is_fusable_bn(bn, conv):
+                return conv_bn_act(conv, bn, x, relu=False)
+        return down(x)
 
 
 Block = Union[Type[BasicBlock], Type[Bottleneck]]

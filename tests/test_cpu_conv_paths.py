@@ -1,0 +1,159 @@
+"""The cpu backend's single-conv paths that the backbone uses (csrc/cpu/conv_paths.h): Winograd for
+the forward of a 3x3 stride-1 conv with padding = dilation, and oneDNN for the backward, each
+against the fp64 reference, and the rule that picks them.
+
+The kernel op (private) is called directly: the path is a property of the kernel, and the public op
+adds nothing here. Every shape here is small, so the direct loops are switched off
+(FASTASPP_CPU_DIRECT_MAX_MACS=-1) and the rules above decide. Which path ran shows in the bits: two
+paths round differently, so a result equal to the one with Winograd (or oneDNN) switched off means
+that path did not run.
+
+Tolerances (tests/_cases.py, rule 2): within gamma_n of the computation's magnitude, elementwise.
+Winograd's magnitude takes its transforms' entries by absolute value (winograd_conv_magnitude, the
+Python twin of the plans tested in test_cpu_winograd.py) and its depth is winograd_depth(Cin), the
+same bound the ASPP branches are held to; the tile size enters through the transforms (F(m, 3) with
+m <= 6).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _cases import CONV_EPILOGUE, assert_within, conv_magnitude, expect_winograd, winograd_conv_magnitude, \
+    winograd_depth
+
+
+@pytest.fixture(autouse=True)
+def no_direct_loops(monkeypatch):
+    monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "-1")
+
+
+def forward(x, w, b, s, t, stride, padding, dilation, relu=True):
+    return torch.ops.fastaspp._atrous_conv2d_forward(x, w, b, s, t, [stride] * 2, list(padding), list(dilation),
+                                                     relu)
+
+
+def make_inputs(n, c_in, c_out, h, w, dtype, channels_last=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=gen, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    weight = torch.randn(c_out, c_in, 3, 3, generator=gen, dtype=dtype)
+    bias = torch.randn(c_out, generator=gen, dtype=dtype)
+    scale = torch.rand(c_out, generator=gen, dtype=dtype) + 0.5
+    shift = torch.randn(c_out, generator=gen, dtype=dtype)
+    return x, weight, bias, scale, shift
+
+
+def winograd_bound(x, weight, bias, scale, shift, rate, relu):
+    """(exact, magnitude, depth) of act((conv + b) * s + t) run as Winograd."""
+    x64, w64 = x.double(), weight.double()
+    s64, t64, b64 = (v.double().view(1, -1, 1, 1) for v in (scale, shift, bias))
+    exact = (F.conv2d(x64, w64, padding=rate, dilation=rate) + b64) * s64 + t64
+    magnitude = (winograd_conv_magnitude(x64, w64, rate) + b64.abs()) * s64.abs() + t64.abs()
+    return (exact.relu() if relu else exact), magnitude, winograd_depth(x.shape[1]) + CONV_EPILOGUE
+
+
+# (n, c_in, c_out, h, w, rate): the backbone's geometries scaled down, every per-axis plan.
+CASES = [
+    (1, 8, 6, 33, 33, 2),    # layer4 at output stride 16: s = 17, three tiles
+    (2, 5, 7, 17, 20, 4),    # layer4 at output stride 8 on a small map: s = 5
+    (1, 6, 4, 13, 13, 1),    # an undilated 3x3: one sub-grid of 13
+    (1, 3, 5, 9, 31, 3),     # uneven sides
+    (1, 4, 4, 40, 3, 2),     # a thin map
+]
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("channels_last", [True, False], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_runs_winograd_within_its_bound(case, dtype, channels_last, relu, monkeypatch):
+    n, c_in, c_out, h, w, r = case
+    assert expect_winograd(h, w, r)  # every case is one the rule sends to Winograd
+    x, weight, bias, scale, shift = make_inputs(n, c_in, c_out, h, w, dtype, channels_last)
+    out = forward(x, weight, bias, scale, shift, 1, (r, r), (r, r), relu)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_within(out, *winograd_bound(x, weight, bias, scale, shift, r, relu), dtype, "winograd forward")
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+    assert not torch.equal(out, forward(x, weight, bias, scale, shift, 1, (r, r), (r, r), relu))
+
+
+def test_half_inputs_compute_winograd_in_fp32():
+    x, weight, bias, scale, shift = make_inputs(1, 8, 6, 33, 33, torch.bfloat16)
+    out = forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2))
+    assert out.dtype == torch.bfloat16
+    exact, magnitude, depth = winograd_bound(x, weight, bias, scale, shift, 2, True)
+    assert_within(out, exact, magnitude, depth, torch.bfloat16, "bf16 winograd", storage_roundings=1)
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(stride=2, padding=(2, 2), dilation=(2, 2)),   # strided
+    dict(stride=1, padding=(1, 1), dilation=(2, 2)),   # padding != dilation
+    dict(stride=1, padding=(2, 1), dilation=(2, 1)),   # a different rate per axis
+], ids=["stride2", "pad-ne-dil", "two-rates"])
+def test_winograd_only_for_its_geometry(geometry, monkeypatch):
+    x, weight, bias, scale, shift = make_inputs(1, 8, 6, 33, 33, torch.float64)
+    out = forward(x, weight, bias, scale, shift, geometry["stride"], geometry["padding"], geometry["dilation"])
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+    assert torch.equal(out, forward(x, weight, bias, scale, shift, geometry["stride"], geometry["padding"],
+                                    geometry["dilation"]))
+
+
+def test_winograd_only_for_weights_that_keep_their_transforms(monkeypatch):
+    """A weight that takes a gradient (training) cannot keep its transforms, and transforming per
+    call costs more than Winograd saves: such a conv takes the other paths."""
+    x, weight, bias, scale, shift = make_inputs(1, 8, 6, 33, 33, torch.float64)
+    trained = weight.clone().requires_grad_()
+    out = forward(x, trained, bias, scale, shift, 1, (2, 2), (2, 2))
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+    assert torch.equal(out, forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2)))
+
+
+def test_winograd_follows_in_place_weight_changes():
+    x, weight, bias, scale, shift = make_inputs(1, 8, 6, 33, 33, torch.float32)
+    first = forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2))
+    assert torch.equal(forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2)), first)  # kept transforms
+    weight.mul_(-1.5)
+    after = forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2))
+    assert torch.equal(after, forward(x, weight.clone(), bias, scale, shift, 1, (2, 2), (2, 2)))
+    assert_within(after, *winograd_bound(x, weight, bias, scale, shift, 2, True), torch.float32, "after the change")
+
+
+# (n, c_in, c_out, h, w, stride, rate): the backward's geometries, strided ones included.
+BACKWARD_CASES = [(2, 8, 6, 21, 21, 1, 2), (1, 6, 5, 17, 13, 2, 1), (2, 4, 7, 12, 12, 1, 4)]
+
+
+@pytest.mark.parametrize("onednn", ["1", "0"], ids=["onednn", "gemm"])
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=str)
+def test_backward_paths_within_their_bound(case, onednn, monkeypatch):
+    """The one-call backward of fp32 conv + affine + ReLU, on oneDNN (FASTASPP_CPU_ONEDNN=1, and by
+    the rule whenever more than half of the pairs are live) and on the live-tap GEMMs: dx against
+    the fp64 reference within gamma_(9 Cout + 3) of |g| conv_transpose |w s|, dweight within
+    gamma_(N Ho Wo + 2) of the wgrad of |g s| and |x|."""
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", onednn)
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")  # the forward on the path under test too
+    n, c_in, c_out, h, w, stride, r = case
+    x, weight, bias, scale, shift = make_inputs(n, c_in, c_out, h, w, torch.float32)
+    out = forward(x, weight, bias, scale, shift, stride, (r, r), (r, r))
+    g = torch.randn_like(out)
+    geometry = ([stride] * 2, [r, r], [r, r])
+    dx, dw, db, ds, dt = torch.ops.fastaspp._atrous_conv2d_backward(g, x, weight, bias, scale, out, *geometry,
+                                                                    [True] * 5)
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    y64 = ((F.conv2d(x64, w64, stride=stride, padding=r, dilation=r) + bias.double().view(1, -1, 1, 1))
+           * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1))
+    g64 = g.double() * (out > 0)  # the saved output's ReLU mask
+    exact_dx, exact_dw = torch.autograd.grad(y64, (x64, w64), g64)
+    gs = (g64 * scale.double().view(1, -1, 1, 1)).abs()
+    dx_magnitude = torch.nn.grad.conv2d_input(x.shape, weight.double().abs(), gs, stride, r, r)
+    dw_magnitude = torch.nn.grad.conv2d_weight(x.double().abs(), weight.shape, gs, stride, r, r)
+    assert_within(dx, exact_dx, dx_magnitude, 9 * c_out + 3, torch.float32, "dx")
+    assert_within(dw, exact_dw, dw_magnitude, n * out.shape[2] * out.shape[3] + 3, torch.float32, "dweight")
+    assert dx.is_contiguous(memory_format=torch.channels_last) and dw.is_contiguous()
+    pixels = n * out.shape[2] * out.shape[3]
+    assert_within(dt, g64.sum((0, 2, 3)), g64.abs().sum((0, 2, 3)), pixels, torch.float32, "dshift")
+    assert_within(out, y64.relu(), conv_magnitude(x, weight, bias, scale, shift, stride, r, r),
+                  9 * c_in + CONV_EPILOGUE, torch.float32, "forward")
+    if onednn == "1":  # the rule's own choice agrees: these convs keep more than half their pairs live
+        monkeypatch.delenv("FASTASPP_CPU_ONEDNN")
+        again = torch.ops.fastaspp._atrous_conv2d_backward(g, x, weight, bias, scale, out, *geometry, [True] * 5)
+        assert torch.equal(again[0], dx) and torch.equal(again[1], dw)
