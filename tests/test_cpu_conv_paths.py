@@ -118,6 +118,38 @@ def test_winograd_follows_in_place_weight_changes():
     assert_within(after, *winograd_bound(x, weight, bias, scale, shift, 2, True), torch.float32, "after the change")
 
 
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 2), (1, 2)], ids=["1x1", "3x3-s2", "1x1-s2"])
+def test_onednn_forward_folds_the_scale_into_kept_weights(kernel, stride, monkeypatch):
+    """In eval (a weight that keeps derived copies) an fp32 oneDNN forward runs oneDNN's conv with the
+    scale folded into a kept copy of the weight and the shift and ReLU as its post-ops
+    (csrc/cpu/onednn_fused.h): within the direct bound plus the fold's rounding, different bits from
+    the unfolded path that a training weight takes, and refolded after an in-place change of the
+    weight or the scale."""
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "1")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 15, 15, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(12, 16, kernel, kernel, generator=gen)
+    scale, shift = torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen)
+    pad = kernel // 2
+    run = lambda w: forward(x, w, None, scale, shift, stride, (pad, pad), (1, 1))  # noqa: E731
+
+    def check(out):
+        exact = (F.conv2d(x.double(), weight.double(), None, stride, pad) * scale.double().view(1, -1, 1, 1)
+                 + shift.double().view(1, -1, 1, 1)).relu()
+        magnitude = conv_magnitude(x, weight, None, scale, shift, stride, pad, 1)
+        assert_within(out, exact, magnitude, 16 * kernel * kernel + CONV_EPILOGUE + 1, torch.float32, "folded")
+
+    folded = run(weight)
+    check(folded)
+    assert folded.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(folded, run(weight.clone().requires_grad_()).detach())
+    assert torch.equal(run(weight), folded)  # from the kept copy
+    scale.mul_(-0.5)
+    check(run(weight))
+    weight.mul_(3.0)
+    check(run(weight))
+
+
 # (n, c_in, c_out, h, w, stride, rate): the backward's geometries, strided ones included.
 BACKWARD_CASES = [(2, 8, 6, 21, 21, 1, 2), (1, 6, 5, 17, 13, 2, 1), (2, 4, 7, 12, 12, 1, 4)]
 

@@ -15,6 +15,7 @@
 #include "conv_paths.h"
 #include "direct_conv.h"
 #include "epilogue.h"
+#include "onednn_fused.h"
 #include "winograd.h"
 
 namespace fastaspp {
@@ -44,7 +45,11 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
       direct_forward(x, weight, affine.alpha, affine.beta, relu, g, y);
       return y;
     case ForwardPath::kOnednn: {
-      // oneDNN's conv (its output takes x's layout), then the fused epilogue in place: one pass.
+      // Eval (kept weights): the epilogue as oneDNN's own bias and ReLU, with the scale folded into
+      // the weight (onednn_fused.h).
+      if (at::Tensor fused = onednn_fused_forward(x, weight, affine, relu, g); fused.defined())
+        return fused.contiguous(result_format(x));
+      // Otherwise oneDNN's conv (its output takes x's layout), then the fused epilogue in place: one pass.
       at::Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1)
                          .contiguous(result_format(x));
       affine_relu_inplace(z, affine.alpha, affine.beta, relu);

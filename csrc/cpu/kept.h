@@ -22,6 +22,7 @@ enum KeptKind : int64_t {
   kTapMatrices,              // tap_gemm.h: tap_matrices
   kWinogradWeights,          // winograd.cpp: the transformed weights
   kCentreTaps,               // aspp.cpp: every direct branch's centre tap, concatenated
+  kOnednnFoldedWeights,      // onednn_fused.cpp: the weight times the BN scale, in oneDNN's layout
 };
 
 // make(), kept under (weights, tag) while the rule above holds; `tag` names the derivation (its
