@@ -2,8 +2,9 @@
 // per call: the direct loops for small problems (the rule in direct_conv.h), one GEMM per live tap
 // (tap_gemm.h) otherwise. A single conv's forward above the direct loops' range may instead run
 // Winograd (winograd.h) or, in fp32, oneDNN's convolution with fastaspp's epilogue applied in place,
-// or in eval folded into oneDNN's own bias and ReLU (onednn_fused.h; forward_path below). The single-conv ops (atrous_conv.cpp) and the ASPP's branches (aspp.cpp)
-// both run their convs through here.
+// or in eval folded into oneDNN's own bias and ReLU (onednn_fused.h; forward_path below). The
+// single-conv ops (atrous_conv.cpp) and the ASPP's branches (aspp.cpp) both run their convs through
+// here.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 // The BN/ReLU epilogue of the cpu backend: the per-channel affine and optional ReLU that follow a
 // conv, y = act(conv * scale + shift), and in the backward the gradient through that ReLU.
-// Half types compute in fp32, fp64 in fp64 (accumulator_dtype of tap_gemm.h).
+// Half types compute in fp32, fp64 in fp64 (accumulator_dtype of common/rules.h).
 #pragma once
 
 #include <ATen/ATen.h>

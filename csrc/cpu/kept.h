@@ -1,8 +1,8 @@
 // Weight preparations kept between calls: a re-layout or transform of a weight is made once per
 // weight version, not once per call.
 //
-// The rule is keepable() and the stamp of common/rules.h (fastaspp/_rules.py says why): a copy is
-// kept while every weight it came from is the same tensor with the same storage and version.
+// The rule is keepable() of common/rules.h (fastaspp/_rules.py says why): a copy is kept while
+// every weight it came from is the same tensor with the same storage and version (kept.cpp's stamp).
 // Eval modules pass detached views of their parameters, which are keepable.
 #pragma once
 

@@ -87,17 +87,19 @@ class Bottleneck(nn.Module):
 class FusedBottleneck(Bottleneck):
     """Bottleneck with the 3x3 conv2 → bn2 → relu on fastaspp's op (one op in eval, BN folded).
 
-    In eval the 1x1 convs with their BN (conv1 → bn1 → relu, conv3 → bn3, and the downsample's conv →
-    BN) run on the op too: their conv is oneDNN's either way (docs/design.md §8), and the fold saves
-    each BN's pass over the activations and its output allocation. In training they stay torch
-    modules, whose oneDNN backward the cpu backend would not beat on 1x1 convs.
+    In eval on CPU tensors the 1x1 convs with their BN (conv1 → bn1 → relu, conv3 → bn3, and the
+    downsample's conv → BN) run on the op too: the cpu backend runs them on oneDNN with the BN folded
+    into the weight (docs/design.md §8), which saves each BN's pass over the activations and its
+    output allocation. In training they stay torch modules, whose oneDNN backward the cpu backend
+    would not beat on 1x1 convs, and on GPU tensors too, until a GPU run has measured the GPU
+    backends' 1x1 convs against cuDNN's.
     """
 
     def _middle(self, out: Tensor) -> Tensor:
         return conv_bn_act(self.conv2, self.bn2, out, relu=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.training or x.device.type != "cpu":
             return super().forward(x)
         identity = x if self.downsample is None else self._shortcut(x)
         out = conv_bn_act(self.conv1, self.bn1, x, relu=True)
