@@ -308,8 +308,8 @@ def winograd_axis_plan(s):
         input_t = np.zeros((3, 4))
         input_t[:, 1], input_t[:, 2] = g[:, 0], g[:, 1]
         return 2, 1, bt, input_t, np.stack([at[1], at[0]])
-    tiles = math.ceil(s / _WINOGRAD_MAX_TILE)
-    m = math.ceil(s / tiles)
+    m = min(s, _WINOGRAD_MAX_TILE)
+    tiles = math.ceil(s / m)
     at, g, bt = _toom_cook(m, 3)
     return m, tiles, g, bt, at
 

@@ -108,10 +108,12 @@ AxisPlan axis_plan(int64_t s) {
     for (int i = 0; i < 3; ++i) input_t[i][1] = f.g[i][0], input_t[i][2] = f.g[i][1];
     return {2, 1, 3, f.bt, input_t, {f.at[1], f.at[0]}};
   }
-  const int64_t tiles = ceil_div(s, kMaxTile);
-  const int64_t m = ceil_div(s, tiles);
+  // Above kMaxTile every length takes tiles of kMaxTile outputs (the last one padded), so that one
+  // kept weight transform serves every map size: a plan per length would keep a transform per size,
+  // and multi-scale eval would evict and rebuild them on every call.
+  const int64_t m = std::min(s, kMaxTile);
   const ToomCook f = toom_cook(m, 3);
-  return {m, tiles, m + 2, f.g, f.bt, f.at};
+  return {m, ceil_div(s, m), m + 2, f.g, f.bt, f.at};
 }
 
 // dst += coef * src, the transforms' inner loop (cloned for AVX2: simd.h).
