@@ -112,6 +112,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 rows += bench_models.run(cases, [8, 16] if gpu_full else [1], ["eval"] if args.quick else
                                          ["eval", "train"], dtype, device, 513, args.compile, progress,
                                          cuda_graphs=device.type == "cuda")
+                if device.type == "cpu" and not args.quick:
+                    for case in (c for c in cases if c.label in bench_models.MODEL_MULTISCALE_LABELS):
+                        rows.append(bench_models.measure_multiscale(case, dtype, device))
+                        progress(rows[-1])
             if args.op == "overhead":
                 from fastaspp.bench import models as bench_models
                 from fastaspp.bench import overhead as bench_overhead

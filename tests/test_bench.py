@@ -99,3 +99,17 @@ def test_model_cases_build_their_options_and_measure_training_steps():
     row = bench_models.measure(case, 2, "train", torch.float32, torch.device("cpu"), size=65, reps=1, rounds=1)
     assert (row.kind, row.shape, row.batch) == ("model train", f"{case.label}-65", 2)
     assert row.eager_ms > 0 and row.fused_ms > 0
+
+
+def test_multiscale_row_runs_every_scale_per_call():
+    from fastaspp.bench import models as bench_models
+
+    case = bench_models.MODEL_CASES[-1]  # MobileNetV3: the cheapest
+    row = bench_models.measure_multiscale(case, torch.float32, torch.device("cpu"), size=64, scales=(0.5, 1.0),
+                                          reps=1, rounds=1)
+    assert (row.kind, row.shape, row.batch) == ("model eval multi-scale", f"{case.label}-32/64", 1)
+    single = bench_models.model_flops(bench_models.model_pair(case.name, torch.float32, torch.device("cpu"))[0],
+                                      torch.randn(1, 3, 64, 64))
+    assert row.dense_flops > single[1]  # both scales counted
+    assert row.eager_ms > 0 and row.fused_ms > 0 and math.isfinite(row.max_abs_err)  # accuracy: test_models.py
+    assert set(bench_models.MODEL_MULTISCALE_LABELS) <= {c.label for c in bench_models.MODEL_CASES}

@@ -159,6 +159,34 @@ def measure(case: ModelCase, batch: int, mode: str, dtype: torch.dtype, device: 
                times[1].spread_ms, useful, dense, err, times[2].median_ms if compile_baseline else None, *mems)
 
 
+# Multi-scale eval (the paper's inference): one timed call runs the image at every scale, so kept
+# weight preparations must serve every size at once (docs/design.md §9, §12).
+MULTISCALE = (0.5, 0.75, 1.0)
+MODEL_MULTISCALE_LABELS = ("resnet50-os16", "resnet101-os8")
+
+
+def measure_multiscale(case: ModelCase, dtype: torch.dtype, device: torch.device, size: int = 513,
+                       scales: Sequence[float] = MULTISCALE, reps: int = 2, rounds: int = 2) -> Row:
+    """One row: plain against fused in eval, each call a forward at every scale of a size x size image
+    (batch 1), as multi-scale inference runs them."""
+    plain, fused = model_pair(case.name, dtype, device, **dict(case.options))
+    gen = torch.Generator().manual_seed(0)
+    sides = [int(size * s) for s in scales]
+    xs = [torch.randn(1, 3, side, side, generator=gen).to(device, dtype, memory_format=torch.channels_last)
+          for side in sides]
+    useful = dense = 0.0
+    for x in xs:
+        u, d = model_flops(plain, x)
+        useful, dense = useful + u, dense + d
+    fns = [lambda m=m: [m(x)["out"] for x in xs] for m in (plain.eval(), fused.eval())]
+    with torch.no_grad():
+        err = max((fused(x)["out"].float() - plain(x)["out"].float()).abs().max().item() for x in xs)
+        times = alternate(fns, device, warmup=1, reps=reps, rounds=rounds)
+    return Row("model eval multi-scale", f"{case.label}-{'/'.join(map(str, sides))}", 1,
+               str(dtype).replace("torch.", ""), str(device), fastaspp.resolve_backend(device), times[0].median_ms,
+               times[1].median_ms, times[0].spread_ms, times[1].spread_ms, useful, dense, err)
+
+
 def run(cases: Sequence[ModelCase], batches: Sequence[int], modes: Sequence[str], dtype, device, size: int = 513,
         compile_baseline: bool = False, progress: Optional[Callable[[Row], None]] = None,
         cuda_graphs: bool = False) -> List[Row]:
