@@ -36,6 +36,10 @@ bool prefers_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t pairs
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
+  // A 1x1 conv has no dead taps for the direct loops to skip, and oneDNN's GEMM outruns them from
+  // the smallest maps on: fp32 1x1 convs take oneDNN whenever it is allowed.
+  const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
+  if (one_by_one && prefers_onednn(x, weight, pairs, out_h, out_w)) return ForwardPath::kOnednn;
   if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return ForwardPath::kDirect;
   const int64_t rate = winograd_rate(weight.sizes(), geo);
   if (rate > 0 && use_winograd(x.size(2), x.size(3), rate, weight, accumulator_dtype(x.scalar_type())))

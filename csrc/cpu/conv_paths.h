@@ -51,6 +51,8 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 // loops' range. Half types and fp64 keep the GEMMs (oneDNN would round half outputs before the
 // epilogue; fp64 dilated convs are not oneDNN's).
 //
+// A 1x1 fp32 conv takes oneDNN whenever the rule allows it, below the direct loops' range too:
+// with no dead taps to skip, the loops lost to oneDNN's GEMM even on 5x5 maps.
 // Before oneDNN: Winograd, for a 3x3 conv with stride 1 and padding = dilation = the same rate on
 // both axes (every dilated 3x3 of a DeepLab backbone and the plain 3x3s), when use_winograd accepts
 // it (kept weights, products at most kMaxProductShare of the live pairs): fewer products than
