@@ -47,7 +47,7 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
     case ForwardPath::kOnednn: {
       // Eval (kept weights): the epilogue as oneDNN's own bias and ReLU, with the scale folded into
       // the weight (onednn_fused.h).
-      if (at::Tensor fused = onednn_fused_forward(x, weight, affine, relu, g); fused.defined())
+      if (at::Tensor fused = onednn_fused_forward(x, weight, affine, relu, stride, padding, dilation); fused.defined())
         return fused.contiguous(result_format(x));
       // Otherwise oneDNN's conv (its output takes x's layout), then the fused epilogue in place: one pass.
       at::Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1)

@@ -34,16 +34,13 @@ const std::optional<OnednnOps>& onednn_ops() {
   return ops;
 }
 
-std::vector<int64_t> pair(const int64_t (&v)[2]) { return {v[0], v[1]}; }
-
 }  // namespace
 
 at::Tensor onednn_fused_forward(const at::Tensor& x, const at::Tensor& weight, const Affine& affine, bool relu,
-                                const ConvGeometry& geo) {
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const auto& ops = onednn_ops();
   if (!ops.has_value() || x.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat) return {};
   if (!keepable(weight) || (affine.alpha.defined() && !keepable(affine.alpha))) return {};
-  const std::vector<int64_t> stride = pair(geo.stride), padding = pair(geo.padding), dilation = pair(geo.dilation);
   std::vector<at::Tensor> sources = {weight};
   if (affine.alpha.defined()) sources.push_back(affine.alpha);
   // oneDNN's weight layout depends on the input's shape: the tag names it, and the geometry.

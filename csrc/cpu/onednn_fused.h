@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 
 #include "../affine.h"
-#include "../common/tap_geometry.h"
 
 namespace fastaspp {
 
@@ -15,7 +14,8 @@ namespace fastaspp {
 // when this path does not apply: x not fp32, a weight or alpha that cannot be kept (it trains, or is
 // an inference tensor), or a torch without the oneDNN op. The caller then runs oneDNN's plain conv
 // and the epilogue instead.
+// stride, padding, dilation: the op's own (already checked) arguments.
 at::Tensor onednn_fused_forward(const at::Tensor& x, const at::Tensor& weight, const Affine& affine, bool relu,
-                                const ConvGeometry& geo);
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
 }  // namespace fastaspp
