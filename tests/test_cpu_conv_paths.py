@@ -67,6 +67,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_runs_winograd_within_its_bound(case, dtype, channels_last, relu, monkeypatch):
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "0")  # few channels: against oneDNN the rule says no (below)
     n, c_in, c_out, h, w, r = case
     assert expect_winograd(h, w, r)  # every case is one the rule sends to Winograd
     x, weight, bias, scale, shift = make_inputs(n, c_in, c_out, h, w, dtype, channels_last)
@@ -108,7 +109,8 @@ def test_winograd_only_for_weights_that_keep_their_transforms(monkeypatch):
     assert torch.equal(out, forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2)))
 
 
-def test_winograd_follows_in_place_weight_changes():
+def test_winograd_follows_in_place_weight_changes(monkeypatch):
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "0")  # few channels: Winograd against the tap GEMMs
     x, weight, bias, scale, shift = make_inputs(1, 8, 6, 33, 33, torch.float32)
     first = forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2))
     assert torch.equal(forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2)), first)  # kept transforms
@@ -116,6 +118,35 @@ def test_winograd_follows_in_place_weight_changes():
     after = forward(x, weight, bias, scale, shift, 1, (2, 2), (2, 2))
     assert torch.equal(after, forward(x, weight.clone(), bias, scale, shift, 1, (2, 2), (2, 2)))
     assert_within(after, *winograd_bound(x, weight, bias, scale, shift, 2, True), torch.float32, "after the change")
+
+
+# (n, channels, size, rate, runs Winograd): the measured rule against oneDNN (winograd.cpp), on
+# the backbone's channel counts, one case per side of each of its limits.
+AGAINST_ONEDNN = [
+    (1, 128, 33, 1, True),    # narrow (depth 64): products 0.245 of the live pairs, 36 tiles
+    (1, 256, 33, 2, True),    # layer3 at output stride 8 on a 257 px input: 0.255
+    (1, 256, 33, 4, False),   # narrow at 0.495 of the live pairs
+    (1, 512, 33, 4, True),    # wide (depth 256) at 0.495
+    (1, 512, 17, 2, False),   # 16 tiles: the bmm runs at a third of its rate
+    (2, 512, 17, 2, True),    # the batch makes 32
+    (1, 64, 65, 1, False),    # depth 32: the transforms cost what the products save
+]
+
+
+@pytest.mark.parametrize("n,channels,size,rate,winograd", AGAINST_ONEDNN, ids=str)
+def test_winograd_against_onednn_follows_the_measured_rule(n, channels, size, rate, winograd, monkeypatch):
+    """Where oneDNN would run the fp32 forward, Winograd takes over only within the measured rule, and
+    the Python twin (expect_winograd) agrees. Both paths' numerics are held to their bounds by the
+    tests above and below (every per-axis plan of these shapes is among CASES); here the bits only
+    say which one ran."""
+    assert expect_winograd(size, size, rate, against_onednn=True, batch=n, c_in=channels, c_out=channels) == winograd
+    x, weight, bias, scale, shift = make_inputs(n, channels, channels, size, size, torch.float32)
+    out = forward(x, weight, bias, scale, shift, 1, (rate, rate), (rate, rate))
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+    onednn = forward(x, weight, bias, scale, shift, 1, (rate, rate), (rate, rate))
+    assert torch.equal(out, onednn) != winograd
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "1")  # forced where it can run, whatever the rule
+    assert not torch.equal(forward(x, weight, bias, scale, shift, 1, (rate, rate), (rate, rate)), onednn)
 
 
 @pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 2), (1, 2)], ids=["1x1", "3x3-s2", "1x1-s2"])

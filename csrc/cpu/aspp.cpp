@@ -70,7 +70,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
     geometry[i] = aspp_branch_geometry(r);
     if (runs_direct(x.sizes(), weights[i].sizes(), in_h, in_w, geometry[i]))
       way[i] = Way::kDirect;
-    else if (i > 0 && allow_winograd && use_winograd(in_h, in_w, r, weights[i], dtype))
+    else if (i > 0 && allow_winograd && use_winograd(batch, in_h, in_w, r, weights[i], dtype, WinogradRival::kTapGemms))
       way[i] = Way::kWinograd;
   }
   for (int64_t i = 0; i < branches; ++i) {

@@ -41,10 +41,12 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
   const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
   if (one_by_one && prefers_onednn(x, weight, pairs, out_h, out_w)) return ForwardPath::kOnednn;
   if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return ForwardPath::kDirect;
+  const bool onednn = prefers_onednn(x, weight, pairs, out_h, out_w);
   const int64_t rate = winograd_rate(weight.sizes(), geo);
-  if (rate > 0 && use_winograd(x.size(2), x.size(3), rate, weight, accumulator_dtype(x.scalar_type())))
+  if (rate > 0 && use_winograd(x.size(0), x.size(2), x.size(3), rate, weight, accumulator_dtype(x.scalar_type()),
+                               onednn ? WinogradRival::kOnednn : WinogradRival::kTapGemms))
     return ForwardPath::kWinograd;
-  return prefers_onednn(x, weight, pairs, out_h, out_w) ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
+  return onednn ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
 }
 
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,

@@ -55,8 +55,8 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 // with no dead taps to skip, the loops lost to oneDNN's GEMM even on 5x5 maps.
 // Before oneDNN: Winograd, for a 3x3 conv with stride 1 and padding = dilation = the same rate on
 // both axes (every dilated 3x3 of a DeepLab backbone and the plain 3x3s), when use_winograd accepts
-// it (kept weights, products at most kMaxProductShare of the live pairs): fewer products than
-// oneDNN does, which already skips dead taps (docs/design.md §9).
+// it against the path it would replace: oneDNN, which already skips dead taps, where the rule above
+// picks oneDNN, else the tap GEMMs (kept weights; fewer products by a measured margin, docs/design.md §9).
 enum class ForwardPath { kDirect, kWinograd, kOnednn, kTapGemm };
 constexpr double kOnednnMinLiveShare = 0.5;
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,

@@ -33,7 +33,15 @@ using Matrix = std::vector<std::vector<double>>;
 // keep F(6,3)'s fp32 error near 1e-5 of the output's scale.
 constexpr double kPoints[] = {0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5};
 constexpr int64_t kMaxTile = 6;           // F(6,3) needs all of kPoints
-constexpr double kMaxProductShare = 0.8;  // above it the transforms' memory traffic eats the gain
+constexpr double kMaxProductShare = 0.8;  // vs the tap GEMMs: above it the transforms' traffic eats the gain
+// Against oneDNN (fp32, 1 and 2 threads; docs/design.md §9). A tile costs Cin * Cout per point in
+// the GEMMs and about Cin + Cout in the transforms, so the channel depth Cin * Cout / (Cin + Cout)
+// says how much of the work is products. Measured: depth 32 (64 channels) never gained; depth 64
+// and 128 gained 1.25-1.5x at a share of 0.25 and lost at 0.48; depth 256 gained 1.1-1.2x at 0.46-0.5.
+constexpr double kMinDepthVsOnednn = 48, kWideDepthVsOnednn = 192;
+constexpr double kNarrowShareVsOnednn = 0.28, kWideShareVsOnednn = 0.5;
+// The bmm's rows per point: at 16 it ran at a third of its large-M rate, at 36 at two thirds.
+constexpr int64_t kMinTilesVsOnednn = 24;
 constexpr int64_t kChannelBlock = 256;    // channels per pass of a transform (stays in L1/L2)
 
 Matrix zeros(int64_t rows, int64_t cols) { return Matrix(rows, std::vector<double>(cols, 0.0)); }
@@ -164,6 +172,9 @@ int64_t axis_products(int64_t size, int64_t rate) {
   const AxisPlan p = axis_plan(ceil_div(size, rate));
   return std::min(rate, size) * p.tiles * p.points;
 }
+
+// Tiles per axis: every sub-grid's.
+int64_t axis_tiles(int64_t size, int64_t rate) { return std::min(rate, size) * axis_plan(ceil_div(size, rate)).tiles; }
 
 // Where each tile's rows start: pixel coordinate of sub-grid index k along an axis, or -1 off
 // the map.
@@ -308,15 +319,22 @@ at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
 
 }  // namespace
 
-bool use_winograd(int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& weight, at::ScalarType dtype) {
+bool use_winograd(int64_t batch, int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& weight,
+                  at::ScalarType dtype, WinogradRival rival) {
   const char* flag = std::getenv("FASTASPP_CPU_WINOGRAD");
   if (flag != nullptr && std::string(flag) == "0") return false;
   // Transforming the weights costs more than Winograd saves (mostly page faults on the fresh
   // tens of MB), so only kept weights qualify.
   if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;  // kept.h
+  if (flag != nullptr && std::string(flag) == "1") return true;  // forced, for measuring the crossovers
   const double products = static_cast<double>(axis_products(in_h, rate)) * axis_products(in_w, rate);
   const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);
-  return products <= kMaxProductShare * live;
+  if (rival == WinogradRival::kTapGemms) return products <= kMaxProductShare * live;
+  const double in_ch = static_cast<double>(weight.size(1)), out_ch = static_cast<double>(weight.size(0));
+  const double depth = in_ch + out_ch > 0 ? in_ch * out_ch / (in_ch + out_ch) : 0.0;
+  if (depth < kMinDepthVsOnednn || batch * axis_tiles(in_h, rate) * axis_tiles(in_w, rate) < kMinTilesVsOnednn)
+    return false;
+  return products <= (depth >= kWideDepthVsOnednn ? kWideShareVsOnednn : kNarrowShareVsOnednn) * live;
 }
 
 void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t rate, const at::Tensor& out) {
