@@ -333,15 +333,15 @@ def winograd_axis_tiles(size, rate):
 def expect_winograd(h, w, rate, against_onednn=False, batch=1, c_in=0, c_out=0):
     """winograd.cpp's use_winograd for a kept fp32/fp64 weight: products at most 80% of the live pairs
     against the tap GEMMs; against oneDNN a channel depth c_in*c_out/(c_in+c_out) of at least 48, at
-    least 24 tiles, and products at most 50% (depth >= 192) or 28% of the live pairs."""
+    least 32 tiles, and products at most 50% (depth >= 192) or 32% of the live pairs."""
     share = winograd_axis_products(h, rate) * winograd_axis_products(w, rate) / (live_pairs(h, rate) *
                                                                                 live_pairs(w, rate))
     if not against_onednn:
         return share <= 0.8
     depth = c_in * c_out / (c_in + c_out) if c_in + c_out else 0.0
-    if depth < 48 or batch * winograd_axis_tiles(h, rate) * winograd_axis_tiles(w, rate) < 24:
+    if depth < 48 or batch * winograd_axis_tiles(h, rate) * winograd_axis_tiles(w, rate) < 32:
         return False
-    return share <= (0.5 if depth >= 192 else 0.28)
+    return share <= (0.5 if depth >= 192 else 0.32)
 
 
 def _winograd_axis(size, rate, absolute_values):

@@ -125,9 +125,11 @@ def test_winograd_follows_in_place_weight_changes(monkeypatch):
 AGAINST_ONEDNN = [
     (1, 128, 33, 1, True),    # narrow (depth 64): products 0.245 of the live pairs, 36 tiles
     (1, 256, 33, 2, True),    # layer3 at output stride 8 on a 257 px input: 0.255
+    (1, 256, 49, 2, True),    # narrow at 0.313, near its limit
     (1, 256, 33, 4, False),   # narrow at 0.495 of the live pairs
     (1, 512, 33, 4, True),    # wide (depth 256) at 0.495
     (1, 512, 17, 2, False),   # 16 tiles: the bmm runs at a third of its rate
+    (1, 512, 25, 1, False),   # 25 tiles
     (2, 512, 17, 2, True),    # the batch makes 32
     (1, 64, 65, 1, False),    # depth 32: the transforms cost what the products save
 ]

@@ -21,7 +21,7 @@ enum class WinogradRival {
 // gradient and is not an inference tensor: eval's folded weights). FASTASPP_CPU_WINOGRAD=1 stops
 // there (to measure the crossovers); by default the conv's products must also be at most a share
 // of its live (pixel, tap) pairs: 80% against the tap GEMMs; against oneDNN 50% for wide convs and
-// 28% for narrow ones, with at least 24 tiles, and never for the narrowest (the measured
+// 32% for narrow ones, with at least 32 tiles, and never for the narrowest (the measured
 // crossovers: winograd.cpp, benchmarks/cpu_winograd_crossover.py, docs/design.md §9).
 bool use_winograd(int64_t batch, int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& weight,
                   at::ScalarType dtype, WinogradRival rival);
