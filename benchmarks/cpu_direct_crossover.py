@@ -9,17 +9,15 @@ beat the loops on every larger shape; the default threshold should sit there.
 
     python benchmarks/cpu_direct_crossover.py [--threads 2] [--out benchmarks/results]
 """
-import argparse
-import datetime
-import json
 import os
 
 import torch
 
 import fastaspp
-from fastaspp.bench.report import environment
 from fastaspp.bench.timing import alternate
 from fastaspp.geometry import live_tap_pixels
+
+from _crossover import conv_bn_relu_pair, parse_args, write_result
 
 CHANNELS = (8, 16, 32, 64, 128, 256)
 SIZES = (5, 9, 17, 33)
@@ -39,14 +37,7 @@ def forced(limit: str, onednn: str, fn):
 
 
 def measure(c: int, size: int, rate: int, reps: int, calls: int) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=rate, dilation=rate, bias=False),
-                                torch.nn.BatchNorm2d(c), torch.nn.ReLU()).eval()
-    with torch.no_grad():
-        eager[1].running_var.uniform_(0.5, 2.0, generator=gen)
-    eager = eager.to(memory_format=torch.channels_last)
-    fused = fastaspp.nn.ConvBNReLU.from_modules(eager[0], eager[1]).eval()
-    x = torch.randn(1, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    eager, fused, x = conv_bn_relu_pair(c, size, rate)
     live, _ = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))
     loop = lambda fn: (lambda: [fn() for _ in range(calls)])  # noqa: E731
     fns = [loop(lambda: eager(x)), loop(forced(str(10**15), "0", lambda: fused(x))),
@@ -68,13 +59,7 @@ def crossover(rows) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__)
     rows = []
     for c in CHANNELS:
         for size in SIZES:
@@ -91,13 +76,7 @@ def main() -> None:
     print(f"crossover: the GEMMs win from {point:,d} MACs on (default threshold: "
           f"{fastaspp._ext._C.CPU_DIRECT_MAX_MACS:,d})")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        path = os.path.join(args.out, f"cpu-direct-crossover-{stamp}.json")
-        with open(path, "w") as f:
-            json.dump({"environment": environment(), "threads": torch.get_num_threads(), "crossover_macs": point,
-                       "rows": rows}, f, indent=2)
-        print(f"wrote {path}")
+        write_result(args.out, "cpu-direct-crossover", {"crossover_macs": point, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,17 +10,14 @@ rule's pick is more than 10% slower than the other path is listed as a miss.
 
     python benchmarks/cpu_winograd_crossover.py [--threads 2] [--out benchmarks/results]
 """
-import argparse
-import datetime
-import json
 import math
 import os
 
 import torch
 
-import fastaspp
-from fastaspp.bench.report import environment
 from fastaspp.bench.timing import alternate
+
+from _crossover import conv_bn_relu_pair, parse_args, write_result
 
 CHANNELS = (64, 128, 256, 512)
 RATES = (1, 2, 4)
@@ -40,14 +37,7 @@ def winograd_forced(flag: str, fn):
 
 
 def measure(c: int, size: int, rate: int, batch: int, reps: int, calls: int) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=rate, dilation=rate, bias=False),
-                                torch.nn.BatchNorm2d(c), torch.nn.ReLU()).eval()
-    with torch.no_grad():
-        eager[1].running_var.uniform_(0.5, 2.0, generator=gen)
-    eager = eager.to(memory_format=torch.channels_last)
-    fused = fastaspp.nn.ConvBNReLU.from_modules(eager[0], eager[1]).eval()
-    x = torch.randn(batch, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    eager, fused, x = conv_bn_relu_pair(c, size, rate, batch)
     loop = lambda fn: (lambda: [fn() for _ in range(calls)])  # noqa: E731
     fns = [loop(lambda: eager(x)), loop(winograd_forced("0", lambda: fused(x))),
            loop(winograd_forced("1", lambda: fused(x)))]
@@ -77,13 +67,7 @@ def misses(rows) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(__doc__)
     rows = []
     for c in CHANNELS:
         for rate in RATES:
@@ -99,13 +83,8 @@ def main() -> None:
     print(f"{len(missed)} of {len(rows)} shapes where the rule's pick is more than {MISS:.2f}x slower than the other "
           f"path" + "".join(f"\n  c{r['channels']} {r['size']}x{r['size']} r{r['rate']}" for r in missed))
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        path = os.path.join(args.out, f"cpu-winograd-crossover-{stamp}.json")
-        with open(path, "w") as f:
-            json.dump({"environment": environment(), "threads": torch.get_num_threads(), "miss_factor": MISS,
-                       "misses": [(r["channels"], r["size"], r["rate"]) for r in missed], "rows": rows}, f, indent=2)
-        print(f"wrote {path}")
+        shapes = [(r["channels"], r["size"], r["rate"]) for r in missed]
+        write_result(args.out, "cpu-winograd-crossover", {"miss_factor": MISS, "misses": shapes, "rows": rows})
 
 
 if __name__ == "__main__":
