@@ -11,10 +11,11 @@
 //               dst pixel r reads src row r*s + k*d - p.
 //   grad_input: dst = dx [N,H,W,Cin],    src = grad [N,Ho,Wo,Cout], weight [KH,KW,Cout,Cin],
 //               dst pixel i reads src row (i + p - k*d) / s, only when that divides exactly.
-// * A CTA owns a 2-D patch of BM = 64 dst pixels of one image (tile_h x tile_w, tile_w a
-//   power of two chosen per launch to waste the least area) and BN = 64 dst channels.
+// * A CTA owns a 2-D patch of BM = 64 dst pixels of one image (rows x cols, cols a power of
+//   two chosen per launch to waste the least area: common/conv_tiling.h) and BN = 64 dst
+//   channels.
 // * Taps are visited in order; a tap is skipped outright (no loads, no MMAs) unless it is
-//   live along BOTH axes for the patch (tile_tap_live, built on tap_geometry.h). Live taps
+//   live along BOTH axes for the patch (patch_tap_live, common/conv_tiling.h). Live taps
 //   loop over src channels in chunks of BK; the A tile (gathered pixels, zero where a pixel
 //   reads padding or lies past the map, or past the channel count) and the B tile (weight
 //   rows of that tap, zero past the channel counts) are staged in shared memory. Zero-filling
@@ -64,6 +65,7 @@
 
 #include <type_traits>
 
+#include "../common/conv_tiling.h"
 #include "../common/tap_geometry.h"
 #include "atrous_conv.h"
 
@@ -221,60 +223,22 @@ struct ConvArgs {
   int64_t n, src_h, src_w, kc, dst_h, dst_w, nc, kh, kw;
   int64_t dst_pixel_stride, dst_channel_offset;  // elements; offset + nc <= stride
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t tiles_w, tiles_per_img;
-  int tile_w_log2;  // patch is (64 >> tile_w_log2) rows x (1 << tile_w_log2) cols
+  PatchTiling tiling;  // conv_tiling.h: the dst patch each CTA owns
   int relu;
 };
 
-constexpr int kTilePixels = 64;  // BM of the conv kernels
-
-// Whether tap k (one axis) feeds any dst coordinate in [t0, t1).
-// forward: dst = output axis (size dst_size), src = input axis; the live outputs are
-//   tap_live_range directly.
-// grad_input: dst = input axis, src = output axis. The input coordinates tap k touches are
-//   o*s + off for o in tap_live_range(k, in = dst_size, out = src_size); intersect the o
-//   whose image lands in [t0, t1).
-template <bool kDgrad>
-__device__ __forceinline__ bool tile_tap_live(int64_t k, int64_t src_size, int64_t dst_size,
-                                              int64_t s, int64_t p, int64_t d, int64_t t0,
-                                              int64_t t1) {
-  if (!kDgrad) {
-    const LiveRange r = tap_live_range(k, src_size, dst_size, s, p, d);
-    return (r.lo > t0 ? r.lo : t0) < (r.hi < t1 ? r.hi : t1);
-  }
-  const LiveRange r = tap_live_range(k, dst_size, src_size, s, p, d);
-  const int64_t off = tap_offset(k, d, p);
-  const int64_t lo_t = ceil_div(t0 - off, s);
-  const int64_t hi_t = floor_div(t1 - 1 - off, s) + 1;
-  return (r.lo > lo_t ? r.lo : lo_t) < (r.hi < hi_t ? r.hi : hi_t);
-}
-
-struct TileCtx {
-  int64_t img, r0, c0, r1, c1;  // dst rows [r0, r1), cols [c0, c1) of image img
-};
-
-__device__ __forceinline__ TileCtx make_tile(const ConvArgs& a) {
-  const int64_t b = blockIdx.x;
-  const int64_t t = b % a.tiles_per_img;
-  const int64_t th = kTilePixels >> a.tile_w_log2;
-  const int64_t tw = int64_t(1) << a.tile_w_log2;
-  TileCtx c;
-  c.img = b / a.tiles_per_img;
-  c.r0 = (t / a.tiles_w) * th;
-  c.c0 = (t % a.tiles_w) * tw;
-  c.r1 = c.r0 + th < a.dst_h ? c.r0 + th : a.dst_h;
-  c.c1 = c.c0 + tw < a.dst_w ? c.c0 + tw : a.dst_w;
-  return c;
+__device__ __forceinline__ Patch cta_patch(const ConvArgs& a) {
+  return patch_of(a.tiling, blockIdx.x, a.dst_h, a.dst_w);
 }
 
 // First tap >= tap that is live for the whole patch (or kh*kw when none is).
 template <bool kDgrad>
-__device__ int64_t next_live_tap(const ConvArgs& a, const TileCtx& t, int64_t tap) {
+__device__ int64_t next_live_tap(const ConvArgs& a, const Patch& t, int64_t tap) {
   const int64_t taps = a.kh * a.kw;
   for (; tap < taps; ++tap) {
     const int64_t kh = tap / a.kw, kw = tap % a.kw;
-    if (tile_tap_live<kDgrad>(kh, a.src_h, a.dst_h, a.stride_h, a.pad_h, a.dil_h, t.r0, t.r1) &&
-        tile_tap_live<kDgrad>(kw, a.src_w, a.dst_w, a.stride_w, a.pad_w, a.dil_w, t.c0, t.c1)) {
+    if (patch_tap_live<kDgrad>(kh, a.src_h, a.dst_h, a.stride_h, a.pad_h, a.dil_h, t.r0, t.r1) &&
+        patch_tap_live<kDgrad>(kw, a.src_w, a.dst_w, a.stride_w, a.pad_w, a.dil_w, t.c0, t.c1)) {
       break;
     }
   }
@@ -287,7 +251,7 @@ struct Step {
 };
 
 template <bool kDgrad>
-__device__ __forceinline__ Step first_step(const ConvArgs& a, const TileCtx& t) {
+__device__ __forceinline__ Step first_step(const ConvArgs& a, const Patch& t) {
   Step s;
   s.tap = a.kc > 0 ? next_live_tap<kDgrad>(a, t, 0) : a.kh * a.kw;
   s.k0 = 0;
@@ -295,7 +259,7 @@ __device__ __forceinline__ Step first_step(const ConvArgs& a, const TileCtx& t) 
 }
 
 template <bool kDgrad, int BK>
-__device__ __forceinline__ Step next_step(const ConvArgs& a, const TileCtx& t, Step s) {
+__device__ __forceinline__ Step next_step(const ConvArgs& a, const Patch& t, Step s) {
   s.k0 += BK;
   if (s.k0 >= a.kc) {
     s.k0 = 0;
@@ -307,10 +271,10 @@ __device__ __forceinline__ Step next_step(const ConvArgs& a, const TileCtx& t, S
 // Row m of the A tile: the src pixel that dst pixel m of the patch reads through tap
 // (kh, kw), or nullptr when it reads padding / lies outside the map.
 template <bool kDgrad, typename T>
-__device__ __forceinline__ const T* gather_row(const ConvArgs& a, const TileCtx& t, int64_t kh,
+__device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t, int64_t kh,
                                                int64_t kw, int m, const T* src) {
-  const int64_t r = t.r0 + (m >> a.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tile_w_log2) - 1));
+  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
+  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
   if (r >= t.r1 || c >= t.c1) return nullptr;
   int64_t sr, sc;
   if (!kDgrad) {
@@ -331,7 +295,7 @@ __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const TileCtx&
 // and B [BK][LDB] into double-buffered shared memory and calls compute(A, B) per step.
 template <typename T, int V, bool kDgrad, int BM, int BN, int BK, int NT, int LDA, int LDB,
           typename Compute>
-__device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const TileCtx& t, int64_t n0,
+__device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const Patch& t, int64_t n0,
                                               T* As, T* Bs, Compute&& compute) {
   static_assert(BM == kTilePixels, "the patch is 64 pixels");
   const T* src = static_cast<const T*>(a.src);
@@ -369,10 +333,10 @@ __device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const TileCtx& 
 
 // One output element: forward epilogue (scale, shift, ReLU) or plain store for grad_input.
 template <typename T, bool kDgrad, typename Acc>
-__device__ __forceinline__ void store_output(const ConvArgs& a, const TileCtx& t, int m,
+__device__ __forceinline__ void store_output(const ConvArgs& a, const Patch& t, int m,
                                              int64_t co, Acc v) {
-  const int64_t r = t.r0 + (m >> a.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tile_w_log2) - 1));
+  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
+  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
   if (r >= t.r1 || c >= t.c1 || co >= a.nc) return;
   if (!kDgrad) {
     v = v * Elem<T>::to_acc(static_cast<const T*>(a.scale)[co]) +
@@ -405,7 +369,7 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(ConvArgs a) {
     T* Bs = reinterpret_cast<T*>(smem + kABytes);
     float* Cs = reinterpret_cast<float*>(smem + kABytes + kBBytes);
 
-    const TileCtx t = make_tile(a);
+    const Patch t = cta_patch(a);
     const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
     const int warp = static_cast<int>(threadIdx.x) >> 5;
     const int wm = warp >> 1, wn = warp & 1;
@@ -469,7 +433,7 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(ConvArgs a) {
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = reinterpret_cast<T*>(smem + kABytes);
 
-  const TileCtx t = make_tile(a);
+  const Patch t = cta_patch(a);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
   const int tx = static_cast<int>(threadIdx.x) & 15, ty = static_cast<int>(threadIdx.x) >> 4;
 
@@ -761,23 +725,6 @@ bool tc_usable(const void* kernel) {
   return attr.ptxVersion >= (std::is_same<T, __half>::value ? 70 : 80);
 }
 
-// The 64-pixel patch shape wasting the least area; ties go to the squarest patch, which
-// lets more taps die per tile.
-int pick_tile_w_log2(int64_t h, int64_t w) {
-  static const int kOrder[] = {3, 4, 2, 5, 1, 6, 0};
-  int best = 3;
-  int64_t best_area = -1;
-  for (int lg : kOrder) {
-    const int64_t th = kTilePixels >> lg, tw = int64_t(1) << lg;
-    const int64_t area = div_up(h, th) * th * (div_up(w, tw) * tw);
-    if (best_area < 0 || area < best_area) {
-      best_area = area;
-      best = lg;
-    }
-  }
-  return best;
-}
-
 bool valid_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,
                     int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
                     int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w) {
@@ -807,11 +754,8 @@ void launch_conv_t(const ConvArgs& a, dim3 grid, cudaStream_t stream) {
 // Fills the tiling fields of a and launches the dtype's kernel.
 template <bool kDgrad>
 cudaError_t launch_conv(ConvArgs a, int dtype, cudaStream_t stream) {
-  a.tile_w_log2 = pick_tile_w_log2(a.dst_h, a.dst_w);
-  const int64_t th = kTilePixels >> a.tile_w_log2, tw = int64_t(1) << a.tile_w_log2;
-  a.tiles_w = div_up(a.dst_w, tw);
-  a.tiles_per_img = div_up(a.dst_h, th) * a.tiles_w;
-  const int64_t grid_x = a.n * a.tiles_per_img;
+  a.tiling = patch_tiling(a.dst_h, a.dst_w);
+  const int64_t grid_x = a.n * a.tiling.tiles_per_img;
   const int64_t grid_y = div_up(a.nc, 64);
   if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));

@@ -1,0 +1,89 @@
+// How the cuda backend's implicit-GEMM conv kernels tile the dst pixels, and which taps each tile
+// visits (host and device; csrc/cuda/atrous_conv.cu).
+//
+// A CTA owns a 2-D patch of kTilePixels dst pixels of one image, rows x cols with cols a power of
+// two, and skips every tap that feeds none of the patch's pixels (docs/design.md §2). Liveness is
+// separable: a tap (kh, kw) is live for a patch when kh is live for its rows and kw for its
+// columns. Plain C++ on tap_geometry.h, so that the cpu extension exposes it to tests
+// (_conv_patch_taps, tests/test_conv_tiling.py checks it against fastaspp/geometry.py) and the
+// CUDA kernels include the same definitions.
+#pragma once
+
+#include "tap_geometry.h"
+
+namespace fastaspp {
+
+constexpr int kTilePixels = 64;  // BM of the conv kernels: dst pixels per CTA
+
+// The patches of a dst map: (kTilePixels >> tile_w_log2) rows x (1 << tile_w_log2) columns each,
+// tiles_w across, tiles_per_img per image; CTA b owns patch b % tiles_per_img of image
+// b / tiles_per_img, row-major.
+struct PatchTiling {
+  int tile_w_log2;
+  int64_t tiles_w, tiles_per_img;
+  FASTASPP_HOST_DEVICE int64_t rows() const { return kTilePixels >> tile_w_log2; }
+  FASTASPP_HOST_DEVICE int64_t cols() const { return int64_t(1) << tile_w_log2; }
+};
+
+// The patch shape that wastes the least area on a dst_h x dst_w map; ties go to the squarest
+// patch, which lets more taps die per patch.
+inline int pick_tile_w_log2(int64_t dst_h, int64_t dst_w) {
+  static const int kOrder[] = {3, 4, 2, 5, 1, 6, 0};
+  int best = 3;
+  int64_t best_area = -1;
+  for (int lg : kOrder) {
+    const int64_t rows = kTilePixels >> lg, cols = int64_t(1) << lg;
+    const int64_t area = ceil_div(dst_h, rows) * rows * (ceil_div(dst_w, cols) * cols);
+    if (best_area < 0 || area < best_area) {
+      best_area = area;
+      best = lg;
+    }
+  }
+  return best;
+}
+
+inline PatchTiling patch_tiling(int64_t dst_h, int64_t dst_w) {
+  PatchTiling t;
+  t.tile_w_log2 = pick_tile_w_log2(dst_h, dst_w);
+  t.tiles_w = ceil_div(dst_w, t.cols());
+  t.tiles_per_img = ceil_div(dst_h, t.rows()) * t.tiles_w;
+  return t;
+}
+
+// dst rows [r0, r1) and columns [c0, c1) of image img: one patch, clipped to the map.
+struct Patch {
+  int64_t img, r0, c0, r1, c1;
+};
+
+FASTASPP_HOST_DEVICE Patch patch_of(const PatchTiling& t, int64_t block, int64_t dst_h, int64_t dst_w) {
+  const int64_t i = block % t.tiles_per_img;
+  Patch p;
+  p.img = block / t.tiles_per_img;
+  p.r0 = (i / t.tiles_w) * t.rows();
+  p.c0 = (i % t.tiles_w) * t.cols();
+  p.r1 = p.r0 + t.rows() < dst_h ? p.r0 + t.rows() : dst_h;
+  p.c1 = p.c0 + t.cols() < dst_w ? p.c0 + t.cols() : dst_w;
+  return p;
+}
+
+// Whether tap k (one axis) feeds any dst coordinate in [t0, t1).
+// forward: dst = the output axis (dst_size outputs), src = the input axis; the live outputs are
+//   tap_live_range itself.
+// grad_input (kDgrad): dst = the input axis, src = the output axis. The inputs tap k touches are
+//   o*s + off for o in tap_live_range(k, in = dst_size, out = src_size): intersect the o whose
+//   input lands in [t0, t1).
+template <bool kDgrad>
+FASTASPP_HOST_DEVICE bool patch_tap_live(int64_t k, int64_t src_size, int64_t dst_size, int64_t s, int64_t p,
+                                         int64_t d, int64_t t0, int64_t t1) {
+  if (!kDgrad) {
+    const LiveRange r = tap_live_range(k, src_size, dst_size, s, p, d);
+    return (r.lo > t0 ? r.lo : t0) < (r.hi < t1 ? r.hi : t1);
+  }
+  const LiveRange r = tap_live_range(k, dst_size, src_size, s, p, d);
+  const int64_t off = tap_offset(k, d, p);
+  const int64_t lo_t = ceil_div(t0 - off, s);
+  const int64_t hi_t = floor_div(t1 - 1 - off, s) + 1;
+  return (r.lo > lo_t ? r.lo : lo_t) < (r.hi < hi_t ? r.hi : hi_t);
+}
+
+}  // namespace fastaspp
