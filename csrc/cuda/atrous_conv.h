@@ -1,4 +1,5 @@
-// C launchers for the CUDA atrous (dilated) convolution kernels in atrous_conv.cu.
+// C launchers for the CUDA atrous (dilated) convolution kernels in atrous_conv.cu (forward,
+// grad_input) and grad_weight.cu.
 //
 // Plain C interface (no torch types) so the kernels compile with nvcc alone; the torch
 // binding (atrous_conv_cuda.cpp) owns every allocation and layout conversion.
