@@ -34,14 +34,15 @@ using Matrix = std::vector<std::vector<double>>;
 constexpr double kPoints[] = {0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5};
 constexpr int64_t kMaxTile = 6;           // F(6,3) needs all of kPoints
 constexpr double kMaxProductShare = 0.8;  // vs the tap GEMMs: above it the transforms' traffic eats the gain
-// Against oneDNN (fp32, 1 and 2 threads; benchmarks/cpu_winograd_crossover.py, docs/design.md §9).
-// A tile costs Cin * Cout per point in the GEMMs and about Cin + Cout in the transforms, so the
-// channel depth Cin * Cout / (Cin + Cout) says how much of the work is products. Measured: depth
-// 32 (64 channels) never gained by more than noise; depth 64 and 128 gained 1.25-1.5x at a share
-// of 0.25-0.31 and lost at 0.48; depth 256 gained at 0.46-0.5.
+// Against oneDNN (fp32; benchmarks/results/cpu-winograd-crossover-*.json at 1 and 2 threads, docs/design.md
+// §9). A tile costs Cin * Cout per point in the GEMMs and about Cin + Cout in the transforms, so the
+// channel depth Cin * Cout / (Cin + Cout) says how much of the work is products. Depth 32 (64
+// channels) lost at 2 threads (though it gained at 1: left out); depth 64 and 128 gained at a share
+// of 0.25-0.31 and lost at 0.48; depth 256 still gained at 0.46-0.5.
 constexpr double kMinDepthVsOnednn = 48, kWideDepthVsOnednn = 192;
 constexpr double kNarrowShareVsOnednn = 0.32, kWideShareVsOnednn = 0.5;
-// The bmm's rows per point: at 16 it ran at a third of its large-M rate, at 36 at two thirds.
+// The per-point GEMMs have one row per tile: convs of 16 or 25 tiles lost at 2 threads at shares
+// that won with 36 tiles and more.
 constexpr int64_t kMinTilesVsOnednn = 32;
 constexpr int64_t kChannelBlock = 256;    // channels per pass of a transform (stays in L1/L2)
 

@@ -1,7 +1,7 @@
 // Winograd evaluation of a 3x3 atrous conv (stride 1, padding = dilation = rate) on CPU, used by
-// the ASPP branches and single convs in eval. The pixels of equal residue mod rate form a sub-grid on which the
-// atrous conv is a plain 3x3 conv with unit spacing; per axis, a sub-grid of s pixels then costs
-// fewer products than its live taps (3s - 2): 3 for s = 2, s + 2 for 3 <= s <= 6 (F(s,3)).
+// the ASPP branches and single convs in eval. The pixels of equal residue mod rate form a sub-grid
+// on which the atrous conv is a plain 3x3 conv with unit spacing; per axis, a sub-grid of s pixels
+// then costs fewer products than its live taps (3s - 2): 3 for s = 2, s + 2 for 3 <= s <= 6 (F(s,3)).
 // Measured ceiling and trade-offs: benchmarks/cpu_eval_ceiling.py, docs/design.md §9.
 #pragma once
 
@@ -13,7 +13,7 @@ namespace fastaspp {
 // not only its product count.
 enum class WinogradRival {
   kTapGemms,  // one GEMM per live tap: the ASPP branches, a single conv without oneDNN
-  kOnednn,    // oneDNN's conv, which skips dead taps and runs at about twice the bmm's rate
+  kOnednn,    // oneDNN's conv, which skips dead taps and runs its products faster than the bmm
 };
 
 // Whether winograd_conv3x3 runs this conv. FASTASPP_CPU_WINOGRAD=0: never. Otherwise the compute
