@@ -20,6 +20,11 @@ TORCH_LIBRARY_FRAGMENT(fastaspp, m) {
   // its batch-norm statistics as above. The normalised z is never materialised.
   m.def("_affine_relu_project_forward(Tensor z, Tensor centre, Tensor scale, Tensor shift, Tensor weight, "
         "Tensor image_bias) -> (Tensor, Tensor, Tensor)");
+  // Its backward (cpu), given g [N, Cout, H, W], the gradient reaching y (its statistics' terms
+  // included) in the accumulator dtype: (dz, dcentre, dscale, dshift, dweight, dimage_bias), each
+  // in its input's dtype.
+  m.def("_affine_relu_project_backward(Tensor g, Tensor z, Tensor centre, Tensor scale, Tensor shift, "
+        "Tensor weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Backward of the raw branch sums (cpu): (dx, [dweight_i]) of sum(grad * branches(x)) with scale
   // 1, shift 0 and no ReLU, every branch's input gradient summed in one buffer; None / [] where
   // output_mask (dx, dweights) is false.

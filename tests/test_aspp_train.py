@@ -197,6 +197,10 @@ def test_opcheck(backend):
                               (x.detach(), [w.detach() for w in ws], rates))
         torch.library.opcheck(torch.ops.fastaspp._affine_relu_project_forward.default,
                               [t.detach() for t in inputs])
+        z_in, centre, scale, shift, weight, _ = (t.detach() for t in inputs)
+        g = torch.randn(z_in.shape[0], weight.shape[0], *z_in.shape[2:]).contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(torch.ops.fastaspp._affine_relu_project_backward.default,
+                              (g, z_in, centre, scale, shift, weight))
         z = torch.ops.fastaspp._aspp_branches_stats_forward.default(x.detach(), [w.detach() for w in ws], rates)[0]
         for mask in ([True, True], [True, False], [False, True]):
             torch.library.opcheck(torch.ops.fastaspp._aspp_branches_backward.default,

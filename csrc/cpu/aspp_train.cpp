@@ -1,8 +1,10 @@
-// CPU kernel of fastaspp::_affine_relu_project_forward, the training-mode ASPP projection:
-// y = weight @ relu((z - centre) * scale + shift) + image_bias[n] per pixel, with the
+// CPU kernels of fastaspp::_affine_relu_project_{forward,backward}, the training-mode ASPP
+// projection: y = weight @ relu((z - centre) * scale + shift) + image_bias[n] per pixel, with the
 // batch-norm statistics of y. The branches' BN + ReLU is the prologue of the projection GEMM,
 // applied one chunk of pixels at a time, so the normalised z ([N*H*W, K], K = 1024 in
-// DeepLabV3) never exists whole: only a chunk of it, built just before the GEMM reads it.
+// DeepLabV3) never exists whole: only a chunk of it, built just before the GEMM reads it. The
+// backward is one call with two GEMMs and two elementwise passes (the Python formula it replaces
+// on this backend, fastaspp/ops/aspp_train.py's _project_backward, took some fifteen op calls).
 #include <torch/library.h>
 
 #include <ATen/Dispatch.h>
@@ -10,6 +12,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 #include <type_traits>
 
 #include "../common/checks.h"
@@ -107,10 +110,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_project_forward_cpu(
   return {y, mean, var};
 }
 
+// With pre = (z - centre) * scale + shift recomputed per element (not saved): a = relu(pre) for
+// dweight = g^T a; then dpre = (g W) * [pre > 0] in place of g W, dz = dpre * scale, and
+// centred * dpre into `a` for dscale's sums.
+template <typename scalar_t, typename acc_t>
+void project_grads(const at::Tensor& zh, const at::Tensor& centre, const at::Tensor& scale, const at::Tensor& shift,
+                   const at::Tensor& g_2d, const at::Tensor& w, at::Tensor& a, at::Tensor& dpre, at::Tensor& dz_2d,
+                   at::Tensor& dweight) {
+  const int64_t pixels = zh.size(0), k = zh.size(1);
+  const scalar_t* z = zh.data_ptr<scalar_t>();
+  const acc_t* m = centre.data_ptr<acc_t>();
+  const acc_t* s = scale.data_ptr<acc_t>();
+  const acc_t* b = shift.data_ptr<acc_t>();
+  acc_t* ad = a.data_ptr<acc_t>();
+  at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c = 0; c < k; ++c) {
+        const acc_t v = (static_cast<acc_t>(z[r * k + c]) - m[c]) * s[c] + b[c];
+        ad[r * k + c] = v < acc_t(0) ? acc_t(0) : v;  // NaN stays NaN, as in torch.relu
+      }
+  });
+  at::mm_out(dweight, g_2d.t(), a);
+  at::mm_out(dpre, g_2d, w);
+  acc_t* dp = dpre.data_ptr<acc_t>();
+  scalar_t* dzd = dz_2d.data_ptr<scalar_t>();
+  at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c = 0; c < k; ++c) {
+        const int64_t i = r * k + c;
+        const acc_t centred = static_cast<acc_t>(z[i]) - m[c];
+        const acc_t live = centred * s[c] + b[c] > acc_t(0) ? acc_t(1) : acc_t(0);
+        const acc_t d = dp[i] * live;  // a product, as the formula's: inf * 0 stays NaN
+        dp[i] = d;
+        dzd[i] = static_cast<scalar_t>(d * s[c]);
+        ad[i] = d * centred;
+      }
+  });
+}
+
+using SixTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+SixTensors affine_relu_project_backward_cpu(
+    const at::Tensor& g, const at::Tensor& z, const at::Tensor& centre, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& weight) {
+  check_4d(z, "z");
+  check_cpu_float(z, "z");
+  const int64_t batch = z.size(0), k = z.size(1), height = z.size(2), width = z.size(3);
+  check_operand(centre, "centre", z, {k});
+  check_operand(scale, "scale", z, {k});
+  check_operand(shift, "shift", z, {k});
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == k, "fastaspp: weight must have shape [Cout, ", k,
+              "] (2-D, K = z.size(1)), got ", weight.sizes());
+  const int64_t out_ch = weight.size(0);
+  check_operand(weight, "weight", z, {out_ch, k});
+  const auto dtype = accumulator_dtype(z.scalar_type());
+  const std::vector<int64_t> g_shape = {batch, out_ch, height, width};
+  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.sizes() == at::IntArrayRef(g_shape),
+              "fastaspp: g must be a CPU tensor of dtype ", dtype, " and shape ", at::IntArrayRef(g_shape), ", got ",
+              g.scalar_type(), " ", g.sizes());
+  const int64_t pixels = batch * height * width;
+  const at::Tensor g_2d = g.permute({0, 2, 3, 1}).reshape({pixels, out_ch});  // free for channels_last g
+  at::Tensor dz = at::empty({batch, height, width, k}, z.options());
+  at::Tensor dweight = at::zeros({out_ch, k}, z.options().dtype(dtype));
+  at::Tensor dshift = at::zeros({k}, z.options().dtype(dtype)), dscale = at::zeros({k}, dshift.options());
+  if (pixels > 0 && k > 0) {
+    const at::Tensor zh = z.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({pixels, k});
+    at::Tensor a = at::empty({pixels, k}, dweight.options()), dpre = at::empty({pixels, k}, dweight.options());
+    at::Tensor dz_2d = dz.view({pixels, k});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "affine_relu_project_grads", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      project_grads<scalar_t, acc_t>(zh.contiguous(), centre.to(dtype).contiguous(), scale.to(dtype).contiguous(),
+                                     shift.to(dtype).contiguous(), g_2d, weight.to(dtype), a, dpre, dz_2d, dweight);
+    });
+    dshift = channel_sums(dpre);
+    dscale = channel_sums(a);
+  } else {
+    dz.zero_();
+  }
+  const at::Tensor dcentre = -dshift * scale.to(dtype);
+  const at::Tensor dbias = g_2d.view({batch, height * width, out_ch}).sum(1);
+  return {dz.permute({0, 3, 1, 2}), dcentre.to(centre.scalar_type()), dscale.to(scale.scalar_type()),
+          dshift.to(shift.scalar_type()), dweight.to(weight.scalar_type()), dbias.to(z.scalar_type())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastaspp, CPU, m) {
   m.impl("_affine_relu_project_forward", &affine_relu_project_forward_cpu);
+  m.impl("_affine_relu_project_backward", &affine_relu_project_backward_cpu);
 }
 
 }  // namespace fastaspp

@@ -137,10 +137,12 @@ class ASPP(nn.Module):
         pool = self.convs[-1]
         pooled = pool[3](pool[2](pool[1](pool[0](x)))).flatten(1)  # [N, C]
         conv, bn, relu, dropout = self.project
-        image_bias = pooled @ conv.weight[:, total:].flatten(1).t()  # [N, Cout]
+        # One split, not two slices: its backward is one cat, theirs two zero-filled copies and an add.
+        branch_weight, pool_weight = conv.weight.flatten(1).split([total, conv.weight.shape[1] - total], dim=1)
+        image_bias = pooled @ pool_weight.t()  # [N, Cout]
         as_z = lambda t: t if t.dtype == z.dtype else t.to(z.dtype)  # noqa: E731
         y, proj_mean, proj_var = affine_relu_project(
-            z, *(as_z(t) for t in (centre, scale, shift, conv.weight[:, :total].flatten(1), image_bias)))
+            z, *(as_z(t) for t in (centre, scale, shift, branch_weight, image_bias)))
         if self._shareable(bn):
             proj_centre, proj_scale = self._batch_norm_centre_scale(bn, proj_mean, proj_var, count, bn.weight,
                                                                     bn.running_mean, bn.running_var)

@@ -121,19 +121,24 @@ def _branches_stats_backward(ctx, grad_z, grad_mean, grad_var):
     return dx, dws, None, None
 
 
-def _save_project(ctx, z, centre, scale, shift, weight, output) -> None:
+def _save_project(ctx, z, centre, scale, shift, weight, output, backend) -> None:
     y, mean, _ = output
     ctx.save_for_backward(z, centre, scale, shift, weight, y, mean)
+    ctx.backend = backend
 
 
 def _project_backward(ctx, grad_y, grad_mean, grad_var):
     """With pre = (z − centre)·scale + shift and u = relu(pre), recomputed here rather than saved:
     dW = Gᵀu, d image_bias = Σ_pixels G, dpre = (G W) ⊙ [pre > 0], dz = dpre·scale,
-    dcentre = −Σ dpre·scale, dscale = Σ dpre·(z − centre), dshift = Σ dpre."""
+    dcentre = −Σ dpre·scale, dscale = Σ dpre·(z − centre), dshift = Σ dpre. The cpu backend runs
+    the formula as one kernel call (_affine_relu_project_backward); the others as torch ops."""
     z, centre, scale, shift, weight, y, mean = ctx.saved_tensors
+    g = _stats_grad(grad_y, y, mean, grad_mean, grad_var)
+    if ctx.backend == "cpu":
+        return (*torch.ops.fastaspp._affine_relu_project_backward.default(g, z, centre, scale, shift, weight), None)
     acc = accumulator_dtype(z.dtype)
     n, k, h, w = z.shape
-    g = _stats_grad(grad_y, y, mean, grad_mean, grad_var).permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+    g = g.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
     centred = z.permute(0, 2, 3, 1).reshape(-1, k).to(acc) - centre.to(acc)  # rows: free for channels_last z
     pre = centred * scale.to(acc) + shift.to(acc)
     dpre = (g @ weight.to(acc)).mul_(pre > 0)
@@ -171,7 +176,7 @@ class _ProjectFunction(torch.autograd.Function):
     def forward(ctx, z, centre, scale, shift, weight, image_bias, backend):
         ctx.set_materialize_grads(False)
         out = _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
-        _save_project(ctx, z, centre, scale, shift, weight, out)
+        _save_project(ctx, z, centre, scale, shift, weight, out, backend)
         return out
 
     backward = staticmethod(_project_backward)
@@ -214,7 +219,7 @@ def _setup_branches_stats(ctx, inputs, output):
 
 
 def _setup_project(ctx, inputs, output):
-    _save_project(ctx, *inputs[:5], output)
+    _save_project(ctx, *inputs[:5], output, inputs[6])
 
 
 torch.library.register_autograd("fastaspp::aspp_branches_stats", _branches_stats_backward,
@@ -232,6 +237,12 @@ if _ext.loaded():
     @torch.library.register_fake("fastaspp::_affine_relu_project_forward", lib=LIB)
     def _(z, centre, scale, shift, weight, image_bias):
         return _stats_fakes(z, [z.shape[0], weight.shape[0], z.shape[2], z.shape[3]], weight.shape[0])
+
+    @torch.library.register_fake("fastaspp::_affine_relu_project_backward", lib=LIB)
+    def _(g, z, centre, scale, shift, weight):
+        dz = z.new_empty(z.shape).contiguous(memory_format=torch.channels_last)
+        return (dz, torch.empty_like(centre), torch.empty_like(scale), torch.empty_like(shift),
+                torch.empty_like(weight), z.new_empty(z.shape[0], weight.shape[0]))
 
 
 # ---------------------------------------------------------------- public entry points
