@@ -19,7 +19,8 @@ scale to cancellation when |mean| ≫ σ.
 
 Both ops are differentiable in every tensor input and in their (mean, var) outputs; backward is
 torch ops plus the atrous-conv backward kernels of the chosen backend (the 1x1 projection's are
-plain GEMMs). Backends: cpu (C++ kernels) and triton compute the statistics in the epilogue and
+plain GEMMs; on cpu the projection's whole backward is one kernel call, a fixed cost that small
+inputs notice). Backends: cpu (C++ kernels) and triton compute the statistics in the epilogue and
 the affine + ReLU in the prologue. cuda is routed explicitly, documented here: its branch kernel
 (no statistics epilogue yet) followed by torch.var_mean, and the projection as torch ops.
 """
