@@ -188,7 +188,9 @@ SixTensors affine_relu_project_backward_cpu(
     dz.zero_();
   }
   const at::Tensor dcentre = -dshift * scale.to(dtype);
-  const at::Tensor dbias = g_2d.view({batch, height * width, out_ch}).sum(1);
+  at::Tensor dbias = at::zeros({batch, out_ch}, dweight.options());  // per image, in fixed blocks too
+  for (int64_t n = 0; pixels > 0 && n < batch; ++n)
+    dbias[n].copy_(channel_sums(g_2d.narrow(0, n * height * width, height * width)));
   return {dz.permute({0, 3, 1, 2}), dcentre.to(centre.scalar_type()), dscale.to(scale.scalar_type()),
           dshift.to(shift.scalar_type()), dweight.to(weight.scalar_type()), dbias.to(z.scalar_type())};
 }
