@@ -71,19 +71,27 @@ void project(const at::Tensor& zh, const at::Tensor& centre, const at::Tensor& s
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_project_forward_cpu(
-    const at::Tensor& z, const at::Tensor& centre, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& weight, const at::Tensor& image_bias) {
+// The operands both directions share: z [N, K, H, W] on CPU in a floating dtype; centre, scale,
+// shift [K] and weight [Cout, K] in z's dtype. Returns Cout.
+int64_t check_projection(const at::Tensor& z, const at::Tensor& centre, const at::Tensor& scale,
+                         const at::Tensor& shift, const at::Tensor& weight) {
   check_4d(z, "z");
   check_cpu_float(z, "z");
-  const int64_t batch = z.size(0), k = z.size(1), height = z.size(2), width = z.size(3);
+  const int64_t k = z.size(1);
   check_operand(centre, "centre", z, {k});
   check_operand(scale, "scale", z, {k});
   check_operand(shift, "shift", z, {k});
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == k, "fastaspp: weight must have shape [Cout, ", k,
               "] (2-D, K = z.size(1)), got ", weight.sizes());
-  const int64_t out_ch = weight.size(0);
-  check_operand(weight, "weight", z, {out_ch, k});
+  check_operand(weight, "weight", z, {weight.size(0), k});
+  return weight.size(0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_project_forward_cpu(
+    const at::Tensor& z, const at::Tensor& centre, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& weight, const at::Tensor& image_bias) {
+  const int64_t out_ch = check_projection(z, centre, scale, shift, weight);
+  const int64_t batch = z.size(0), k = z.size(1), height = z.size(2), width = z.size(3);
   check_operand(image_bias, "image_bias", z, {batch, out_ch});
 
   const auto dtype = accumulator_dtype(z.scalar_type());
@@ -153,16 +161,8 @@ using SixTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
 SixTensors affine_relu_project_backward_cpu(
     const at::Tensor& g, const at::Tensor& z, const at::Tensor& centre, const at::Tensor& scale,
     const at::Tensor& shift, const at::Tensor& weight) {
-  check_4d(z, "z");
-  check_cpu_float(z, "z");
+  const int64_t out_ch = check_projection(z, centre, scale, shift, weight);
   const int64_t batch = z.size(0), k = z.size(1), height = z.size(2), width = z.size(3);
-  check_operand(centre, "centre", z, {k});
-  check_operand(scale, "scale", z, {k});
-  check_operand(shift, "shift", z, {k});
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == k, "fastaspp: weight must have shape [Cout, ", k,
-              "] (2-D, K = z.size(1)), got ", weight.sizes());
-  const int64_t out_ch = weight.size(0);
-  check_operand(weight, "weight", z, {out_ch, k});
   const auto dtype = accumulator_dtype(z.scalar_type());
   const std::vector<int64_t> g_shape = {batch, out_ch, height, width};
   TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dtype && g.sizes() == at::IntArrayRef(g_shape),
