@@ -314,10 +314,12 @@ def winograd_axis_plan(s):
     return m, tiles, g, bt, at
 
 
-def winograd_axis_products(size, rate):
-    """Products per axis (winograd.cpp's axis_products): every sub-grid padded to whole tiles."""
-    m, tiles, weight_t, _, _ = winograd_axis_plan(math.ceil(size / rate))
-    return min(rate, size) * tiles * weight_t.shape[0]
+def winograd_axis_work(size, rate):
+    """(tiles, products) along one axis (winograd.cpp's axis_work): every sub-grid padded to whole
+    tiles of the axis' plan."""
+    _, tiles, weight_t, _, _ = winograd_axis_plan(math.ceil(size / rate))
+    grids = min(rate, size)
+    return grids * tiles, grids * tiles * weight_t.shape[0]
 
 
 def live_pairs(size, rate):
@@ -325,21 +327,16 @@ def live_pairs(size, rate):
     return sum(max(0, min(size, size - k * rate) - max(0, -k * rate)) for k in (-1, 0, 1))
 
 
-def winograd_axis_tiles(size, rate):
-    """Tiles per axis (winograd.cpp's axis_tiles): every sub-grid's."""
-    return min(rate, size) * winograd_axis_plan(math.ceil(size / rate))[1]
-
-
 def expect_winograd(h, w, rate, against_onednn=False, batch=1, c_in=0, c_out=0):
     """winograd.cpp's use_winograd for a kept fp32/fp64 weight: products at most 80% of the live pairs
     against the tap GEMMs; against oneDNN a channel depth c_in*c_out/(c_in+c_out) of at least 48, at
     least 32 tiles, and products at most 50% (depth >= 192) or 32% of the live pairs."""
-    share = winograd_axis_products(h, rate) * winograd_axis_products(w, rate) / (live_pairs(h, rate) *
-                                                                                live_pairs(w, rate))
+    (tiles_h, products_h), (tiles_w, products_w) = winograd_axis_work(h, rate), winograd_axis_work(w, rate)
+    share = products_h * products_w / (live_pairs(h, rate) * live_pairs(w, rate))
     if not against_onednn:
         return share <= 0.8
     depth = c_in * c_out / (c_in + c_out) if c_in + c_out else 0.0
-    if depth < 48 or batch * winograd_axis_tiles(h, rate) * winograd_axis_tiles(w, rate) < 32:
+    if depth < 48 or batch * tiles_h * tiles_w < 32:
         return False
     return share <= (0.5 if depth >= 192 else 0.32)
 

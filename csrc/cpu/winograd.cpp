@@ -169,14 +169,17 @@ int64_t live_pairs(int64_t size, int64_t rate) {
   return live;
 }
 
-// Products per axis: every sub-grid (at most `rate` of them) padded to whole tiles.
-int64_t axis_products(int64_t size, int64_t rate) {
-  const AxisPlan p = axis_plan(ceil_div(size, rate));
-  return std::min(rate, size) * p.tiles * p.points;
-}
+// Tiles and products along one axis: every sub-grid (at most `rate` of them) padded to whole
+// tiles of the axis' plan, which is built once for both.
+struct AxisWork {
+  int64_t tiles, products;
+};
 
-// Tiles per axis: every sub-grid's.
-int64_t axis_tiles(int64_t size, int64_t rate) { return std::min(rate, size) * axis_plan(ceil_div(size, rate)).tiles; }
+AxisWork axis_work(int64_t size, int64_t rate) {
+  const AxisPlan p = axis_plan(ceil_div(size, rate));
+  const int64_t grids = std::min(rate, size);
+  return {grids * p.tiles, grids * p.tiles * p.points};
+}
 
 // Where each tile's rows start: pixel coordinate of sub-grid index k along an axis, or -1 off
 // the map.
@@ -329,12 +332,13 @@ bool use_winograd(int64_t batch, int64_t in_h, int64_t in_w, int64_t rate, const
   // tens of MB), so only kept weights qualify.
   if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;  // kept.h
   if (flag != nullptr && std::string(flag) == "1") return true;  // forced, for measuring the crossovers
-  const double products = static_cast<double>(axis_products(in_h, rate)) * axis_products(in_w, rate);
+  const AxisWork h = axis_work(in_h, rate), w = axis_work(in_w, rate);
+  const double products = static_cast<double>(h.products) * w.products;
   const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);
   if (rival == WinogradRival::kTapGemms) return products <= kMaxProductShare * live;
   const double in_ch = static_cast<double>(weight.size(1)), out_ch = static_cast<double>(weight.size(0));
   const double depth = in_ch + out_ch > 0 ? in_ch * out_ch / (in_ch + out_ch) : 0.0;
-  if (depth < kMinDepthVsOnednn || batch * axis_tiles(in_h, rate) * axis_tiles(in_w, rate) < kMinTilesVsOnednn)
+  if (depth < kMinDepthVsOnednn || batch * h.tiles * w.tiles < kMinTilesVsOnednn)
     return false;
   return products <= (depth >= kWideDepthVsOnednn ? kWideShareVsOnednn : kNarrowShareVsOnednn) * live;
 }
