@@ -37,6 +37,17 @@ void check_operand(const at::Tensor& t, const char* name, const at::Tensor& z, a
   TORCH_CHECK(t.sizes() == shape, "fastaspp: ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// out[c] = relu((in[c] - centre[c]) * scale[c] + shift[c]) for one pixel's k channels: the
+// normalised operand row of the projection GEMM, forward and backward alike.
+template <typename scalar_t, typename acc_t>
+inline void affine_relu_row(const scalar_t* in, const acc_t* centre, const acc_t* scale, const acc_t* shift,
+                            int64_t k, acc_t* out) {
+  for (int64_t c = 0; c < k; ++c) {
+    const acc_t v = (static_cast<acc_t>(in[c]) - centre[c]) * scale[c] + shift[c];
+    out[c] = v < acc_t(0) ? acc_t(0) : v;  // not !(v > 0): NaN stays NaN, as in torch.relu
+  }
+}
+
 // out ([P, Cout], acc_t) = relu((z - centre) * scale + shift) @ w_t + bias[image], chunk by chunk.
 // Per chunk, one parallel pass builds its operand rows and presets its output rows to their
 // image's bias; one BLAS GEMM (multithreaded itself) then accumulates onto them.
@@ -57,12 +68,7 @@ void project(const at::Tensor& zh, const at::Tensor& centre, const at::Tensor& s
     const int64_t rows = std::min(chunk, pixels - p0);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* in = z + (p0 + r) * k;
-        acc_t* row = ad + r * k;
-        for (int64_t c = 0; c < k; ++c) {
-          const acc_t v = (static_cast<acc_t>(in[c]) - m[c]) * s[c] + b[c];
-          row[c] = v < acc_t(0) ? acc_t(0) : v;  // not !(v > 0): NaN stays NaN, as in torch.relu
-        }
+        affine_relu_row(z + (p0 + r) * k, m, s, b, k, ad + r * k);
         const acc_t* image_bias = bi + ((p0 + r) / pixels_per_image) * out_ch;
         std::copy(image_bias, image_bias + out_ch, o + (p0 + r) * out_ch);
       }
@@ -132,11 +138,7 @@ void project_grads(const at::Tensor& zh, const at::Tensor& centre, const at::Ten
   const acc_t* b = shift.data_ptr<acc_t>();
   acc_t* ad = a.data_ptr<acc_t>();
   at::parallel_for(0, pixels, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t c = 0; c < k; ++c) {
-        const acc_t v = (static_cast<acc_t>(z[r * k + c]) - m[c]) * s[c] + b[c];
-        ad[r * k + c] = v < acc_t(0) ? acc_t(0) : v;  // NaN stays NaN, as in torch.relu
-      }
+    for (int64_t r = begin; r < end; ++r) affine_relu_row(z + r * k, m, s, b, k, ad + r * k);
   });
   at::mm_out(dweight, g_2d.t(), a);
   at::mm_out(dpre, g_2d, w);
