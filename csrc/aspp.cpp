@@ -27,7 +27,7 @@ TORCH_LIBRARY_FRAGMENT(fastaspp, m) {
         "Tensor weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Backward of the raw branch sums (cpu): (dx, [dweight_i]) of sum(grad * branches(x)) with scale
   // 1, shift 0 and no ReLU, every branch's input gradient summed in one buffer; None / [] where
-  // output_mask (dx, dweights) is false.
+  // output_mask (dx, dweights) is false. Each dweight has its weight's strides.
   m.def("_aspp_branches_backward(Tensor grad, Tensor x, Tensor[] weights, int[] rates, bool[2] output_mask) "
         "-> (Tensor, Tensor[])");
 }

@@ -20,7 +20,7 @@ TORCH_LIBRARY(fastaspp, m) {
       "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
   // The whole backward of _atrous_conv2d_forward in one call (cpu): (dx, dweight, dbias, dscale,
   // dshift), None where output_mask is false; `out`, the saved output of a ReLU'd forward, masks
-  // the gradient (None: no ReLU).
+  // the gradient (None: no ReLU). dweight has weight's strides (autograd then stores it uncopied).
   m.def(
       "_atrous_conv2d_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor? scale, "
       "Tensor? out, int[2] stride, int[2] padding, int[2] dilation, bool[5] output_mask) "

@@ -222,3 +222,56 @@ def test_backward_paths_within_their_bound(case, onednn, monkeypatch):
         monkeypatch.delenv("FASTASPP_CPU_ONEDNN")
         again = torch.ops.fastaspp._atrous_conv2d_backward(g, x, weight, bias, scale, out, *geometry, [True] * 5)
         assert torch.equal(again[0], dx) and torch.equal(again[1], dw)
+
+
+def weight_layouts(weight):
+    return {"nchw": weight.contiguous(), "channels_last": weight.contiguous(memory_format=torch.channels_last)}
+
+
+def same_layout(a, b):
+    """Autograd's layout contract: equal strides wherever the size is not 1."""
+    return a.shape == b.shape and all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+@pytest.mark.parametrize("path", ["direct", "onednn", "gemm"])
+def test_weight_gradient_comes_in_the_weights_layout(path, monkeypatch):
+    """dweight has its weight's strides, so autograd stores it without a copy (its layout contract),
+    on every backward path, with the same values for either layout (dweight never reads the weight)."""
+    if path == "direct":
+        monkeypatch.delenv("FASTASPP_CPU_DIRECT_MAX_MACS")
+    else:
+        monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "1" if path == "onednn" else "0")
+    x, weight, bias, scale, shift = make_inputs(2, 8, 6, 21, 21, torch.float32)
+    g = torch.randn(2, 6, 21, 21).contiguous(memory_format=torch.channels_last)
+    grads = {}
+    for layout, w in weight_layouts(weight).items():
+        dw = torch.ops.fastaspp._atrous_conv2d_backward(g, x, w, bias, scale, None, [1, 1], [2, 2], [2, 2],
+                                                        [False, True, False, False, False])[1]
+        assert same_layout(dw, w), layout
+        grads[layout] = dw
+    assert torch.equal(grads["nchw"], grads["channels_last"])
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["gemm", "direct"])
+def test_aspp_branch_weight_gradients_come_in_the_weights_layout(direct, monkeypatch):
+    """The same for every branch of the ASPP's one-call backward, dead taps (zero) included."""
+    if direct:
+        monkeypatch.delenv("FASTASPP_CPU_DIRECT_MAX_MACS")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    rates = [2, 6, 12]  # rate 12 on a 9x9 map: every off-centre tap is dead
+    shapes = [(5, 8, 1, 1)] + [(5, 8, 3, 3)] * len(rates)
+    weights = [torch.randn(s, generator=gen) for s in shapes]
+    g = torch.randn(2, 5 * len(shapes), 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    grads = {}
+    for layout in ("nchw", "channels_last"):
+        ws = [weight_layouts(w)[layout] for w in weights]
+        _, dws = torch.ops.fastaspp._aspp_branches_backward(g, x, ws, rates, [False, True])
+        assert all(same_layout(dw, w) for dw, w in zip(dws, ws)), layout
+        grads[layout] = dws
+    for a, b in zip(grads["nchw"], grads["channels_last"]):
+        assert torch.equal(a, b)
+    dead = torch.ones(3, 3, dtype=torch.bool)
+    dead[1, 1] = False
+    assert (grads["channels_last"][3][:, :, dead] == 0).all()
+    assert (grads["channels_last"][3][:, :, 1, 1] != 0).all()

@@ -101,7 +101,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
         const int64_t mid = i == 0 ? 0 : 1;
         taps.push_back(weights[i].to(dtype).select(3, mid).select(2, mid));  // [C, Cin]
       }
-      return at::cat(taps, 0).t().contiguous();  // [Cin, run * C]
+      return at::cat(taps, 0).t();  // [Cin, run * C], transposed: BLAS reads it in place
     });
     at::Tensor out = acc_2d.narrow(1, first * ch, (last - first) * ch);
     at::mm_out(out, x_2d, centre);
@@ -177,7 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cpu(c
 
 // The input and weight gradients of the raw branch sums (_aspp_branches_forward with scale 1, shift
 // 0 and no ReLU) in one call: dx = the sum over branches of each one's transposed conv of its
-// channel slice of grad, accumulated in one buffer; dweights[i] its weight gradient. Each conv by
+// channel slice of grad, accumulated in one buffer; dweights[i] its weight gradient, in the layout
+// of weights[i]. Each conv by
 // its own path (conv_paths.h); the slices are read in place.
 std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                            at::TensorList weights, at::IntArrayRef rates,
@@ -201,7 +202,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const
     const at::Tensor gi = gh.narrow(3, i * ch, ch);
     if (output_mask[0] && dx_acc.numel() > 0) add_grad_input(gi, weights[i], at::Tensor(), geo, dx_acc);
     if (output_mask[1]) {
-      dweights.push_back(grad_weight(xh, gi, weights[i].size(2), weights[i].size(3), geo).to(weights[i].scalar_type()));
+      const at::Tensor dw = grad_weight(xh, gi, weights[i].size(2), weights[i].size(3), geo);
+      dweights.push_back(in_layout_of(dw.to(weights[i].scalar_type()), weights[i]));
     }
   }
   at::Tensor dx;

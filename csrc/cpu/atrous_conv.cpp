@@ -110,7 +110,9 @@ at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
               "fastaspp: grad has shape ", grad.sizes(), ", which is not the output shape for x ", x.sizes(),
               " and weight ", weight_size);
   const at::Tensor gh = to_nhwc(grad, accumulator_dtype(x.scalar_type()));
-  return grad_weight(to_nhwc(x, gh.scalar_type()), gh, weight_size[2], weight_size[3], g).to(x.scalar_type());
+  return grad_weight(to_nhwc(x, gh.scalar_type()), gh, weight_size[2], weight_size[3], g)
+      .to(x.scalar_type())
+      .contiguous();  // this op has no weight to take the layout of
 }
 
 // The whole backward of _atrous_conv2d_forward in one call: (dx, dweight, dbias, dscale, dshift)
@@ -118,7 +120,7 @@ at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
 // `out` (the saved output of a ReLU'd forward) the gradient is first masked to out > 0. With
 // g the masked gradient: dx = conv_transpose(g * scale, weight), dweight = scale * wgrad(x, g),
 // dshift = sum(g), dbias = scale * sum(g), dscale = <weight, wgrad(x, g)> + bias * sum(g): the
-// pre-activation conv is never stored.
+// pre-activation conv is never stored. dweight comes in weight's layout (in_layout_of).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_conv2d_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& out, at::IntArrayRef stride,
@@ -147,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
     auto grads = at::convolution_backward(gh.permute({0, 3, 1, 2}), x, w_scaled, std::nullopt, stride, padding,
                                           dilation, false, {0, 0}, 1, {output_mask[0], need_raw, false});
     if (output_mask[0]) dx = std::get<0>(grads).contiguous(result_format(x));
-    if (need_raw) raw = std::get<1>(grads).contiguous();
+    if (need_raw) raw = std::get<1>(grads);
   } else {
     if (output_mask[0]) {
       dx = at::empty(x.sizes(), x.options().memory_format(result_format(x)));
@@ -156,7 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
     if (need_raw) raw = grad_weight(to_nhwc(x, dtype), gh, weight.size(2), weight.size(3), g);
   }
   if (need_raw) {
-    if (output_mask[1]) dweight = (has_scale ? raw * scale_acc.view({-1, 1, 1, 1}) : raw).to(weight.scalar_type());
+    if (output_mask[1]) {
+      dweight = in_layout_of((has_scale ? raw * scale_acc.view({-1, 1, 1, 1}) : raw).to(weight.scalar_type()), weight);
+    }
     if (output_mask[3]) dscale = (raw * weight.to(dtype)).sum({1, 2, 3});
   }
   if (output_mask[2] || output_mask[3] || output_mask[4]) {

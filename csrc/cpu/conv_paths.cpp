@@ -104,12 +104,20 @@ at::Tensor grad_weight(const at::Tensor& xh, const at::Tensor& g, int64_t kernel
   const std::vector<int64_t> x_size = {xh.size(0), xh.size(3), xh.size(1), xh.size(2)};
   if (runs_direct(x_size, {g.size(3), xh.size(3), kernel_h, kernel_w}, g.size(1), g.size(2), geo))
     return direct_grad_weight(xh, g, kernel_h, kernel_w, geo);
-  at::Tensor dw = at::zeros({kernel_h, kernel_w, g.size(3), xh.size(3)}, xh.options());
+  // channels_last storage [Cout, KH, KW, Cin]: each tap's [Cout, Cin] matrix has unit Cin stride, so
+  // the GEMM writes it in place, and the result is laid out as a channels_last weight is.
+  at::Tensor dw = at::empty({g.size(3), xh.size(3), kernel_h, kernel_w},
+                            xh.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const at::Tensor taps = dw.permute({2, 3, 0, 1});  // [KH, KW, Cout, Cin]
+  std::vector<bool> live(kernel_h * kernel_w, false);
   for (const LiveTap& t : live_taps(kernel_h, kernel_w, xh.size(1), xh.size(2), g.size(1), g.size(2), geo)) {
-    at::Tensor dw_tap = dw[t.kh][t.kw];  // [Cout, Cin] = g^T @ x over the live rectangle
+    at::Tensor dw_tap = taps[t.kh][t.kw];  // [Cout, Cin] = g^T @ x over the live rectangle
     at::mm_out(dw_tap, gather_rect(output_rect(g, t)).t(), gather_rect(input_rect(xh, t, geo)));
+    live[t.kh * kernel_w + t.kw] = true;
   }
-  return dw.permute({2, 3, 0, 1}).contiguous();
+  for (int64_t tap = 0; tap < kernel_h * kernel_w; ++tap)
+    if (!live[tap]) taps[tap / kernel_w][tap % kernel_w].zero_();  // a dead tap reads only padding
+  return dw;
 }
 
 }  // namespace fastaspp

@@ -31,8 +31,8 @@ void add_grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Ten
 void grad_input(const at::Tensor& g, const at::Tensor& weight, const at::Tensor& scale, const ConvGeometry& geo,
                 at::Tensor& dx);
 
-// [Cout, Cin, KH, KW] (nn.Conv2d's layout), contiguous, in the compute dtype: the weight gradient
-// of conv(x) against g. xh: x as [N, H, W, Cin] contiguous in the compute dtype; g as for
+// [Cout, Cin, KH, KW] (nn.Conv2d's shape) in channels_last layout, in the compute dtype: the weight
+// gradient of conv(x) against g. xh: x as [N, H, W, Cin] contiguous in the compute dtype; g as for
 // add_grad_input.
 at::Tensor grad_weight(const at::Tensor& xh, const at::Tensor& g, int64_t kernel_h, int64_t kernel_w,
                             const ConvGeometry& geo);

@@ -37,6 +37,12 @@ at::Tensor to_nhwc(const at::Tensor& t, at::ScalarType dtype) {
   return t.to(dtype).contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1});
 }
 
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  bool same = t.sizes() == like.sizes();
+  for (int64_t d = 0; same && d < t.dim(); ++d) same = t.size(d) == 1 || t.stride(d) == like.stride(d);
+  return same ? t : at::empty_like(like, t.options()).copy_(t);
+}
+
 // Weights as one [Cout, Cin] matrix per tap, returned as a [KH, KW, Cout, Cin] view of the
 // weights in channels_last storage: each tap matrix then has unit Cin stride and row stride
 // KH*KW*Cin, which BLAS reads in place. channels_last weights (a model converted with

@@ -29,6 +29,10 @@ std::vector<LiveTap> live_taps(int64_t kernel_h, int64_t kernel_w, int64_t in_h,
 
 // [N, H, W, C] view of an NCHW-shaped tensor, in the given (accumulator) dtype.
 at::Tensor to_nhwc(const at::Tensor& t, at::ScalarType dtype);
+// t with the strides of `like` (a weight gradient in its weight's layout). Autograd stores a
+// gradient whose strides are its parameter's as it is; any other layout it copies (its layout
+// contract), so returning the weight's layout saves that copy. No copy when t already has it.
+at::Tensor in_layout_of(const at::Tensor& t, const at::Tensor& like);
 // [KH, KW, Cout, Cin] view whose tap matrices BLAS reads in place (see tap_gemm.cpp).
 at::Tensor tap_matrices(const at::Tensor& weight, at::ScalarType dtype);
 

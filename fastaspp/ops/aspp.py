@@ -196,7 +196,7 @@ if _ext.loaded():
     @torch.library.register_fake("fastaspp::_aspp_branches_backward", lib=LIB)
     def _(grad, x, weights, rates, output_mask):
         dx = x.new_empty(x.shape).contiguous(memory_format=result_format(x)) if output_mask[0] else None
-        return dx, [w.new_empty(w.shape) for w in weights] if output_mask[1] else []
+        return dx, [torch.empty_like(w) for w in weights] if output_mask[1] else []
 
 
 # ---------------------------------------------------------------- public entry points

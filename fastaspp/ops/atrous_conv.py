@@ -262,7 +262,7 @@ if _ext.loaded():
 
     @torch.library.register_fake("fastaspp::_atrous_conv2d_backward", lib=LIB)
     def _(grad, x, weight, bias, scale, out, stride, padding, dilation, output_mask):
-        like = (x.new_empty(x.shape).contiguous(memory_format=result_format(x)), weight.new_empty(weight.shape),
+        like = (x.new_empty(x.shape).contiguous(memory_format=result_format(x)), torch.empty_like(weight),
                 bias.new_empty(bias.shape) if bias is not None else None,
                 scale.new_empty(scale.shape) if scale is not None else None, x.new_empty(weight.shape[0]))
         return tuple(t if need else None for t, need in zip(like, output_mask))
