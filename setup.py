@@ -4,8 +4,13 @@ The C++ CPU kernels are always built. The CUDA kernels are built when torch has
 CUDA and nvcc is found; FASTASPP_WITH_CUDA=1 or =0 forces either way. The build
 prints which it did. Install with --no-build-isolation so the build uses the
 torch already installed (an isolated build would fetch another torch).
+
+The CUDA kernels include CUTLASS/CuTe headers: from FASTASPP_CUTLASS_INCLUDE, else from the
+installed nvidia-cutlass package (CUTLASS_REQUIREMENT; its headers are all the build needs, so
+`pip install --no-deps` is enough). .ci/run imports cutlass_include() from here for its nvcc check.
 """
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -37,6 +42,28 @@ def want_cuda() -> bool:
     return False
 
 
+CUTLASS_REQUIREMENT = "nvidia-cutlass==4.2.0.0"
+
+
+def cutlass_include() -> str:
+    """The include directory holding cute/ and cutlass/ (see the module docstring)."""
+    def has_cute(path):
+        return os.path.isfile(os.path.join(path, "cute", "tensor.hpp"))
+
+    forced = os.environ.get("FASTASPP_CUTLASS_INCLUDE")
+    if forced:
+        if not has_cute(forced):
+            raise SystemExit(f"FASTASPP_CUTLASS_INCLUDE={forced!r} holds no cute/tensor.hpp")
+        return forced
+    spec = importlib.util.find_spec("cutlass_library")  # locates the package without importing it
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        if has_cute(os.path.join(root, "source", "include")):
+            return os.path.join(root, "source", "include")
+    raise SystemExit(f"fastaspp: the CUDA kernels need CUTLASS's headers: pip install --no-deps "
+                     f"'{CUTLASS_REQUIREMENT}', or set FASTASPP_CUTLASS_INCLUDE to a CUTLASS include "
+                     f"directory (FASTASPP_WITH_CUDA=0 builds without CUDA)")
+
+
 def extension():
     def rel(pattern):
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
@@ -48,9 +75,12 @@ def extension():
     if want_cuda():
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        cutlass = cutlass_include()
+        print(f"fastaspp: CUTLASS headers from {cutlass}")
         return CUDAExtension(
             "fastaspp._C",
             sources,
+            include_dirs=[cutlass],
             define_macros=[("FASTASPP_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,
@@ -58,7 +88,8 @@ def extension():
     return CppExtension("fastaspp._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":  # as pip's build backend runs it; .ci/run imports cutlass_include()
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

@@ -9,6 +9,9 @@
 #              "model" adds the whole models, eval rows with and without CUDA graphs)
 #   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
+# The CUDA build needs CUTLASS's headers (setup.py). The device has no package index: where its
+# python lacks nvidia-cutlass, carry the wheel in .whl/ (here: `pip download --no-deps -d .whl
+# nvidia-cutlass==4.2.0.0`, .whl ignored by git and named in the run's carry); stage build unpacks it.
 set -u
 OUT=${OUT:-/tmp/fastaspp-gpu-run}
 mkdir -p "$OUT"
@@ -24,6 +27,11 @@ stage_build() {
     # No package index there (pip install -e wants one for its build deps): build in place, and map
     # fastaspp.kernels onto kernels/ as setup.py's package_dir does for an install.
     ln -sfn ../kernels fastaspp/kernels
+    if [ -z "${FASTASPP_CUTLASS_INCLUDE:-}" ] && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1 &&
+       ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+        $PY -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/fastaspp-cutlass
+        export FASTASPP_CUTLASS_INCLUDE=/tmp/fastaspp-cutlass/cutlass_library/source/include
+    fi
     if ! timeout 300 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
         echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
     fi

@@ -27,7 +27,9 @@
 //   once, issues the global loads of step i+1 into registers, then multiplies buffer i&1.
 //   Buffer i&1 is rewritten only at iteration i+2, after the sync of iteration i+1, which no
 //   thread passes before finishing its multiply of iteration i: one barrier per step is enough.
-// * fp16 / bf16: WMMA 16x16x16 with fp32 accumulators, 4 warps as 2x2, 32x32 per warp, BK=32.
+// * fp16 / bf16: the CuTe kernel of conv_sm80.cuh (cp.async pipeline, mma.sync, BN = 128) when
+//   the channel counts are multiples of 8 and the operands 16-byte aligned; otherwise WMMA
+//   16x16x16 with fp32 accumulators, 4 warps as 2x2, 32x32 per warp, BK=32.
 //   fp32 / fp64 (and fp16 / bf16 on GPUs without the needed tensor cores): SIMT, 256
 //   threads as 16x16, 4x4 outputs per thread strided by 16, BK=16, fp32 / fp64 accumulation.
 // * Epilogue: acc * scale[co] + shift[co] (forward only), optional ReLU, convert, store NHWC
@@ -41,90 +43,12 @@
 //   phase (only 1/(sh*sw) of a live tap's rows are real), and there is no split over K, so a
 //   small batch with few pixel tiles leaves SMs idle. Neither matters for ASPP (stride 1).
 
-#include "kernel_common.cuh"
+#include "conv_common.cuh"
+#include "conv_sm80.cuh"
 
 namespace fastaspp {
 namespace atrous_cuda {
 namespace {  // internal linkage: nothing here is visible to other translation units
-
-// ---------------------------------------------------------------------------------------
-// Conv (forward / grad_input) arguments, in dst / src terms (see the note at the top).
-struct ConvArgs {
-  const void* src;
-  const void* wt;     // [KH, KW, kc, nc]
-  const void* scale;  // [nc], forward only
-  const void* shift;  // [nc], forward only
-  void* dst;          // pixel p, channel c at dst[p * dst_pixel_stride + dst_channel_offset + c]
-  int64_t n, src_h, src_w, kc, dst_h, dst_w, nc, kh, kw;
-  int64_t dst_pixel_stride, dst_channel_offset;  // elements; offset + nc <= stride
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  PatchTiling tiling;  // conv_tiling.h: the dst patch each CTA owns
-  int relu;
-};
-
-__device__ __forceinline__ Patch cta_patch(const ConvArgs& a) {
-  return patch_of(a.tiling, blockIdx.x, a.dst_h, a.dst_w);
-}
-
-// First tap >= tap that is live for the whole patch (or kh*kw when none is).
-template <bool kDgrad>
-__device__ int64_t next_live_tap(const ConvArgs& a, const Patch& t, int64_t tap) {
-  const int64_t taps = a.kh * a.kw;
-  for (; tap < taps; ++tap) {
-    const int64_t kh = tap / a.kw, kw = tap % a.kw;
-    if (patch_tap_live<kDgrad>(kh, a.src_h, a.dst_h, a.stride_h, a.pad_h, a.dil_h, t.r0, t.r1) &&
-        patch_tap_live<kDgrad>(kw, a.src_w, a.dst_w, a.stride_w, a.pad_w, a.dil_w, t.c0, t.c1)) {
-      break;
-    }
-  }
-  return tap;
-}
-
-struct Step {
-  int64_t tap;  // == kh*kw when the sequence is exhausted
-  int64_t k0;   // first src channel of the chunk
-};
-
-template <bool kDgrad>
-__device__ __forceinline__ Step first_step(const ConvArgs& a, const Patch& t) {
-  Step s;
-  s.tap = a.kc > 0 ? next_live_tap<kDgrad>(a, t, 0) : a.kh * a.kw;
-  s.k0 = 0;
-  return s;
-}
-
-template <bool kDgrad, int BK>
-__device__ __forceinline__ Step next_step(const ConvArgs& a, const Patch& t, Step s) {
-  s.k0 += BK;
-  if (s.k0 >= a.kc) {
-    s.k0 = 0;
-    s.tap = next_live_tap<kDgrad>(a, t, s.tap + 1);
-  }
-  return s;
-}
-
-// Row m of the A tile: the src pixel that dst pixel m of the patch reads through tap
-// (kh, kw), or nullptr when it reads padding / lies outside the map.
-template <bool kDgrad, typename T>
-__device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t, int64_t kh,
-                                               int64_t kw, int m, const T* src) {
-  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
-  if (r >= t.r1 || c >= t.c1) return nullptr;
-  int64_t sr, sc;
-  if (!kDgrad) {
-    sr = r * a.stride_h + kh * a.dil_h - a.pad_h;
-    sc = c * a.stride_w + kw * a.dil_w - a.pad_w;
-  } else {
-    const int64_t nr = r + a.pad_h - kh * a.dil_h;
-    const int64_t nc = c + a.pad_w - kw * a.dil_w;
-    if (nr < 0 || nc < 0 || nr % a.stride_h != 0 || nc % a.stride_w != 0) return nullptr;
-    sr = nr / a.stride_h;
-    sc = nc / a.stride_w;
-  }
-  if (sr < 0 || sr >= a.src_h || sc < 0 || sc >= a.src_w) return nullptr;
-  return src + ((t.img * a.src_h + sr) * a.src_w + sc) * a.kc;
-}
 
 // The shared main loop: walks the live (tap, chunk) steps of the patch, stages A [BM][LDA]
 // and B [BK][LDB] into double-buffered shared memory and calls compute(A, B) per step.
@@ -164,23 +88,6 @@ __device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const Patch& t,
     buf ^= 1;
     s = nx;
   }
-}
-
-// One output element: forward epilogue (scale, shift, ReLU) or plain store for grad_input.
-template <typename T, bool kDgrad, typename Acc>
-__device__ __forceinline__ void store_output(const ConvArgs& a, const Patch& t, int m,
-                                             int64_t co, Acc v) {
-  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
-  if (r >= t.r1 || c >= t.c1 || co >= a.nc) return;
-  if (!kDgrad) {
-    v = v * Elem<T>::to_acc(static_cast<const T*>(a.scale)[co]) +
-        Elem<T>::to_acc(static_cast<const T*>(a.shift)[co]);
-    if (a.relu && v < Acc(0)) v = Acc(0);  // comparison, not fmax: NaN propagates like torch
-  }
-  T* dst = static_cast<T*>(a.dst);
-  dst[((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset + co] =
-      Elem<T>::from_acc(v);
 }
 
 // fp16 / bf16 tensor-core conv. Shared memory: A 2x64x40, B 2x32x72 (16-bit) + C 64x68 fp32
@@ -304,49 +211,48 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(ConvArgs a) {
     }
 }
 
-// 16-bit types: tensor cores when the kernel image has them, else SIMT; 16-byte vector loads
-// when the channel counts and pointers allow.
+// 16-bit types: the CuTe kernel (conv_sm80.cuh) where it can run, else WMMA tensor cores when
+// the kernel image has them, else SIMT; 16-byte vector loads when the channel counts and
+// pointers allow.
 template <typename T, bool kDgrad>
-void launch_conv_t(const ConvArgs& a, dim3 grid, cudaStream_t stream) {
+cudaError_t launch_conv_t(const ConvArgs& a, cudaStream_t stream) {
+  if constexpr (is_16bit<T>()) {
+    if (conv_sm80_usable<T, kDgrad>(a)) return launch_conv_sm80<T, kDgrad>(a, stream);
+  }
+  const int64_t grid_x = a.n * a.tiling.tiles_per_img;
+  const int64_t grid_y = div_up(a.nc, 64);  // BN of the WMMA and SIMT kernels
+  if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   const bool vec = a.kc % V == 0 && a.nc % V == 0 && aligned16(a.src) && aligned16(a.wt);
   if constexpr (is_16bit<T>()) {
     void (*k)(ConvArgs) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
     if (tc_usable<T>(reinterpret_cast<const void*>(k))) {
       k<<<grid, 128, 0, stream>>>(a);
-      return;
+      return cudaGetLastError();
     }
   }
   void (*k)(ConvArgs) = vec ? conv_simt_kernel<T, V, kDgrad> : conv_simt_kernel<T, 1, kDgrad>;
   k<<<grid, 256, 0, stream>>>(a);
+  return cudaGetLastError();
 }
 
 // Fills the tiling fields of a and launches the dtype's kernel.
 template <bool kDgrad>
 cudaError_t launch_conv(ConvArgs a, int dtype, cudaStream_t stream) {
   a.tiling = patch_tiling(a.dst_h, a.dst_w);
-  const int64_t grid_x = a.n * a.tiling.tiles_per_img;
-  const int64_t grid_y = div_up(a.nc, 64);
-  if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-
   switch (dtype) {
     case FASTASPP_DTYPE_FLOAT32:
-      launch_conv_t<float, kDgrad>(a, grid, stream);
-      break;
+      return launch_conv_t<float, kDgrad>(a, stream);
     case FASTASPP_DTYPE_FLOAT64:
-      launch_conv_t<double, kDgrad>(a, grid, stream);
-      break;
+      return launch_conv_t<double, kDgrad>(a, stream);
     case FASTASPP_DTYPE_FLOAT16:
-      launch_conv_t<__half, kDgrad>(a, grid, stream);
-      break;
+      return launch_conv_t<__half, kDgrad>(a, stream);
     case FASTASPP_DTYPE_BFLOAT16:
-      launch_conv_t<__nv_bfloat16, kDgrad>(a, grid, stream);
-      break;
+      return launch_conv_t<__nv_bfloat16, kDgrad>(a, stream);
     default:
       return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -1,0 +1,197 @@
+// The cuda backend's fp16 / bf16 conv kernel on CUTLASS's CuTe (sm80 instructions, which Hopper
+// runs too): a multistage cp.async pipeline feeding mma.sync through ldmatrix, for the forward and
+// grad_input of atrous_conv.cu (same ConvArgs, patch tiling, dead-tap walk and epilogue:
+// conv_common.cuh).
+//
+// * CTA tile: BM = 64 dst pixels (one conv_tiling.h patch) x BN = 128 dst channels, BK = 32 src
+//   channels per step, 4 warps as 2 x 2, each 32 x 64 of the tile through
+//   SM80_16x8x16_F32{F16,BF16}_TN atoms with fp32 accumulators.
+// * The K loop walks the live (tap, chunk) steps of the patch, as the other kernels do. Each
+//   step's A tile (the gathered src pixels) and B tile (the tap's weight rows) travel straight
+//   from global to shared memory by 16-byte cp.async, kStages - 1 steps ahead of the math; a
+//   chunk that reads padding, lies past the map or past a channel count is zero-filled by the
+//   copy itself (src-size 0), so no stale shared memory enters the sum.
+// * Shared memory, swizzled for conflict-free ldmatrix: A is (BM, BK) K-major, B is (BN, BK)
+//   N-major (the weight's [tap, k, n] rows), read with the transposing ldmatrix.
+//   3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static.
+// * Requires both channel counts to be multiples of 8 and 16-byte aligned src and weight (one
+//   chunk is wholly inside or outside a channel range); conv_sm80_usable says whether a launch
+//   qualifies, and atrous_conv.cu routes the rest to the WMMA kernel.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "conv_common.cuh"
+
+namespace fastaspp {
+namespace atrous_cuda {
+namespace {  // internal linkage, as kernel_common.cuh
+
+// CUTLASS's 16-bit value types (same bits as CUDA's), which CuTe's MMA atoms are written for.
+template <typename T>
+struct Sm80Traits;
+template <>
+struct Sm80Traits<__half> {
+  using Value = cutlass::half_t;
+  using MmaAtom = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+template <>
+struct Sm80Traits<__nv_bfloat16> {
+  using Value = cutlass::bfloat16_t;
+  using MmaAtom = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+
+struct Sm80Tile {
+  static constexpr int kBM = kTilePixels, kBN = 128, kBK = 32, kStages = 3, kThreads = 128;
+  static constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async
+};
+
+template <typename T, bool kDgrad>
+__global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace cute;
+  using V = typename Sm80Traits<T>::Value;
+  constexpr int BM = Sm80Tile::kBM, BN = Sm80Tile::kBN, BK = Sm80Tile::kBK, S = Sm80Tile::kStages;
+  constexpr int NT = Sm80Tile::kThreads, CH = Sm80Tile::kChunk;
+  static_assert(BM == 64 && BK == 32, "the swizzle atoms below are sized for these");
+
+  // (BM, BK, S), K-major, and (BN, BK, S), N-major; 8-element chunks stay contiguous under both
+  // swizzles (they permute 16-byte units only).
+  using LayoutA = decltype(tile_to_shape(
+      composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, Int<BK>>, Stride<Int<BK>, _1>>{}),
+      Shape<Int<BM>, Int<BK>, Int<S>>{}));
+  using LayoutB = decltype(tile_to_shape(
+      composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}),
+      Shape<Int<BN>, Int<BK>, Int<S>>{}));
+  __shared__ __align__(128) V smem_a[cosize_v<LayoutA>];
+  __shared__ __align__(128) V smem_b[cosize_v<LayoutB>];
+  Tensor sA = make_tensor(make_smem_ptr(smem_a), LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(smem_b), LayoutB{});
+
+  const Patch t = cta_patch(a);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t taps = a.kh * a.kw;
+  const T* src = static_cast<const T*>(a.src);
+  const T* wt = static_cast<const T*>(a.wt);
+  const int tid = static_cast<int>(threadIdx.x);
+
+  // One step's tiles into stage `stage`: A chunk (m, kc) holds src channels k0 + 8kc.. of the
+  // pixel dst pixel m reads through the step's tap; B chunk (k, nc) holds weight row k0 + k,
+  // dst channels n0 + 8nc...
+  auto load = [&](const Step& st, int stage) {
+    const int64_t kh = st.tap / a.kw, kw = st.tap % a.kw;
+    constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
+    static_assert(kAChunks % NT == 0 && kBChunks % NT == 0, "whole chunks per thread");
+    CUTE_UNROLL
+    for (int i = 0; i < kAChunks / NT; ++i) {
+      const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
+      const T* row = gather_row<kDgrad, T>(a, t, kh, kw, m, src);
+      const bool live = row != nullptr && st.k0 + kc < a.kc;
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
+          *reinterpret_cast<const uint128_t*>(live ? row + st.k0 + kc : src),
+          *reinterpret_cast<uint128_t*>(&sA(m, kc, stage)), live);
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < kBChunks / NT; ++i) {
+      const int s = tid + i * NT, k = s / (BN / CH), nc = (s % (BN / CH)) * CH;
+      const bool live = st.k0 + k < a.kc && n0 + nc < a.nc;
+      const T* p = wt + (st.tap * a.kc + st.k0 + k) * a.nc + n0 + nc;
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(*reinterpret_cast<const uint128_t*>(live ? p : wt),
+                                                       *reinterpret_cast<uint128_t*>(&sB(nc, k, stage)), live);
+    }
+  };
+
+  TiledMMA mma = make_tiled_mma(typename Sm80Traits<T>::MmaAtom{}, Layout<Shape<_2, _2, _1>>{},
+                                Tile<_32, _32, _16>{});
+  ThrMMA thr_mma = mma.get_slice(tid);
+  Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});  // fp32
+  clear(acc);
+  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));  // (MMA, MMA_N, MMA_K)
+  auto s2r_a = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, V>{}, mma);
+  auto s2r_b = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, V>{}, mma);
+  ThrCopy s2r_thr_a = s2r_a.get_slice(tid);
+  ThrCopy s2r_thr_b = s2r_b.get_slice(tid);
+  Tensor tXsA = s2r_thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, S)
+  Tensor tXrA = s2r_thr_a.retile_D(tCrA);
+  Tensor tXsB = s2r_thr_b.partition_S(sB);  // (CPY, MMA_N, MMA_K, S)
+  Tensor tXrB = s2r_thr_b.retile_D(tCrB);
+
+  // Every thread walks the same (tap, chunk) sequence: the barriers below are uniform.
+  int64_t steps = 0;
+  if (a.kc > 0) {
+    for (int64_t tap = next_live_tap<kDgrad>(a, t, 0); tap < taps; tap = next_live_tap<kDgrad>(a, t, tap + 1))
+      steps += ceil_div(a.kc, int64_t(BK));
+  }
+  Step next = first_step<kDgrad>(a, t);
+  CUTE_UNROLL
+  for (int stage = 0; stage < S - 1; ++stage) {
+    if (next.tap < taps) {
+      load(next, stage);
+      next = next_step<kDgrad, BK>(a, t, next);
+    }
+    cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
+  }
+  for (int64_t it = 0; it < steps; ++it) {
+    cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
+    __syncthreads();         // ...everyone's, and everyone is done reading stage (it - 1) % S
+    if (next.tap < taps) {
+      load(next, static_cast<int>((it + S - 1) % S));
+      next = next_step<kDgrad, BK>(a, t, next);
+    }
+    cp_async_fence();
+    const int stage = static_cast<int>(it % S);
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+      copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
+      copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
+      gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue from registers: each accumulator's (m, n) in the tile comes from an identity tensor
+  // partitioned like the accumulators.
+  Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    store_output<T, kDgrad, float>(a, t, get<0>(coord(i)), n0 + get<1>(coord(i)), acc(i));
+  }
+#else
+  __trap();  // conv_sm80_usable never selects this kernel for an image below sm80
+#endif
+}
+
+// Whether a launch can run conv_sm80_kernel: channel counts in whole 16-byte chunks, aligned
+// operands, a kernel image built for sm80 or later, and FASTASPP_CUDA_CONV not set to `wmma`
+// (the previous kernel, kept for the launches this one cannot take).
+template <typename T, bool kDgrad>
+bool conv_sm80_usable(const ConvArgs& a) {
+  const char* choice = std::getenv("FASTASPP_CUDA_CONV");
+  if (choice != nullptr && std::strcmp(choice, "wmma") == 0) return false;
+  if (a.kc % Sm80Tile::kChunk != 0 || a.nc % Sm80Tile::kChunk != 0 || !aligned16(a.src) || !aligned16(a.wt))
+    return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(conv_sm80_kernel<T, kDgrad>)) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky; the other kernel's launch reports any real problem
+    return false;
+  }
+  return attr.ptxVersion >= 80;
+}
+
+template <typename T, bool kDgrad>
+cudaError_t launch_conv_sm80(const ConvArgs& a, cudaStream_t stream) {
+  const int64_t grid_x = a.n * a.tiling.tiles_per_img, grid_y = div_up(a.nc, Sm80Tile::kBN);
+  if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
+  conv_sm80_kernel<T, kDgrad>
+      <<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), Sm80Tile::kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace atrous_cuda
+}  // namespace fastaspp

@@ -1,0 +1,96 @@
+"""The cuda backend's 16-bit conv kernels, the CuTe one (csrc/cuda/conv_sm80.cuh) and WMMA
+(FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernel (channel counts in multiples
+of 8): several K chunks and their tail, more than one 128-channel column block, stride 2 (whose
+input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map and the ASPP's
+channel-slice store. Needs a GPU build; elsewhere every case is skipped with the reason.
+
+Tolerances as in test_atrous_conv.py (rule 2): within gamma_n of the magnitude of the fp64
+reference on the same rounded inputs, n = Cin*KH*KW + CONV_EPILOGUE for the forward and
+Cout*KH*KW + 2 for the input gradient, plus one rounding to the 16-bit output (two in the backward).
+"""
+import pytest
+import torch
+
+import fastaspp
+from fastaspp import reference
+
+from _cases import CONV_EPILOGUE, ConvCase, absolute, assert_within, conv_magnitude
+
+CASES = [
+    ConvCase(2, 64, 136, 21, 21, dilation=6),           # two K chunks; column blocks of 128 and 8
+    ConvCase(1, 40, 24, 13, 17, stride=2, padding=1),   # K tail (40 = 32 + 8), stride 2
+    ConvCase(2, 24, 32, 10, 10, stride=2, padding=1),   # the input gradient across stride phases
+    ConvCase(1, 16, 8, 9, 9, k=5, padding=4, dilation=2),
+    ConvCase(1, 8, 8, 1, 1, dilation=6),                 # one live tap
+    ConvCase(2, 32, 48, 9, 9, dilation=12),              # every off-centre tap dead
+    ConvCase(1, 256, 256, 33, 33, dilation=12),          # an ASPP branch
+]
+KERNELS = {"cute": None, "wmma": "wmma"}
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernel(request, monkeypatch):
+    reason = fastaspp._backend.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"backend cuda unavailable: {reason}")
+    if KERNELS[request.param] is None:
+        monkeypatch.delenv("FASTASPP_CUDA_CONV", raising=False)
+    else:
+        monkeypatch.setenv("FASTASPP_CUDA_CONV", KERNELS[request.param])
+    with fastaspp.backend("cuda"):
+        yield request.param
+
+
+def inputs(case, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.n, case.c_in, case.h, case.w, generator=g).to(memory_format=torch.channels_last)
+    w = torch.randn(case.c_out, case.c_in, case.k, case.k, generator=g) / (case.c_in * case.k * case.k) ** 0.5
+    s, t = torch.rand(case.c_out, generator=g) + 0.5, torch.randn(case.c_out, generator=g)
+    return [v.to("cuda", dtype) for v in (x, w, s, t)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_and_input_gradient(kernel, case, dtype):
+    x, w, s, t = inputs(case, dtype)
+    geometry = dict(stride=case.stride, padding=case.pad, dilation=case.dilation)
+    x.requires_grad_()
+    out = fastaspp.ops.atrous_conv2d(x, w, None, scale=s, shift=t, relu=True, **geometry)
+    f64 = [v.detach().double() for v in (x, w, s, t)]
+    ref = reference.atrous_conv2d(f64[0], f64[1], None, scale=f64[2], shift=f64[3], relu=True, **geometry)
+    assert_within(out, ref, conv_magnitude(x, w, None, s, t, **geometry), case.c_in * case.k ** 2 + CONV_EPILOGUE,
+                  dtype, f"forward {kernel} {case}", storage_roundings=1)
+
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    mask = (out.detach() > 0).double()
+    expected = []
+    for values in (lambda v: v.detach().double(), absolute):  # the reference, then its magnitude
+        xs = values(x).requires_grad_()
+        pre = reference.atrous_conv2d(xs, values(w), None, scale=values(s), shift=values(t), **geometry)
+        seed = grad.double() * mask if values is not absolute else grad.double().abs() * mask
+        expected.append(torch.autograd.grad(pre, xs, seed)[0])
+    assert_within(dx, expected[0], expected[1], case.c_out * case.k ** 2 + 2, dtype, f"grad x {kernel} {case}",
+                  storage_roundings=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_aspp_branches_store_their_channel_slices(kernel, dtype):
+    """Each branch writes its [i*C, (i+1)*C) slice of the shared buffer, no other channel."""
+    rates, c_in, c = [6, 12, 18], 64, 136
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, c_in, 21, 21, generator=g).to("cuda", dtype, memory_format=torch.channels_last)
+    shapes = [(c, c_in, 1, 1)] + [(c, c_in, 3, 3)] * len(rates)
+    ws = [(torch.randn(shape, generator=g) / (c_in * shape[2] * shape[3]) ** 0.5).to("cuda", dtype) for shape in shapes]
+    s = (torch.rand(4 * c, generator=g) + 0.5).to("cuda", dtype)
+    t = torch.randn(4 * c, generator=g).to("cuda", dtype)
+    out = fastaspp.ops.aspp_branches(x, ws, rates, s, t, relu=True)
+    for i, w in enumerate(ws):
+        r = rates[i - 1] if i else 0
+        part = slice(i * c, (i + 1) * c)
+        geometry = dict(padding=r, dilation=max(r, 1))
+        ref = reference.atrous_conv2d(x.double(), w.double(), None, scale=s[part].double(), shift=t[part].double(),
+                                      relu=True, **geometry)
+        magnitude = conv_magnitude(x, w, None, s[part], t[part], stride=1, **geometry)
+        assert_within(out[:, part], ref, magnitude, c_in * w.shape[2] * w.shape[3] + CONV_EPILOGUE, dtype,
+                      f"branch {i} {kernel}", storage_roundings=1)
