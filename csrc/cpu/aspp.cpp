@@ -178,8 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cpu(c
 // The input and weight gradients of the raw branch sums (_aspp_branches_forward with scale 1, shift
 // 0 and no ReLU) in one call: dx = the sum over branches of each one's transposed conv of its
 // channel slice of grad, accumulated in one buffer; dweights[i] its weight gradient, in the layout
-// of weights[i]. Each conv by
-// its own path (conv_paths.h); the slices are read in place.
+// of weights[i]. Each conv by its own path (conv_paths.h); the slices are read in place.
 std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                                            at::TensorList weights, at::IntArrayRef rates,
                                                                            std::array<bool, 2> output_mask) {
