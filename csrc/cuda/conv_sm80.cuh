@@ -50,23 +50,39 @@ struct Sm80Tile {
   static constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async
 };
 
+// The kernel's shared-memory layouts and thread mappings, at namespace scope so that a host
+// program checks them (tests/cuda_host/sm80_layouts.cu: bijective layouts, 16-byte chunks
+// contiguous, every accumulator of the tile owned by exactly one thread).
+template <typename T>
+struct Sm80Config {
+  static constexpr int BM = Sm80Tile::kBM, BN = Sm80Tile::kBN, BK = Sm80Tile::kBK, S = Sm80Tile::kStages;
+  static_assert(BM == 64 && BK == 32, "the swizzle atoms below are sized for these");
+  // (BM, BK, S), K-major, and (BN, BK, S), N-major; 8-element chunks stay contiguous under both
+  // swizzles (they permute 16-byte units only).
+  using LayoutA = decltype(cute::tile_to_shape(
+      cute::composition(cute::Swizzle<2, 3, 3>{},
+                        cute::Layout<cute::Shape<cute::_8, cute::Int<BK>>, cute::Stride<cute::Int<BK>, cute::_1>>{}),
+      cute::Shape<cute::Int<BM>, cute::Int<BK>, cute::Int<S>>{}));
+  using LayoutB = decltype(cute::tile_to_shape(
+      cute::composition(cute::Swizzle<3, 3, 3>{},
+                        cute::Layout<cute::Shape<cute::_64, cute::_8>, cute::Stride<cute::_1, cute::_64>>{}),
+      cute::Shape<cute::Int<BN>, cute::Int<BK>, cute::Int<S>>{}));
+  // 4 warps as 2 x 2 over m16n8k16 atoms; the 32 x 32 x 16 tile lets one ldmatrix.x4 feed a warp.
+  using TiledMma = decltype(cute::make_tiled_mma(typename Sm80Traits<T>::MmaAtom{},
+                                                 cute::Layout<cute::Shape<cute::_2, cute::_2, cute::_1>>{},
+                                                 cute::Tile<cute::_32, cute::_32, cute::_16>{}));
+};
+
 template <typename T, bool kDgrad>
 __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace cute;
   using V = typename Sm80Traits<T>::Value;
-  constexpr int BM = Sm80Tile::kBM, BN = Sm80Tile::kBN, BK = Sm80Tile::kBK, S = Sm80Tile::kStages;
+  using Config = Sm80Config<T>;
+  constexpr int BM = Config::BM, BN = Config::BN, BK = Config::BK, S = Config::S;
   constexpr int NT = Sm80Tile::kThreads, CH = Sm80Tile::kChunk;
-  static_assert(BM == 64 && BK == 32, "the swizzle atoms below are sized for these");
-
-  // (BM, BK, S), K-major, and (BN, BK, S), N-major; 8-element chunks stay contiguous under both
-  // swizzles (they permute 16-byte units only).
-  using LayoutA = decltype(tile_to_shape(
-      composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, Int<BK>>, Stride<Int<BK>, _1>>{}),
-      Shape<Int<BM>, Int<BK>, Int<S>>{}));
-  using LayoutB = decltype(tile_to_shape(
-      composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}),
-      Shape<Int<BN>, Int<BK>, Int<S>>{}));
+  using LayoutA = typename Config::LayoutA;
+  using LayoutB = typename Config::LayoutB;
   __shared__ __align__(128) V smem_a[cosize_v<LayoutA>];
   __shared__ __align__(128) V smem_b[cosize_v<LayoutB>];
   Tensor sA = make_tensor(make_smem_ptr(smem_a), LayoutA{});
@@ -105,8 +121,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs 
     }
   };
 
-  TiledMMA mma = make_tiled_mma(typename Sm80Traits<T>::MmaAtom{}, Layout<Shape<_2, _2, _1>>{},
-                                Tile<_32, _32, _16>{});
+  typename Config::TiledMma mma;
   ThrMMA thr_mma = mma.get_slice(tid);
   Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});  // fp32
   clear(acc);
