@@ -11,7 +11,7 @@
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
 # The CUDA build needs CUTLASS's headers (setup.py). The device has no package index: where its
 # python lacks nvidia-cutlass, carry the wheel in .whl/ (here: `pip download --no-deps -d .whl
-# nvidia-cutlass==4.2.0.0`, .whl ignored by git and named in the run's carry); stage build unpacks it.
+# nvidia-cutlass==4.2.0.0`; .gitignore lists .whl), named in the run's carry; stage build unpacks it.
 set -u
 OUT=${OUT:-/tmp/fastaspp-gpu-run}
 mkdir -p "$OUT"
