@@ -1,5 +1,5 @@
-"""What the cpu crossover sweeps share (cpu_direct_crossover.py, cpu_winograd_crossover.py): the
-conv + BN + ReLU pair they time, the command line, and the result file."""
+"""What the cpu crossover sweeps share (cpu_direct_crossover.py, cpu_winograd_crossover.py,
+cpu_onednn_live_share.py): the conv + BN + ReLU pair they time, the command line, and the result file."""
 import argparse
 import datetime
 import json
@@ -11,12 +11,14 @@ import fastaspp
 from fastaspp.bench.report import environment
 
 
-def conv_bn_relu_pair(c: int, size: int, rate: int, batch: int = 1):
-    """(eager, fused, x): an eval 3x3 conv (padding = dilation = rate) + BN + ReLU as torch modules and
-    as fastaspp.nn.ConvBNReLU with the same state, channels_last, and an input of batch x c x size²."""
+def conv_bn_relu_pair(c: int, size: int, rate: int, batch: int = 1, c_out: int = 0):
+    """(eager, fused, x): an eval 3x3 conv (padding = dilation = rate, c to c_out channels, c_out = c
+    when 0) + BN + ReLU as torch modules and as fastaspp.nn.ConvBNReLU with the same state,
+    channels_last, and an input of batch x c x size²."""
     gen = torch.Generator().manual_seed(0)
-    eager = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=rate, dilation=rate, bias=False),
-                                torch.nn.BatchNorm2d(c), torch.nn.ReLU()).eval()
+    c_out = c_out or c
+    eager = torch.nn.Sequential(torch.nn.Conv2d(c, c_out, 3, padding=rate, dilation=rate, bias=False),
+                                torch.nn.BatchNorm2d(c_out), torch.nn.ReLU()).eval()
     with torch.no_grad():
         eager[1].running_var.uniform_(0.5, 2.0, generator=gen)
     eager = eager.to(memory_format=torch.channels_last)

@@ -21,14 +21,13 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 
 namespace {
 
-// The oneDNN rule of conv_paths.h for a conv above the direct loops' range with `pairs` live pairs.
-bool prefers_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t pairs, int64_t out_h, int64_t out_w) {
-  if (x.scalar_type() != at::kFloat) return false;
-  const char* choice = std::getenv("FASTASPP_CPU_ONEDNN");
-  if (choice != nullptr && std::string(choice) == "0") return false;
-  if (choice != nullptr && std::string(choice) == "1") return true;
-  const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
-  return pairs > kOnednnMinLiveShare * dense;
+// FASTASPP_CPU_ONEDNN: "0" never, "1" always (above the direct loops' range), unset: by the rule.
+const char* onednn_choice() { return std::getenv("FASTASPP_CPU_ONEDNN"); }
+
+// The forward's oneDNN rule of conv_paths.h: every fp32 conv unless FASTASPP_CPU_ONEDNN=0.
+bool forward_on_onednn(const at::Tensor& x) {
+  const char* choice = onednn_choice();
+  return x.scalar_type() == at::kFloat && !(choice != nullptr && std::string(choice) == "0");
 }
 
 }  // namespace
@@ -36,12 +35,12 @@ bool prefers_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t pairs
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
+  const bool onednn = forward_on_onednn(x);
   // A 1x1 conv has no dead taps for the direct loops to skip, and oneDNN's GEMM outruns them from
   // the smallest maps on: fp32 1x1 convs take oneDNN whenever it is allowed.
   const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
-  if (one_by_one && prefers_onednn(x, weight, pairs, out_h, out_w)) return ForwardPath::kOnednn;
+  if (one_by_one && onednn) return ForwardPath::kOnednn;
   if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return ForwardPath::kDirect;
-  const bool onednn = prefers_onednn(x, weight, pairs, out_h, out_w);
   const int64_t rate = winograd_rate(weight.sizes(), geo);
   if (rate > 0 && use_winograd(x.size(0), x.size(2), x.size(3), rate, weight, accumulator_dtype(x.scalar_type()),
                                onednn ? WinogradRival::kOnednn : WinogradRival::kTapGemms))
@@ -52,8 +51,11 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
-  return !use_direct(x.size(0) * pairs * x.size(1) * weight.size(0)) &&
-         prefers_onednn(x, weight, pairs, out_h, out_w);
+  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0)) || !forward_on_onednn(x)) return false;
+  const char* choice = onednn_choice();
+  if (choice != nullptr && std::string(choice) == "1") return true;
+  const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
+  return pairs > kOnednnMinLiveShare * dense;
 }
 
 int64_t winograd_rate(at::IntArrayRef weight_size, const ConvGeometry& geo) {

@@ -43,29 +43,29 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
                  const ConvGeometry& geo);
 
 // The path of a single conv's forward. Above the direct loops' range, oneDNN (at::convolution, with
-// FMA) outruns one GEMM per live tap on this project's CPUs, dead taps or not (oneDNN skips them
-// too), except on 2048-channel ASPP-sized convs at rates that leave fewer than half of the (pixel,
-// tap) pairs live, where the GEMMs were ahead (benchmarks/results/cpu-direct-crossover-*,
-// all-cpu-float32-20261127T105902Z). So: fp32 with more than kOnednnMinLiveShare of its pairs live
-// runs oneDNN. FASTASPP_CPU_ONEDNN=0 never uses oneDNN, =1 for every fp32 forward above the direct
-// loops' range. Half types and fp64 keep the GEMMs (oneDNN would round half outputs before the
-// epilogue; fp64 dilated convs are not oneDNN's).
+// FMA) outruns one GEMM per live tap on this project's CPUs at every live share measured: it skips
+// dead taps itself (benchmarks/results/cpu-onednn-live-share-*: 14 shapes from 27% to 96% of the
+// (pixel, tap) pairs live, the ASPP's 2048-channel branches included). So every fp32 forward runs
+// oneDNN; FASTASPP_CPU_ONEDNN=0 never uses it. Half types and fp64 keep the GEMMs (oneDNN would
+// round half outputs before the epilogue; fp64 dilated convs are not oneDNN's).
 //
-// A 1x1 fp32 conv takes oneDNN whenever the rule allows it, below the direct loops' range too:
-// with no dead taps to skip, the loops lost to oneDNN's GEMM even on 5x5 maps.
+// A 1x1 fp32 conv takes oneDNN whenever it is allowed, below the direct loops' range too: with no
+// dead taps to skip, the loops lost to oneDNN's GEMM even on 5x5 maps.
 // Before oneDNN: Winograd, for a 3x3 conv with stride 1 and padding = dilation = the same rate on
 // both axes (every dilated 3x3 of a DeepLab backbone and the plain 3x3s), when use_winograd accepts
-// it against the path it would replace: oneDNN, which already skips dead taps, where the rule above
-// picks oneDNN, else the tap GEMMs (kept weights; fewer products by a measured margin, docs/design.md §9).
+// it against the path it would replace: oneDNN for fp32, the tap GEMMs otherwise (kept weights;
+// fewer products by a measured margin, docs/design.md §9).
 enum class ForwardPath { kDirect, kWinograd, kOnednn, kTapGemm };
 constexpr double kOnednnMinLiveShare = 0.5;
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo);
 
 // Whether a single conv's backward (input and weight gradients) runs oneDNN's convolution_backward:
-// by the forward's oneDNN rule, fp32 above the direct loops' range with more than
-// kOnednnMinLiveShare of its pairs live (FASTASPP_CPU_ONEDNN as there). Otherwise the direct loops
-// or the live-tap GEMMs, which lost to oneDNN on the backbone's convs (docs/design.md §8).
+// fp32 above the direct loops' range with more than kOnednnMinLiveShare of its pairs live
+// (FASTASPP_CPU_ONEDNN=0 never, =1 always). Otherwise the direct loops or the live-tap GEMMs: unlike
+// its forward, oneDNN's backward does not skip dead taps, and took 2 to 5 times the GEMMs' time at
+// 27-40% live, while the GEMMs lost to it on the backbone's mostly live convs
+// (cpu-onednn-live-share-*, docs/design.md §8).
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo);
 
