@@ -24,8 +24,9 @@ namespace {
 // FASTASPP_CPU_ONEDNN: "0" never, "1" always (above the direct loops' range), unset: by the rule.
 const char* onednn_choice() { return std::getenv("FASTASPP_CPU_ONEDNN"); }
 
-// The forward's oneDNN rule of conv_paths.h: every fp32 conv unless FASTASPP_CPU_ONEDNN=0.
-bool forward_on_onednn(const at::Tensor& x) {
+// Whether oneDNN may run x's conv at all: fp32, and FASTASPP_CPU_ONEDNN not 0. The forward takes it
+// whenever it may (conv_paths.h).
+bool onednn_allowed(const at::Tensor& x) {
   const char* choice = onednn_choice();
   return x.scalar_type() == at::kFloat && !(choice != nullptr && std::string(choice) == "0");
 }
@@ -35,7 +36,7 @@ bool forward_on_onednn(const at::Tensor& x) {
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
-  const bool onednn = forward_on_onednn(x);
+  const bool onednn = onednn_allowed(x);
   // A 1x1 conv has no dead taps for the direct loops to skip, and oneDNN's GEMM outruns them from
   // the smallest maps on: fp32 1x1 convs take oneDNN whenever it is allowed.
   const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
@@ -51,7 +52,7 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
-  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0)) || !forward_on_onednn(x)) return false;
+  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0)) || !onednn_allowed(x)) return false;
   const char* choice = onednn_choice();
   if (choice != nullptr && std::string(choice) == "1") return true;
   const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
