@@ -95,9 +95,9 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs 
   const T* wt = static_cast<const T*>(a.wt);
   const int tid = static_cast<int>(threadIdx.x);
 
-  // One step's tiles into stage `stage`: A chunk (m, kc) holds src channels k0 + 8kc.. of the
-  // pixel dst pixel m reads through the step's tap; B chunk (k, nc) holds weight row k0 + k,
-  // dst channels n0 + 8nc...
+  // One step's tiles into stage `stage`, 8 channels a chunk: A chunk (m, kc) holds src channels
+  // k0 + kc .. k0 + kc + 7 of the pixel that dst pixel m reads through the step's tap; B chunk
+  // (k, nc) holds weight row k0 + k, dst channels n0 + nc .. n0 + nc + 7.
   auto load = [&](const Step& st, int stage) {
     const int64_t kh = st.tap / a.kw, kw = st.tap % a.kw;
     constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
