@@ -241,18 +241,9 @@ cudaError_t launch_conv_t(const ConvArgs& a, cudaStream_t stream) {
 template <bool kDgrad>
 cudaError_t launch_conv(ConvArgs a, int dtype, cudaStream_t stream) {
   a.tiling = patch_tiling(a.dst_h, a.dst_w);
-  switch (dtype) {
-    case FASTASPP_DTYPE_FLOAT32:
-      return launch_conv_t<float, kDgrad>(a, stream);
-    case FASTASPP_DTYPE_FLOAT64:
-      return launch_conv_t<double, kDgrad>(a, stream);
-    case FASTASPP_DTYPE_FLOAT16:
-      return launch_conv_t<__half, kDgrad>(a, stream);
-    case FASTASPP_DTYPE_BFLOAT16:
-      return launch_conv_t<__nv_bfloat16, kDgrad>(a, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_element_type(dtype, [&](auto element) {
+    return launch_conv_t<decltype(element), kDgrad>(a, stream);
+  });
 }
 
 }  // namespace

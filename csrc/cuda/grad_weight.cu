@@ -354,37 +354,12 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_weight_cuda(
   if (grid_x > 0x7fffffff) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(a.splits));
 
-  switch (dtype) {
-    case FASTASPP_DTYPE_FLOAT32:
-      launch_grad_weight_t<float>(a, grid, stream);
-      break;
-    case FASTASPP_DTYPE_FLOAT64:
-      launch_grad_weight_t<double>(a, grid, stream);
-      break;
-    case FASTASPP_DTYPE_FLOAT16:
-      launch_grad_weight_t<__half>(a, grid, stream);
-      break;
-    case FASTASPP_DTYPE_BFLOAT16:
-      launch_grad_weight_t<__nv_bfloat16>(a, grid, stream);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  switch (dtype) {
-    case FASTASPP_DTYPE_FLOAT32:
-      launch_grad_weight_finalize<float>(a, grad_weight, stream);
-      break;
-    case FASTASPP_DTYPE_FLOAT64:
-      launch_grad_weight_finalize<double>(a, grad_weight, stream);
-      break;
-    case FASTASPP_DTYPE_FLOAT16:
-      launch_grad_weight_finalize<__half>(a, grad_weight, stream);
-      break;
-    default:
-      launch_grad_weight_finalize<__nv_bfloat16>(a, grad_weight, stream);
-      break;
-  }
-  return cudaGetLastError();
+  return with_element_type(dtype, [&](auto element) {
+    using T = decltype(element);
+    launch_grad_weight_t<T>(a, grid, stream);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    launch_grad_weight_finalize<T>(a, grad_weight, stream);
+    return cudaGetLastError();
+  });
 }

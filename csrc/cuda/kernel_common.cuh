@@ -200,6 +200,24 @@ bool valid_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out
 }
 
 
+// launch(T()) with T the element type of dtype (one of the FASTASPP_DTYPE_* codes), its
+// cudaError_t returned; cudaErrorInvalidValue for an unknown dtype. The launchers' one dtype switch.
+template <typename Launch>
+cudaError_t with_element_type(int dtype, Launch&& launch) {
+  switch (dtype) {
+    case FASTASPP_DTYPE_FLOAT32:
+      return launch(float());
+    case FASTASPP_DTYPE_FLOAT64:
+      return launch(double());
+    case FASTASPP_DTYPE_FLOAT16:
+      return launch(__half());
+    case FASTASPP_DTYPE_BFLOAT16:
+      return launch(__nv_bfloat16());
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 // Bytes of the accumulator of dtype (fp64 for fp64, fp32 for the rest), or -1 for an unknown dtype.
 int64_t acc_bytes(int dtype) {
   switch (dtype) {
