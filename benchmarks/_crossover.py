@@ -1,5 +1,6 @@
 """What the cpu crossover sweeps share (cpu_direct_crossover.py, cpu_winograd_crossover.py,
-cpu_onednn_live_share.py): the conv + BN + ReLU pair they time, the command line, and the result file."""
+cpu_onednn_live_share.py): the conv + BN + ReLU pair they time, the cpu backend's path variables set
+per call, the command line, and the result file."""
 import argparse
 import datetime
 import json
@@ -25,6 +26,19 @@ def conv_bn_relu_pair(c: int, size: int, rate: int, batch: int = 1, c_out: int =
     fused = fastaspp.nn.ConvBNReLU.from_modules(eager[0], eager[1]).eval()
     x = torch.randn(batch, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
     return eager, fused, x
+
+
+def with_env(env: dict, fn):
+    """fn with the cpu backend's path variables in `env` set for the call (the C++ rules read them
+    per call), then removed."""
+    def call():
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for name in env:
+                del os.environ[name]
+    return call
 
 
 def parse_args(doc: str) -> argparse.Namespace:

@@ -9,7 +9,6 @@ beat the loops on every larger shape; the default threshold should sit there.
 
     python benchmarks/cpu_direct_crossover.py [--threads 2] [--out benchmarks/results]
 """
-import os
 
 import torch
 
@@ -17,7 +16,7 @@ import fastaspp
 from fastaspp.bench.timing import alternate
 from fastaspp.geometry import live_tap_pixels
 
-from _crossover import conv_bn_relu_pair, parse_args, write_result
+from _crossover import conv_bn_relu_pair, parse_args, with_env, write_result
 
 CHANNELS = (8, 16, 32, 64, 128, 256)
 SIZES = (5, 9, 17, 33)
@@ -25,15 +24,8 @@ RATES = (1, 2, 6)
 
 
 def forced(limit: str, onednn: str, fn):
-    """fn with FASTASPP_CPU_DIRECT_MAX_MACS and FASTASPP_CPU_ONEDNN set for the call (the C++ rule
-    reads them per call)."""
-    def call():
-        os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"], os.environ["FASTASPP_CPU_ONEDNN"] = limit, onednn
-        try:
-            return fn()
-        finally:
-            del os.environ["FASTASPP_CPU_DIRECT_MAX_MACS"], os.environ["FASTASPP_CPU_ONEDNN"]
-    return call
+    """fn with FASTASPP_CPU_DIRECT_MAX_MACS and FASTASPP_CPU_ONEDNN set for the call."""
+    return with_env({"FASTASPP_CPU_DIRECT_MAX_MACS": limit, "FASTASPP_CPU_ONEDNN": onednn}, fn)
 
 
 def measure(c: int, size: int, rate: int, reps: int, calls: int) -> dict:

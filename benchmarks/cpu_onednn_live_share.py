@@ -11,15 +11,13 @@ The rule should take, in each direction, the path that is faster at each live sh
 
     python benchmarks/cpu_onednn_live_share.py [--threads 2] [--out benchmarks/results]
 """
-import os
-
 import torch
 
 import fastaspp  # noqa: F401  (registers the ops)
 from fastaspp.bench.timing import alternate
 from fastaspp.geometry import live_tap_pixels
 
-from _crossover import conv_bn_relu_pair, parse_args, write_result
+from _crossover import conv_bn_relu_pair, parse_args, with_env, write_result
 
 # (c_in, c_out, size, rate): the ASPP's 2048 -> 256 branches at output stride 16 and 8, and square
 # convs at rates that kill most off-centre taps.
@@ -27,18 +25,6 @@ SHAPES = [(2048, 256, 33, 6), (2048, 256, 33, 12), (2048, 256, 33, 18), (2048, 2
           (2048, 256, 65, 36), (2048, 256, 17, 12), (512, 512, 33, 24), (256, 256, 65, 36), (256, 256, 33, 18),
           (256, 256, 17, 12), (256, 256, 33, 2), (128, 128, 33, 18), (128, 128, 33, 1)]
 CPU = torch.device("cpu")
-
-
-def with_env(env: dict, fn):
-    """fn with the cpu backend's path variables set for the call (the C++ rule reads them per call)."""
-    def call():
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for name in env:
-                del os.environ[name]
-    return call
 
 
 ONEDNN = {"FASTASPP_CPU_ONEDNN": "1", "FASTASPP_CPU_WINOGRAD": "0", "FASTASPP_CPU_DIRECT_MAX_MACS": "-1"}

@@ -11,13 +11,12 @@ rule's pick is more than 10% slower than the other path is listed as a miss.
     python benchmarks/cpu_winograd_crossover.py [--threads 2] [--out benchmarks/results]
 """
 import math
-import os
 
 import torch
 
 from fastaspp.bench.timing import alternate
 
-from _crossover import conv_bn_relu_pair, parse_args, write_result
+from _crossover import conv_bn_relu_pair, parse_args, with_env, write_result
 
 CHANNELS = (64, 128, 256, 512)
 RATES = (1, 2, 4)
@@ -26,14 +25,8 @@ MISS = 1.10  # the rule's pick may be this much slower than the other path befor
 
 
 def winograd_forced(flag: str, fn):
-    """fn with FASTASPP_CPU_WINOGRAD set for the call (the C++ rule reads it per call)."""
-    def call():
-        os.environ["FASTASPP_CPU_WINOGRAD"] = flag
-        try:
-            return fn()
-        finally:
-            del os.environ["FASTASPP_CPU_WINOGRAD"]
-    return call
+    """fn with FASTASPP_CPU_WINOGRAD set for the call."""
+    return with_env({"FASTASPP_CPU_WINOGRAD": flag}, fn)
 
 
 def measure(c: int, size: int, rate: int, batch: int, reps: int, calls: int) -> dict:
