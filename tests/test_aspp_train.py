@@ -185,6 +185,24 @@ def test_gradcheck_fp64(backend):
     assert torch.autograd.gradcheck(affine_relu_project, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n,k", [(0, 8), (2, 0)], ids=["empty-batch", "no-channels"])
+def test_cpu_projection_backward_on_empty_operands(n, k):
+    """With nothing to sum over, the cpu projection backward's gradients are exact zeros, and the
+    image-bias gradient is each image's sum of g (its GEMMs never run)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(n, k, 3, 3, generator=gen)
+    centre, shift = torch.randn(k, generator=gen), torch.randn(k, generator=gen)
+    weight = torch.randn(4, k, generator=gen)
+    g = torch.randn(n, 4, 3, 3, generator=gen)
+    dz, dcentre, dscale, dshift, dweight, dbias = torch.ops.fastaspp._affine_relu_project_backward(
+        g, z, centre, torch.rand(k, generator=gen), shift, weight)
+    for name, t, shape in (("dz", dz, z.shape), ("dcentre", dcentre, (k,)), ("dscale", dscale, (k,)),
+                           ("dshift", dshift, (k,)), ("dweight", dweight, weight.shape)):
+        assert t.shape == shape and not t.any(), name
+    exact = g.double().sum((2, 3))
+    assert_within(dbias, exact, g.double().abs().sum((2, 3)), 9, torch.float32, "dimage_bias")
+
+
 def test_opcheck(backend):
     device = device_for(backend)
     x, ws, rates = _branch_inputs(CASES[1], device)

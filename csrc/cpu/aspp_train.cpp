@@ -173,8 +173,8 @@ SixTensors affine_relu_project_backward_cpu(
   const int64_t pixels = batch * height * width;
   const at::Tensor g_2d = g.permute({0, 2, 3, 1}).reshape({pixels, out_ch});  // free for channels_last g
   at::Tensor dz = at::empty({batch, height, width, k}, z.options());
-  at::Tensor dweight = at::zeros({out_ch, k}, z.options().dtype(dtype));
-  at::Tensor dshift = at::zeros({k}, z.options().dtype(dtype)), dscale = at::zeros({k}, dshift.options());
+  at::Tensor dweight = at::empty({out_ch, k}, z.options().dtype(dtype));  // written whole by its GEMM
+  at::Tensor dshift, dscale;
   if (pixels > 0 && k > 0) {
     const at::Tensor zh = z.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({pixels, k});
     at::Tensor a = at::empty({pixels, k}, dweight.options()), dpre = at::empty({pixels, k}, dweight.options());
@@ -186,8 +186,11 @@ SixTensors affine_relu_project_backward_cpu(
     });
     dshift = channel_sums(dpre);
     dscale = channel_sums(a);
-  } else {
+  } else {  // nothing to sum over
     dz.zero_();
+    dweight.zero_();
+    dshift = at::zeros({k}, dweight.options());
+    dscale = at::zeros({k}, dweight.options());
   }
   const at::Tensor dcentre = -dshift * scale.to(dtype);
   at::Tensor dbias = at::zeros({batch, out_ch}, dweight.options());  // per image, in fixed blocks too
