@@ -1,20 +1,27 @@
 """The cuda backend's 16-bit conv kernels, the CuTe one (csrc/cuda/conv_sm80.cuh) and WMMA
 (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernel (channel counts in multiples
 of 8): several K chunks and their tail, more than one 128-channel column block, stride 2 (whose
-input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map and the ASPP's
-channel-slice store. Needs a GPU build; elsewhere every case is skipped with the reason.
+input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map, the ASPP's
+channel-slice store, and the training ASPP's epilogue statistics and projection prologue. Needs a
+GPU build; elsewhere every case is skipped with the reason.
 
 Tolerances as in test_atrous_conv.py (rule 2): within gamma_n of the magnitude of the fp64
 reference on the same rounded inputs, n = Cin*KH*KW + CONV_EPILOGUE for the forward and
 Cout*KH*KW + 2 for the input gradient, plus one rounding to the 16-bit output (two in the backward).
+Statistics as in test_aspp_train.py: from the fp32 accumulators, whose distance from the exact
+output is that output's fp32 bound (plus, for the projection, the rounding of its normalised input
+to the 16-bit dot operand).
 """
 import pytest
 import torch
 
 import fastaspp
 from fastaspp import reference
+from fastaspp.ops import affine_relu_project, aspp_branches_stats
 
-from _cases import CONV_EPILOGUE, ConvCase, absolute, assert_within, conv_magnitude
+from _cases import CONV_EPILOGUE, UNIT_ROUNDOFF, ConvCase, absolute, aspp_branches_bound, assert_statistics_within, \
+    assert_within, conv_magnitude, relative_bound
+from test_aspp_train import _project_bound, _project_inputs
 
 CASES = [
     ConvCase(2, 64, 136, 21, 21, dilation=6),           # two K chunks; column blocks of 128 and 8
@@ -94,3 +101,28 @@ def test_aspp_branches_store_their_channel_slices(kernel, dtype):
         magnitude = conv_magnitude(x, w, None, s[part], t[part], stride=1, **geometry)
         assert_within(out[:, part], ref, magnitude, c_in * w.shape[2] * w.shape[3] + CONV_EPILOGUE, dtype,
                       f"branch {i} {kernel}", storage_roundings=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_training_aspp_statistics_and_prologue(kernel, dtype):
+    """The branches' BN statistics from the epilogue (136 channels a branch: a second column block
+    of 8) and the projection with its BN + ReLU prologue (K = 40: a K tail; Cout = 136) and image
+    bias, with its own statistics, on 16-bit operands that take the CuTe kernel."""
+    rates, c_in, c = [2, 6, 12], 24, 136
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, c_in, 13, 11, generator=g).to("cuda", dtype, memory_format=torch.channels_last)
+    shapes = [(c, c_in, 1, 1)] + [(c, c_in, 3, 3)] * len(rates)
+    ws = [(torch.randn(shape, generator=g) / (c_in * shape[2] * shape[3]) ** 0.5).to("cuda", dtype) for shape in shapes]
+    z, mean, var = aspp_branches_stats(x, ws, rates)
+    ones = torch.ones(z.shape[1], dtype=torch.float64)
+    exact, magnitude, depth = aspp_branches_bound(x, ws, rates, ones, 0 * ones, relu=False)
+    assert_within(z, exact, magnitude, depth, dtype, f"z {kernel}", storage_roundings=1)
+    accumulators = relative_bound(depth, torch.float32) * magnitude
+    assert_statistics_within(mean, var, exact, accumulators, UNIT_ROUNDOFF[torch.float32], f"z {kernel}")
+
+    inputs = [t.to(dtype) for t in _project_inputs(2, 40, 136, 9, 11, "cuda")]
+    y, mean, var = affine_relu_project(*inputs)
+    exact, magnitude, depth = _project_bound(*inputs)
+    assert_within(y, exact, magnitude, depth, dtype, f"y {kernel}", storage_roundings=2)
+    accumulators = (relative_bound(depth, torch.float32) + UNIT_ROUNDOFF[dtype]) * magnitude
+    assert_statistics_within(mean, var, exact, accumulators, UNIT_ROUNDOFF[torch.float32], f"y {kernel}")

@@ -66,6 +66,16 @@ FASTASPP_HOST_DEVICE Patch patch_of(const PatchTiling& t, int64_t block, int64_t
   return p;
 }
 
+// Bit m set when dst pixel m of patch p (row m >> tile_w_log2, column m & (cols - 1)) lies in
+// the map: the pixels whose outputs are stored, and the ones the BN statistics count.
+FASTASPP_HOST_DEVICE uint64_t patch_pixel_mask(const PatchTiling& t, const Patch& p) {
+  const int64_t rows = p.r1 - p.r0, cols = p.c1 - p.c0;  // cols <= t.cols() <= 64
+  const uint64_t row_bits = cols >= 64 ? ~uint64_t(0) : (uint64_t(1) << cols) - 1;
+  uint64_t mask = 0;
+  for (int64_t r = 0; r < rows; ++r) mask |= row_bits << (r << t.tile_w_log2);
+  return mask;
+}
+
 // Whether tap k (one axis) feeds any dst coordinate in [t0, t1).
 // forward: dst = the output axis (dst_size outputs), src = the input axis; the live outputs are
 //   tap_live_range itself.

@@ -1,24 +1,28 @@
-// CUDA registration of fastaspp::_aspp_branches_forward (schema in csrc/aspp.cpp).
+// CUDA registrations of fastaspp::_aspp_branches_forward and _aspp_branches_stats_forward
+// (schemas in csrc/aspp.cpp).
 //
 // The ASPP conv branches over one feature map x [N, Cin, H, W] (act = ReLU when relu):
 //   b0 = act(conv1x1(x, weights[0]) * scale[0:C] + shift[0:C])
 //   bi = act(conv3x3(x, weights[i], dilation = padding = rates[i-1]) * scale[iC:(i+1)C]
 //            + shift[iC:(i+1)C])                                   for i = 1..R
-// (eval: BN folded into scale / shift per branch by the caller; training: scale 1, shift 0,
-// no ReLU, BN after), written straight into channels
+// (eval: BN folded into scale / shift per branch by the caller), written straight into channels
 // [i*C, (i+1)*C) of ONE channels_last buffer [N, (1+R)*C, H, W]: no torch.cat and no
 // per-branch output tensor (docs/design.md §4). Each branch is one launch of the forward conv
-// kernel (fastaspp_atrous_conv2d_forward_strided_cuda, pixel stride (1+R)*C, channel offset
+// kernel (fastaspp_atrous_conv2d_forward_fused_cuda, pixel stride (1+R)*C, channel offset
 // i*C), which skips dead taps per tile (§2). x is brought to NHWC once for all branches.
+// Training (_aspp_branches_stats_forward): the raw branches, with the BN statistics from the
+// same launches' epilogues (§6), merged here.
 // Not done here yet: sharing one read of x between b0 and the centre taps of b1..bR (§4).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 
 #include <cuda_runtime_api.h>
 
+#include "../common/rules.h"
 #include "../common/tap_geometry.h"
 #include "atrous_conv.h"
 #include "binding_utils.h"
@@ -28,15 +32,9 @@ namespace {
 
 using namespace cuda_binding;  // binding_utils.h: the helpers both bindings share
 
-at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,
-                                      at::IntArrayRef rates, const at::Tensor& scale,
-                                      const at::Tensor& shift, bool relu) {
-  constexpr const char* op = "fastaspp::_aspp_branches_forward";
+// Checks the arguments both branch ops share; returns C, the channels per branch.
+int64_t check_branches(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates) {
   check_tensor(op, x, "x", 4);
-  check_tensor(op, scale, "scale", 1);
-  check_tensor(op, shift, "shift", 1);
-  check_same(op, x, "x", scale, "scale");
-  check_same(op, x, "x", shift, "shift");
   const int64_t num_rates = static_cast<int64_t>(rates.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_rates + 1, op,
               ": weights must hold len(rates) + 1 = ", num_rates + 1,
@@ -45,8 +43,7 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
     TORCH_CHECK(rates[i] >= 1, op, ": rates[", i, "] must be >= 1 (it is the dilation and ",
                 "padding of weights[", i + 1, "]), got ", rates[i]);
   }
-
-  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t c_in = x.size(1);
   int64_t c = 0;  // channels per branch, from weights[0]
   for (int64_t i = 0; i <= num_rates; ++i) {
     const std::string name = "weights[" + std::to_string(i) + "]";
@@ -60,7 +57,48 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
                 i == 0 ? "the 1x1 branch" : "a 3x3 branch",
                 "; C = weights[0].size(0), Cin = x.size(1)), got ", wi.sizes());
   }
-  const int64_t c_total = (num_rates + 1) * c;
+  return c;
+}
+
+// One forward launch per branch into channels [i*C, (i+1)*C) of the channels_last buffer y;
+// options_for(i) gives branch i's epilogue. x is brought to NHWC once for all branches.
+template <typename OptionsFor>
+void launch_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, at::Tensor& y,
+                     OptionsFor&& options_for) {
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t c = weights[0].size(0), c_total = y.size(1);
+  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const int dtype = dtype_code(x.scalar_type());
+  const cudaStream_t stream = current_stream(x);
+  for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
+    // "Same" geometry (aspp_branch_geometry): stride 1, padding = dilation, so every branch is H x W.
+    const int64_t k = i == 0 ? 1 : 3;
+    const ConvGeometry g = aspp_branch_geometry(i == 0 ? 0 : rates[i - 1]);
+    // Freed at the end of the iteration while the launch may still be queued: the caching
+    // allocator's reuse is ordered on this stream, so that is safe.
+    const at::Tensor w_hwio = weight_hwio(weights[i]);  // [k, k, Cin, C]
+    const FastasppForwardOptions options = options_for(i);
+    const cudaError_t err = fastaspp_atrous_conv2d_forward_fused_cuda(
+        x_nhwc.data_ptr(), w_hwio.data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total,
+        /*y_channel_offset=*/i * c, dtype, n, c_in, h, w, c, k, k, /*h_out=*/h, /*w_out=*/w,
+        g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], &options,
+        stream);
+    if (err != cudaSuccess) {
+      check_launch(err, ("aspp branch " + std::to_string(i)).c_str());
+    }
+  }
+}
+
+at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,
+                                      at::IntArrayRef rates, const at::Tensor& scale,
+                                      const at::Tensor& shift, bool relu) {
+  constexpr const char* op = "fastaspp::_aspp_branches_forward";
+  const int64_t c = check_branches(op, x, weights, rates);
+  check_tensor(op, scale, "scale", 1);
+  check_tensor(op, shift, "shift", 1);
+  check_same(op, x, "x", scale, "scale");
+  check_same(op, x, "x", shift, "shift");
+  const int64_t c_total = static_cast<int64_t>(weights.size()) * c;
   TORCH_CHECK(scale.size(0) == c_total, op, ": scale must have (len(rates) + 1) * C = ",
               c_total, " elements (C = ", c, " per branch), got ", scale.size(0));
   TORCH_CHECK(shift.size(0) == c_total, op, ": shift must have (len(rates) + 1) * C = ",
@@ -68,33 +106,43 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
 
   const c10::cuda::CUDAGuard guard(x.device());
   // Every element is written by exactly one branch: no zeroing.
-  at::Tensor y =
-      at::empty({n, c_total, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = at::empty({x.size(0), c_total, x.size(2), x.size(3)},
+                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;  // N == 0, an empty map, or C == 0
-
-  const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor scale_c = scale.contiguous();
   const at::Tensor shift_c = shift.contiguous();
-  const int dtype = dtype_code(x.scalar_type());
-  const cudaStream_t stream = current_stream(x);
-  for (int64_t i = 0; i <= num_rates; ++i) {
-    // "Same" geometry (aspp_branch_geometry): stride 1, padding = dilation, so every branch is H x W.
-    const int64_t k = i == 0 ? 1 : 3;
-    const ConvGeometry g = aspp_branch_geometry(i == 0 ? 0 : rates[i - 1]);
-    // Freed at the end of the iteration while the launch may still be queued: the caching
-    // allocator's reuse is ordered on this stream, so that is safe.
-    const at::Tensor w_hwio = weight_hwio(weights[i]);  // [k, k, Cin, C]
-    const cudaError_t err = fastaspp_atrous_conv2d_forward_strided_cuda(
-        x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.narrow(0, i * c, c).data_ptr(),
-        shift_c.narrow(0, i * c, c).data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total,
-        /*y_channel_offset=*/i * c, dtype, n, c_in, h, w, c, k, k, /*h_out=*/h, /*w_out=*/w,
-        g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1],
-        relu ? 1 : 0, stream);
-    if (err != cudaSuccess) {
-      check_launch(err, ("aspp_branches_forward (branch " + std::to_string(i) + ")").c_str());
-    }
-  }
+  launch_branches(x, weights, rates, y, [&](int64_t i) {
+    FastasppForwardOptions options{};
+    options.scale = scale_c.narrow(0, i * c, c).data_ptr();
+    options.shift = shift_c.narrow(0, i * c, c).data_ptr();
+    options.relu = relu ? 1 : 0;
+    return options;
+  });
   return y;
+}
+
+// Training: the raw branches (no scale, shift or ReLU) and their BN batch statistics, from the
+// epilogues' per-patch planes (one planes buffer for every branch: each writes its own columns).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cuda(const at::Tensor& x,
+                                                                                at::TensorList weights,
+                                                                                at::IntArrayRef rates) {
+  constexpr const char* op = "fastaspp::_aspp_branches_stats_forward";
+  const int64_t c = check_branches(op, x, weights, rates);
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  const int64_t c_total = static_cast<int64_t>(weights.size()) * c;
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor z = at::empty({n, c_total, h, w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto acc = x.options().dtype(accumulator_dtype(x.scalar_type()));
+  if (z.numel() == 0) return {z, at::zeros({c_total}, acc), at::zeros({c_total}, acc)};
+  // Every (patch, channel) entry is written by the launch that owns the channel: no zeroing.
+  at::Tensor planes = at::empty({3, fastaspp_conv_patch_count(n, h, w), c_total}, acc);
+  launch_branches(x, weights, rates, z, [&](int64_t) {
+    FastasppForwardOptions options{};
+    options.stats = planes.data_ptr();
+    return options;
+  });
+  auto [mean, var] = merge_patch_stats(planes);
+  return {z, mean, var};
 }
 
 }  // namespace
@@ -102,4 +150,5 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
 
 TORCH_LIBRARY_IMPL(fastaspp, CUDA, m) {
   m.impl("_aspp_branches_forward", &fastaspp::aspp_branches_forward_cuda);
+  m.impl("_aspp_branches_stats_forward", &fastaspp::aspp_branches_stats_forward_cuda);
 }

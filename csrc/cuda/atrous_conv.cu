@@ -32,11 +32,15 @@
 //   16x16x16 with fp32 accumulators, 4 warps as 2x2, 32x32 per warp, BK=32.
 //   fp32 / fp64 (and fp16 / bf16 on GPUs without the needed tensor cores): SIMT, 256
 //   threads as 16x16, 4x4 outputs per thread strided by 16, BK=16, fp32 / fp64 accumulation.
-// * Epilogue: acc * scale[co] + shift[co] (forward only), optional ReLU, convert, store NHWC
-//   with per-element bounds checks (the patch may overhang the map, the channel block the
-//   channel count). dst pixel p, channel co lives at dst[p * dst_pixel_stride +
-//   dst_channel_offset + co]: the forward can write a channel slice [off, off + Cout) of a
-//   wider NHWC buffer (pixel stride Ctot), e.g. one ASPP branch of the shared concat buffer.
+// * Epilogue: acc * scale[co] + shift[co] + image_bias[n, co] (forward only, each optional),
+//   optional ReLU, convert, store NHWC with per-element bounds checks (the patch may overhang
+//   the map, the channel block the channel count). With BN statistics wanted, the tile is first
+//   staged in shared memory and each channel's patch statistics follow the stores
+//   (staged_epilogue, conv_common.cuh). The training projection's BN + ReLU of its input is a
+//   prologue on each staged A tile (forward, 1x1 only). dst pixel p, channel co lives at
+//   dst[p * dst_pixel_stride + dst_channel_offset + co]: the forward can write a channel slice
+//   [off, off + Cout) of a wider NHWC buffer (pixel stride Ctot), e.g. one ASPP branch of the
+//   shared concat buffer.
 //   Plain NHWC is stride = Cout, offset = 0 (grad_input always uses stride = Cin, offset 0).
 //   Only the store moves; the gather, the tiling and the dead-tap skipping do not change.
 // * Known costs: grad_input with stride > 1 gathers a zero for the dst pixels of the wrong
@@ -79,6 +83,9 @@ __device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const Patch& t,
   if (s.tap < taps) load(s);
   int buf = 0;
   while (s.tap < taps) {
+    if constexpr (!kDgrad) {
+      if (a.src_scale != nullptr) la.apply([&](int64_t k, T v) { return prologue_value<T>(a, k, v); });
+    }
     la.store(As + buf * (BM * LDA), LDA);
     lb.store(Bs + buf * (BK * LDB), LDB);
     __syncthreads();
@@ -149,29 +156,27 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(ConvArgs a) {
         wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j], LDC,
                                 wmma::mem_row_major);
     __syncthreads();
-    // Consecutive threads take consecutive channels: coalesced NHWC stores.
-    for (int e = static_cast<int>(threadIdx.x); e < BM * BN; e += NT) {
-      const int m = e / BN, j = e % BN;
-      store_output<T, kDgrad, float>(a, t, m, n0 + j, Cs[m * LDC + j]);
-    }
+    staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, Cs, LDC);
   } else {
     __trap();  // launcher never selects this kernel on such a GPU
   }
 }
 
 // SIMT conv (fp32 / fp64, and the 16-bit fallback). Shared memory, fp64 worst case:
-// A 2x64x18 + B 2x16x66 doubles = 18432 + 16896 = 35328 bytes.
+// A 2x64x18 + B 2x16x66 doubles = 18432 + 16896 = 35328 bytes; the tile staged for the BN
+// statistics (64 x 65 accumulators, 33280 bytes for fp64) reuses it.
 template <typename T, int V, bool kDgrad>
 __global__ void __launch_bounds__(256) conv_simt_kernel(ConvArgs a) {
   using Acc = typename Elem<T>::Acc;
   constexpr int BM = 64, BN = 64, BK = 16, NT = 256;
   constexpr int kPad = 16 / static_cast<int>(sizeof(T));  // one 16-byte vector
-  constexpr int LDA = BK + kPad, LDB = BN + kPad;
+  constexpr int LDA = BK + kPad, LDB = BN + kPad, LDC = BN + 1;
   static_assert((LDA * sizeof(T)) % 16 == 0 && (LDB * sizeof(T)) % 16 == 0, "vector stores");
   constexpr int kABytes = 2 * BM * LDA * static_cast<int>(sizeof(T));
   constexpr int kBBytes = 2 * BK * LDB * static_cast<int>(sizeof(T));
+  constexpr int kCBytes = BM * LDC * static_cast<int>(sizeof(Acc));
   static_assert(kABytes % 16 == 0, "buffer alignment");
-  __shared__ __align__(16) unsigned char smem[kABytes + kBBytes];
+  __shared__ __align__(16) unsigned char smem[kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes];
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = reinterpret_cast<T*>(smem + kABytes);
 
@@ -203,6 +208,19 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(ConvArgs a) {
         }
       });
 
+  if constexpr (!kDgrad) {
+    if (a.stats != nullptr) {  // uniform: stage the tile for the per-channel statistics
+      Acc* cs = reinterpret_cast<Acc*>(smem);
+      __syncthreads();  // every thread is done with the operand buffers cs overwrites
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) cs[(ty + 16 * i) * LDC + tx + 16 * j] = acc[i][j];
+      __syncthreads();
+      staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, cs, LDC);
+      return;
+    }
+  }
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -254,13 +272,18 @@ cudaError_t launch_conv(ConvArgs a, int dtype, cudaStream_t stream) {
 
 using namespace fastaspp::atrous_cuda;
 
-extern "C" cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
-    const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
-    int64_t y_pixel_stride, int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in,
-    int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out,
-    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-    int64_t dil_w, int relu, cudaStream_t stream) {
-  if (acc_bytes(dtype) < 0 ||
+extern "C" int64_t fastaspp_conv_patch_count(int64_t n, int64_t h_out, int64_t w_out) {
+  if (n < 0 || h_out < 0 || w_out < 0) return -1;
+  return n * fastaspp::patch_tiling(h_out, w_out).tiles_per_img;
+}
+
+extern "C" cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
+    const void* x, const void* weight_hwio, void* y, int64_t y_pixel_stride,
+    int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
+    int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
+    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+    const FastasppForwardOptions* options, cudaStream_t stream) {
+  if (options == nullptr || acc_bytes(dtype) < 0 ||
       !valid_geometry(n, c_in, h, w, c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h,
                       pad_w, dil_h, dil_w)) {
     return cudaErrorInvalidValue;
@@ -271,16 +294,28 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
       y_channel_offset > y_pixel_stride - c_out) {
     return cudaErrorInvalidValue;
   }
+  const int prologue_parts = (options->x_centre != nullptr) + (options->x_scale != nullptr) +
+                             (options->x_shift != nullptr);
+  if (prologue_parts != 0 &&
+      (prologue_parts != 3 || kh != 1 || kw != 1 || stride_h != 1 || stride_w != 1 || pad_h != 0 ||
+       pad_w != 0)) {
+    return cudaErrorInvalidValue;
+  }
   if (n == 0 || c_out == 0 || h_out == 0 || w_out == 0) return cudaSuccess;
-  if (y == nullptr || scale == nullptr || shift == nullptr ||
-      (c_in > 0 && (x == nullptr || weight_hwio == nullptr))) {
+  if (y == nullptr || (c_in > 0 && (x == nullptr || weight_hwio == nullptr))) {
     return cudaErrorInvalidValue;
   }
   ConvArgs a{};
   a.src = x;
   a.wt = weight_hwio;
-  a.scale = scale;
-  a.shift = shift;
+  a.scale = options->scale;
+  a.shift = options->shift;
+  a.image_bias = options->image_bias;
+  a.src_centre = options->x_centre;
+  a.src_scale = options->x_scale;
+  a.src_shift = options->x_shift;
+  a.stats = options->stats;
+  a.stats_plane = fastaspp_conv_patch_count(n, h_out, w_out) * y_pixel_stride;
   a.dst = y;
   a.dst_pixel_stride = y_pixel_stride;
   a.dst_channel_offset = y_channel_offset;
@@ -299,8 +334,28 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
   a.pad_w = pad_w;
   a.dil_h = dil_h;
   a.dil_w = dil_w;
-  a.relu = relu != 0;
+  a.relu = options->relu != 0;
   return launch_conv<false>(a, dtype, stream);
+}
+
+extern "C" cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
+    const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
+    int64_t y_pixel_stride, int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in,
+    int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out,
+    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+    int64_t dil_w, int relu, cudaStream_t stream) {
+  // scale and shift are required here (the fused launcher makes them optional).
+  if (scale == nullptr || shift == nullptr) {
+    const bool empty = n == 0 || c_out == 0 || h_out == 0 || w_out == 0;
+    if (!empty) return cudaErrorInvalidValue;
+  }
+  FastasppForwardOptions options{};
+  options.scale = scale;
+  options.shift = shift;
+  options.relu = relu;
+  return fastaspp_atrous_conv2d_forward_fused_cuda(
+      x, weight_hwio, y, y_pixel_stride, y_channel_offset, dtype, n, c_in, h, w, c_out, kh, kw,
+      h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, &options, stream);
 }
 
 extern "C" cudaError_t fastaspp_atrous_conv2d_forward_cuda(

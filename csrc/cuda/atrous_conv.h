@@ -47,6 +47,41 @@ cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
     int64_t dil_w, int relu, cudaStream_t stream);
 
+// The optional parts of a fused forward launch (fastaspp_atrous_conv2d_forward_fused_cuda), all in
+// x's dtype; zero-initialise, then set what is used. Null pointers are left out of the formula
+//   y = act(conv2d(x', weight) * scale[co] + shift[co] + image_bias[n, co]),  act = ReLU if relu,
+// where x' = x, or with the src prologue x'[.., ci] = relu((x - x_centre[ci]) * x_scale[ci] +
+// x_shift[ci]) (a training BN + ReLU of x applied as it is read; all three or none, and only for
+// 1x1 kernels with stride 1 and no padding).
+// stats: the BN batch statistics of the values y holds before they are rounded to its dtype, per
+// conv patch, in the accumulator type (double for float64, else float): three planes
+// [3][fastaspp_conv_patch_count(n, h_out, w_out)][y_pixel_stride] holding, for patch row and
+// channel y_channel_offset + co, the count of its pixels in the map, their sum and their sum of
+// squares about the patch mean. Every (patch, channel of the slice) is written; the caller merges
+// the rows (Chan et al.), in a fixed order for reproducible results.
+typedef struct {
+  const void* scale;       // [Cout]
+  const void* shift;       // [Cout]
+  const void* image_bias;  // [N, Cout]
+  const void* x_centre;    // [Cin]
+  const void* x_scale;     // [Cin]
+  const void* x_shift;     // [Cin]
+  void* stats;
+  int relu;
+} FastasppForwardOptions;
+
+// Patches (rows of the stats planes) of an n x h_out x w_out output, or -1 for negative sizes.
+int64_t fastaspp_conv_patch_count(int64_t n, int64_t h_out, int64_t w_out);
+
+// The forward with options, into a channel slice of y as fastaspp_atrous_conv2d_forward_strided_cuda.
+// cudaErrorInvalidValue also for a prologue with some of its pointers null or on another geometry.
+cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
+    const void* x, const void* weight_hwio, void* y, int64_t y_pixel_stride,
+    int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
+    int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
+    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+    const FastasppForwardOptions* options, cudaStream_t stream);
+
 // The same into a dense NHWC y [N, Ho, Wo, Cout] (y_pixel_stride = Cout, y_channel_offset = 0).
 cudaError_t fastaspp_atrous_conv2d_forward_cuda(
     const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,

@@ -1,6 +1,7 @@
 // Helpers shared by the torch bindings of the CUDA launchers (atrous_conv_cuda.cpp,
-// aspp_cuda.cpp): dtype codes, argument checks with messages naming the argument, the
-// forward weight re-layout, the current stream and the launcher error check.
+// aspp_cuda.cpp, aspp_project_cuda.cpp): dtype codes, argument checks with messages naming the
+// argument, the forward weight re-layout, the current stream, the launcher error check and the
+// merge of the epilogues' BN statistics.
 //
 // Host-only (torch headers); never included from a .cu file. Everything is inline in
 // fastaspp::cuda_binding so that several translation units can include it.
@@ -8,6 +9,8 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <tuple>
 
 #include <cuda_runtime_api.h>
 
@@ -65,6 +68,18 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
 inline void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "fastaspp CUDA kernel ", kernel, " failed: ",
               cudaGetErrorString(err));
+}
+
+// (mean, biased variance) per channel from the conv epilogues' per-patch planes [3, patches, C]
+// (count, sum, M2 about the patch mean; FastasppForwardOptions::stats): Chan et al.'s combination,
+// M2 = sum of the patch M2s + sum of count * (patch mean - mean)^2, as torch reductions over the
+// patch axis (a fixed order: reproducible). The triton backend's merge_stats is the same formula.
+inline std::tuple<at::Tensor, at::Tensor> merge_patch_stats(const at::Tensor& planes) {
+  const at::Tensor count = planes[0], total = planes[1], m2 = planes[2];
+  const at::Tensor pixels = count.sum(0).clamp_min(1);
+  const at::Tensor mean = total.sum(0) / pixels;
+  const at::Tensor spread = (count * (total / count.clamp_min(1) - mean).square()).sum(0);
+  return {mean, (m2.sum(0) + spread) / pixels};
 }
 
 }  // namespace cuda_binding

@@ -1,10 +1,14 @@
 // What the cuda backend's implicit-GEMM conv kernels share (atrous_conv.cu: the WMMA and SIMT
 // kernels; conv_sm80.cuh: the CuTe tensor-core kernel): their arguments in dst / src terms, the
-// (live tap, channel chunk) walk of a CTA's patch, the gather of a dst pixel's src row and the
-// epilogue of one output element. The tiling and its invariants are described at the top of
-// atrous_conv.cu. Pure CUDA, included only by .cu files.
+// (live tap, channel chunk) walk of a CTA's patch, the gather of a dst pixel's src row, the src
+// prologue of the training projection, and the epilogue (one output element, or a whole tile
+// staged in shared memory with the patch's BN statistics). The tiling and its invariants are
+// described at the top of atrous_conv.cu. Pure CUDA, included only by .cu files.
 #pragma once
 
+#include <cstring>
+
+#include "../common/patch_stats.h"
 #include "kernel_common.cuh"
 
 namespace fastaspp {
@@ -13,12 +17,21 @@ namespace {  // internal linkage, as kernel_common.cuh
 
 // ---------------------------------------------------------------------------------------
 // Conv (forward / grad_input) arguments, in dst / src terms (see the note at the top).
+// The pointers marked "or null" are forward-only options (FastasppForwardOptions in atrous_conv.h).
 struct ConvArgs {
   const void* src;
-  const void* wt;     // [KH, KW, kc, nc]
-  const void* scale;  // [nc], forward only
-  const void* shift;  // [nc], forward only
-  void* dst;          // pixel p, channel c at dst[p * dst_pixel_stride + dst_channel_offset + c]
+  const void* wt;          // [KH, KW, kc, nc]
+  const void* scale;       // [nc], or null (1)
+  const void* shift;       // [nc], or null (0)
+  const void* image_bias;  // [N, nc], or null: added after shift, before the ReLU
+  // The src prologue, all three or none (1x1, stride 1, no padding): src element (p, k) enters
+  // the GEMM as relu((src - src_centre[k]) * src_scale[k] + src_shift[k]). Zero fills stay zero.
+  const void* src_centre;
+  const void* src_scale;
+  const void* src_shift;
+  void* stats;  // [3][patches][dst_pixel_stride] Acc, or null: count, sum, M2 per (patch, channel)
+  int64_t stats_plane;  // patches * dst_pixel_stride
+  void* dst;            // pixel p, channel c at dst[p * dst_pixel_stride + dst_channel_offset + c]
   int64_t n, src_h, src_w, kc, dst_h, dst_w, nc, kh, kw;
   int64_t dst_pixel_stride, dst_channel_offset;  // elements; offset + nc <= stride
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
@@ -90,21 +103,79 @@ __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t
   return src + ((t.img * a.src_h + sr) * a.src_w + sc) * a.kc;
 }
 
-// One output element: forward epilogue (scale, shift, ReLU) or plain store for grad_input.
+// The prologue's value of src element v of channel k (forward with a.src_scale only).
+template <typename T>
+__device__ __forceinline__ T prologue_value(const ConvArgs& a, int64_t k, T v) {
+  using Acc = typename Elem<T>::Acc;
+  Acc u = (Elem<T>::to_acc(v) - Elem<T>::to_acc(static_cast<const T*>(a.src_centre)[k])) *
+              Elem<T>::to_acc(static_cast<const T*>(a.src_scale)[k]) +
+          Elem<T>::to_acc(static_cast<const T*>(a.src_shift)[k]);
+  if (u < Acc(0)) u = Acc(0);  // comparison, not fmax: NaN propagates like torch.relu
+  return Elem<T>::from_acc(u);
+}
+
+// The prologue over one 16-byte chunk of 16-bit src elements in shared memory, channels k..k+7.
+template <typename T>
+__device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, void* chunk) {
+  static_assert(sizeof(T) == 2, "8 elements per 16-byte chunk");
+  T v[8];
+  uint4 bits = *static_cast<const uint4*>(chunk);
+  memcpy(v, &bits, sizeof(bits));
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = prologue_value<T>(a, k + e, v[e]);
+  memcpy(&bits, v, sizeof(bits));
+  *static_cast<uint4*>(chunk) = bits;
+}
+
+// One output element: the forward epilogue (scale, shift, image bias, ReLU) or a plain store for
+// grad_input. Returns the value before it is rounded to T (what the BN statistics see).
 template <typename T, bool kDgrad, typename Acc>
-__device__ __forceinline__ void store_output(const ConvArgs& a, const Patch& t, int m,
-                                             int64_t co, Acc v) {
+__device__ __forceinline__ Acc store_output(const ConvArgs& a, const Patch& t, int m, int64_t co,
+                                            Acc v) {
   const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
   const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
-  if (r >= t.r1 || c >= t.c1 || co >= a.nc) return;
+  if (r >= t.r1 || c >= t.c1 || co >= a.nc) return v;
   if (!kDgrad) {
-    v = v * Elem<T>::to_acc(static_cast<const T*>(a.scale)[co]) +
-        Elem<T>::to_acc(static_cast<const T*>(a.shift)[co]);
+    if (a.scale != nullptr) v = v * Elem<T>::to_acc(static_cast<const T*>(a.scale)[co]);
+    if (a.shift != nullptr) v = v + Elem<T>::to_acc(static_cast<const T*>(a.shift)[co]);
+    if (a.image_bias != nullptr) {
+      v = v + Elem<T>::to_acc(static_cast<const T*>(a.image_bias)[t.img * a.nc + co]);
+    }
     if (a.relu && v < Acc(0)) v = Acc(0);  // comparison, not fmax: NaN propagates like torch
   }
   T* dst = static_cast<T*>(a.dst);
   dst[((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset + co] =
       Elem<T>::from_acc(v);
+  return v;
+}
+
+// The epilogue of a CTA tile staged in shared memory, cs[m * ldc + j] holding dst pixel m and
+// channel n0 + j (BM = kTilePixels rows, BN columns): every element is stored as store_output
+// does and its value written back in place; with a.stats (forward only), each channel's patch
+// statistics then go to row blockIdx.x of the planes, at column dst_channel_offset + channel.
+// Starts after a barrier that made the tile visible; all NT threads must call it.
+template <typename T, bool kDgrad, int BN, int NT, typename Acc>
+__device__ void staged_epilogue(const ConvArgs& a, const Patch& t, int64_t n0, Acc* cs, int ldc) {
+  // Consecutive threads take consecutive channels: coalesced NHWC stores.
+  for (int e = static_cast<int>(threadIdx.x); e < kTilePixels * BN; e += NT) {
+    const int m = e / BN, j = e % BN;
+    cs[m * ldc + j] = store_output<T, kDgrad, Acc>(a, t, m, n0 + j, cs[m * ldc + j]);
+  }
+  if constexpr (!kDgrad) {
+    if (a.stats == nullptr) return;  // uniform across the CTA
+    __syncthreads();
+    const uint64_t pixels = patch_pixel_mask(a.tiling, t);
+    for (int j = static_cast<int>(threadIdx.x); j < BN; j += NT) {
+      const int64_t co = n0 + j;
+      if (co >= a.nc) continue;
+      const PatchStats<Acc> s = column_stats(cs + j, ldc, pixels);
+      Acc* out = static_cast<Acc*>(a.stats) + static_cast<int64_t>(blockIdx.x) * a.dst_pixel_stride +
+                 a.dst_channel_offset + co;
+      out[0] = s.count;
+      out[a.stats_plane] = s.sum;
+      out[2 * a.stats_plane] = s.m2;
+    }
+  }
 }
 
 }  // namespace

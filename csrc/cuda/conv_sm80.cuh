@@ -13,7 +13,10 @@
 //   copy itself (src-size 0), so no stale shared memory enters the sum.
 // * Shared memory, swizzled for conflict-free ldmatrix: A is (BM, BK) K-major, B is (BN, BK)
 //   N-major (the weight's [tap, k, n] rows), read with the transposing ldmatrix.
-//   3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static.
+//   3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static. When the launch wants BN
+//   statistics, the fp32 tile (64 x 132 floats, 33792 bytes) is staged over them afterwards.
+// * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
+//   of a step in shared memory once they land, before the barrier that publishes them.
 // * Requires both channel counts to be multiples of 8 and 16-byte aligned src and weight (one
 //   chunk is wholly inside or outside a channel range); conv_sm80_usable says whether a launch
 //   qualifies, and atrous_conv.cu routes the rest to the WMMA kernel.
@@ -83,10 +86,13 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs 
   constexpr int NT = Sm80Tile::kThreads, CH = Sm80Tile::kChunk;
   using LayoutA = typename Config::LayoutA;
   using LayoutB = typename Config::LayoutB;
-  __shared__ __align__(128) V smem_a[cosize_v<LayoutA>];
-  __shared__ __align__(128) V smem_b[cosize_v<LayoutB>];
-  Tensor sA = make_tensor(make_smem_ptr(smem_a), LayoutA{});
-  Tensor sB = make_tensor(make_smem_ptr(smem_b), LayoutB{});
+  // One buffer: the operand stages, then (for the BN statistics) the fp32 tile staged over them.
+  constexpr int kABytes = cosize_v<LayoutA> * int(sizeof(V)), kBBytes = cosize_v<LayoutB> * int(sizeof(V));
+  constexpr int LDC = BN + 4, kCBytes = BM * LDC * int(sizeof(float));
+  static_assert(kABytes % 128 == 0, "B stays 128-byte aligned");
+  __shared__ __align__(128) unsigned char smem[kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes];
+  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + kABytes)), LayoutB{});
 
   const Patch t = cta_patch(a);
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
@@ -153,7 +159,20 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs 
   }
   for (int64_t it = 0; it < steps; ++it) {
     cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
-    __syncthreads();         // ...everyone's, and everyone is done reading stage (it - 1) % S
+    if constexpr (!kDgrad) {
+      // The projection's prologue on this thread's own A chunks of the step, in place. A 1x1
+      // conv without padding has one live tap, so step it reads src channels it * BK onwards.
+      if (a.src_scale != nullptr) {
+        CUTE_UNROLL
+        for (int i = 0; i < BM * (BK / CH) / NT; ++i) {
+          const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
+          const int64_t k = it * BK + kc;
+          if (k < a.kc && gather_row<kDgrad, T>(a, t, 0, 0, m, src) != nullptr)
+            prologue_chunk<T>(a, k, &sA(m, kc, static_cast<int>(it % S)));
+        }
+      }
+    }
+    __syncthreads();  // ...everyone's, and everyone is done reading stage (it - 1) % S
     if (next.tap < taps) {
       load(next, static_cast<int>((it + S - 1) % S));
       next = next_step<kDgrad, BK>(a, t, next);
@@ -169,9 +188,20 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs 
   }
   cp_async_wait<0>();
 
-  // Epilogue from registers: each accumulator's (m, n) in the tile comes from an identity tensor
-  // partitioned like the accumulators.
+  // Each accumulator's (m, n) in the tile comes from an identity tensor partitioned like them.
   Tensor coord = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  if constexpr (!kDgrad) {
+    if (a.stats != nullptr) {  // uniform: stage the tile for the per-channel statistics
+      float* cs = reinterpret_cast<float*>(smem);
+      __syncthreads();  // every warp is done reading the last stage
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc); ++i) cs[get<0>(coord(i)) * LDC + get<1>(coord(i))] = acc(i);
+      __syncthreads();
+      staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, cs, LDC);
+      return;
+    }
+  }
+  // Otherwise straight from registers.
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) {
     store_output<T, kDgrad, float>(a, t, get<0>(coord(i)), n0 + get<1>(coord(i)), acc(i));

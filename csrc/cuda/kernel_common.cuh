@@ -17,6 +17,7 @@
 #include <mma.h>
 #include <stdint.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "../common/conv_tiling.h"
@@ -115,19 +116,26 @@ struct TileLoader {
   // evaluates row_ptr once instead of kPerThread times (the gather math dominates there).
   static constexpr bool kOneRow =
       V == 1 && kSlots % NT == 0 && kVecPerRow % kPerThread == 0;
+  static_assert(kPerThread <= 32, "one bit of `loaded` per register slot");
 
   Raw regs[kPerThread];
+  uint32_t loaded;  // bit i: regs[i] was read from memory (else it is a zero fill)
+  int64_t col0;     // the last load's first column, for apply()
 
   template <typename RowPtr>
-  __device__ __forceinline__ void load(RowPtr&& row_ptr, int64_t col0, int64_t col_limit) {
+  __device__ __forceinline__ void load(RowPtr&& row_ptr, int64_t first_col, int64_t col_limit) {
+    col0 = first_col;
+    loaded = 0;
     if constexpr (kOneRow) {
-      const int s0 = static_cast<int>(threadIdx.x) * kPerThread;
-      const T* p = row_ptr(s0 / kVecPerRow);
-      const int64_t c0 = col0 + s0 % kVecPerRow;
+      const T* p = row_ptr(static_cast<int>(threadIdx.x) * kPerThread / kVecPerRow);
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
+        const int64_t col = slot_col(i);
         Raw v = Raw();
-        if (p != nullptr && c0 + i < col_limit) v = *reinterpret_cast<const Raw*>(p + c0 + i);
+        if (p != nullptr && col < col_limit) {
+          v = *reinterpret_cast<const Raw*>(p + col);
+          loaded |= 1u << i;
+        }
         regs[i] = v;
       }
     } else {
@@ -136,13 +144,37 @@ struct TileLoader {
         const int s = static_cast<int>(threadIdx.x) + i * NT;
         Raw v = Raw();
         if (kSlots % NT == 0 || s < kSlots) {
-          const int row = s / kVecPerRow;
-          const int64_t col = col0 + (s % kVecPerRow) * V;
-          const T* p = row_ptr(row);
-          if (p != nullptr && col < col_limit) v = *reinterpret_cast<const Raw*>(p + col);
+          const int64_t col = slot_col(i);
+          const T* p = row_ptr(s / kVecPerRow);
+          if (p != nullptr && col < col_limit) {
+            v = *reinterpret_cast<const Raw*>(p + col);
+            loaded |= 1u << i;
+          }
         }
         regs[i] = v;
       }
+    }
+  }
+
+  // Column of register slot i's first element in the last load.
+  __device__ __forceinline__ int64_t slot_col(int i) const {
+    if constexpr (kOneRow) return col0 + (static_cast<int>(threadIdx.x) * kPerThread) % kVecPerRow + i;
+    return col0 + ((static_cast<int>(threadIdx.x) + i * NT) % kVecPerRow) * V;
+  }
+
+  // v = f(col, v) for each element the last load read from memory (zero fills stay zero): a
+  // prologue applied in registers between load and store.
+  template <typename F>
+  __device__ __forceinline__ void apply(F&& f) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      if (!((loaded >> i) & 1u)) continue;
+      T v[V];
+      memcpy(v, &regs[i], sizeof(Raw));
+      const int64_t col = slot_col(i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = f(col + e, v[e]);
+      memcpy(&regs[i], v, sizeof(Raw));
     }
   }
 

@@ -20,9 +20,9 @@ scale to cancellation when |mean| ≫ σ.
 Both ops are differentiable in every tensor input and in their (mean, var) outputs; backward is
 torch ops plus the atrous-conv backward kernels of the chosen backend (the 1x1 projection's are
 plain GEMMs; on cpu the projection's whole backward is one kernel call, a fixed cost that small
-inputs notice). Backends: cpu (C++ kernels) and triton compute the statistics in the epilogue and
-the affine + ReLU in the prologue. cuda is routed explicitly, documented here: its branch kernel
-(no statistics epilogue yet) followed by torch.var_mean, and the projection as torch ops.
+inputs notice). Every backend computes the statistics in the epilogue and the affine + ReLU in the
+prologue: cpu and cuda in C++/CUDA kernels (csrc/cpu/aspp_train.cpp; csrc/cuda/aspp_cuda.cpp and
+aspp_project_cuda.cpp, whose per-patch planes are merged as triton's are), triton in kernels/aspp.py.
 """
 from __future__ import annotations
 
@@ -42,11 +42,6 @@ from fastaspp.ops._checks import check_backend, check_like, check_tensor
 Stats = Tuple[Tensor, Tensor, Tensor]
 
 
-def _var_mean(z: Tensor) -> Tuple[Tensor, Tensor]:
-    var, mean = torch.var_mean(z.to(accumulator_dtype(z.dtype)), dim=(0, 2, 3), unbiased=False)
-    return mean, var
-
-
 def _stats_grad(grad: Tensor, out: Tensor, mean: Tensor, grad_mean: Tensor, grad_var: Tensor) -> Tensor:
     """The gradient reaching `out` from out itself and from its batch (mean, var) outputs, in fp32/64:
     d mean / d out = 1/M, d var / d out = 2 (out − mean) / M, M = N·H·W."""
@@ -64,13 +59,7 @@ def _stats_grad(grad: Tensor, out: Tensor, mean: Tensor, grad_mean: Tensor, grad
 def _branches_stats_kernel(x: Tensor, weights: List[Tensor], rates: List[int], backend: str) -> Stats:
     if backend == "triton":
         return _triton_aspp().aspp_branches_stats_forward(x, weights, rates)
-    if backend == "cpu":
-        return torch.ops.fastaspp._aspp_branches_stats_forward.default(x, weights, rates)
-    # cuda: the branch kernel (scale 1, shift 0, no ReLU), then the statistics as a second pass.
-    total = len(weights) * weights[0].shape[0]
-    z = torch.ops.fastaspp._aspp_branches_forward.default(x, weights, rates, x.new_ones(total), x.new_zeros(total),
-                                                          False)
-    return (z, *_var_mean(z))
+    return torch.ops.fastaspp._aspp_branches_stats_forward.default(x, weights, rates)  # cpu, cuda
 
 
 def _project_kernel(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, image_bias: Tensor,
@@ -78,21 +67,7 @@ def _project_kernel(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, wei
     args = (z, centre, scale, shift, weight, image_bias)
     if backend == "triton":
         return _triton_aspp().affine_relu_project_forward(*args)
-    if backend == "cpu":
-        return torch.ops.fastaspp._affine_relu_project_forward.default(*args)
-    # cuda: torch ops (the .cu kernel has no prologue yet); the activation is materialised here.
-    y = _project_with_torch_ops(*args)
-    return (y, *_var_mean(y))
-
-
-def _project_with_torch_ops(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                            image_bias: Tensor) -> Tensor:
-    """The projection as torch ops: the cuda backend's path until its kernel has the BN + ReLU prologue."""
-    acc = accumulator_dtype(z.dtype)
-    centre, scale, shift = (t.to(acc).view(1, -1, 1, 1) for t in (centre, scale, shift))
-    u = torch.relu((z.to(acc) - centre) * scale + shift)
-    y = torch.einsum("nkhw,ok->nohw", u, weight.to(acc)) + image_bias.to(acc)[:, :, None, None]
-    return y.to(z.dtype).contiguous(memory_format=torch.channels_last)
+    return torch.ops.fastaspp._affine_relu_project_forward.default(*args)  # cpu, cuda
 
 
 def _stats_fakes(t: Tensor, out_shape: List[int], channels: int) -> Stats:

@@ -1,5 +1,5 @@
 // Host-side checks of the CuTe conv kernel's layouts and thread mappings (csrc/cuda/conv_sm80.cuh),
-// run by tests/test_cuda_host_layouts.py without a GPU: CuTe's layout algebra runs on the host.
+// run by tests/test_cuda_host_programs.py without a GPU: CuTe's layout algebra runs on the host.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
 #include <vector>
@@ -58,7 +58,24 @@ void check_accumulators(const char* name) {
   for (int e = 0; e < Config::BM * Config::BN; ++e) expect(hits[e] == 1, name, e / Config::BN, e % Config::BN, hits[e]);
 }
 
+// The A-tile chunk mapping of conv_sm80_kernel's load (and of the projection prologue, which
+// rewrites the chunks a thread copied): chunk s = tid + i * kThreads is (pixel s / (BK / 8), k
+// offset 8 * (s % (BK / 8))); every (pixel, chunk) of a stage once.
+void check_a_chunks() {
+  using fastaspp::atrous_cuda::Sm80Tile;
+  constexpr int BM = Sm80Tile::kBM, BK = Sm80Tile::kBK, CH = Sm80Tile::kChunk, NT = Sm80Tile::kThreads;
+  std::vector<int> hits(BM * (BK / CH), 0);
+  for (int tid = 0; tid < NT; ++tid)
+    for (int i = 0; i < BM * (BK / CH) / NT; ++i) {
+      const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
+      expect(m < BM && kc < BK && kc % CH == 0, "A chunk in the tile", tid, m, kc);
+      if (m < BM && kc < BK) ++hits[m * (BK / CH) + kc / CH];
+    }
+  for (int c = 0; c < BM * (BK / CH); ++c) expect(hits[c] == 1, "A chunk owned once", c / (BK / CH), c % (BK / CH), hits[c]);
+}
+
 int main() {
+  check_a_chunks();
   using Bf16 = fastaspp::atrous_cuda::Sm80Config<__nv_bfloat16>;
   check_smem(typename Bf16::LayoutA{}, 1, "A: (pixel, k, stage), chunks along k");
   check_smem(typename Bf16::LayoutB{}, 0, "B: (n, k, stage), chunks along n");

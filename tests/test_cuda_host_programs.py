@@ -1,0 +1,44 @@
+"""Host programs that check the cuda backend's index math without a GPU: each file in
+tests/cuda_host is compiled with nvcc (CI has it) and run here; it prints "ok" when every check
+passes, else one line per failure.
+
+  * sm80_layouts.cu (against the CUTLASS headers setup.py finds): the CuTe conv kernel's shared
+    memory layouts (csrc/cuda/conv_sm80.cuh) are bijective with every 16-byte cp.async chunk
+    contiguous and aligned; each (pixel, chunk) of a stage is copied (and, for the projection's
+    prologue, rewritten) by exactly one thread; each of the 64 x 128 accumulators of a CTA belongs
+    to exactly one of its 128 threads.
+  * patch_stats.cu: the BN-statistics epilogue's per-patch pixel masks count every pixel of a map
+    exactly once, and its per-channel (count, sum, centred M2) are within their error bounds of a
+    long-double reference, also for a mean far above the spread (csrc/common/patch_stats.h).
+"""
+import importlib.util
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cutlass_include():
+    spec = importlib.util.spec_from_file_location("fastaspp_setup", ROOT / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    try:
+        return setup.cutlass_include()
+    except SystemExit as e:  # the message says how to install the headers (.ci/run does)
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False)])
+def test_host_program(tmp_path, program, needs_cutlass):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    include = [f"-I{cutlass_include()}", "-arch=sm_80"] if needs_cutlass else []
+    exe = tmp_path / program
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", *include,
+                    str(ROOT / "tests" / "cuda_host" / f"{program}.cu"), "-o", str(exe)], check=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout
