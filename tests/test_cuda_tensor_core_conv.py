@@ -1,13 +1,15 @@
-"""The cuda backend's 16-bit conv kernels, the CuTe one (csrc/cuda/conv_sm80.cuh) and WMMA
-(FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernel (channel counts in multiples
-of 8): several K chunks and their tail, more than one 128-channel column block, stride 2 (whose
-input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map, the ASPP's
-channel-slice store, and the training ASPP's epilogue statistics and projection prologue. Needs a
-GPU build; elsewhere every case is skipped with the reason.
+"""The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_sm80.cuh, grad_weight_sm80.cuh)
+and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels (channel counts in
+multiples of 8): several K chunks and their tail, more than one 128-channel column block, stride 2
+(whose input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map, the
+ASPP's channel-slice store, and the training ASPP's epilogue statistics and projection prologue.
+Forward, input and weight gradients. Needs a GPU build; elsewhere every case is skipped with the
+reason.
 
 Tolerances as in test_atrous_conv.py (rule 2): within gamma_n of the magnitude of the fp64
-reference on the same rounded inputs, n = Cin*KH*KW + CONV_EPILOGUE for the forward and
-Cout*KH*KW + 2 for the input gradient, plus one rounding to the 16-bit output (two in the backward).
+reference on the same rounded inputs, n = Cin*KH*KW + CONV_EPILOGUE for the forward,
+Cout*KH*KW + 2 for the input gradient and N*Ho*Wo + 2 for the weight gradient, plus one rounding
+to the 16-bit output (two in the backward).
 Statistics as in test_aspp_train.py: from the fp32 accumulators, whose distance from the exact
 output is that output's fp32 bound (plus, for the projection, the rounding of its normalised input
 to the 16-bit dot operand).
@@ -58,10 +60,11 @@ def inputs(case, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_and_input_gradient(kernel, case, dtype):
+def test_forward_and_gradients(kernel, case, dtype):
     x, w, s, t = inputs(case, dtype)
     geometry = dict(stride=case.stride, padding=case.pad, dilation=case.dilation)
     x.requires_grad_()
+    w.requires_grad_()
     out = fastaspp.ops.atrous_conv2d(x, w, None, scale=s, shift=t, relu=True, **geometry)
     f64 = [v.detach().double() for v in (x, w, s, t)]
     ref = reference.atrous_conv2d(f64[0], f64[1], None, scale=f64[2], shift=f64[3], relu=True, **geometry)
@@ -69,15 +72,19 @@ def test_forward_and_input_gradient(kernel, case, dtype):
                   dtype, f"forward {kernel} {case}", storage_roundings=1)
 
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-    (dx,) = torch.autograd.grad(out, x, grad)
+    dx, dw = torch.autograd.grad(out, [x, w], grad)
     mask = (out.detach() > 0).double()
     expected = []
     for values in (lambda v: v.detach().double(), absolute):  # the reference, then its magnitude
-        xs = values(x).requires_grad_()
-        pre = reference.atrous_conv2d(xs, values(w), None, scale=values(s), shift=values(t), **geometry)
+        xs, ws = values(x).requires_grad_(), values(w).requires_grad_()
+        pre = reference.atrous_conv2d(xs, ws, None, scale=values(s), shift=values(t), **geometry)
         seed = grad.double() * mask if values is not absolute else grad.double().abs() * mask
-        expected.append(torch.autograd.grad(pre, xs, seed)[0])
-    assert_within(dx, expected[0], expected[1], case.c_out * case.k ** 2 + 2, dtype, f"grad x {kernel} {case}",
+        expected.append(torch.autograd.grad(pre, [xs, ws], seed))
+    assert_within(dx, expected[0][0], expected[1][0], case.c_out * case.k ** 2 + 2, dtype,
+                  f"grad x {kernel} {case}", storage_roundings=2)
+    # The weight gradient (grad_weight_sm80.cuh or WMMA): a sum over the batch's output pixels.
+    pixels = out.shape[0] * out.shape[2] * out.shape[3]
+    assert_within(dw, expected[0][1], expected[1][1], pixels + 2, dtype, f"grad weight {kernel} {case}",
                   storage_roundings=2)
 
 

@@ -1,97 +1,47 @@
-// CUDA kernels for fastaspp::_atrous_conv2d_grad_weight (C launchers in atrous_conv.h; what they
-// share with the conv kernels: kernel_common.cuh).
+// CUDA kernels for fastaspp::_atrous_conv2d_grad_weight (C launchers in atrous_conv.h; what the
+// weight-gradient kernels share: grad_weight_common.cuh, the per-tap live-rectangle GEMMs and the
+// split reduction described there; the 16-bit CuTe kernel: grad_weight_sm80.cuh).
 //
-// grad_weight: per tap, a GEMM dW_tap[Cout, Cin] = G^T X over that tap's live output
-// rectangle only (tap_live_range on both axes: every pixel in it is in range, none outside
-// is), so dead taps cost no pixel loop. Grid = (tap x Cout block x Cin block, split); split s
-// reduces pixels [s*P/S, (s+1)*P/S) of the rectangle flattened over (n, oh, ow), P its size.
-// Each CTA writes its full 64x64 partial (zeros for a dead tap or an empty split) to
-// workspace[S][KH*KW][Cout][Cin], so the workspace needs no zeroing; a second kernel sums the
-// S partials in a fixed order and converts. S depends only on the shapes, never on the device:
-// results are bitwise reproducible.
+// Grid = (tap x Cout block x Cin block, split). S depends only on the shapes, never on the device
+// or the kernel, and the second pass sums the partials in a fixed order: results are bitwise
+// reproducible for a given kernel (the CuTe kernel on sm80 and later where its alignment rule
+// holds, else WMMA / SIMT; their in-tile summation orders differ).
 
-#include "kernel_common.cuh"
+#include "grad_weight_common.cuh"
+#include "grad_weight_sm80.cuh"
 
 namespace fastaspp {
 namespace atrous_cuda {
 namespace {  // internal linkage: nothing here is visible to other translation units
-
-// ---------------------------------------------------------------------------------------
-// grad_weight
-
-struct GwArgs {
-  const void* x;     // [N, H, W, Cin]
-  const void* g;     // [N, Ho, Wo, Cout]
-  void* ws;          // [splits][KH*KW][Cout][Cin] partial sums, Acc type
-  int64_t n, h, w, cin, ho, wo, cout, kh, kw;
-  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  int64_t co_blocks, ci_blocks;
-  int splits;
-};
-
-struct GwTile {
-  int64_t tap, co0, ci0, split;
-};
-
-__device__ __forceinline__ GwTile make_gw_tile(const GwArgs& a) {
-  const int64_t b = blockIdx.x;
-  const int64_t per_tap = a.co_blocks * a.ci_blocks;
-  GwTile t;
-  t.tap = b / per_tap;
-  t.co0 = ((b % per_tap) / a.ci_blocks) * 64;
-  t.ci0 = ((b % per_tap) % a.ci_blocks) * 64;
-  t.split = blockIdx.y;
-  return t;
-}
 
 // Main loop over this CTA's slice of the tap's live output rectangle. Stages
 // G [BK pixels][LDA] (Cout columns) and X [BK pixels][LDB] (Cin columns).
 template <typename T, int V, int BM, int BN, int BK, int NT, int LDA, int LDB, typename Compute>
 __device__ __forceinline__ void gw_mainloop(const GwArgs& a, const GwTile& t, T* As, T* Bs,
                                             Compute&& compute) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* g = static_cast<const T*>(a.g);
-  const int64_t kh = t.tap / a.kw, kw = t.tap % a.kw;
-  const LiveRange lh = tap_live_range(kh, a.h, a.ho, a.stride_h, a.pad_h, a.dil_h);
-  const LiveRange lw = tap_live_range(kw, a.w, a.wo, a.stride_w, a.pad_w, a.dil_w);
-  const int64_t live_w = lw.size();
-  const int64_t area = lh.size() * live_w;
-  const int64_t total = a.n * area;  // 0 for a dead tap
-  const int64_t p_begin = total * t.split / a.splits;
-  const int64_t p_end = total * (t.split + 1) / a.splits;
-  const int64_t off_h = tap_offset(kh, a.dil_h, a.pad_h);
-  const int64_t off_w = tap_offset(kw, a.dil_w, a.pad_w);
+  const GwPixels px(a, t);
+  const int64_t p_begin = px.begin, p_end = px.end;
 
   TileLoader<T, BK, BM, V, NT> lg;
   TileLoader<T, BK, BN, V, NT> lx;
 
   auto load = [&](int64_t p0) {
-    // Pixel p of the rectangle, flattened over (n, oh, ow); only called when area > 0.
-    auto decode = [&](int64_t p, int64_t& img, int64_t& oh, int64_t& ow) {
-      img = p / area;
-      const int64_t rem = p - img * area;
-      const int64_t q = rem / live_w;
-      oh = lh.lo + q;
-      ow = lw.lo + (rem - q * live_w);
-    };
     lg.load(
         [&](int k) -> const T* {
           const int64_t p = p0 + k;
           if (p >= p_end) return nullptr;
-          int64_t img, oh, ow;
-          decode(p, img, oh, ow);
-          return g + ((img * a.ho + oh) * a.wo + ow) * a.cout;
+          const T *g_row, *x_row;
+          px.rows(a, p, g_row, x_row);
+          return g_row;
         },
         t.co0, a.cout);
     lx.load(
         [&](int k) -> const T* {
           const int64_t p = p0 + k;
           if (p >= p_end) return nullptr;
-          int64_t img, oh, ow;
-          decode(p, img, oh, ow);
-          // In range by construction of the live rectangle.
-          return x + ((img * a.h + oh * a.stride_h + off_h) * a.w + ow * a.stride_w + off_w) *
-                         a.cin;
+          const T *g_row, *x_row;
+          px.rows(a, p, g_row, x_row);
+          return x_row;
         },
         t.ci0, a.cin);
   };
@@ -106,15 +56,6 @@ __device__ __forceinline__ void gw_mainloop(const GwArgs& a, const GwTile& t, T*
     compute(As + buf * (BK * LDA), Bs + buf * (BK * LDB));
     buf ^= 1;
   }
-}
-
-template <typename Acc>
-__device__ __forceinline__ void store_partial(const GwArgs& a, const GwTile& t, int m, int j,
-                                              Acc v) {
-  const int64_t co = t.co0 + m, ci = t.ci0 + j;
-  if (co >= a.cout || ci >= a.cin) return;
-  const int64_t taps = a.kh * a.kw;
-  static_cast<Acc*>(a.ws)[((t.split * taps + t.tap) * a.cout + co) * a.cin + ci] = v;
 }
 
 // fp16 / bf16 tensor-core grad_weight. G tile is read as a col-major A (Cout x pixels),
@@ -137,7 +78,7 @@ __global__ void __launch_bounds__(128) grad_weight_wmma_kernel(GwArgs a) {
     T* Bs = reinterpret_cast<T*>(smem + kABytes);
     float* Cs = reinterpret_cast<float*>(smem + kABytes + kBBytes);
 
-    const GwTile t = make_gw_tile(a);
+    const GwTile t = make_gw_tile<64, 64>(a);
     const int warp = static_cast<int>(threadIdx.x) >> 5;
     const int wm = warp >> 1, wn = warp & 1;
 
@@ -196,7 +137,7 @@ __global__ void __launch_bounds__(256) grad_weight_simt_kernel(GwArgs a) {
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = reinterpret_cast<T*>(smem + kABytes);
 
-  const GwTile t = make_gw_tile(a);
+  const GwTile t = make_gw_tile<64, 64>(a);
   const int tx = static_cast<int>(threadIdx.x) & 15, ty = static_cast<int>(threadIdx.x) >> 4;
 
   Acc acc[4][4];
@@ -260,19 +201,43 @@ int64_t grad_weight_splits(int64_t n, int64_t c_in, int64_t c_out, int64_t taps,
   return s;
 }
 
+// The grid of a BM x BN tile kernel: (tap x Cout block x Cin block, split); fills a's block counts.
+template <int BM, int BN>
+bool gw_grid(GwArgs& a, dim3& grid) {
+  a.co_blocks = div_up(a.cout, BM);
+  a.ci_blocks = div_up(a.cin, BN);
+  const int64_t grid_x = a.kh * a.kw * a.co_blocks * a.ci_blocks;
+  if (grid_x > 0x7fffffff) return false;
+  grid = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(a.splits));
+  return true;
+}
+
+// 16-bit types: the CuTe kernel (grad_weight_sm80.cuh) where it can run, else WMMA tensor cores
+// when the kernel image has them, else SIMT; 16-byte vector loads when the channel counts and
+// pointers allow.
 template <typename T>
-void launch_grad_weight_t(const GwArgs& a, dim3 grid, cudaStream_t stream) {
+cudaError_t launch_grad_weight_t(GwArgs a, cudaStream_t stream) {
+  dim3 grid;
+  if constexpr (is_16bit<T>()) {
+    if (grad_weight_sm80_usable<T>(a)) {
+      if (!gw_grid<Sm80GwConfig<T>::BM, Sm80GwConfig<T>::BN>(a, grid)) return cudaErrorInvalidValue;
+      grad_weight_sm80_kernel<T><<<grid, Sm80Tile::kThreads, 0, stream>>>(a);
+      return cudaGetLastError();
+    }
+  }
+  if (!gw_grid<64, 64>(a, grid)) return cudaErrorInvalidValue;  // the WMMA and SIMT tiles
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   const bool vec = a.cin % V == 0 && a.cout % V == 0 && aligned16(a.x) && aligned16(a.g);
   if constexpr (is_16bit<T>()) {
     void (*k)(GwArgs) = vec ? grad_weight_wmma_kernel<T, V> : grad_weight_wmma_kernel<T, 1>;
     if (tc_usable<T>(reinterpret_cast<const void*>(k))) {
       k<<<grid, 128, 0, stream>>>(a);
-      return;
+      return cudaGetLastError();
     }
   }
   void (*k)(GwArgs) = vec ? grad_weight_simt_kernel<T, V> : grad_weight_simt_kernel<T, 1>;
   k<<<grid, 256, 0, stream>>>(a);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -347,17 +312,11 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_weight_cuda(
   a.pad_w = pad_w;
   a.dil_h = dil_h;
   a.dil_w = dil_w;
-  a.co_blocks = div_up(c_out, 64);
-  a.ci_blocks = div_up(c_in, 64);
   a.splits = static_cast<int>(grad_weight_splits(n, c_in, c_out, kh * kw, h_out, w_out));
-  const int64_t grid_x = kh * kw * a.co_blocks * a.ci_blocks;
-  if (grid_x > 0x7fffffff) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(a.splits));
 
   return with_element_type(dtype, [&](auto element) {
     using T = decltype(element);
-    launch_grad_weight_t<T>(a, grid, stream);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch_grad_weight_t<T>(a, stream);
     if (err != cudaSuccess) return err;
     launch_grad_weight_finalize<T>(a, grad_weight, stream);
     return cudaGetLastError();

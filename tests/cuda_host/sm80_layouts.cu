@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/conv_sm80.cuh"
+#include "../../csrc/cuda/grad_weight_sm80.cuh"
 
 using namespace cute;
 
@@ -41,9 +42,8 @@ void check_smem(Layout layout, int chunk_mode, const char* name) {
 }
 
 // Every (m, n) of the BM x BN tile is one accumulator of exactly one thread.
-template <typename T>
+template <typename Config>
 void check_accumulators(const char* name) {
-  using Config = fastaspp::atrous_cuda::Sm80Config<T>;
   typename Config::TiledMma mma;
   expect(size(mma) == fastaspp::atrous_cuda::Sm80Tile::kThreads, name, size(mma), 0, 0);
   std::vector<int> hits(Config::BM * Config::BN, 0);
@@ -58,29 +58,42 @@ void check_accumulators(const char* name) {
   for (int e = 0; e < Config::BM * Config::BN; ++e) expect(hits[e] == 1, name, e / Config::BN, e % Config::BN, hits[e]);
 }
 
-// The A-tile chunk mapping of conv_sm80_kernel's load (and of the projection prologue, which
-// rewrites the chunks a thread copied): chunk s = tid + i * kThreads is (pixel s / (BK / 8), k
-// offset 8 * (s % (BK / 8))); every (pixel, chunk) of a stage once.
-void check_a_chunks() {
-  using fastaspp::atrous_cuda::Sm80Tile;
-  constexpr int BM = Sm80Tile::kBM, BK = Sm80Tile::kBK, CH = Sm80Tile::kChunk, NT = Sm80Tile::kThreads;
-  std::vector<int> hits(BM * (BK / CH), 0);
+// The chunk mappings of the CuTe kernels' loads: chunk s = tid + i * kThreads of a tile of `outer`
+// runs of `per` chunks is (run s / per, element offset 8 * (s % per)); every (run, chunk) of a
+// stage is copied by exactly one thread (and, for the conv's A tile, rewritten by the same thread
+// in the projection's prologue).
+void check_chunks(int outer, int per, const char* name) {
+  constexpr int NT = fastaspp::atrous_cuda::Sm80Tile::kThreads, CH = fastaspp::atrous_cuda::Sm80Tile::kChunk;
+  expect((outer * per) % NT == 0, name, outer, per, NT);
+  std::vector<int> hits(outer * per, 0);
   for (int tid = 0; tid < NT; ++tid)
-    for (int i = 0; i < BM * (BK / CH) / NT; ++i) {
-      const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
-      expect(m < BM && kc < BK && kc % CH == 0, "A chunk in the tile", tid, m, kc);
-      if (m < BM && kc < BK) ++hits[m * (BK / CH) + kc / CH];
+    for (int i = 0; i < outer * per / NT; ++i) {
+      const int s = tid + i * NT, run = s / per, off = (s % per) * CH;
+      expect(run < outer && off < per * CH, name, tid, run, off);
+      if (run < outer && off < per * CH) ++hits[run * per + off / CH];
     }
-  for (int c = 0; c < BM * (BK / CH); ++c) expect(hits[c] == 1, "A chunk owned once", c / (BK / CH), c % (BK / CH), hits[c]);
+  for (int c = 0; c < outer * per; ++c) expect(hits[c] == 1, name, c / per, c % per, hits[c]);
 }
 
 int main() {
-  check_a_chunks();
-  using Bf16 = fastaspp::atrous_cuda::Sm80Config<__nv_bfloat16>;
-  check_smem(typename Bf16::LayoutA{}, 1, "A: (pixel, k, stage), chunks along k");
-  check_smem(typename Bf16::LayoutB{}, 0, "B: (n, k, stage), chunks along n");
-  check_accumulators<__nv_bfloat16>("bf16 accumulators");
-  check_accumulators<__half>("fp16 accumulators");
+  using namespace fastaspp::atrous_cuda;
+  using Conv = Sm80Config<__nv_bfloat16>;
+  using Gw = Sm80GwConfig<__nv_bfloat16>;
+  constexpr int CH = Sm80Tile::kChunk;
+  // conv: A (pixel, k) K-major, B (n, k) N-major; weight gradient: A (co, pixel), B (ci, pixel),
+  // both MN-major.
+  check_smem(typename Conv::LayoutA{}, 1, "conv A: (pixel, k, stage), chunks along k");
+  check_smem(typename Conv::LayoutB{}, 0, "conv B: (n, k, stage), chunks along n");
+  check_smem(typename Gw::LayoutA{}, 0, "wgrad A: (co, pixel, stage), chunks along co");
+  check_smem(typename Gw::LayoutB{}, 0, "wgrad B: (ci, pixel, stage), chunks along ci");
+  check_chunks(Conv::BM, Conv::BK / CH, "conv A chunks (pixel, k)");
+  check_chunks(Conv::BK, Conv::BN / CH, "conv B chunks (k, n)");
+  check_chunks(Gw::BK, Gw::BM / CH, "wgrad A chunks (pixel, co)");
+  check_chunks(Gw::BK, Gw::BN / CH, "wgrad B chunks (pixel, ci)");
+  check_accumulators<Conv>("conv bf16 accumulators");
+  check_accumulators<Sm80Config<__half>>("conv fp16 accumulators");
+  check_accumulators<Gw>("wgrad bf16 accumulators");
+  check_accumulators<Sm80GwConfig<__half>>("wgrad fp16 accumulators");
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }

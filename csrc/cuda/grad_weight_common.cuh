@@ -1,0 +1,91 @@
+// What the cuda backend's weight-gradient kernels share (grad_weight.cu: WMMA and SIMT;
+// grad_weight_sm80.cuh: CuTe): their arguments, which (tap, Cout block, Cin block, split) a CTA
+// owns, the slice of the tap's live output rectangle it reduces, and the store of its partial sums.
+// Pure CUDA, included only by .cu files.
+//
+// Per tap, dW_tap[Cout, Cin] = G^T X over that tap's live output rectangle only (tap_live_range
+// on both axes: every pixel in it reads inside the map, none outside does), so dead taps cost no
+// pixel loop. Split s of S reduces pixels [s*P/S, (s+1)*P/S) of the rectangle flattened over
+// (n, oh, ow), P its size, and writes its whole partial tile (zeros for a dead tap or an empty
+// split) to workspace[S][KH*KW][Cout][Cin]; a second kernel sums the S partials in a fixed order.
+#pragma once
+
+#include "kernel_common.cuh"
+
+namespace fastaspp {
+namespace atrous_cuda {
+namespace {  // internal linkage, as kernel_common.cuh
+
+struct GwArgs {
+  const void* x;  // [N, H, W, Cin]
+  const void* g;  // [N, Ho, Wo, Cout]
+  void* ws;       // [splits][KH*KW][Cout][Cin] partial sums, Acc type
+  int64_t n, h, w, cin, ho, wo, cout, kh, kw;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t co_blocks, ci_blocks;  // of the launched kernel's BM x BN tile
+  int splits;
+};
+
+struct GwTile {
+  int64_t tap, co0, ci0, split;
+};
+
+// CTA blockIdx.x = (tap, Cout block, Cin block) row-major, blockIdx.y = the split.
+template <int BM, int BN>
+__device__ __forceinline__ GwTile make_gw_tile(const GwArgs& a) {
+  const int64_t b = blockIdx.x;
+  const int64_t per_tap = a.co_blocks * a.ci_blocks;
+  GwTile t;
+  t.tap = b / per_tap;
+  t.co0 = ((b % per_tap) / a.ci_blocks) * BM;
+  t.ci0 = ((b % per_tap) % a.ci_blocks) * BN;
+  t.split = blockIdx.y;
+  return t;
+}
+
+// The pixels a CTA reduces: [begin, end) of its tap's live rectangle, flattened over (n, oh, ow).
+struct GwPixels {
+  int64_t begin, end;
+  int64_t area, live_w, oh0, ow0;  // the rectangle: rows [oh0, oh0 + area / live_w), live_w columns
+  int64_t off_h, off_w;            // the tap's input offset: ih = oh * stride_h + off_h
+
+  __device__ __forceinline__ GwPixels(const GwArgs& a, const GwTile& t) {
+    const int64_t kh = t.tap / a.kw, kw = t.tap % a.kw;
+    const LiveRange lh = tap_live_range(kh, a.h, a.ho, a.stride_h, a.pad_h, a.dil_h);
+    const LiveRange lw = tap_live_range(kw, a.w, a.wo, a.stride_w, a.pad_w, a.dil_w);
+    live_w = lw.size();
+    area = lh.size() * live_w;
+    oh0 = lh.lo;
+    ow0 = lw.lo;
+    const int64_t total = a.n * area;  // 0 for a dead tap
+    begin = total * t.split / a.splits;
+    end = total * (t.split + 1) / a.splits;
+    off_h = tap_offset(kh, a.dil_h, a.pad_h);
+    off_w = tap_offset(kw, a.dil_w, a.pad_w);
+  }
+
+  // Pixel p's grad row (Cout values) and the x row (Cin values) it reads through the tap; in
+  // range by construction of the live rectangle. Only for begin <= p < end.
+  template <typename T>
+  __device__ __forceinline__ void rows(const GwArgs& a, int64_t p, const T*& g_row, const T*& x_row) const {
+    const int64_t img = p / area;
+    const int64_t rem = p - img * area;
+    const int64_t q = rem / live_w;
+    const int64_t oh = oh0 + q, ow = ow0 + (rem - q * live_w);
+    g_row = static_cast<const T*>(a.g) + ((img * a.ho + oh) * a.wo + ow) * a.cout;
+    x_row = static_cast<const T*>(a.x) +
+            ((img * a.h + oh * a.stride_h + off_h) * a.w + ow * a.stride_w + off_w) * a.cin;
+  }
+};
+
+template <typename Acc>
+__device__ __forceinline__ void store_partial(const GwArgs& a, const GwTile& t, int m, int j, Acc v) {
+  const int64_t co = t.co0 + m, ci = t.ci0 + j;
+  if (co >= a.cout || ci >= a.cin) return;
+  const int64_t taps = a.kh * a.kw;
+  static_cast<Acc*>(a.ws)[((t.split * taps + t.tap) * a.cout + co) * a.cin + ci] = v;
+}
+
+}  // namespace
+}  // namespace atrous_cuda
+}  // namespace fastaspp

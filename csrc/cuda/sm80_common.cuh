@@ -1,0 +1,147 @@
+// What the cuda backend's CuTe kernels share (conv_sm80.cuh: forward and input gradient;
+// grad_weight_sm80.cuh: weight gradient): the 16-bit value types and MMA atoms, the CTA's warp
+// layout, the swizzled shared-memory layouts, the multistage cp.async main loop, and the launch
+// rule. sm80 instructions (cp.async, ldmatrix, mma.sync), which Hopper runs too. Pure CUDA with
+// CuTe headers, included only by .cu files.
+//
+// * 4 warps as 2 x 2 over SM80_16x8x16_F32{F16,BF16}_TN atoms with fp32 accumulators; the
+//   32 x 32 x 16 MMA tile lets one ldmatrix.x4 feed a warp.
+// * K steps of BK = 32 move from global to shared memory by 16-byte cp.async, kStages - 1 steps
+//   ahead of the math; a chunk that reads padding or lies past a tensor is zero-filled by the copy
+//   itself (src-size 0), so no stale shared memory enters the sum.
+// * Shared memory is swizzled for conflict-free ldmatrix: K-major operands (rows of 32 K values)
+//   are read by ldmatrix, MN-major ones (runs of 64 M or N values per K) by the transposing
+//   ldmatrix. 8-element chunks stay contiguous and 16-byte aligned under both swizzles
+//   (tests/cuda_host/sm80_layouts.cu checks it).
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "kernel_common.cuh"
+
+namespace fastaspp {
+namespace atrous_cuda {
+namespace {  // internal linkage, as kernel_common.cuh
+
+// CUTLASS's 16-bit value types (same bits as CUDA's), which CuTe's MMA atoms are written for.
+template <typename T>
+struct Sm80Traits;
+template <>
+struct Sm80Traits<__half> {
+  using Value = cutlass::half_t;
+  using MmaAtom = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+template <>
+struct Sm80Traits<__nv_bfloat16> {
+  using Value = cutlass::bfloat16_t;
+  using MmaAtom = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+
+struct Sm80Tile {
+  static constexpr int kBK = 32, kStages = 3, kThreads = 128;
+  static constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async
+};
+
+template <typename T>
+using Sm80TiledMma = decltype(cute::make_tiled_mma(typename Sm80Traits<T>::MmaAtom{},
+                                                   cute::Layout<cute::Shape<cute::_2, cute::_2, cute::_1>>{},
+                                                   cute::Tile<cute::_32, cute::_32, cute::_16>{}));
+
+// (Rows, BK, stages) shared-memory layouts: K-major (each row's 32 K values contiguous) and
+// MN-major (each K's run of rows contiguous, in 64-row atoms).
+template <int Rows>
+using Sm80KMajor = decltype(cute::tile_to_shape(
+    cute::composition(cute::Swizzle<2, 3, 3>{},
+                      cute::Layout<cute::Shape<cute::_8, cute::Int<Sm80Tile::kBK>>,
+                                   cute::Stride<cute::Int<Sm80Tile::kBK>, cute::_1>>{}),
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+template <int Rows>
+using Sm80MnMajor = decltype(cute::tile_to_shape(
+    cute::composition(cute::Swizzle<3, 3, 3>{},
+                      cute::Layout<cute::Shape<cute::_64, cute::_8>, cute::Stride<cute::_1, cute::_64>>{}),
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+
+// One 16-byte cp.async of `live ? src : nothing` into dst (zero-filled when not live; src must
+// still be a valid address, so callers pass a tensor's base then).
+template <typename T, typename V>
+__device__ __forceinline__ void copy_chunk(const T* src, V* dst, bool live) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), live);
+}
+
+// The multistage main loop of both CuTe kernels over `steps` K steps (the same count on every
+// thread, so the barriers are uniform). load_next(stage) issues this thread's cp.async chunks of
+// the next step into that stage; landed(step, stage) runs once this thread's chunks of `step` have
+// landed, before the barrier that publishes them (the projection's prologue rewrites them there);
+// the MMAs of each step accumulate into acc. sA is (M, BK, S), sB (N, BK, S); CopyOpA / CopyOpB
+// the ldmatrix atoms their majorness needs. Returns with every copy complete.
+template <typename CopyOpA, typename CopyOpB, typename TiledMma, typename TensorA, typename TensorB,
+          typename Accum, typename LoadNext, typename Landed>
+__device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA& sA, const TensorB& sB,
+                                              Accum& acc, int64_t steps, LoadNext&& load_next,
+                                              Landed&& landed) {
+  using namespace cute;
+  using V = typename TensorA::value_type;
+  constexpr int S = Sm80Tile::kStages;
+  const int tid = static_cast<int>(threadIdx.x);
+  ThrMMA thr_mma = mma.get_slice(tid);
+  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
+  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));  // (MMA, MMA_N, MMA_K)
+  auto s2r_a = make_tiled_copy_A(Copy_Atom<CopyOpA, V>{}, mma);
+  auto s2r_b = make_tiled_copy_B(Copy_Atom<CopyOpB, V>{}, mma);
+  ThrCopy s2r_thr_a = s2r_a.get_slice(tid);
+  ThrCopy s2r_thr_b = s2r_b.get_slice(tid);
+  Tensor tXsA = s2r_thr_a.partition_S(sA);  // (CPY, MMA_M, MMA_K, S)
+  Tensor tXrA = s2r_thr_a.retile_D(tCrA);
+  Tensor tXsB = s2r_thr_b.partition_S(sB);  // (CPY, MMA_N, MMA_K, S)
+  Tensor tXrB = s2r_thr_b.retile_D(tCrB);
+
+  int64_t issued = 0;
+  CUTE_UNROLL
+  for (int stage = 0; stage < S - 1; ++stage) {
+    if (issued < steps) {
+      load_next(stage);
+      ++issued;
+    }
+    cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
+  }
+  for (int64_t it = 0; it < steps; ++it) {
+    const int stage = static_cast<int>(it % S);
+    cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
+    landed(it, stage);
+    __syncthreads();  // ...everyone's, and everyone is done reading stage (it - 1) % S
+    if (issued < steps) {
+      load_next(static_cast<int>(issued % S));  // the stage read at step it - 1
+      ++issued;
+    }
+    cp_async_fence();
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+      copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
+      copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
+      gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// Whether a CuTe kernel may run: FASTASPP_CUDA_CONV not set to `wmma` (which keeps every launch on
+// the WMMA kernels, to compare the two on a device) and the kernel's image built for sm80 or later.
+inline bool sm80_kernel_usable(const void* kernel) {
+  const char* choice = std::getenv("FASTASPP_CUDA_CONV");
+  if (choice != nullptr && std::strcmp(choice, "wmma") == 0) return false;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky; the other kernel's launch reports any real problem
+    return false;
+  }
+  return attr.ptxVersion >= 80;
+}
+
+}  // namespace
+}  // namespace atrous_cuda
+}  // namespace fastaspp
