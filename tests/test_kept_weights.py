@@ -1,6 +1,6 @@
 """Weight preparations kept between calls (the modules' folded parameters, nn/_fold_cache.py; the
-cpu backend's re-laid-out and transformed weights, csrc/cpu/kept.h) and the rule that picks the
-cpu backend's path for a call.
+cpu backend's re-laid-out and transformed weights and the cuda bindings' layouts, csrc/common/kept.h)
+and the rule that picks the cpu backend's path for a call.
 
 Every way a weight can change must reach the next call: an in-place update, load_state_dict,
 module.to() and the train/eval switch (which drops a module's kept fold). Each case compares the
@@ -138,6 +138,41 @@ def test_kept_layouts_follow_weights_of_the_op_itself(cpu_path):
                   conv_magnitude(x, w, padding=2, dilation=2), 5 * 9, torch.float32, "after the change")
     fresh = fastaspp.ops.atrous_conv2d(x, w.clone(), padding=2, dilation=2)
     assert torch.equal(after, fresh)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_kept_layouts_follow_weights(dtype, monkeypatch):
+    """The cuda bindings keep a weight's forward and input-gradient layouts (csrc/cuda/binding_utils.h):
+    reused while it is unchanged (the same bits), redone after an in-place change, and the same bits
+    with a zero budget (FASTASPP_CUDA_KEPT_MB). GPU builds only."""
+    reason = fastaspp._backend.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"backend cuda unavailable: {reason}")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 9, 9, generator=gen).to("cuda", dtype).requires_grad_()
+    w = torch.randn(24, 16, 3, 3, generator=gen).to("cuda", dtype)
+    g = torch.randn(2, 24, 9, 9, generator=gen).to("cuda", dtype)
+
+    def conv_and_grad():
+        with fastaspp.backend("cuda"):
+            out = fastaspp.ops.atrous_conv2d(x, w, padding=2, dilation=2)
+            return out.detach(), torch.autograd.grad(out, x, g)[0]
+
+    first = conv_and_grad()
+    assert all(torch.equal(a, b) for a, b in zip(conv_and_grad(), first))
+    with torch.no_grad():
+        w.mul_(-1.5)
+    after = conv_and_grad()
+    geometry = dict(padding=2, dilation=2)
+    assert_within(after[0], F.conv2d(x.detach().double(), w.double(), **geometry), conv_magnitude(x, w, **geometry),
+                  16 * 9, dtype, "forward after the change", storage_roundings=1)
+    xs = x.detach().double().requires_grad_()
+    exact = torch.autograd.grad(F.conv2d(xs, w.double(), **geometry), xs, g.double())[0]
+    xa = xs.detach().abs().requires_grad_()
+    magnitude = torch.autograd.grad(F.conv2d(xa, w.double().abs(), **geometry), xa, g.double().abs())[0]
+    assert_within(after[1], exact, magnitude, 24 * 9 + 2, dtype, "grad x after the change", storage_roundings=2)
+    monkeypatch.setenv("FASTASPP_CUDA_KEPT_MB", "0")
+    assert all(torch.equal(a, b) for a, b in zip(conv_and_grad(), after))
 
 
 def test_zero_kept_budget_gives_the_same_bits(monkeypatch):

@@ -574,7 +574,7 @@ def eval_resnet50():
 
 
 # A compiled or exported graph folds from the parameters on every call, which require grad, so the
-# cpu backend can keep no derived weight (csrc/cpu/kept.h) and runs other kernels than eager eval
+# cpu backend can keep no derived weight (csrc/common/kept.h) and runs other kernels than eager eval
 # from the kept fold (Winograd, oneDNN with the fold as post-ops): the graph's outputs are held to
 # rule 3 against the plain model, not compared bitwise with the eager fused model.
 

@@ -6,7 +6,7 @@
 // small sub-grids run as Winograd convs instead (winograd.h), which need fewer products than
 // the live taps, and branches with little work run whole by the direct loops (direct_conv.h).
 // Weight preparations (the concatenated centre taps, tap matrices, Winograd transforms) are kept
-// per weight version (kept.h). Eval applies every branch's scale, shift and ReLU in one epilogue;
+// per weight version (common/kept.h). Eval applies every branch's scale, shift and ReLU in one epilogue;
 // training returns the raw sums with their batch-norm statistics.
 #include <torch/library.h>
 
@@ -21,7 +21,7 @@
 #include "conv_paths.h"
 #include "direct_conv.h"
 #include "epilogue.h"
-#include "kept.h"
+#include "../common/kept.h"
 #include "tap_gemm.h"
 #include "winograd.h"
 
@@ -83,7 +83,7 @@ void branches_into(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
 
   // Shared centre tap: [N*H*W, Cin] @ [Cin, C] for every shared branch, one GEMM per run of
   // adjacent shared branches straight into the buffer, their centre taps concatenated once per
-  // weight version (kept.h).
+  // weight version (common/kept.h).
   const at::Tensor x_2d = xh.reshape({batch * in_h * in_w, in_ch});  // explicit: in_ch may be 0
   at::Tensor acc_2d = acc.view({-1, branches * ch});
   int64_t first = 0;

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "direct_conv.h"
-#include "kept.h"
+#include "../common/kept.h"
 #include "winograd.h"
 
 namespace fastaspp {

@@ -13,7 +13,7 @@
 
 namespace fastaspp {
 
-// The weights as per-tap GEMM operands (tap_matrices), kept per weight version (kept.h).
+// The weights as per-tap GEMM operands (tap_matrices), kept per weight version (common/kept.h).
 at::Tensor kept_tap_matrices(const at::Tensor& weight, at::ScalarType dtype);
 
 // [N, Ho, Wo, Cout] in the compute dtype: conv(x, weight) over live taps, one GEMM per tap.

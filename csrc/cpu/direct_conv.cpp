@@ -14,7 +14,7 @@
 #include <cstring>
 
 #include "../common/tap_geometry.h"
-#include "kept.h"
+#include "../common/kept.h"
 #include "simd.h"
 
 namespace fastaspp {
@@ -79,7 +79,7 @@ int64_t block_for(int64_t channels) {
 }
 
 // The weights tap-major in the compute dtype, the vectorised channels padded to a multiple of
-// `block`, kept (kept.h): [KH*KW, Cin, Cout_pad] for the forward (vectorised over Cout),
+// `block`, kept (common/kept.h): [KH*KW, Cin, Cout_pad] for the forward (vectorised over Cout),
 // [KH*KW, Cout, Cin_pad] for the input gradient (over Cin).
 at::Tensor tap_major(const at::Tensor& weight, at::ScalarType dtype, KeptKind layout, int64_t block) {
   return kept({weight}, {layout, static_cast<int64_t>(dtype), block}, [&] {

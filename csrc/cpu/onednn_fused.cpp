@@ -6,7 +6,7 @@
 #include <optional>
 #include <vector>
 
-#include "kept.h"
+#include "../common/kept.h"
 
 namespace fastaspp {
 namespace {

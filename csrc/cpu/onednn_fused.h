@@ -1,6 +1,6 @@
 // oneDNN's convolution with fastaspp's BN epilogue as its own bias and ReLU post-op, for eval: the
 // per-channel scale is folded into a copy of the weight, which is also reordered into oneDNN's
-// preferred layout for this input shape, and both are kept (kept.h). The conv then writes the final
+// preferred layout for this input shape, and both are kept (common/kept.h). The conv then writes the final
 // output in one pass, with no epilogue pass over it and no per-call weight reorder.
 #pragma once
 

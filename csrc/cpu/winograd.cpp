@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../common/tap_geometry.h"
-#include "kept.h"
+#include "../common/kept.h"
 #include "simd.h"
 #include "tap_gemm.h"
 
@@ -330,7 +330,7 @@ bool use_winograd(int64_t batch, int64_t in_h, int64_t in_w, int64_t rate, const
   if (flag != nullptr && std::string(flag) == "0") return false;
   // Transforming the weights costs more than Winograd saves (mostly page faults on the fresh
   // tens of MB), so only kept weights qualify.
-  if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;  // kept.h
+  if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;  // common/kept.h
   if (flag != nullptr && std::string(flag) == "1") return true;  // forced, for measuring the crossovers
   const AxisWork h = axis_work(in_h, rate), w = axis_work(in_w, rate);
   const double products = static_cast<double>(h.products) * w.products;
@@ -348,7 +348,7 @@ void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t ra
   const int64_t in_ch = xh.size(3), out_ch = weight.size(0);
   Tiling g{xh.size(0), xh.size(1), xh.size(2), rate, std::min(rate, xh.size(1)), std::min(rate, xh.size(2)),
            axis_plan(ceil_div(xh.size(1), rate)), axis_plan(ceil_div(xh.size(2), rate))};
-  // Kept per weight version (kept.h); the tile sizes name each axis' transforms (m = 2 is the
+  // Kept per weight version (common/kept.h); the tile sizes name each axis' transforms (m = 2 is the
   // swapped F(2,2)).
   const at::Tensor u = kept({weight}, {kWinogradWeights, static_cast<int64_t>(xh.scalar_type()), g.h.m, g.w.m},
                             [&] { return make_transformed_weights(weight, xh.scalar_type(), g.h, g.w); });

@@ -29,7 +29,7 @@ bool use_winograd(int64_t batch, int64_t in_h, int64_t in_w, int64_t rate, const
 // out = conv2d(x, weight, padding=rate, dilation=rate), overwriting out. xh: [N, H, W, Cin]
 // NHWC, contiguous, in the compute dtype; weight: [Cout, Cin, 3, 3]; out: [N, H, W, Cout] with
 // unit channel stride (a channel slice of a wider buffer). The transformed weights are kept
-// while the weight lives and is unchanged (kept.h); the transformed input is made in chunks of at most
+// while the weight lives and is unchanged (common/kept.h); the transformed input is made in chunks of at most
 // FASTASPP_CPU_WINOGRAD_WORKSPACE_MB (default 64) in a buffer each calling thread keeps.
 void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t rate, const at::Tensor& out);
 

@@ -74,8 +74,8 @@ void launch_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRe
     // "Same" geometry (aspp_branch_geometry): stride 1, padding = dilation, so every branch is H x W.
     const int64_t k = i == 0 ? 1 : 3;
     const ConvGeometry g = aspp_branch_geometry(i == 0 ? 0 : rates[i - 1]);
-    // Freed at the end of the iteration while the launch may still be queued: the caching
-    // allocator's reuse is ordered on this stream, so that is safe.
+    // A copy that is not kept is freed at the end of the iteration while the launch may still be
+    // queued: the caching allocator's reuse is ordered on this stream, so that is safe.
     const at::Tensor w_hwio = weight_hwio(weights[i]);  // [k, k, Cin, C]
     const FastasppForwardOptions options = options_for(i);
     const cudaError_t err = fastaspp_atrous_conv2d_forward_fused_cuda(

@@ -53,7 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_project_forward_cuda(
   if (y.numel() == 0) return {y, at::zeros({c_out}, acc), at::zeros({c_out}, acc)};
 
   const at::Tensor z_nhwc = z.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w_io = weight.t().contiguous();  // [1, 1, K, Cout]: the forward's weight layout
+  // [1, 1, K, Cout]: the forward's weight layout. Not kept: a training weight is never keepable.
+  const at::Tensor w_io = weight.t().contiguous();
   const at::Tensor centre_c = centre.contiguous(), scale_c = scale.contiguous(), shift_c = shift.contiguous();
   const at::Tensor bias_c = image_bias.contiguous();
   // Every (patch, channel) entry is written by the launch: no zeroing.

@@ -95,7 +95,7 @@ at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tenso
   if (dx.numel() == 0) return to_format(dx, fmt);
 
   const at::Tensor g_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w_hwoi = weight.permute({2, 3, 0, 1}).contiguous();  // [KH,KW,Cout,Cin]
+  const at::Tensor w_hwoi = weight_hwoi(weight);  // [KH,KW,Cout,Cin]
   const cudaStream_t stream = current_stream(grad);
   check_launch(fastaspp_atrous_conv2d_grad_input_cuda(
                    g_nhwc.data_ptr(), w_hwoi.data_ptr(), dx.data_ptr(),

@@ -1,6 +1,6 @@
 // Helpers shared by the torch bindings of the CUDA launchers (atrous_conv_cuda.cpp,
 // aspp_cuda.cpp, aspp_project_cuda.cpp): dtype codes, argument checks with messages naming the
-// argument, the forward weight re-layout, the current stream, the launcher error check and the
+// argument, the kept weight re-layouts, the current stream, the launcher error check and the
 // merge of the epilogues' BN statistics.
 //
 // Host-only (torch headers); never included from a .cu file. Everything is inline in
@@ -14,6 +14,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/kept.h"
 #include "atrous_conv.h"
 
 namespace fastaspp {
@@ -54,9 +55,17 @@ inline void check_same(const char* op, const at::Tensor& ref, const char* ref_na
               t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
 }
 
-// nn.Conv2d weight [Cout, Cin, KH, KW] -> the forward launcher's [KH, KW, Cin, Cout].
+// nn.Conv2d weight [Cout, Cin, KH, KW] -> the forward launcher's [KH, KW, Cin, Cout], kept per
+// weight version for keepable weights (common/kept.h: an eval call costs no re-layout kernel).
 inline at::Tensor weight_hwio(const at::Tensor& weight) {
-  return weight.permute({2, 3, 1, 0}).contiguous();
+  return kept({weight}, {kCudaForwardLayout, static_cast<int64_t>(weight.scalar_type())},
+              [&] { return weight.permute({2, 3, 1, 0}).contiguous(); });
+}
+
+// The same for the grad_input launcher: [KH, KW, Cout, Cin].
+inline at::Tensor weight_hwoi(const at::Tensor& weight) {
+  return kept({weight}, {kCudaGradInputLayout, static_cast<int64_t>(weight.scalar_type())},
+              [&] { return weight.permute({2, 3, 0, 1}).contiguous(); });
 }
 
 // The current torch stream of t's device (launchers are asynchronous on it).
@@ -76,7 +85,8 @@ inline void check_launch(cudaError_t err, const char* kernel) {
 // patch axis (a fixed order: reproducible). The triton backend's merge_stats is the same formula.
 inline std::tuple<at::Tensor, at::Tensor> merge_patch_stats(const at::Tensor& planes) {
   const at::Tensor count = planes[0], total = planes[1], m2 = planes[2];
-  const at::Tensor pixels = count.sum(0).clamp_min(1);
+  // Counted in fp64: a channel's pixel count passes 2^24 (fp32's exact integers) at large batches.
+  const at::Tensor pixels = count.sum(0, /*keepdim=*/false, at::kDouble).clamp_min(1).to(planes.scalar_type());
   const at::Tensor mean = total.sum(0) / pixels;
   const at::Tensor spread = (count * (total / count.clamp_min(1) - mean).square()).sum(0);
   return {mean, (m2.sum(0) + spread) / pixels};

@@ -18,7 +18,10 @@
 #include <stdint.h>
 
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "../common/conv_tiling.h"
 #include "../common/tap_geometry.h"
@@ -209,17 +212,37 @@ constexpr bool is_16bit() {
   return std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 }
 
-// Whether a tensor-core kernel for T has its real body on the current device. The body was
-// compiled for __CUDA_ARCH__ = ptxVersion * 10 of the image the driver picked, so asking the
-// kernel (not the device) also covers builds whose arch list lacks the device's own arch.
+// The ptxVersion of the image the driver picked for `kernel` on the current device (its body was
+// compiled for __CUDA_ARCH__ = ptxVersion * 10), or 0 when it cannot say. Asking the kernel (not
+// the device) also covers builds whose arch list lacks the device's own arch. Looked up once per
+// (kernel, device): launches pay a lock and a map lookup, not a driver call.
+int kernel_ptx_version(const void* kernel) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky; the launch reports any real problem
+    return 0;
+  }
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> versions;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(kernel, device);
+  const auto found = versions.find(key);
+  if (found != versions.end()) return found->second;
+  cudaFuncAttributes attr;
+  int version = 0;
+  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
+    version = attr.ptxVersion;
+  } else {
+    (void)cudaGetLastError();  // not sticky; the fallback kernel's launch reports any real problem
+  }
+  versions.emplace(key, version);
+  return version;
+}
+
+// Whether a tensor-core kernel for T has its real body on the current device.
 template <typename T>
 bool tc_usable(const void* kernel) {
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky; the SIMT launch reports any real problem
-    return false;
-  }
-  return attr.ptxVersion >= (std::is_same<T, __half>::value ? 70 : 80);
+  return kernel_ptx_version(kernel) >= (std::is_same<T, __half>::value ? 70 : 80);
 }
 
 bool valid_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,

@@ -132,14 +132,9 @@ __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA
 // Whether a CuTe kernel may run: FASTASPP_CUDA_CONV not set to `wmma` (which keeps every launch on
 // the WMMA kernels, to compare the two on a device) and the kernel's image built for sm80 or later.
 inline bool sm80_kernel_usable(const void* kernel) {
-  const char* choice = std::getenv("FASTASPP_CUDA_CONV");
+  const char* choice = std::getenv("FASTASPP_CUDA_CONV");  // read per call, as every switch
   if (choice != nullptr && std::strcmp(choice, "wmma") == 0) return false;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky; the other kernel's launch reports any real problem
-    return false;
-  }
-  return attr.ptxVersion >= 80;
+  return kernel_ptx_version(kernel) >= 80;
 }
 
 }  // namespace

@@ -76,7 +76,9 @@ at::Tensor kept(at::TensorList weights, const std::vector<int64_t>& tag, const s
     }
   }
   at::Tensor value = make();  // outside the lock: it may run parallel loops
-  const int64_t budget = env_megabytes("FASTASPP_CPU_KEPT_MB", 1024);
+  const c10::DeviceType device = value.device().type();
+  const int64_t budget = device == c10::DeviceType::CPU ? env_megabytes("FASTASPP_CPU_KEPT_MB", 1024)
+                                                        : env_megabytes("FASTASPP_CUDA_KEPT_MB", 1024);
   const int64_t bytes = value.numel() * value.element_size();
   if (bytes > budget) return value;
   std::lock_guard<std::mutex> lock(kept_mutex());
@@ -85,11 +87,15 @@ at::Tensor kept(at::TensorList weights, const std::vector<int64_t>& tag, const s
   entries.remove_if([&](const Entry& e) {
     return e.tag == tag && e.stamps.size() == weights.size() && e.stamps[0].impl == weights[0].unsafeGetTensorImpl();
   });
+  // Each device type's copies count against its own budget; the least recently used go first.
   int64_t held = bytes;
-  for (const Entry& e : entries) held += e.bytes();
-  while (held > budget && !entries.empty()) {
-    held -= entries.back().bytes();
-    entries.pop_back();
+  for (const Entry& e : entries)
+    if (e.value.device().type() == device) held += e.bytes();
+  for (auto it = entries.end(); held > budget && it != entries.begin();) {
+    --it;
+    if (it->value.device().type() != device) continue;
+    held -= it->bytes();
+    it = entries.erase(it);
   }
   Entry entry{{}, tag, value};
   for (const at::Tensor& w : weights) entry.stamps.emplace_back(w);
