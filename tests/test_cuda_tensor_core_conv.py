@@ -88,16 +88,19 @@ def test_forward_and_gradients(kernel, case, dtype):
                   storage_roundings=2)
 
 
+@pytest.mark.parametrize("rates", [[6, 12, 18], list(range(1, 10))], ids=["3 rates", "9 rates"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_aspp_branches_store_their_channel_slices(kernel, dtype):
-    """Each branch writes its [i*C, (i+1)*C) slice of the shared buffer, no other channel."""
-    rates, c_in, c = [6, 12, 18], 64, 136
+def test_aspp_branches_store_their_channel_slices(kernel, dtype, rates):
+    """Each branch writes its [i*C, (i+1)*C) slice of the shared buffer, no other channel; all
+    branches run in one launch, or in two past 8 branches (9 rates: 10 branches)."""
+    c_in, c = 64, 136
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, c_in, 21, 21, generator=g).to("cuda", dtype, memory_format=torch.channels_last)
     shapes = [(c, c_in, 1, 1)] + [(c, c_in, 3, 3)] * len(rates)
     ws = [(torch.randn(shape, generator=g) / (c_in * shape[2] * shape[3]) ** 0.5).to("cuda", dtype) for shape in shapes]
-    s = (torch.rand(4 * c, generator=g) + 0.5).to("cuda", dtype)
-    t = torch.randn(4 * c, generator=g).to("cuda", dtype)
+    branches = len(rates) + 1
+    s = (torch.rand(branches * c, generator=g) + 0.5).to("cuda", dtype)
+    t = torch.randn(branches * c, generator=g).to("cuda", dtype)
     out = fastaspp.ops.aspp_branches(x, ws, rates, s, t, relu=True)
     for i, w in enumerate(ws):
         r = rates[i - 1] if i else 0

@@ -7,9 +7,10 @@
 //            + shift[iC:(i+1)C])                                   for i = 1..R
 // (eval: BN folded into scale / shift per branch by the caller), written straight into channels
 // [i*C, (i+1)*C) of ONE channels_last buffer [N, (1+R)*C, H, W]: no torch.cat and no
-// per-branch output tensor (docs/design.md §4). Each branch is one launch of the forward conv
-// kernel (fastaspp_atrous_conv2d_forward_fused_cuda, pixel stride (1+R)*C, channel offset
-// i*C), which skips dead taps per tile (§2). x is brought to NHWC once for all branches.
+// per-branch output tensor (docs/design.md §4). All branches are one launch of the forward conv
+// kernel (fastaspp_atrous_conv2d_forward_branches_cuda: pixel stride (1+R)*C, branch i at channel
+// offset i*C; grid.y over (branch, channel block), so a small batch still fills the GPU), which
+// skips dead taps per tile (§2). x is brought to NHWC once for all branches.
 // Training (_aspp_branches_stats_forward): the raw branches, with the BN statistics from the
 // same launches' epilogues (§6), merged here.
 // Not done here yet: sharing one read of x between b0 and the centre taps of b1..bR (§4).
@@ -19,6 +20,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 
@@ -60,7 +62,7 @@ int64_t check_branches(const char* op, const at::Tensor& x, at::TensorList weigh
   return c;
 }
 
-// One forward launch per branch into channels [i*C, (i+1)*C) of the channels_last buffer y;
+// Every branch into channels [i*C, (i+1)*C) of the channels_last buffer y, in one launch;
 // options_for(i) gives branch i's epilogue. x is brought to NHWC once for all branches.
 template <typename OptionsFor>
 void launch_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates, at::Tensor& y,
@@ -68,25 +70,27 @@ void launch_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRe
   const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t c = weights[0].size(0), c_total = y.size(1);
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
-  const int dtype = dtype_code(x.scalar_type());
-  const cudaStream_t stream = current_stream(x);
-  for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
+  std::vector<at::Tensor> layouts;  // alive until the launch is queued (then the allocator orders reuse)
+  std::vector<FastasppBranch> branches(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
     // "Same" geometry (aspp_branch_geometry): stride 1, padding = dilation, so every branch is H x W.
-    const int64_t k = i == 0 ? 1 : 3;
     const ConvGeometry g = aspp_branch_geometry(i == 0 ? 0 : rates[i - 1]);
-    // A copy that is not kept is freed at the end of the iteration while the launch may still be
-    // queued: the caching allocator's reuse is ordered on this stream, so that is safe.
-    const at::Tensor w_hwio = weight_hwio(weights[i]);  // [k, k, Cin, C]
-    const FastasppForwardOptions options = options_for(i);
-    const cudaError_t err = fastaspp_atrous_conv2d_forward_fused_cuda(
-        x_nhwc.data_ptr(), w_hwio.data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total,
-        /*y_channel_offset=*/i * c, dtype, n, c_in, h, w, c, k, k, /*h_out=*/h, /*w_out=*/w,
-        g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], &options,
-        stream);
-    if (err != cudaSuccess) {
-      check_launch(err, ("aspp branch " + std::to_string(i)).c_str());
-    }
+    layouts.push_back(weight_hwio(weights[i]));  // [k, k, Cin, C]
+    FastasppBranch& b = branches[i];
+    b.weight_hwio = layouts.back().data_ptr();
+    b.kh = b.kw = i == 0 ? 1 : 3;
+    b.pad_h = g.padding[0];
+    b.pad_w = g.padding[1];
+    b.dil_h = g.dilation[0];
+    b.dil_w = g.dilation[1];
+    b.y_channel_offset = static_cast<int64_t>(i) * c;
+    b.options = options_for(static_cast<int64_t>(i));
   }
+  check_launch(fastaspp_atrous_conv2d_forward_branches_cuda(
+                   x_nhwc.data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total, dtype_code(x.scalar_type()), n,
+                   c_in, h, w, c, /*h_out=*/h, /*w_out=*/w, /*stride_h=*/1, /*stride_w=*/1, branches.data(),
+                   static_cast<int>(branches.size()), current_stream(x)),
+               "aspp_branches");
 }
 
 at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,

@@ -14,7 +14,9 @@
 //               dst pixel i reads src row (i + p - k*d) / s, only when that divides exactly.
 // * A CTA owns a 2-D patch of BM = 64 dst pixels of one image (rows x cols, cols a power of
 //   two chosen per launch to waste the least area: common/conv_tiling.h) and BN = 64 dst
-//   channels.
+//   channels. A launch runs a batch of convs over the same dst map (ConvBatch, conv_common.cuh:
+//   the ASPP's branches, each into its channel slice; a single conv is a batch of one): grid.x
+//   is the patch, grid.y the (conv, channel block).
 // * Taps are visited in order; a tap is skipped outright (no loads, no MMAs) unless it is
 //   live along BOTH axes for the patch (patch_tap_live, common/conv_tiling.h). Live taps
 //   loop over src channels in chunks of BK; the A tile (gathered pixels, zero where a pixel
@@ -46,6 +48,9 @@
 // * Known costs: grad_input with stride > 1 gathers a zero for the dst pixels of the wrong
 //   phase (only 1/(sh*sw) of a live tap's rows are real), and there is no split over K, so a
 //   small batch with few pixel tiles leaves SMs idle. Neither matters for ASPP (stride 1).
+
+#include <algorithm>
+#include <vector>
 
 #include "conv_common.cuh"
 #include "conv_sm80.cuh"
@@ -100,7 +105,7 @@ __device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const Patch& t,
 // fp16 / bf16 tensor-core conv. Shared memory: A 2x64x40, B 2x32x72 (16-bit) + C 64x68 fp32
 // = 10240 + 9216 + 17408 = 36864 bytes.
 template <typename T, int V, bool kDgrad>
-__global__ void __launch_bounds__(128) conv_wmma_kernel(ConvArgs a) {
+__global__ void __launch_bounds__(128) conv_wmma_kernel(const __grid_constant__ ConvBatch batch) {
   if constexpr (tc_supported_here<T>()) {
     using namespace nvcuda;
     constexpr int BM = 64, BN = 64, BK = 32, NT = 128;
@@ -118,8 +123,9 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(ConvArgs a) {
     T* Bs = reinterpret_cast<T*>(smem + kABytes);
     float* Cs = reinterpret_cast<float*>(smem + kABytes + kBBytes);
 
+    const ConvArgs& a = cta_conv(batch);
     const Patch t = cta_patch(a);
-    const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+    const int64_t n0 = cta_n0<BN>(batch);
     const int warp = static_cast<int>(threadIdx.x) >> 5;
     const int wm = warp >> 1, wn = warp & 1;
 
@@ -166,7 +172,7 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(ConvArgs a) {
 // A 2x64x18 + B 2x16x66 doubles = 18432 + 16896 = 35328 bytes; the tile staged for the BN
 // statistics (64 x 65 accumulators, 33280 bytes for fp64) reuses it.
 template <typename T, int V, bool kDgrad>
-__global__ void __launch_bounds__(256) conv_simt_kernel(ConvArgs a) {
+__global__ void __launch_bounds__(256) conv_simt_kernel(const __grid_constant__ ConvBatch batch) {
   using Acc = typename Elem<T>::Acc;
   constexpr int BM = 64, BN = 64, BK = 16, NT = 256;
   constexpr int kPad = 16 / static_cast<int>(sizeof(T));  // one 16-byte vector
@@ -180,8 +186,9 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(ConvArgs a) {
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = reinterpret_cast<T*>(smem + kABytes);
 
+  const ConvArgs& a = cta_conv(batch);
   const Patch t = cta_patch(a);
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t n0 = cta_n0<BN>(batch);
   const int tx = static_cast<int>(threadIdx.x) & 15, ty = static_cast<int>(threadIdx.x) >> 4;
 
   // Thread owns rows ty + 16i and columns tx + 16j: A reads broadcast within a half-warp,
@@ -229,39 +236,56 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(ConvArgs a) {
     }
 }
 
-// 16-bit types: the CuTe kernel (conv_sm80.cuh) where it can run, else WMMA tensor cores when
-// the kernel image has them, else SIMT; 16-byte vector loads when the channel counts and
-// pointers allow.
-template <typename T, bool kDgrad>
-cudaError_t launch_conv_t(const ConvArgs& a, cudaStream_t stream) {
-  if constexpr (is_16bit<T>()) {
-    if (conv_sm80_usable<T, kDgrad>(a)) return launch_conv_sm80<T, kDgrad>(a, stream);
-  }
-  const int64_t grid_x = a.n * a.tiling.tiles_per_img;
-  const int64_t grid_y = div_up(a.nc, 64);  // BN of the WMMA and SIMT kernels
+// Launches `kernel` over the batch with BN dst channels per CTA.
+template <int BN>
+cudaError_t launch_batch(void (*kernel)(ConvBatch), ConvBatch& b, int threads, cudaStream_t stream) {
+  int64_t blocks = 1;
+  for (int i = 0; i < b.count; ++i) blocks = std::max(blocks, div_up(b.conv[i].nc, BN));
+  const ConvArgs& a = b.conv[0];  // every conv has the same dst map, so the same patches
+  const int64_t grid_x = a.n * a.tiling.tiles_per_img, grid_y = blocks * b.count;
   if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-  const bool vec = a.kc % V == 0 && a.nc % V == 0 && aligned16(a.src) && aligned16(a.wt);
-  if constexpr (is_16bit<T>()) {
-    void (*k)(ConvArgs) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
-    if (tc_usable<T>(reinterpret_cast<const void*>(k))) {
-      k<<<grid, 128, 0, stream>>>(a);
-      return cudaGetLastError();
-    }
-  }
-  void (*k)(ConvArgs) = vec ? conv_simt_kernel<T, V, kDgrad> : conv_simt_kernel<T, 1, kDgrad>;
-  k<<<grid, 256, 0, stream>>>(a);
+  b.blocks_per_conv = static_cast<int>(blocks);
+  kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), threads, 0, stream>>>(b);
   return cudaGetLastError();
 }
 
-// Fills the tiling fields of a and launches the dtype's kernel.
+// 16-bit types: the CuTe kernel (conv_sm80.cuh) where it can run every conv of the batch, else
+// WMMA tensor cores when the kernel image has them, else SIMT; 16-byte vector loads when every
+// conv's channel counts and pointers allow.
+template <typename T, bool kDgrad>
+cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
+  bool vec = true;
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  for (int i = 0; i < b.count; ++i) {
+    const ConvArgs& a = b.conv[i];
+    vec = vec && a.kc % V == 0 && a.nc % V == 0 && aligned16(a.src) && aligned16(a.wt);
+  }
+  if constexpr (is_16bit<T>()) {
+    bool sm80 = true;
+    for (int i = 0; i < b.count; ++i) sm80 = sm80 && conv_sm80_usable<T, kDgrad>(b.conv[i]);
+    if (sm80) return launch_batch<Sm80Config<T>::BN>(conv_sm80_kernel<T, kDgrad>, b, Sm80Tile::kThreads, stream);
+    void (*k)(ConvBatch) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
+    if (tc_usable<T>(reinterpret_cast<const void*>(k))) return launch_batch<64>(k, b, 128, stream);
+  }
+  void (*k)(ConvBatch) = vec ? conv_simt_kernel<T, V, kDgrad> : conv_simt_kernel<T, 1, kDgrad>;
+  return launch_batch<64>(k, b, 256, stream);  // BN of the WMMA and SIMT kernels: 64
+}
+
+// Fills the tiling fields of each conv and launches the dtype's kernel over them.
 template <bool kDgrad>
-cudaError_t launch_conv(ConvArgs a, int dtype, cudaStream_t stream) {
-  a.tiling = patch_tiling(a.dst_h, a.dst_w);
+cudaError_t launch_conv(ConvBatch& b, int dtype, cudaStream_t stream) {
+  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = patch_tiling(b.conv[i].dst_h, b.conv[i].dst_w);
   return with_element_type(dtype, [&](auto element) {
-    return launch_conv_t<decltype(element), kDgrad>(a, stream);
+    return launch_conv_t<decltype(element), kDgrad>(b, stream);
   });
+}
+
+template <bool kDgrad>
+cudaError_t launch_conv(const ConvArgs& a, int dtype, cudaStream_t stream) {
+  ConvBatch b{};
+  b.conv[0] = a;
+  b.count = 1;
+  return launch_conv<kDgrad>(b, dtype, stream);
 }
 
 }  // namespace
@@ -277,35 +301,35 @@ extern "C" int64_t fastaspp_conv_patch_count(int64_t n, int64_t h_out, int64_t w
   return n * fastaspp::patch_tiling(h_out, w_out).tiles_per_img;
 }
 
-extern "C" cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
-    const void* x, const void* weight_hwio, void* y, int64_t y_pixel_stride,
-    int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
-    int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
-    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-    const FastasppForwardOptions* options, cudaStream_t stream) {
+namespace {
+
+enum class Check { kLaunch, kNothingToDo, kInvalid };
+
+// One forward conv's ConvArgs from the launcher arguments (see atrous_conv.h), with its checks.
+Check forward_args(ConvArgs& a, const void* x, const void* weight_hwio, void* y, int64_t y_pixel_stride,
+                   int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
+                   int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
+                   int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                   const FastasppForwardOptions* options) {
   if (options == nullptr || acc_bytes(dtype) < 0 ||
-      !valid_geometry(n, c_in, h, w, c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h,
-                      pad_w, dil_h, dil_w)) {
-    return cudaErrorInvalidValue;
+      !valid_geometry(n, c_in, h, w, c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h,
+                      dil_w)) {
+    return Check::kInvalid;
   }
   // The slice must lie inside each pixel's run of y_pixel_stride elements, so that no two
   // (pixel, channel) pairs share an address.
-  if (y_channel_offset < 0 || y_pixel_stride < c_out ||
-      y_channel_offset > y_pixel_stride - c_out) {
-    return cudaErrorInvalidValue;
+  if (y_channel_offset < 0 || y_pixel_stride < c_out || y_channel_offset > y_pixel_stride - c_out) {
+    return Check::kInvalid;
   }
   const int prologue_parts = (options->x_centre != nullptr) + (options->x_scale != nullptr) +
                              (options->x_shift != nullptr);
-  if (prologue_parts != 0 &&
-      (prologue_parts != 3 || kh != 1 || kw != 1 || stride_h != 1 || stride_w != 1 || pad_h != 0 ||
-       pad_w != 0)) {
-    return cudaErrorInvalidValue;
+  if (prologue_parts != 0 && (prologue_parts != 3 || kh != 1 || kw != 1 || stride_h != 1 || stride_w != 1 ||
+                              pad_h != 0 || pad_w != 0)) {
+    return Check::kInvalid;
   }
-  if (n == 0 || c_out == 0 || h_out == 0 || w_out == 0) return cudaSuccess;
-  if (y == nullptr || (c_in > 0 && (x == nullptr || weight_hwio == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  ConvArgs a{};
+  if (n == 0 || c_out == 0 || h_out == 0 || w_out == 0) return Check::kNothingToDo;
+  if (y == nullptr || (c_in > 0 && (x == nullptr || weight_hwio == nullptr))) return Check::kInvalid;
+  a = ConvArgs{};
   a.src = x;
   a.wt = weight_hwio;
   a.scale = options->scale;
@@ -335,6 +359,55 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
   a.dil_h = dil_h;
   a.dil_w = dil_w;
   a.relu = options->relu != 0;
+  return Check::kLaunch;
+}
+
+}  // namespace
+
+extern "C" cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
+    const void* x, void* y, int64_t y_pixel_stride, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
+    int64_t c_out, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
+    const FastasppBranch* branches, int count, cudaStream_t stream) {
+  if (count < 0 || (count > 0 && branches == nullptr)) return cudaErrorInvalidValue;
+  // Every branch is checked before any launch; the slices must not overlap (they run concurrently).
+  for (int i = 0; i < count; ++i) {
+    for (int j = 0; j < i; ++j) {
+      const int64_t lo = std::max(branches[i].y_channel_offset, branches[j].y_channel_offset);
+      const int64_t hi = std::min(branches[i].y_channel_offset, branches[j].y_channel_offset) + c_out;
+      if (c_out > 0 && lo < hi) return cudaErrorInvalidValue;
+    }
+  }
+  std::vector<ConvArgs> convs(count);
+  for (int i = 0; i < count; ++i) {
+    const FastasppBranch& br = branches[i];
+    const Check check = forward_args(convs[i], x, br.weight_hwio, y, y_pixel_stride, br.y_channel_offset, dtype, n,
+                                     c_in, h, w, c_out, br.kh, br.kw, h_out, w_out, stride_h, stride_w, br.pad_h,
+                                     br.pad_w, br.dil_h, br.dil_w, &br.options);
+    if (check == Check::kInvalid) return cudaErrorInvalidValue;
+    if (check == Check::kNothingToDo) return cudaSuccess;  // an empty output: the same for every branch
+  }
+  for (int first = 0; first < count; first += kMaxConvs) {  // one launch per kMaxConvs branches
+    ConvBatch batch{};
+    batch.count = std::min(count - first, kMaxConvs);
+    for (int i = 0; i < batch.count; ++i) batch.conv[i] = convs[first + i];
+    const cudaError_t err = launch_conv<false>(batch, dtype, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
+    const void* x, const void* weight_hwio, void* y, int64_t y_pixel_stride,
+    int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
+    int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
+    int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+    const FastasppForwardOptions* options, cudaStream_t stream) {
+  ConvArgs a;
+  const Check check = forward_args(a, x, weight_hwio, y, y_pixel_stride, y_channel_offset, dtype, n, c_in, h, w,
+                                   c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                   options);
+  if (check == Check::kInvalid) return cudaErrorInvalidValue;
+  if (check == Check::kNothingToDo) return cudaSuccess;
   return launch_conv<false>(a, dtype, stream);
 }
 

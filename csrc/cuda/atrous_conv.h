@@ -82,6 +82,25 @@ cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
     const FastasppForwardOptions* options, cudaStream_t stream);
 
+// One conv of a branch launch: its weight, kernel size and padding / dilation, its channel slice
+// of y and its options.
+typedef struct {
+  const void* weight_hwio;  // [KH, KW, Cin, Cout]
+  int64_t kh, kw, pad_h, pad_w, dil_h, dil_w;
+  int64_t y_channel_offset;
+  FastasppForwardOptions options;
+} FastasppBranch;
+
+// Several convs of the same x into disjoint channel slices of one y (the ASPP's branches), all with
+// the same stride and output size, in one launch (several past 8 branches): the CTAs of every
+// branch run together, so a small batch still fills the GPU. Each branch as
+// fastaspp_atrous_conv2d_forward_fused_cuda; cudaErrorInvalidValue when any branch is invalid or
+// two slices overlap, before anything is launched.
+cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
+    const void* x, void* y, int64_t y_pixel_stride, int dtype, int64_t n, int64_t c_in, int64_t h,
+    int64_t w, int64_t c_out, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
+    const FastasppBranch* branches, int count, cudaStream_t stream);
+
 // The same into a dense NHWC y [N, Ho, Wo, Cout] (y_pixel_stride = Cout, y_channel_offset = 0).
 cudaError_t fastaspp_atrous_conv2d_forward_cuda(
     const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,

@@ -39,6 +39,26 @@ struct ConvArgs {
   int relu;
 };
 
+// Up to kMaxConvs convs over the same dst map launched together (the ASPP's branches, each into its
+// channel slice): grid.x runs over the patches, grid.y over (conv, dst channel block); a single
+// conv is a batch of one. Kernels take it as a __grid_constant__ parameter, so a CTA reads its
+// conv's arguments in place (no copy of the array).
+constexpr int kMaxConvs = 8;
+struct ConvBatch {
+  ConvArgs conv[kMaxConvs];
+  int count;
+  int blocks_per_conv;  // dst channel blocks per conv, of the launched kernel's BN
+};
+
+// The conv this CTA works on, and the first dst channel of its block.
+__device__ __forceinline__ const ConvArgs& cta_conv(const ConvBatch& b) {
+  return b.conv[blockIdx.y / b.blocks_per_conv];
+}
+template <int BN>
+__device__ __forceinline__ int64_t cta_n0(const ConvBatch& b) {
+  return static_cast<int64_t>(blockIdx.y % b.blocks_per_conv) * BN;
+}
+
 __device__ __forceinline__ Patch cta_patch(const ConvArgs& a) {
   return patch_of(a.tiling, blockIdx.x, a.dst_h, a.dst_w);
 }

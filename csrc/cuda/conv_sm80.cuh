@@ -40,7 +40,7 @@ struct Sm80Config {
 };
 
 template <typename T, bool kDgrad>
-__global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs a) {
+__global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __grid_constant__ ConvBatch batch) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace cute;
   using V = typename Sm80Traits<T>::Value;
@@ -57,8 +57,9 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(ConvArgs 
   Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), LayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + kABytes)), LayoutB{});
 
+  const ConvArgs& a = cta_conv(batch);
   const Patch t = cta_patch(a);
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t n0 = cta_n0<BN>(batch);
   const int64_t taps = a.kh * a.kw;
   const T* src = static_cast<const T*>(a.src);
   const T* wt = static_cast<const T*>(a.wt);
@@ -146,15 +147,6 @@ bool conv_sm80_usable(const ConvArgs& a) {
   if (a.kc % Sm80Tile::kChunk != 0 || a.nc % Sm80Tile::kChunk != 0 || !aligned16(a.src) || !aligned16(a.wt))
     return false;
   return sm80_kernel_usable(reinterpret_cast<const void*>(conv_sm80_kernel<T, kDgrad>));
-}
-
-template <typename T, bool kDgrad>
-cudaError_t launch_conv_sm80(const ConvArgs& a, cudaStream_t stream) {
-  const int64_t grid_x = a.n * a.tiling.tiles_per_img, grid_y = div_up(a.nc, Sm80Config<T>::BN);
-  if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
-  conv_sm80_kernel<T, kDgrad>
-      <<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), Sm80Tile::kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
 }
 
 }  // namespace
