@@ -25,6 +25,10 @@ TORCH_LIBRARY_FRAGMENT(fastaspp, m) {
   // in its input's dtype.
   m.def("_affine_relu_project_backward(Tensor g, Tensor z, Tensor centre, Tensor scale, Tensor shift, "
         "Tensor weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Input gradient of the raw branch sums (cuda): d/dx of sum(grad * branches(x)) with scale 1,
+  // shift 0 and no ReLU, grad [N, (1+R)*C, H, W], as a [N, Cin, H, W] channels_last tensor with
+  // input_size = [N, Cin, H, W]. Every branch's share in one accumulator.
+  m.def("_aspp_branches_grad_input(Tensor grad, Tensor[] weights, int[] rates, int[] input_size) -> Tensor");
   // Backward of the raw branch sums (cpu): (dx, [dweight_i]) of sum(grad * branches(x)) with scale
   // 1, shift 0 and no ReLU, every branch's input gradient summed in one buffer; None / [] where
   // output_mask (dx, dweights) is false. Each dweight has its weight's strides.

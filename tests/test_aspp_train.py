@@ -167,6 +167,9 @@ def test_branches_grad_input_op(backend):
         assert dx.is_contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.fastaspp.aspp_branches_grad_input.default,
                           (g.float(), [w.float() for w in ws], rates, list(x.shape), backend))
+    if backend == "cuda":  # its kernel op (every branch in one launch)
+        torch.library.opcheck(torch.ops.fastaspp._aspp_branches_grad_input.default,
+                              (g.float(), [w.float() for w in ws], rates, list(x.shape)))
 
 
 def test_gradcheck_fp64(backend):

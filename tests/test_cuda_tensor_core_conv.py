@@ -136,3 +136,25 @@ def test_training_aspp_statistics_and_prologue(kernel, dtype):
     assert_within(y, exact, magnitude, depth, dtype, f"y {kernel}", storage_roundings=2)
     accumulators = (relative_bound(depth, torch.float32) + UNIT_ROUNDOFF[dtype]) * magnitude
     assert_statistics_within(mean, var, exact, accumulators, UNIT_ROUNDOFF[torch.float32], f"y {kernel}")
+
+
+@pytest.mark.parametrize("rates", [[6, 12, 18], list(range(1, 10))], ids=["3 rates", "9 rates"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_aspp_input_gradient_sums_every_branch(kernel, dtype, rates):
+    """The ASPP's input gradient, every branch's summed in one launch's accumulators (two launches,
+    then one addition, past 8 branches), each branch reading its channel slice of the gradient."""
+    c_in, c = 64, 136
+    g = torch.Generator().manual_seed(4)
+    shapes = [(c, c_in, 1, 1)] + [(c, c_in, 3, 3)] * len(rates)
+    ws = [(torch.randn(shape, generator=g) / (c_in * shape[2] * shape[3]) ** 0.5).to("cuda", dtype) for shape in shapes]
+    grad = torch.randn(2, len(ws) * c, 21, 21, generator=g).to("cuda", dtype, memory_format=torch.channels_last)
+    dx = torch.ops.fastaspp.aspp_branches_grad_input(grad, ws, rates, [2, c_in, 21, 21], "cuda")
+    expected = []
+    for values in (lambda v: v.double(), absolute):  # the reference, then its magnitude
+        xs = torch.zeros(2, c_in, 21, 21, dtype=torch.float64, device="cuda", requires_grad=True)
+        out = torch.cat([reference.atrous_conv2d(xs, values(w), None, padding=r, dilation=max(r, 1))
+                         for w, r in zip(ws, [0] + rates)], 1)
+        expected.append(torch.autograd.grad(out, xs, values(grad))[0])
+    # Every branch's terms in one sum: C * taps of each, plus the extra rounding of a second launch's sum.
+    depth = c * (1 + 9 * len(rates)) + (1 if len(ws) > 8 else 0)
+    assert_within(dx, expected[0], expected[1], depth, dtype, f"aspp grad x {kernel}", storage_roundings=2)

@@ -1,5 +1,5 @@
-// CUDA registrations of fastaspp::_aspp_branches_forward and _aspp_branches_stats_forward
-// (schemas in csrc/aspp.cpp).
+// CUDA registrations of fastaspp::_aspp_branches_forward, _aspp_branches_stats_forward and
+// _aspp_branches_grad_input (schemas in csrc/aspp.cpp).
 //
 // The ASPP conv branches over one feature map x [N, Cin, H, W] (act = ReLU when relu):
 //   b0 = act(conv1x1(x, weights[0]) * scale[0:C] + shift[0:C])
@@ -12,12 +12,14 @@
 // offset i*C; grid.y over (branch, channel block), so a small batch still fills the GPU), which
 // skips dead taps per tile (§2). x is brought to NHWC once for all branches.
 // Training (_aspp_branches_stats_forward): the raw branches, with the BN statistics from the
-// same launches' epilogues (§6), merged here.
+// same launch's epilogues (§6), merged here; and their input gradient (_aspp_branches_grad_input),
+// every branch summed in one launch's accumulators (§7).
 // Not done here yet: sharing one read of x between b0 and the centre taps of b1..bR (§4).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -62,6 +64,14 @@ int64_t check_branches(const char* op, const at::Tensor& x, at::TensorList weigh
   return c;
 }
 
+// Branch i's kernel size, padding and dilation: the "same" geometry of aspp_branch_geometry (stride
+// 1, padding = dilation), so every branch is H x W; 1x1 for the first, 3x3 for the rates.
+FastasppBranchGeometry branch_geometry(at::IntArrayRef rates, size_t i) {
+  const ConvGeometry g = aspp_branch_geometry(i == 0 ? 0 : rates[i - 1]);
+  const int64_t k = i == 0 ? 1 : 3;
+  return FastasppBranchGeometry{k, k, g.padding[0], g.padding[1], g.dilation[0], g.dilation[1]};
+}
+
 // Every branch into channels [i*C, (i+1)*C) of the channels_last buffer y, in one launch;
 // options_for(i) gives branch i's epilogue. x is brought to NHWC once for all branches.
 template <typename OptionsFor>
@@ -73,16 +83,10 @@ void launch_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRe
   std::vector<at::Tensor> layouts;  // alive until the launch is queued (then the allocator orders reuse)
   std::vector<FastasppBranch> branches(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
-    // "Same" geometry (aspp_branch_geometry): stride 1, padding = dilation, so every branch is H x W.
-    const ConvGeometry g = aspp_branch_geometry(i == 0 ? 0 : rates[i - 1]);
     layouts.push_back(weight_hwio(weights[i]));  // [k, k, Cin, C]
     FastasppBranch& b = branches[i];
     b.weight_hwio = layouts.back().data_ptr();
-    b.kh = b.kw = i == 0 ? 1 : 3;
-    b.pad_h = g.padding[0];
-    b.pad_w = g.padding[1];
-    b.dil_h = g.dilation[0];
-    b.dil_w = g.dilation[1];
+    b.geometry = branch_geometry(rates, i);
     b.y_channel_offset = static_cast<int64_t>(i) * c;
     b.options = options_for(static_cast<int64_t>(i));
   }
@@ -149,10 +153,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cuda(
   return {z, mean, var};
 }
 
+// Training backward: every branch's input gradient summed by one kernel launch per
+// FASTASPP_MAX_BRANCHES branches (more are added up here), each branch reading its channel slice
+// of grad in place.
+at::Tensor aspp_branches_grad_input_cuda(const at::Tensor& grad, at::TensorList weights, at::IntArrayRef rates,
+                                         at::IntArrayRef input_size) {
+  constexpr const char* op = "fastaspp::_aspp_branches_grad_input";
+  TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 elements, got ", input_size.size());
+  const int64_t n = input_size[0], c_in = input_size[1], h = input_size[2], w = input_size[3];
+  TORCH_CHECK(n >= 0 && c_in >= 0 && h >= 0 && w >= 0, op, ": input_size must be non-negative, got ", input_size);
+  // The branch checks take x's place from a shape-only view of grad's device and dtype.
+  const int64_t c = check_branches(op, grad.new_empty({n, c_in, h, w}), weights, rates);
+  check_tensor(op, grad, "grad", 4);
+  const int64_t c_total = static_cast<int64_t>(weights.size()) * c;
+  TORCH_CHECK(grad.size(0) == n && grad.size(1) == c_total && grad.size(2) == h && grad.size(3) == w, op,
+              ": grad must have shape [", n, ", ", c_total, ", ", h, ", ", w, "] (len(weights) * C channels of "
+              "the input's map), got ", grad.sizes());
+
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor dx = at::empty({n, c_in, h, w}, grad.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (dx.numel() == 0) return dx;
+  const at::Tensor g_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const int dtype = dtype_code(grad.scalar_type());
+  const cudaStream_t stream = current_stream(grad);
+  std::vector<at::Tensor> layouts;  // alive until the launch is queued
+  for (size_t first = 0; first < weights.size(); first += FASTASPP_MAX_BRANCHES) {
+    const size_t count = std::min<size_t>(FASTASPP_MAX_BRANCHES, weights.size() - first);
+    std::vector<FastasppGradBranch> branches(count);
+    for (size_t j = 0; j < count; ++j) {
+      const size_t i = first + j;
+      layouts.push_back(weight_hwoi(weights[i]));  // [k, k, C, Cin]
+      FastasppGradBranch& b = branches[j];
+      b.weight_hwoi = layouts.back().data_ptr();
+      b.geometry = branch_geometry(rates, i);
+      b.grad_channel_offset = static_cast<int64_t>(i) * c;
+    }
+    // Past FASTASPP_MAX_BRANCHES branches (not DeepLabV3's 4 or 5), a second launch's sum is added.
+    at::Tensor out = first == 0 ? dx : at::empty_like(dx);
+    check_launch(fastaspp_atrous_conv2d_grad_input_branches_cuda(
+                     g_nhwc.data_ptr(), /*grad_pixel_stride=*/c_total, out.data_ptr(), dtype, n, c_in, h, w, c,
+                     /*h_out=*/h, /*w_out=*/w, /*stride_h=*/1, /*stride_w=*/1, branches.data(),
+                     static_cast<int>(count), stream),
+                 "aspp_branches_grad_input");
+    if (first > 0) dx.add_(out);
+  }
+  return dx;
+}
+
 }  // namespace
 }  // namespace fastaspp
 
 TORCH_LIBRARY_IMPL(fastaspp, CUDA, m) {
   m.impl("_aspp_branches_forward", &fastaspp::aspp_branches_forward_cuda);
   m.impl("_aspp_branches_stats_forward", &fastaspp::aspp_branches_stats_forward_cuda);
+  m.impl("_aspp_branches_grad_input", &fastaspp::aspp_branches_grad_input_cuda);
 }

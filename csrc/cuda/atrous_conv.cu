@@ -59,23 +59,22 @@ namespace fastaspp {
 namespace atrous_cuda {
 namespace {  // internal linkage: nothing here is visible to other translation units
 
-// The shared main loop: walks the live (tap, chunk) steps of the patch, stages A [BM][LDA]
-// and B [BK][LDB] into double-buffered shared memory and calls compute(A, B) per step.
+// The shared main loop: walks the live (conv, tap, chunk) steps of the patch over the CTA's convs,
+// stages A [BM][LDA] and B [BK][LDB] into double-buffered shared memory and calls compute(A, B)
+// per step.
 template <typename T, int V, bool kDgrad, int BM, int BN, int BK, int NT, int LDA, int LDB,
           typename Compute>
-__device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const Patch& t, int64_t n0,
+__device__ __forceinline__ void conv_mainloop(const ConvBatch& b, ConvRange r, const Patch& t, int64_t n0,
                                               T* As, T* Bs, Compute&& compute) {
   static_assert(BM == kTilePixels, "the patch is 64 pixels");
-  const T* src = static_cast<const T*>(a.src);
-  const T* wt = static_cast<const T*>(a.wt);
-  const int64_t taps = a.kh * a.kw;
   TileLoader<T, BM, BK, V, NT> la;
   TileLoader<T, BK, BN, V, NT> lb;
 
   auto load = [&](const Step& st) {
+    const ConvArgs& a = b.conv[st.conv];
+    const T* wt = static_cast<const T*>(a.wt);
     const int64_t kh = st.tap / a.kw, kw = st.tap % a.kw;
-    la.load([&](int m) -> const T* { return gather_row<kDgrad, T>(a, t, kh, kw, m, src); },
-            st.k0, a.kc);
+    la.load([&](int m) -> const T* { return gather_row<kDgrad, T>(a, t, kh, kw, m); }, st.k0, a.kc);
     lb.load(
         [&](int k) -> const T* {
           const int64_t kk = st.k0 + k;
@@ -84,18 +83,19 @@ __device__ __forceinline__ void conv_mainloop(const ConvArgs& a, const Patch& t,
         n0, a.nc);
   };
 
-  Step s = first_step<kDgrad>(a, t);
-  if (s.tap < taps) load(s);
+  Step s = first_step<kDgrad>(b, r.first, r.end, t);
+  if (s.conv < r.end) load(s);
   int buf = 0;
-  while (s.tap < taps) {
+  while (s.conv < r.end) {
     if constexpr (!kDgrad) {
+      const ConvArgs& a = b.conv[s.conv];
       if (a.src_scale != nullptr) la.apply([&](int64_t k, T v) { return prologue_value<T>(a, k, v); });
     }
     la.store(As + buf * (BM * LDA), LDA);
     lb.store(Bs + buf * (BK * LDB), LDB);
     __syncthreads();
-    const Step nx = next_step<kDgrad, BK>(a, t, s);
-    if (nx.tap < taps) load(nx);  // in flight during the math below
+    const Step nx = next_step<kDgrad, BK>(b, r.end, t, s);
+    if (nx.conv < r.end) load(nx);  // in flight during the math below
     compute(As + buf * (BM * LDA), Bs + buf * (BK * LDB));
     buf ^= 1;
     s = nx;
@@ -123,7 +123,8 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(const __grid_constant__ 
     T* Bs = reinterpret_cast<T*>(smem + kABytes);
     float* Cs = reinterpret_cast<float*>(smem + kABytes + kBBytes);
 
-    const ConvArgs& a = cta_conv(batch);
+    const ConvRange r = cta_convs(batch);
+    const ConvArgs& a = batch.conv[r.first];  // its epilogue
     const Patch t = cta_patch(a);
     const int64_t n0 = cta_n0<BN>(batch);
     const int warp = static_cast<int>(threadIdx.x) >> 5;
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(const __grid_constant__ 
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
     conv_mainloop<T, V, kDgrad, BM, BN, BK, NT, LDA, LDB>(
-        a, t, n0, As, Bs, [&](const T* A, const T* B) {
+        batch, r, t, n0, As, Bs, [&](const T* A, const T* B) {
 #pragma unroll
           for (int kk = 0; kk < BK; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
@@ -186,7 +187,8 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(const __grid_constant__ 
   T* As = reinterpret_cast<T*>(smem);
   T* Bs = reinterpret_cast<T*>(smem + kABytes);
 
-  const ConvArgs& a = cta_conv(batch);
+  const ConvRange r = cta_convs(batch);
+  const ConvArgs& a = batch.conv[r.first];  // its epilogue
   const Patch t = cta_patch(a);
   const int64_t n0 = cta_n0<BN>(batch);
   const int tx = static_cast<int>(threadIdx.x) & 15, ty = static_cast<int>(threadIdx.x) >> 4;
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(const __grid_constant__ 
     for (int j = 0; j < 4; ++j) acc[i][j] = Acc(0);
 
   conv_mainloop<T, V, kDgrad, BM, BN, BK, NT, LDA, LDB>(
-      a, t, n0, As, Bs, [&](const T* A, const T* B) {
+      batch, r, t, n0, As, Bs, [&](const T* A, const T* B) {
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
           Acc av[4], bv[4];
@@ -242,7 +244,7 @@ cudaError_t launch_batch(void (*kernel)(ConvBatch), ConvBatch& b, int threads, c
   int64_t blocks = 1;
   for (int i = 0; i < b.count; ++i) blocks = std::max(blocks, div_up(b.conv[i].nc, BN));
   const ConvArgs& a = b.conv[0];  // every conv has the same dst map, so the same patches
-  const int64_t grid_x = a.n * a.tiling.tiles_per_img, grid_y = blocks * b.count;
+  const int64_t grid_x = a.n * a.tiling.tiles_per_img, grid_y = b.sum_convs ? blocks : blocks * b.count;
   if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
   b.blocks_per_conv = static_cast<int>(blocks);
   kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), threads, 0, stream>>>(b);
@@ -258,7 +260,8 @@ cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   for (int i = 0; i < b.count; ++i) {
     const ConvArgs& a = b.conv[i];
-    vec = vec && a.kc % V == 0 && a.nc % V == 0 && aligned16(a.src) && aligned16(a.wt);
+    vec = vec && a.kc % V == 0 && a.nc % V == 0 && a.src_pixel_stride % V == 0 && a.src_channel_offset % V == 0 &&
+          aligned16(a.src) && aligned16(a.wt);
   }
   if constexpr (is_16bit<T>()) {
     bool sm80 = true;
@@ -343,6 +346,8 @@ Check forward_args(ConvArgs& a, const void* x, const void* weight_hwio, void* y,
   a.dst = y;
   a.dst_pixel_stride = y_pixel_stride;
   a.dst_channel_offset = y_channel_offset;
+  a.src_pixel_stride = c_in;  // dense NHWC x
+  a.src_channel_offset = 0;
   a.n = n;
   a.src_h = h;
   a.src_w = w;
@@ -380,9 +385,10 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
   std::vector<ConvArgs> convs(count);
   for (int i = 0; i < count; ++i) {
     const FastasppBranch& br = branches[i];
+    const FastasppBranchGeometry& g = br.geometry;
     const Check check = forward_args(convs[i], x, br.weight_hwio, y, y_pixel_stride, br.y_channel_offset, dtype, n,
-                                     c_in, h, w, c_out, br.kh, br.kw, h_out, w_out, stride_h, stride_w, br.pad_h,
-                                     br.pad_w, br.dil_h, br.dil_w, &br.options);
+                                     c_in, h, w, c_out, g.kh, g.kw, h_out, w_out, stride_h, stride_w, g.pad_h,
+                                     g.pad_w, g.dil_h, g.dil_w, &br.options);
     if (check == Check::kInvalid) return cudaErrorInvalidValue;
     if (check == Check::kNothingToDo) return cudaSuccess;  // an empty output: the same for every branch
   }
@@ -443,24 +449,33 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_cuda(
       w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, relu, stream);
 }
 
-extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
-    const void* grad, const void* weight_hwoi, void* grad_input, int dtype, int64_t n,
-    int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out,
-    int64_t w_out, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
-    int64_t dil_h, int64_t dil_w, cudaStream_t stream) {
+namespace {
+
+// One input-gradient conv's ConvArgs from the launcher arguments (see atrous_conv.h), with its
+// checks; grad's pixels hold grad_pixel_stride channels, this conv's from grad_channel_offset.
+Check grad_input_args(ConvArgs& a, const void* grad, int64_t grad_pixel_stride, int64_t grad_channel_offset,
+                      const void* weight_hwoi, void* grad_input, int dtype, int64_t n, int64_t c_in, int64_t h,
+                      int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out,
+                      int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                      int64_t dil_w) {
   if (acc_bytes(dtype) < 0 ||
-      !valid_geometry(n, c_in, h, w, c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h,
-                      pad_w, dil_h, dil_w)) {
-    return cudaErrorInvalidValue;
+      !valid_geometry(n, c_in, h, w, c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h,
+                      dil_w)) {
+    return Check::kInvalid;
   }
-  if (n == 0 || c_in == 0 || h == 0 || w == 0) return cudaSuccess;
+  if (grad_channel_offset < 0 || grad_pixel_stride < c_out || grad_channel_offset > grad_pixel_stride - c_out) {
+    return Check::kInvalid;
+  }
+  if (n == 0 || c_in == 0 || h == 0 || w == 0) return Check::kNothingToDo;
   // With an empty grad every tap is dead and the kernel writes zeros without reading it.
   const bool empty_src = c_out == 0 || h_out == 0 || w_out == 0;
   if (grad_input == nullptr || (!empty_src && (grad == nullptr || weight_hwoi == nullptr))) {
-    return cudaErrorInvalidValue;
+    return Check::kInvalid;
   }
-  ConvArgs a{};
+  a = ConvArgs{};
   a.src = grad;
+  a.src_pixel_stride = grad_pixel_stride;
+  a.src_channel_offset = grad_channel_offset;
   a.wt = weight_hwoi;
   a.dst = grad_input;
   a.dst_pixel_stride = c_in;  // dense NHWC
@@ -480,5 +495,41 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
   a.pad_w = pad_w;
   a.dil_h = dil_h;
   a.dil_w = dil_w;
+  return Check::kLaunch;
+}
+
+}  // namespace
+
+extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
+    const void* grad, const void* weight_hwoi, void* grad_input, int dtype, int64_t n,
+    int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out,
+    int64_t w_out, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+    int64_t dil_h, int64_t dil_w, cudaStream_t stream) {
+  ConvArgs a;
+  const Check check = grad_input_args(a, grad, c_out, 0, weight_hwoi, grad_input, dtype, n, c_in, h, w, c_out, kh,
+                                      kw, h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
+  if (check == Check::kInvalid) return cudaErrorInvalidValue;
+  if (check == Check::kNothingToDo) return cudaSuccess;
   return launch_conv<true>(a, dtype, stream);
+}
+
+extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_branches_cuda(
+    const void* grad, int64_t grad_pixel_stride, void* grad_input, int dtype, int64_t n, int64_t c_in,
+    int64_t h, int64_t w, int64_t c_out, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
+    const FastasppGradBranch* branches, int count, cudaStream_t stream) {
+  if (count < 1 || count > FASTASPP_MAX_BRANCHES || branches == nullptr) return cudaErrorInvalidValue;
+  static_assert(FASTASPP_MAX_BRANCHES == kMaxConvs, "one launch sums every branch");
+  ConvBatch batch{};
+  batch.sum_convs = 1;
+  batch.count = count;
+  for (int i = 0; i < count; ++i) {
+    const FastasppGradBranch& br = branches[i];
+    const FastasppBranchGeometry& g = br.geometry;
+    const Check check = grad_input_args(batch.conv[i], grad, grad_pixel_stride, br.grad_channel_offset,
+                                        br.weight_hwoi, grad_input, dtype, n, c_in, h, w, c_out, g.kh, g.kw,
+                                        h_out, w_out, stride_h, stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w);
+    if (check == Check::kInvalid) return cudaErrorInvalidValue;
+    if (check == Check::kNothingToDo) return cudaSuccess;  // an empty dx: the same for every branch
+  }
+  return launch_conv<true>(batch, dtype, stream);
 }

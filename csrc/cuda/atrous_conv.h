@@ -82,11 +82,15 @@ cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
     const FastasppForwardOptions* options, cudaStream_t stream);
 
-// One conv of a branch launch: its weight, kernel size and padding / dilation, its channel slice
-// of y and its options.
+// A branch's kernel size, padding and dilation (its stride is the launch's).
+typedef struct {
+  int64_t kh, kw, pad_h, pad_w, dil_h, dil_w;
+} FastasppBranchGeometry;
+
+// One conv of a branch launch: its weight and geometry, its channel slice of y and its options.
 typedef struct {
   const void* weight_hwio;  // [KH, KW, Cin, Cout]
-  int64_t kh, kw, pad_h, pad_w, dil_h, dil_w;
+  FastasppBranchGeometry geometry;
   int64_t y_channel_offset;
   FastasppForwardOptions options;
 } FastasppBranch;
@@ -115,6 +119,28 @@ cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
     int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out,
     int64_t w_out, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
     int64_t dil_h, int64_t dil_w, cudaStream_t stream);
+
+// The most branches one fastaspp_atrous_conv2d_grad_input_branches_cuda call sums.
+#define FASTASPP_MAX_BRANCHES 8
+
+// One branch of an input-gradient sum: its weight and geometry, and where its gradient's channels
+// start in each grad pixel.
+typedef struct {
+  const void* weight_hwoi;  // [KH, KW, Cout, Cin]
+  FastasppBranchGeometry geometry;
+  int64_t grad_channel_offset;
+} FastasppGradBranch;
+
+// grad_input = the sum over 1..FASTASPP_MAX_BRANCHES branches of their input gradients (the
+// ASPP's: every branch reads the same x), branch i's gradient being channels
+// [grad_channel_offset_i, + Cout) of each pixel of grad [N, Ho, Wo, grad_pixel_stride] (the
+// branches' shared buffer, no slice copies). One launch: each CTA's K loop walks every branch's
+// live taps into one accumulator, so dx is written once, with no additions in between.
+cudaError_t fastaspp_atrous_conv2d_grad_input_branches_cuda(
+    const void* grad, int64_t grad_pixel_stride, void* grad_input, int dtype, int64_t n,
+    int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t h_out, int64_t w_out,
+    int64_t stride_h, int64_t stride_w, const FastasppGradBranch* branches, int count,
+    cudaStream_t stream);
 
 // Bytes of scratch memory fastaspp_atrous_conv2d_grad_weight_cuda needs for these shapes
 // (the per-split partial sums of the deterministic two-pass reduction). It need not be

@@ -34,25 +34,37 @@ struct ConvArgs {
   void* dst;            // pixel p, channel c at dst[p * dst_pixel_stride + dst_channel_offset + c]
   int64_t n, src_h, src_w, kc, dst_h, dst_w, nc, kh, kw;
   int64_t dst_pixel_stride, dst_channel_offset;  // elements; offset + nc <= stride
+  int64_t src_pixel_stride, src_channel_offset;  // src pixel q, channel k at src[q * stride + offset + k]
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   PatchTiling tiling;  // conv_tiling.h: the dst patch each CTA owns
   int relu;
 };
 
-// Up to kMaxConvs convs over the same dst map launched together (the ASPP's branches, each into its
-// channel slice): grid.x runs over the patches, grid.y over (conv, dst channel block); a single
-// conv is a batch of one. Kernels take it as a __grid_constant__ parameter, so a CTA reads its
-// conv's arguments in place (no copy of the array).
+// Up to kMaxConvs convs over the same dst map launched together; a single conv is a batch of one.
+// Two modes:
+// * grid (sum_convs = 0; the ASPP's forward branches, each into its channel slice): grid.y runs
+//   over (conv, dst channel block), and a CTA computes its one conv;
+// * sum (sum_convs = 1; the ASPP's input gradient, every branch's into the same dx): grid.y runs
+//   over dst channel blocks, and a CTA's K loop walks every conv's live (tap, chunk) steps into one
+//   accumulator; the epilogue is conv[0]'s, and every conv has its dst, nc and dst map.
+// Kernels take it as a __grid_constant__ parameter, so a CTA reads the arguments in place (no
+// copy of the array).
 constexpr int kMaxConvs = 8;
 struct ConvBatch {
   ConvArgs conv[kMaxConvs];
   int count;
   int blocks_per_conv;  // dst channel blocks per conv, of the launched kernel's BN
+  int sum_convs;
 };
 
-// The conv this CTA works on, and the first dst channel of its block.
-__device__ __forceinline__ const ConvArgs& cta_conv(const ConvBatch& b) {
-  return b.conv[blockIdx.y / b.blocks_per_conv];
+// The convs [first, end) a CTA's K loop walks; `first` is also the conv whose epilogue it runs.
+struct ConvRange {
+  int first, end;
+};
+__device__ __forceinline__ ConvRange cta_convs(const ConvBatch& b) {
+  if (b.sum_convs) return {0, b.count};
+  const int conv = static_cast<int>(blockIdx.y) / b.blocks_per_conv;
+  return {conv, conv + 1};
 }
 template <int BN>
 __device__ __forceinline__ int64_t cta_n0(const ConvBatch& b) {
@@ -77,34 +89,56 @@ __device__ int64_t next_live_tap(const ConvArgs& a, const Patch& t, int64_t tap)
   return tap;
 }
 
+// One K step: src channels [k0, k0 + BK) of a live tap of a conv. The walk visits the convs of
+// the range in order, each one's live taps in order, each tap's chunks in order; it depends only
+// on blockIdx and the arguments, so every thread of a CTA walks the same steps.
 struct Step {
-  int64_t tap;  // == kh*kw when the sequence is exhausted
+  int conv;     // == the range's end when the walk is exhausted
+  int64_t tap;
   int64_t k0;   // first src channel of the chunk
 };
 
+// The first step at or after conv `conv`'s first live tap.
 template <bool kDgrad>
-__device__ __forceinline__ Step first_step(const ConvArgs& a, const Patch& t) {
-  Step s;
-  s.tap = a.kc > 0 ? next_live_tap<kDgrad>(a, t, 0) : a.kh * a.kw;
-  s.k0 = 0;
-  return s;
+__device__ __forceinline__ Step first_step(const ConvBatch& b, int conv, int end, const Patch& t) {
+  for (; conv < end; ++conv) {
+    const ConvArgs& a = b.conv[conv];
+    if (a.kc <= 0) continue;
+    const int64_t tap = next_live_tap<kDgrad>(a, t, 0);
+    if (tap < a.kh * a.kw) return Step{conv, tap, 0};
+  }
+  return Step{end, 0, 0};
 }
 
 template <bool kDgrad, int BK>
-__device__ __forceinline__ Step next_step(const ConvArgs& a, const Patch& t, Step s) {
+__device__ __forceinline__ Step next_step(const ConvBatch& b, int end, const Patch& t, Step s) {
+  const ConvArgs& a = b.conv[s.conv];
   s.k0 += BK;
-  if (s.k0 >= a.kc) {
-    s.k0 = 0;
-    s.tap = next_live_tap<kDgrad>(a, t, s.tap + 1);
-  }
-  return s;
+  if (s.k0 < a.kc) return s;
+  s.k0 = 0;
+  s.tap = next_live_tap<kDgrad>(a, t, s.tap + 1);
+  if (s.tap < a.kh * a.kw) return s;
+  return first_step<kDgrad>(b, s.conv + 1, end, t);
 }
 
-// Row m of the A tile: the src pixel that dst pixel m of the patch reads through tap
-// (kh, kw), or nullptr when it reads padding / lies outside the map.
+// The number of steps of the walk over [first, end) (the CuTe pipeline's trip count).
+template <bool kDgrad, int BK>
+__device__ int64_t count_steps(const ConvBatch& b, ConvRange r, const Patch& t) {
+  int64_t steps = 0;
+  for (int conv = r.first; conv < r.end; ++conv) {
+    const ConvArgs& a = b.conv[conv];
+    if (a.kc <= 0) continue;
+    for (int64_t tap = next_live_tap<kDgrad>(a, t, 0); tap < a.kh * a.kw; tap = next_live_tap<kDgrad>(a, t, tap + 1))
+      steps += ceil_div(a.kc, int64_t(BK));
+  }
+  return steps;
+}
+
+// Row m of the A tile: the src row (kc channels) of the pixel that dst pixel m of the patch reads
+// through tap (kh, kw), or nullptr when it reads padding / lies outside the map.
 template <bool kDgrad, typename T>
 __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t, int64_t kh,
-                                               int64_t kw, int m, const T* src) {
+                                               int64_t kw, int m) {
   const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
   const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
   if (r >= t.r1 || c >= t.c1) return nullptr;
@@ -120,7 +154,8 @@ __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t
     sc = nc / a.stride_w;
   }
   if (sr < 0 || sr >= a.src_h || sc < 0 || sc >= a.src_w) return nullptr;
-  return src + ((t.img * a.src_h + sr) * a.src_w + sc) * a.kc;
+  return static_cast<const T*>(a.src) + ((t.img * a.src_h + sr) * a.src_w + sc) * a.src_pixel_stride +
+         a.src_channel_offset;
 }
 
 // The prologue's value of src element v of channel k (forward with a.src_scale only).

@@ -57,44 +57,41 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __g
   Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), LayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + kABytes)), LayoutB{});
 
-  const ConvArgs& a = cta_conv(batch);
+  const ConvRange r = cta_convs(batch);
+  const ConvArgs& a = batch.conv[r.first];  // its epilogue (and its prologue: a 1x1 conv alone)
   const Patch t = cta_patch(a);
   const int64_t n0 = cta_n0<BN>(batch);
-  const int64_t taps = a.kh * a.kw;
-  const T* src = static_cast<const T*>(a.src);
-  const T* wt = static_cast<const T*>(a.wt);
   const int tid = static_cast<int>(threadIdx.x);
 
-  // Every thread walks the same (tap, chunk) sequence: the step count and barriers are uniform.
-  int64_t steps = 0;
-  if (a.kc > 0) {
-    for (int64_t tap = next_live_tap<kDgrad>(a, t, 0); tap < taps; tap = next_live_tap<kDgrad>(a, t, tap + 1))
-      steps += ceil_div(a.kc, int64_t(BK));
-  }
+  // Every thread walks the same (conv, tap, chunk) sequence: the step count and barriers are uniform.
+  const int64_t steps = count_steps<kDgrad, BK>(batch, r, t);
 
   // The next step's tiles into `stage`, 8 channels a chunk: A chunk (m, kc) holds src channels
   // k0 + kc .. k0 + kc + 7 of the pixel that dst pixel m reads through the step's tap; B chunk
   // (k, nc) holds weight row k0 + k, dst channels n0 + nc .. n0 + nc + 7.
-  Step next = first_step<kDgrad>(a, t);
+  Step next = first_step<kDgrad>(batch, r.first, r.end, t);
   auto load_next = [&](int stage) {
-    const int64_t kh = next.tap / a.kw, kw = next.tap % a.kw;
+    const ConvArgs& c = batch.conv[next.conv];
+    const T* src = static_cast<const T*>(c.src);
+    const T* wt = static_cast<const T*>(c.wt);
+    const int64_t kh = next.tap / c.kw, kw = next.tap % c.kw;
     constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
     static_assert(kAChunks % NT == 0 && kBChunks % NT == 0, "whole chunks per thread");
     CUTE_UNROLL
     for (int i = 0; i < kAChunks / NT; ++i) {
       const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
-      const T* row = gather_row<kDgrad, T>(a, t, kh, kw, m, src);
-      const bool live = row != nullptr && next.k0 + kc < a.kc;
+      const T* row = gather_row<kDgrad, T>(c, t, kh, kw, m);
+      const bool live = row != nullptr && next.k0 + kc < c.kc;
       copy_chunk(live ? row + next.k0 + kc : src, &sA(m, kc, stage), live);
     }
     CUTE_UNROLL
     for (int i = 0; i < kBChunks / NT; ++i) {
       const int s = tid + i * NT, k = s / (BN / CH), nc = (s % (BN / CH)) * CH;
-      const bool live = next.k0 + k < a.kc && n0 + nc < a.nc;
-      const T* p = wt + (next.tap * a.kc + next.k0 + k) * a.nc + n0 + nc;
+      const bool live = next.k0 + k < c.kc && n0 + nc < c.nc;
+      const T* p = wt + (next.tap * c.kc + next.k0 + k) * c.nc + n0 + nc;
       copy_chunk(live ? p : wt, &sB(nc, k, stage), live);
     }
-    next = next_step<kDgrad, BK>(a, t, next);
+    next = next_step<kDgrad, BK>(batch, r.end, t, next);
   };
 
   // The projection's prologue on this thread's own A chunks of a step, in place. A 1x1 conv
@@ -106,7 +103,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __g
       for (int i = 0; i < BM * (BK / CH) / NT; ++i) {
         const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
         const int64_t k = step * BK + kc;
-        if (k < a.kc && gather_row<kDgrad, T>(a, t, 0, 0, m, src) != nullptr)
+        if (k < a.kc && gather_row<kDgrad, T>(a, t, 0, 0, m) != nullptr)
           prologue_chunk<T>(a, k, &sA(m, kc, stage));
       }
     }
@@ -144,7 +141,9 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __g
 // operands, and sm80_kernel_usable (else the WMMA kernel, kept for the launches this one cannot take).
 template <typename T, bool kDgrad>
 bool conv_sm80_usable(const ConvArgs& a) {
-  if (a.kc % Sm80Tile::kChunk != 0 || a.nc % Sm80Tile::kChunk != 0 || !aligned16(a.src) || !aligned16(a.wt))
+  constexpr int CH = Sm80Tile::kChunk;
+  if (a.kc % CH != 0 || a.nc % CH != 0 || a.src_pixel_stride % CH != 0 || a.src_channel_offset % CH != 0 ||
+      !aligned16(a.src) || !aligned16(a.wt))
     return false;
   return sm80_kernel_usable(reinterpret_cast<const void*>(conv_sm80_kernel<T, kDgrad>));
 }

@@ -59,10 +59,12 @@ def _branches_kernel(x: Tensor, weights: List[Tensor], rates: List[int], scale: 
 def _grad_input_kernel(grad: Tensor, weights: List[Tensor], rates: List[int], input_size: List[int],
                        backend: str) -> Tensor:
     """d/dx of sum(grad · branches(x)) with scale 1, shift 0, no ReLU: [N, Cin, H, W], channels_last.
-    triton: one launch over every branch and tap, one accumulator; cpu/cuda: the atrous-conv input
-    gradient of each branch, added up."""
+    triton and cuda: one launch over every branch and tap, one accumulator; cpu (when the one-call
+    backward does not apply): the atrous-conv input gradient of each branch, added up."""
     if backend == "triton":
         return _triton_aspp().aspp_branches_grad_input(grad, weights, rates, input_size)
+    if backend == "cuda":
+        return torch.ops.fastaspp._aspp_branches_grad_input.default(grad, weights, rates, list(input_size))
     c = weights[0].shape[0]
     dx = None
     for i, w in enumerate(weights):
@@ -192,6 +194,10 @@ if _ext.loaded():
     @torch.library.register_fake("fastaspp::_aspp_branches_forward", lib=LIB)
     def _(x, weights, rates, scale, shift, relu):
         return x.new_empty(_branches_shape(x, weights)).contiguous(memory_format=torch.channels_last)
+
+    @torch.library.register_fake("fastaspp::_aspp_branches_grad_input", lib=LIB)
+    def _(grad, weights, rates, input_size):
+        return grad.new_empty(list(input_size)).contiguous(memory_format=torch.channels_last)
 
     @torch.library.register_fake("fastaspp::_aspp_branches_backward", lib=LIB)
     def _(grad, x, weights, rates, output_mask):
