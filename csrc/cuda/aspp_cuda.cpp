@@ -36,9 +36,10 @@ namespace {
 
 using namespace cuda_binding;  // binding_utils.h: the helpers both bindings share
 
-// Checks the arguments both branch ops share; returns C, the channels per branch.
-int64_t check_branches(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates) {
-  check_tensor(op, x, "x", 4);
+// Checks the weights and rates the branch ops share, for c_in input channels, against the device
+// and dtype of `ref` (x, or the gradient), already checked; returns C, the channels per branch.
+int64_t check_branches(const char* op, const at::Tensor& ref, const char* ref_name, int64_t c_in,
+                       at::TensorList weights, at::IntArrayRef rates) {
   const int64_t num_rates = static_cast<int64_t>(rates.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == num_rates + 1, op,
               ": weights must hold len(rates) + 1 = ", num_rates + 1,
@@ -47,19 +48,18 @@ int64_t check_branches(const char* op, const at::Tensor& x, at::TensorList weigh
     TORCH_CHECK(rates[i] >= 1, op, ": rates[", i, "] must be >= 1 (it is the dilation and ",
                 "padding of weights[", i + 1, "]), got ", rates[i]);
   }
-  const int64_t c_in = x.size(1);
   int64_t c = 0;  // channels per branch, from weights[0]
   for (int64_t i = 0; i <= num_rates; ++i) {
     const std::string name = "weights[" + std::to_string(i) + "]";
     const at::Tensor& wi = weights[i];
     check_tensor(op, wi, name.c_str(), 4);
-    check_same(op, x, "x", wi, name.c_str());
+    check_same(op, ref, ref_name, wi, name.c_str());
     if (i == 0) c = wi.size(0);
     const int64_t k = i == 0 ? 1 : 3;
     TORCH_CHECK(wi.size(0) == c && wi.size(1) == c_in && wi.size(2) == k && wi.size(3) == k,
                 op, ": ", name, " must have shape [", c, ", ", c_in, ", ", k, ", ", k, "] (",
                 i == 0 ? "the 1x1 branch" : "a 3x3 branch",
-                "; C = weights[0].size(0), Cin = x.size(1)), got ", wi.sizes());
+                "; C = weights[0].size(0), Cin = ", c_in, "), got ", wi.sizes());
   }
   return c;
 }
@@ -101,7 +101,8 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
                                       at::IntArrayRef rates, const at::Tensor& scale,
                                       const at::Tensor& shift, bool relu) {
   constexpr const char* op = "fastaspp::_aspp_branches_forward";
-  const int64_t c = check_branches(op, x, weights, rates);
+  check_tensor(op, x, "x", 4);
+  const int64_t c = check_branches(op, x, "x", x.size(1), weights, rates);
   check_tensor(op, scale, "scale", 1);
   check_tensor(op, shift, "shift", 1);
   check_same(op, x, "x", scale, "scale");
@@ -135,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cuda(
                                                                                 at::TensorList weights,
                                                                                 at::IntArrayRef rates) {
   constexpr const char* op = "fastaspp::_aspp_branches_stats_forward";
-  const int64_t c = check_branches(op, x, weights, rates);
+  check_tensor(op, x, "x", 4);
+  const int64_t c = check_branches(op, x, "x", x.size(1), weights, rates);
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
   const int64_t c_total = static_cast<int64_t>(weights.size()) * c;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -162,9 +164,8 @@ at::Tensor aspp_branches_grad_input_cuda(const at::Tensor& grad, at::TensorList 
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 elements, got ", input_size.size());
   const int64_t n = input_size[0], c_in = input_size[1], h = input_size[2], w = input_size[3];
   TORCH_CHECK(n >= 0 && c_in >= 0 && h >= 0 && w >= 0, op, ": input_size must be non-negative, got ", input_size);
-  // The branch checks take x's place from a shape-only view of grad's device and dtype.
-  const int64_t c = check_branches(op, grad.new_empty({n, c_in, h, w}), weights, rates);
   check_tensor(op, grad, "grad", 4);
+  const int64_t c = check_branches(op, grad, "grad", c_in, weights, rates);
   const int64_t c_total = static_cast<int64_t>(weights.size()) * c;
   TORCH_CHECK(grad.size(0) == n && grad.size(1) == c_total && grad.size(2) == h && grad.size(3) == w, op,
               ": grad must have shape [", n, ", ", c_total, ", ", h, ", ", w, "] (len(weights) * C channels of "

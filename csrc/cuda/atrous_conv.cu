@@ -383,6 +383,7 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
     }
   }
   std::vector<ConvArgs> convs(count);
+  bool nothing_to_do = false;  // an empty output: the same for every branch, each still checked
   for (int i = 0; i < count; ++i) {
     const FastasppBranch& br = branches[i];
     const FastasppBranchGeometry& g = br.geometry;
@@ -390,8 +391,9 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
                                      c_in, h, w, c_out, g.kh, g.kw, h_out, w_out, stride_h, stride_w, g.pad_h,
                                      g.pad_w, g.dil_h, g.dil_w, &br.options);
     if (check == Check::kInvalid) return cudaErrorInvalidValue;
-    if (check == Check::kNothingToDo) return cudaSuccess;  // an empty output: the same for every branch
+    nothing_to_do = nothing_to_do || check == Check::kNothingToDo;
   }
+  if (nothing_to_do) return cudaSuccess;
   for (int first = 0; first < count; first += kMaxConvs) {  // one launch per kMaxConvs branches
     ConvBatch batch{};
     batch.count = std::min(count - first, kMaxConvs);
@@ -522,6 +524,7 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_branches_cuda(
   ConvBatch batch{};
   batch.sum_convs = 1;
   batch.count = count;
+  bool nothing_to_do = false;  // an empty dx: the same for every branch, each still checked
   for (int i = 0; i < count; ++i) {
     const FastasppGradBranch& br = branches[i];
     const FastasppBranchGeometry& g = br.geometry;
@@ -529,7 +532,8 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_branches_cuda(
                                         br.weight_hwoi, grad_input, dtype, n, c_in, h, w, c_out, g.kh, g.kw,
                                         h_out, w_out, stride_h, stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w);
     if (check == Check::kInvalid) return cudaErrorInvalidValue;
-    if (check == Check::kNothingToDo) return cudaSuccess;  // an empty dx: the same for every branch
+    nothing_to_do = nothing_to_do || check == Check::kNothingToDo;
   }
+  if (nothing_to_do) return cudaSuccess;
   return launch_conv<true>(batch, dtype, stream);
 }

@@ -55,17 +55,24 @@ inline void check_same(const char* op, const at::Tensor& ref, const char* ref_na
               t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
 }
 
-// nn.Conv2d weight [Cout, Cin, KH, KW] -> the forward launcher's [KH, KW, Cin, Cout], kept per
-// weight version for keepable weights (common/kept.h: an eval call costs no re-layout kernel).
+// A weight re-layout kept per weight version for keepable weights (common/kept.h: an eval call
+// costs no re-layout kernel), and per stream: the copy is made by a kernel queued on the current
+// stream and freed into that stream's pool, so only launches on that stream may read it without
+// further ordering (another stream gets its own copy).
+template <typename Make>
+at::Tensor kept_layout(const at::Tensor& weight, KeptKind kind, Make&& make) {
+  const int64_t stream = c10::cuda::getCurrentCUDAStream(weight.device().index()).id();
+  return kept({weight}, {kind, static_cast<int64_t>(weight.scalar_type()), stream}, make);
+}
+
+// nn.Conv2d weight [Cout, Cin, KH, KW] -> the forward launcher's [KH, KW, Cin, Cout].
 inline at::Tensor weight_hwio(const at::Tensor& weight) {
-  return kept({weight}, {kCudaForwardLayout, static_cast<int64_t>(weight.scalar_type())},
-              [&] { return weight.permute({2, 3, 1, 0}).contiguous(); });
+  return kept_layout(weight, kCudaForwardLayout, [&] { return weight.permute({2, 3, 1, 0}).contiguous(); });
 }
 
 // The same for the grad_input launcher: [KH, KW, Cout, Cin].
 inline at::Tensor weight_hwoi(const at::Tensor& weight) {
-  return kept({weight}, {kCudaGradInputLayout, static_cast<int64_t>(weight.scalar_type())},
-              [&] { return weight.permute({2, 3, 0, 1}).contiguous(); });
+  return kept_layout(weight, kCudaGradInputLayout, [&] { return weight.permute({2, 3, 0, 1}).contiguous(); });
 }
 
 // The current torch stream of t's device (launchers are asynchronous on it).

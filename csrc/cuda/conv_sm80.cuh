@@ -88,8 +88,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __g
     for (int i = 0; i < kBChunks / NT; ++i) {
       const int s = tid + i * NT, k = s / (BN / CH), nc = (s % (BN / CH)) * CH;
       const bool live = next.k0 + k < c.kc && n0 + nc < c.nc;
-      const T* p = wt + (next.tap * c.kc + next.k0 + k) * c.nc + n0 + nc;
-      copy_chunk(live ? p : wt, &sB(nc, k, stage), live);
+      copy_chunk(live ? wt + (next.tap * c.kc + next.k0 + k) * c.nc + n0 + nc : wt, &sB(nc, k, stage), live);
     }
     next = next_step<kDgrad, BK>(batch, r.end, t, next);
   };

@@ -229,14 +229,12 @@ int kernel_ptx_version(const void* kernel) {
   const auto found = versions.find(key);
   if (found != versions.end()) return found->second;
   cudaFuncAttributes attr;
-  int version = 0;
-  if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
-    version = attr.ptxVersion;
-  } else {
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky; the fallback kernel's launch reports any real problem
+    return 0;                  // not remembered: the next launch asks again
   }
-  versions.emplace(key, version);
-  return version;
+  versions.emplace(key, attr.ptxVersion);
+  return attr.ptxVersion;
 }
 
 // Whether a tensor-core kernel for T has its real body on the current device.
