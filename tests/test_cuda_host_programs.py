@@ -10,6 +10,12 @@ passes, else one line per failure.
   * patch_stats.cu: the BN-statistics epilogue's per-patch pixel masks count every pixel of a map
     exactly once, and its per-channel (count, sum, centred M2) are within their error bounds of a
     long-double reference, also for a mean far above the spread (csrc/common/patch_stats.h).
+  * launcher_checks.cu (builds atrous_conv.cu itself): the C launchers reject bad arguments (a
+    partial prologue or one on a 3x3 conv, slices past the pixel or overlapping, wrong padding, an
+    unknown dtype, too many branches, an invalid branch beside an empty output) before touching
+    the device, and answer success for empty outputs. A rejection that failed would launch, and
+    fail differently without a device: checked by removing the overlap check and the empty-output
+    rule in a scratch copy.
 """
 import importlib.util
 import pathlib
@@ -31,7 +37,8 @@ def cutlass_include():
         pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False)])
+@pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False),
+                                                    ("launcher_checks", True)])
 def test_host_program(tmp_path, program, needs_cutlass):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
