@@ -2,11 +2,11 @@
 tests/cuda_host is compiled with nvcc (CI has it) and run here; it prints "ok" when every check
 passes, else one line per failure.
 
-  * sm80_layouts.cu (against the CUTLASS headers setup.py finds): the CuTe conv kernel's shared
-    memory layouts (csrc/cuda/conv_sm80.cuh) are bijective with every 16-byte cp.async chunk
-    contiguous and aligned; each (pixel, chunk) of a stage is copied (and, for the projection's
-    prologue, rewritten) by exactly one thread; each of the 64 x 128 accumulators of a CTA belongs
-    to exactly one of its 128 threads.
+  * sm80_layouts.cu (against the CUTLASS headers setup.py finds): the CuTe kernels' shared memory
+    layouts (csrc/cuda/conv_cute.cuh for mma.sync and for wgmma, grad_weight_sm80.cuh) are
+    bijective with every 16-byte cp.async chunk contiguous and aligned; each (pixel, chunk) of a
+    stage is copied (and, for the projection's prologue, rewritten) by exactly one thread; each of
+    the 64 x 128 accumulators of a CTA belongs to exactly one of its 128 threads.
   * patch_stats.cu: the BN-statistics epilogue's per-patch pixel masks count every pixel of a map
     exactly once, and its per-channel (count, sum, centred M2) are within their error bounds of a
     long-double reference, also for a mean far above the spread (csrc/common/patch_stats.h).

@@ -1,5 +1,6 @@
-"""The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_sm80.cuh, grad_weight_sm80.cuh)
-and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels (channel counts in
+"""The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_cute.cuh on wgmma in an sm_90a
+build or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_sm80.cuh) and WMMA
+(FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels (channel counts in
 multiples of 8): several K chunks and their tail, more than one 128-channel column block, stride 2
 (whose input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map, the
 ASPP's channel-slice store, and the training ASPP's epilogue statistics and projection prologue.
@@ -34,7 +35,9 @@ CASES = [
     ConvCase(2, 32, 48, 9, 9, dilation=12),              # every off-centre tap dead
     ConvCase(1, 256, 256, 33, 33, dilation=12),          # an ASPP branch
 ]
-KERNELS = {"cute": None, "wmma": "wmma"}
+# The CuTe kernels as the build picks them (the conv on wgmma in an sm_90a build), the conv's
+# mma.sync path, and WMMA for everything.
+KERNELS = {"cute": None, "sm80": "sm80", "wmma": "wmma"}
 
 
 @pytest.fixture(params=list(KERNELS))

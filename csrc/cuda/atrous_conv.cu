@@ -29,7 +29,8 @@
 //   once, issues the global loads of step i+1 into registers, then multiplies buffer i&1.
 //   Buffer i&1 is rewritten only at iteration i+2, after the sync of iteration i+1, which no
 //   thread passes before finishing its multiply of iteration i: one barrier per step is enough.
-// * fp16 / bf16: the CuTe kernel of conv_sm80.cuh (cp.async pipeline, mma.sync, BN = 128) when
+// * fp16 / bf16: the CuTe kernel of conv_cute.cuh (cp.async pipeline; wgmma in an sm_90a image,
+//   else mma.sync; BN = 128) when
 //   the channel counts are multiples of 8 and the operands 16-byte aligned; otherwise WMMA
 //   16x16x16 with fp32 accumulators, 4 warps as 2x2, 32x32 per warp, BK=32.
 //   fp32 / fp64 (and fp16 / bf16 on GPUs without the needed tensor cores): SIMT, 256
@@ -53,7 +54,7 @@
 #include <vector>
 
 #include "conv_common.cuh"
-#include "conv_sm80.cuh"
+#include "conv_cute.cuh"
 
 namespace fastaspp {
 namespace atrous_cuda {
@@ -251,9 +252,9 @@ cudaError_t launch_batch(void (*kernel)(ConvBatch), ConvBatch& b, int threads, c
   return cudaGetLastError();
 }
 
-// 16-bit types: the CuTe kernel (conv_sm80.cuh) where it can run every conv of the batch, else
-// WMMA tensor cores when the kernel image has them, else SIMT; 16-byte vector loads when every
-// conv's channel counts and pointers allow.
+// 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch, on wgmma
+// in an sm_90a image, else on mma.sync; else WMMA tensor cores when the kernel image has them, else
+// SIMT; 16-byte vector loads when every conv's channel counts and pointers allow.
 template <typename T, bool kDgrad>
 cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
   bool vec = true;
@@ -264,9 +265,19 @@ cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
           aligned16(a.src) && aligned16(a.wt);
   }
   if constexpr (is_16bit<T>()) {
-    bool sm80 = true;
-    for (int i = 0; i < b.count; ++i) sm80 = sm80 && conv_sm80_usable<T, kDgrad>(b.conv[i]);
-    if (sm80) return launch_batch<Sm80Config<T>::BN>(conv_sm80_kernel<T, kDgrad>, b, Sm80Tile::kThreads, stream);
+    bool sm90 = true, sm80 = true;
+    for (int i = 0; i < b.count; ++i) {
+      sm90 = sm90 && conv_cute_usable<T, kDgrad, Sm90Config<T>>(b.conv[i]);
+      sm80 = sm80 && conv_cute_usable<T, kDgrad, Sm80Config<T>>(b.conv[i]);
+    }
+    if (sm90) {
+      return launch_batch<Sm90Config<T>::BN>(conv_cute_kernel<T, kDgrad, Sm90Config<T>>, b, Sm80Tile::kThreads,
+                                             stream);
+    }
+    if (sm80) {
+      return launch_batch<Sm80Config<T>::BN>(conv_cute_kernel<T, kDgrad, Sm80Config<T>>, b, Sm80Tile::kThreads,
+                                             stream);
+    }
     void (*k)(ConvBatch) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
     if (tc_usable<T>(reinterpret_cast<const void*>(k))) return launch_batch<64>(k, b, 128, stream);
   }

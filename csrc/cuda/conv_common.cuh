@@ -1,5 +1,5 @@
 // What the cuda backend's implicit-GEMM conv kernels share (atrous_conv.cu: the WMMA and SIMT
-// kernels; conv_sm80.cuh: the CuTe tensor-core kernel): their arguments in dst / src terms, the
+// kernels; conv_cute.cuh: the CuTe tensor-core kernel): their arguments in dst / src terms, the
 // (live tap, channel chunk) walk of a CTA's patch, the gather of a dst pixel's src row, the src
 // prologue of the training projection, and the epilogue (one output element, or a whole tile
 // staged in shared memory with the patch's BN statistics). The tiling and its invariants are

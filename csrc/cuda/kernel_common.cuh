@@ -212,35 +212,42 @@ constexpr bool is_16bit() {
   return std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 }
 
-// The ptxVersion of the image the driver picked for `kernel` on the current device (its body was
-// compiled for __CUDA_ARCH__ = ptxVersion * 10), or 0 when it cannot say. Asking the kernel (not
-// the device) also covers builds whose arch list lacks the device's own arch. Looked up once per
-// (kernel, device): launches pay a lock and a map lookup, not a driver call.
-int kernel_ptx_version(const void* kernel) {
+// What the image the driver picked for `kernel` on the current device holds: its PTX version (the
+// body was compiled for __CUDA_ARCH__ = ptx_version * 10) and the body's static shared memory (0
+// for a body that is only a trap), or zeros when it cannot say. Asking the kernel (not the device)
+// also covers builds whose arch list lacks the device's own arch. Looked up once per (kernel,
+// device): launches pay a lock and a map lookup, not a driver call.
+struct KernelImage {
+  int ptx_version;
+  size_t static_smem_bytes;
+};
+
+KernelImage kernel_image(const void* kernel) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky; the launch reports any real problem
-    return 0;
+    return KernelImage{0, 0};
   }
   static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> versions;
+  static std::map<std::pair<const void*, int>, KernelImage> images;
   const std::lock_guard<std::mutex> lock(mutex);
   const auto key = std::make_pair(kernel, device);
-  const auto found = versions.find(key);
-  if (found != versions.end()) return found->second;
+  const auto found = images.find(key);
+  if (found != images.end()) return found->second;
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky; the fallback kernel's launch reports any real problem
-    return 0;                  // not remembered: the next launch asks again
+    return KernelImage{0, 0};  // not remembered: the next launch asks again
   }
-  versions.emplace(key, attr.ptxVersion);
-  return attr.ptxVersion;
+  const KernelImage image{attr.ptxVersion, attr.sharedSizeBytes};
+  images.emplace(key, image);
+  return image;
 }
 
 // Whether a tensor-core kernel for T has its real body on the current device.
 template <typename T>
 bool tc_usable(const void* kernel) {
-  return kernel_ptx_version(kernel) >= (std::is_same<T, __half>::value ? 70 : 80);
+  return kernel_image(kernel).ptx_version >= (std::is_same<T, __half>::value ? 70 : 80);
 }
 
 bool valid_geometry(int64_t n, int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh,

@@ -1,5 +1,5 @@
-// What the cuda backend's CuTe kernels share (conv_sm80.cuh: forward and input gradient;
-// grad_weight_sm80.cuh: weight gradient): the 16-bit value types and MMA atoms, the CTA's warp
+// What the cuda backend's CuTe kernels share (conv_cute.cuh: forward and input gradient, on this
+// path or on sm90_common.cuh's wgmma; grad_weight_sm80.cuh: weight gradient): the 16-bit value types and MMA atoms, the CTA's warp
 // layout, the swizzled shared-memory layouts, the multistage cp.async main loop, and the launch
 // rule. sm80 instructions (cp.async, ldmatrix, mma.sync), which Hopper runs too. Pure CUDA with
 // CuTe headers, included only by .cu files.
@@ -134,7 +134,7 @@ __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA
 inline bool sm80_kernel_usable(const void* kernel) {
   const char* choice = std::getenv("FASTASPP_CUDA_CONV");  // read per call, as every switch
   if (choice != nullptr && std::strcmp(choice, "wmma") == 0) return false;
-  return kernel_ptx_version(kernel) >= 80;
+  return kernel_image(kernel).ptx_version >= 80;
 }
 
 }  // namespace

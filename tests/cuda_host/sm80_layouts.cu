@@ -1,10 +1,11 @@
-// Host-side checks of the CuTe conv kernel's layouts and thread mappings (csrc/cuda/conv_sm80.cuh),
-// run by tests/test_cuda_host_programs.py without a GPU: CuTe's layout algebra runs on the host.
+// Host-side checks of the CuTe kernels' layouts and thread mappings (csrc/cuda/conv_cute.cuh for both
+// instruction sets, grad_weight_sm80.cuh), run by tests/test_cuda_host_programs.py without a GPU:
+// CuTe's layout algebra runs on the host.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
 #include <vector>
 
-#include "../../csrc/cuda/conv_sm80.cuh"
+#include "../../csrc/cuda/conv_cute.cuh"
 #include "../../csrc/cuda/grad_weight_sm80.cuh"
 
 using namespace cute;
@@ -93,6 +94,13 @@ int main() {
   check_accumulators<Conv>("conv bf16 accumulators");
   check_accumulators<Sm80Config<__half>>("conv fp16 accumulators");
   check_accumulators<Gw>("wgrad bf16 accumulators");
+  // The wgmma path: the same chunk mappings into wgmma's canonical layouts (as offsets from a
+  // 1024-byte aligned base, the swizzle's period), one warpgroup's accumulators.
+  using Sm90 = Sm90Config<__nv_bfloat16>;
+  check_smem(as_position_independent_swizzle_layout(typename Sm90::LayoutA{}), 1, "sm90 A: (pixel, k, stage)");
+  check_smem(as_position_independent_swizzle_layout(typename Sm90::LayoutB{}), 0, "sm90 B: (n, k, stage)");
+  check_accumulators<Sm90>("sm90 bf16 accumulators");
+  check_accumulators<Sm90Config<__half>>("sm90 fp16 accumulators");
   check_accumulators<Sm80GwConfig<__half>>("wgrad fp16 accumulators");
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;

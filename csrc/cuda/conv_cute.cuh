@@ -1,50 +1,70 @@
-// The cuda backend's fp16 / bf16 conv kernel on CUTLASS's CuTe (sm80 instructions, which Hopper
-// runs too), for the forward and grad_input of atrous_conv.cu (same ConvArgs, patch tiling,
-// dead-tap walk and epilogue: conv_common.cuh); the pipeline and what else it shares with the
-// weight-gradient kernel: sm80_common.cuh.
+// The cuda backend's fp16 / bf16 conv kernel on CUTLASS's CuTe, for the forward and grad_input of
+// atrous_conv.cu (same ConvBatch, patch tiling, dead-tap walk and epilogue: conv_common.cuh), in
+// two instruction sets that share everything but the MMA and the shared-memory layouts:
+// Sm90Config (sm90_common.cuh: wgmma, for sm_90a images) and Sm80Config (sm80_common.cuh:
+// ldmatrix + mma.sync, which Hopper also runs).
 //
 // * CTA tile: BM = 64 dst pixels (one conv_tiling.h patch) x BN = 128 dst channels, BK = 32 src
-//   channels per step, 4 warps as 2 x 2, each 32 x 64 of the tile.
-// * The K loop walks the live (tap, chunk) steps of the patch, as the other kernels do. Each
-//   step's A tile (the gathered src pixels) and B tile (the tap's weight rows) travel straight
-//   from global to shared memory by 16-byte cp.async, zero-filled where a pixel reads padding,
-//   lies past the map or a chunk past a channel count.
-// * Shared memory: A is (BM, BK) K-major, B is (BN, BK) N-major (the weight's [tap, k, n] rows),
-//   read with the transposing ldmatrix. 3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes,
-//   static. When the launch wants BN statistics, the fp32 tile (64 x 132 floats, 33792 bytes) is
-//   staged over them afterwards.
+//   channels per step; 128 threads (sm80: 4 warps as 2 x 2, each 32 x 64 of the tile; sm90: one
+//   warpgroup and one 64 x 128 x 16 wgmma atom).
+// * The K loop walks the live (conv, tap, chunk) steps of the patch, as the other kernels do.
+//   Each step's A tile (the gathered src pixels) and B tile (the tap's weight rows) travel
+//   straight from global to shared memory by 16-byte cp.async, zero-filled where a pixel reads
+//   padding, lies past the map or a chunk past a channel count.
+// * Shared memory: A is (BM, BK) K-major, B is (BN, BK) N-major (the weight's [tap, k, n] rows).
+//   3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static. When the launch wants BN
+//   statistics, the fp32 tile (64 x 132 floats, 33792 bytes) is staged over them afterwards.
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.
-// * Requires both channel counts to be multiples of 8 and 16-byte aligned src and weight (one
-//   chunk is wholly inside or outside a channel range); conv_sm80_usable says whether a launch
-//   qualifies, and atrous_conv.cu routes the rest to the WMMA kernel.
+// * Requires both channel counts (and the src pixel stride and channel offset) to be multiples
+//   of 8 and 16-byte aligned src and weight (one chunk is wholly inside or outside a channel
+//   range); conv_cute_usable says whether a launch qualifies for a config, and atrous_conv.cu
+//   routes the rest to the WMMA kernel.
 #pragma once
 
 #include "conv_common.cuh"
 #include "sm80_common.cuh"
+#include "sm90_common.cuh"
 
 namespace fastaspp {
 namespace atrous_cuda {
 namespace {  // internal linkage, as kernel_common.cuh
 
-// The kernel's tile and shared-memory layouts, at namespace scope so that a host program checks
-// them (tests/cuda_host/sm80_layouts.cu: bijective layouts, 16-byte chunks contiguous, every
-// accumulator of the tile owned by exactly one thread).
+// The kernel's tile, shared-memory layouts and MMA per instruction set, at namespace scope so that
+// a host program checks them (tests/cuda_host/sm80_layouts.cu: bijective layouts, 16-byte chunks
+// contiguous, every accumulator of the tile owned by exactly one thread).
 template <typename T>
 struct Sm80Config {
-  static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK, S = Sm80Tile::kStages;
+  static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK;
   static_assert(BM == 64 && BK == 32, "the swizzle atoms of sm80_common.cuh are sized for these");
   using LayoutA = Sm80KMajor<BM>;   // (pixel, k, stage)
   using LayoutB = Sm80MnMajor<BN>;  // (n, k, stage)
   using TiledMma = Sm80TiledMma<T>;
+  static __host__ __device__ constexpr bool body_here() { return FASTASPP_CUDA_ARCH >= 800; }
+  template <typename... Args>
+  static __device__ __forceinline__ void mainloop(Args&&... args) {
+    sm80_mainloop<cute::SM75_U32x4_LDSM_N, cute::SM75_U16x8_LDSM_T>(static_cast<Args&&>(args)...);
+  }
 };
 
-template <typename T, bool kDgrad>
-__global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __grid_constant__ ConvBatch batch) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+template <typename T>
+struct Sm90Config {
+  static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK;
+  using LayoutA = Sm90KMajor<T, BM>;   // (pixel, k, stage)
+  using LayoutB = Sm90MnMajor<T, BN>;  // (n, k, stage)
+  using TiledMma = Sm90TiledMma<T>;
+  static __host__ __device__ constexpr bool body_here() { return sm90a_here(); }
+  template <typename... Args>
+  static __device__ __forceinline__ void mainloop(Args&&... args) {
+    sm90_mainloop(static_cast<Args&&>(args)...);
+  }
+};
+
+template <typename T, bool kDgrad, typename Config>
+__global__ void __launch_bounds__(Sm80Tile::kThreads) conv_cute_kernel(const __grid_constant__ ConvBatch batch) {
+  if constexpr (Config::body_here()) {
   using namespace cute;
   using V = typename Sm80Traits<T>::Value;
-  using Config = Sm80Config<T>;
   constexpr int BM = Config::BM, BN = Config::BN, BK = Config::BK;
   constexpr int NT = Sm80Tile::kThreads, CH = Sm80Tile::kChunk;
   using LayoutA = typename Config::LayoutA;
@@ -52,8 +72,9 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __g
   // One buffer: the operand stages, then (for the BN statistics) the fp32 tile staged over them.
   constexpr int kABytes = cosize_v<LayoutA> * int(sizeof(V)), kBBytes = cosize_v<LayoutB> * int(sizeof(V));
   constexpr int LDC = BN + 4, kCBytes = BM * LDC * int(sizeof(float));
-  static_assert(kABytes % 128 == 0, "B stays 128-byte aligned");
-  __shared__ __align__(128) unsigned char smem[kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes];
+  // 1024-byte alignment: the period of the 128-byte swizzle, which wgmma's descriptors assume.
+  static_assert(kABytes % 1024 == 0, "B stays 1024-byte aligned");
+  __shared__ __align__(1024) unsigned char smem[kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes];
   Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), LayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + kABytes)), LayoutB{});
 
@@ -111,7 +132,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __g
   typename Config::TiledMma mma;
   Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});  // fp32
   clear(acc);
-  sm80_mainloop<SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T>(mma, sA, sB, acc, steps, load_next, landed);
+  Config::mainloop(mma, sA, sB, acc, steps, load_next, landed);
 
   // Each accumulator's (m, n) in the tile comes from an identity tensor partitioned like them.
   Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
@@ -131,20 +152,22 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_sm80_kernel(const __g
   for (int i = 0; i < size(acc); ++i) {
     store_output<T, kDgrad, float>(a, t, get<0>(coord(i)), n0 + get<1>(coord(i)), acc(i));
   }
-#else
-  __trap();  // conv_sm80_usable never selects this kernel for an image below sm80
-#endif
+  } else {
+    __trap();  // conv_cute_usable never selects a config whose body this image lacks
+  }
 }
 
-// Whether a launch can run conv_sm80_kernel: channel counts in whole 16-byte chunks, aligned
-// operands, and sm80_kernel_usable (else the WMMA kernel, kept for the launches this one cannot take).
-template <typename T, bool kDgrad>
-bool conv_sm80_usable(const ConvArgs& a) {
+// Whether a launch can run conv_cute_kernel with Config: channel counts (and src stride and
+// offset) in whole 16-byte chunks, aligned operands, and the config's image rule (else the next
+// config, then the WMMA kernel, kept for the launches these cannot take).
+template <typename T, bool kDgrad, typename Config>
+bool conv_cute_usable(const ConvArgs& a) {
   constexpr int CH = Sm80Tile::kChunk;
   if (a.kc % CH != 0 || a.nc % CH != 0 || a.src_pixel_stride % CH != 0 || a.src_channel_offset % CH != 0 ||
       !aligned16(a.src) || !aligned16(a.wt))
     return false;
-  return sm80_kernel_usable(reinterpret_cast<const void*>(conv_sm80_kernel<T, kDgrad>));
+  const void* kernel = reinterpret_cast<const void*>(conv_cute_kernel<T, kDgrad, Config>);
+  return std::is_same<Config, Sm90Config<T>>::value ? sm90_kernel_usable(kernel) : sm80_kernel_usable(kernel);
 }
 
 }  // namespace

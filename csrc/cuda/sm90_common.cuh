@@ -1,0 +1,123 @@
+// The Hopper (sm_90a) instruction set for the cuda backend's CuTe conv kernel (conv_cute.cuh):
+// one warpgroup's wgmma.mma_async reading both operands from shared memory, fed by the same
+// multistage cp.async loads as the sm80 path (sm80_common.cuh). Pure CUDA with CuTe headers,
+// included only by .cu files.
+//
+// * One 64 x 128 x 16 wgmma atom covers the CTA's 64-pixel x 128-channel tile: the 128 threads are
+//   one warpgroup, each holding 64 fp32 accumulators, and no operand passes through registers.
+// * Shared memory in wgmma's canonical swizzled layouts: A (pixels, k) K-major with 64-byte rows
+//   (BK = 32 16-bit values), B (n, k) N-major in 128-byte runs of n; 16-byte chunks stay
+//   contiguous (tests/cuda_host/sm80_layouts.cu checks these layouts too). wgmma reads through the
+//   async proxy, so each thread fences its own writes (the cp.async copies and the projection
+//   prologue's rewrites) into it before the barrier that publishes a stage.
+// * Each step's wgmma is waited for before the next barrier, so the stage it read is free when the
+//   copy issued after that barrier overwrites it; the copies of the next S - 1 steps stay in flight.
+// * The body exists only in an sm_90a image (TORCH_CUDA_ARCH_LIST "9.0a"); sm90_kernel_usable asks
+//   the loaded image whether it has it (its static shared memory), so a plain sm_90 build falls to
+//   the sm80 path instead of reaching the trap.
+#pragma once
+
+#include "sm80_common.cuh"
+
+namespace fastaspp {
+namespace atrous_cuda {
+namespace {  // internal linkage, as kernel_common.cuh
+
+// Whether this compilation pass has wgmma (an sm_90a device pass).
+__host__ __device__ constexpr bool sm90a_here() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+struct Sm90Traits;
+template <>
+struct Sm90Traits<__half> {
+  using MmaAtom = cute::SM90_64x128x16_F32F16F16_SS<cute::GMMA::Major::K, cute::GMMA::Major::MN>;
+};
+template <>
+struct Sm90Traits<__nv_bfloat16> {
+  using MmaAtom = cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::MN>;
+};
+
+template <typename T>
+using Sm90TiledMma = decltype(cute::make_tiled_mma(typename Sm90Traits<T>::MmaAtom{}));
+
+// (Rows, BK, stages) layouts: A K-major (64-byte swizzle: a row is BK = 32 16-bit values), B
+// MN-major (128-byte swizzle: 64 rows of one k).
+template <typename T, int Rows>
+using Sm90KMajor = decltype(cute::tile_to_shape(
+    cute::GMMA::Layout_K_SW64_Atom<typename Sm80Traits<T>::Value>{},
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+template <typename T, int Rows>
+using Sm90MnMajor = decltype(cute::tile_to_shape(
+    cute::GMMA::Layout_MN_SW128_Atom<typename Sm80Traits<T>::Value>{},
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+
+// Makes this thread's generic-proxy writes to shared memory visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_for_wgmma() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// The main loop of the wgmma path, with sm80_mainloop's contract: `steps` K steps (the same on
+// every thread), load_next(stage) issues the next step's cp.async chunks, landed(step, stage) runs
+// on this thread's chunks of `step` once they have landed; the MMAs accumulate into acc (zeroed
+// by the caller). Returns with every copy and MMA complete.
+template <typename TiledMma, typename TensorA, typename TensorB, typename Accum, typename LoadNext,
+          typename Landed>
+__device__ __forceinline__ void sm90_mainloop(const TiledMma& mma, const TensorA& sA, const TensorB& sB,
+                                              Accum& acc, int64_t steps, LoadNext&& load_next, Landed&& landed) {
+  using namespace cute;
+  constexpr int S = Sm80Tile::kStages;
+  auto thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, S) descriptors
+  Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, S) descriptors
+
+  int64_t issued = 0;
+  CUTE_UNROLL
+  for (int stage = 0; stage < S - 1; ++stage) {
+    if (issued < steps) {
+      load_next(stage);
+      ++issued;
+    }
+    cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
+  }
+  for (int64_t it = 0; it < steps; ++it) {
+    const int stage = static_cast<int>(it % S);
+    cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
+    landed(it, stage);
+    fence_for_wgmma();  // ...is visible to the async proxy...
+    __syncthreads();    // ...for everyone's chunks; the wgmma of step it - 1 is complete on every thread
+    if (issued < steps) {
+      load_next(static_cast<int>(issued % S));  // the stage read at step it - 1
+      ++issued;
+    }
+    cp_async_fence();
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+  }
+  cp_async_wait<0>();
+}
+
+// Whether the wgmma kernel may run: FASTASPP_CUDA_CONV not `wmma` or `sm80` (which keep launches
+// on those kernels), and the loaded image has the kernel's body (an sm_90a image: only it declares
+// the kernel's static shared memory).
+inline bool sm90_kernel_usable(const void* kernel) {
+  const char* choice = std::getenv("FASTASPP_CUDA_CONV");  // read per call, as every switch
+  if (choice != nullptr && (std::strcmp(choice, "wmma") == 0 || std::strcmp(choice, "sm80") == 0)) return false;
+  const KernelImage image = kernel_image(kernel);
+  return image.ptx_version >= 90 && image.static_smem_bytes > 0;
+}
+
+}  // namespace
+}  // namespace atrous_cuda
+}  // namespace fastaspp
