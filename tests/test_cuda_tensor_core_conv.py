@@ -15,6 +15,8 @@ Statistics as in test_aspp_train.py: from the fp32 accumulators, whose distance 
 output is that output's fp32 bound (plus, for the projection, the rounding of its normalised input
 to the 16-bit dot operand).
 """
+import os
+
 import pytest
 import torch
 
@@ -161,3 +163,29 @@ def test_aspp_input_gradient_sums_every_branch(kernel, dtype, rates):
     # Every branch's terms in one sum: C * taps of each, plus the extra rounding of a second launch's sum.
     depth = c * (1 + 9 * len(rates)) + (1 if len(ws) > 8 else 0)
     assert_within(dx, expected[0], expected[1], depth, dtype, f"aspp grad x {kernel}", storage_roundings=2)
+
+
+def _conv_kernel_names(x, w):
+    """Names of the CUDA kernels one bf16 conv forward launches, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fastaspp.ops.atrous_conv2d(x, w, None, padding=2, dilation=2)  # warm: kept layouts, image lookups
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fastaspp.ops.atrous_conv2d(x, w, None, padding=2, dilation=2)
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages()]
+
+
+def test_the_kernel_that_runs_is_the_one_chosen(kernel):
+    """Which conv kernel a 16-bit launch runs: wgmma (Sm90Config) on a compute-capability 9.0 GPU
+    with an sm_90a build (TORCH_CUDA_ARCH_LIST naming 9.0a, as benchmarks/gpu_run.sh builds), else
+    mma.sync (Sm80Config); FASTASPP_CUDA_CONV=sm80 and wmma force theirs. A wrong image check would
+    otherwise let every other test pass on the fallback kernel."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 64, 17, 17, generator=g).to("cuda", torch.bfloat16, memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, generator=g).to("cuda", torch.bfloat16)
+    names = [n for n in _conv_kernel_names(x, w) if "conv_" in n and "_kernel" in n]
+    sm90_build = "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "") and torch.cuda.get_device_capability() == (9, 0)
+    expected = {"cute": "Sm90Config" if sm90_build else "Sm80Config", "sm80": "Sm80Config", "wmma": "conv_wmma_kernel"}
+    assert len(names) == 1 and expected[kernel] in names[0], (kernel, names)

@@ -72,7 +72,9 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_cute_kernel(const __g
   // One buffer: the operand stages, then (for the BN statistics) the fp32 tile staged over them.
   constexpr int kABytes = cosize_v<LayoutA> * int(sizeof(V)), kBBytes = cosize_v<LayoutB> * int(sizeof(V));
   constexpr int LDC = BN + 4, kCBytes = BM * LDC * int(sizeof(float));
-  // 1024-byte alignment: the period of the 128-byte swizzle, which wgmma's descriptors assume.
+  // Static, not dynamic: sm90_kernel_usable tells an sm_90a body from the trap-only one (which must
+  // declare none) by the image's static shared memory. 1024-byte alignment: the period of the
+  // 128-byte swizzle, which wgmma's descriptors assume.
   static_assert(kABytes % 1024 == 0, "B stays 1024-byte aligned");
   __shared__ __align__(1024) unsigned char smem[kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes];
   Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), LayoutA{});
