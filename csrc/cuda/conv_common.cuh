@@ -1,9 +1,10 @@
 // What the cuda backend's implicit-GEMM conv kernels share (atrous_conv.cu: the WMMA and SIMT
 // kernels; conv_cute.cuh: the CuTe tensor-core kernel): their arguments in dst / src terms, the
-// (live tap, channel chunk) walk of a CTA's patch, the gather of a dst pixel's src row, the src
-// prologue of the training projection, and the epilogue (one output element, or a whole tile
-// staged in shared memory with the patch's BN statistics). The tiling and its invariants are
-// described at the top of atrous_conv.cu. Pure CUDA, included only by .cu files.
+// batches of convs a launch runs, the (conv, live tap, channel chunk) walk of a CTA's patch, the
+// gather of a dst pixel's src row, the src prologue of the training projection, and the epilogue
+// (one output element, or a whole tile staged in shared memory with the patch's BN statistics).
+// The tiling and its invariants are described at the top of atrous_conv.cu. Pure CUDA, included
+// only by .cu files.
 #pragma once
 
 #include <cstring>
@@ -46,7 +47,7 @@ struct ConvArgs {
 //   over (conv, dst channel block), and a CTA computes its one conv;
 // * sum (sum_convs = 1; the ASPP's input gradient, every branch's into the same dx): grid.y runs
 //   over dst channel blocks, and a CTA's K loop walks every conv's live (tap, chunk) steps into one
-//   accumulator; the epilogue is conv[0]'s, and every conv has its dst, nc and dst map.
+//   accumulator; the epilogue is conv[0]'s, and every conv has conv[0]'s dst, nc and dst map.
 // Kernels take it as a __grid_constant__ parameter, so a CTA reads the arguments in place (no
 // copy of the array).
 constexpr int kMaxConvs = 8;

@@ -1,8 +1,8 @@
 // What the cuda backend's CuTe kernels share (conv_cute.cuh: forward and input gradient, on this
-// path or on sm90_common.cuh's wgmma; grad_weight_sm80.cuh: weight gradient): the 16-bit value types and MMA atoms, the CTA's warp
-// layout, the swizzled shared-memory layouts, the multistage cp.async main loop, and the launch
-// rule. sm80 instructions (cp.async, ldmatrix, mma.sync), which Hopper runs too. Pure CUDA with
-// CuTe headers, included only by .cu files.
+// path or on sm90_common.cuh's wgmma; grad_weight_sm80.cuh: weight gradient): the 16-bit value
+// types and MMA atoms, the CTA's warp layout, the swizzled shared-memory layouts, the multistage
+// cp.async main loop, and the launch rule. sm80 instructions (cp.async, ldmatrix, mma.sync), which
+// Hopper runs too. Pure CUDA with CuTe headers, included only by .cu files.
 //
 // * 4 warps as 2 x 2 over SM80_16x8x16_F32{F16,BF16}_TN atoms with fp32 accumulators; the
 //   32 x 32 x 16 MMA tile lets one ldmatrix.x4 feed a warp.
@@ -73,12 +73,46 @@ __device__ __forceinline__ void copy_chunk(const T* src, V* dst, bool live) {
       *reinterpret_cast<const cute::uint128_t*>(src), *reinterpret_cast<cute::uint128_t*>(dst), live);
 }
 
-// The multistage main loop of both CuTe kernels over `steps` K steps (the same count on every
-// thread, so the barriers are uniform). load_next(stage) issues this thread's cp.async chunks of
-// the next step into that stage; landed(step, stage) runs once this thread's chunks of `step` have
-// landed, before the barrier that publishes them (the projection's prologue rewrites them there);
-// the MMAs of each step accumulate into acc. sA is (M, BK, S), sB (N, BK, S); CopyOpA / CopyOpB
-// the ldmatrix atoms their majorness needs. Returns with every copy complete.
+// The multistage cp.async schedule of both CuTe main loops (this file's mma.sync one and
+// sm90_common.cuh's wgmma one) over `steps` K steps, the same count on every thread, so the
+// barriers are uniform. load_next(stage) issues this thread's cp.async chunks of the next step into
+// that stage, S - 1 steps ahead; landed(step, stage) runs once this thread's chunks of `step` have
+// landed (the projection's prologue rewrites them there), then publish() (what the MMA's reads
+// need of this thread's writes), then the barrier that publishes the stage to every thread;
+// compute(stage) runs the step's MMAs and must have finished reading the stage when it returns
+// (the copy issued after the next barrier overwrites it). Returns with every copy complete.
+template <typename LoadNext, typename Landed, typename Publish, typename Compute>
+__device__ __forceinline__ void cp_async_pipeline(int64_t steps, LoadNext&& load_next, Landed&& landed,
+                                                  Publish&& publish, Compute&& compute) {
+  constexpr int S = Sm80Tile::kStages;
+  int64_t issued = 0;
+  CUTE_UNROLL
+  for (int stage = 0; stage < S - 1; ++stage) {
+    if (issued < steps) {
+      load_next(stage);
+      ++issued;
+    }
+    cute::cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
+  }
+  for (int64_t it = 0; it < steps; ++it) {
+    const int stage = static_cast<int>(it % S);
+    cute::cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
+    landed(it, stage);
+    publish();
+    __syncthreads();  // ...everyone's, and everyone is done reading stage (it - 1) % S
+    if (issued < steps) {
+      load_next(static_cast<int>(issued % S));  // the stage read at step it - 1
+      ++issued;
+    }
+    cute::cp_async_fence();
+    compute(stage);
+  }
+  cute::cp_async_wait<0>();
+}
+
+// The main loop of the mma.sync path (the conv's Sm80Config, the weight gradient): the schedule
+// above with ldmatrix + mma.sync per step into acc. sA is (M, BK, S), sB (N, BK, S); CopyOpA /
+// CopyOpB the ldmatrix atoms their majorness needs.
 template <typename CopyOpA, typename CopyOpB, typename TiledMma, typename TensorA, typename TensorB,
           typename Accum, typename LoadNext, typename Landed>
 __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA& sA, const TensorB& sB,
@@ -86,7 +120,6 @@ __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA
                                               Landed&& landed) {
   using namespace cute;
   using V = typename TensorA::value_type;
-  constexpr int S = Sm80Tile::kStages;
   const int tid = static_cast<int>(threadIdx.x);
   ThrMMA thr_mma = mma.get_slice(tid);
   Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
@@ -100,33 +133,14 @@ __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA
   Tensor tXsB = s2r_thr_b.partition_S(sB);  // (CPY, MMA_N, MMA_K, S)
   Tensor tXrB = s2r_thr_b.retile_D(tCrB);
 
-  int64_t issued = 0;
-  CUTE_UNROLL
-  for (int stage = 0; stage < S - 1; ++stage) {
-    if (issued < steps) {
-      load_next(stage);
-      ++issued;
-    }
-    cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
-  }
-  for (int64_t it = 0; it < steps; ++it) {
-    const int stage = static_cast<int>(it % S);
-    cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
-    landed(it, stage);
-    __syncthreads();  // ...everyone's, and everyone is done reading stage (it - 1) % S
-    if (issued < steps) {
-      load_next(static_cast<int>(issued % S));  // the stage read at step it - 1
-      ++issued;
-    }
-    cp_async_fence();
+  cp_async_pipeline(steps, load_next, landed, [] {}, [&](int stage) {
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tCrA); ++kb) {
       copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
       copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
       gemm(mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
     }
-  }
-  cp_async_wait<0>();
+  });
 }
 
 // Whether a CuTe kernel may run: FASTASPP_CUDA_CONV not set to `wmma` (which keeps every launch on

@@ -64,48 +64,25 @@ __device__ __forceinline__ void fence_for_wgmma() {
 #endif
 }
 
-// The main loop of the wgmma path, with sm80_mainloop's contract: `steps` K steps (the same on
-// every thread), load_next(stage) issues the next step's cp.async chunks, landed(step, stage) runs
-// on this thread's chunks of `step` once they have landed; the MMAs accumulate into acc (zeroed
-// by the caller). Returns with every copy and MMA complete.
+// The main loop of the wgmma path: sm80_common.cuh's cp.async schedule, with each thread's
+// writes fenced into the async proxy before a stage's barrier and one wgmma batch per step into
+// acc (zeroed by the caller), waited for before the step returns.
 template <typename TiledMma, typename TensorA, typename TensorB, typename Accum, typename LoadNext,
           typename Landed>
 __device__ __forceinline__ void sm90_mainloop(const TiledMma& mma, const TensorA& sA, const TensorB& sB,
                                               Accum& acc, int64_t steps, LoadNext&& load_next, Landed&& landed) {
   using namespace cute;
-  constexpr int S = Sm80Tile::kStages;
   auto thr_mma = mma.get_slice(threadIdx.x);
   Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, S) descriptors
   Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, S) descriptors
-
-  int64_t issued = 0;
-  CUTE_UNROLL
-  for (int stage = 0; stage < S - 1; ++stage) {
-    if (issued < steps) {
-      load_next(stage);
-      ++issued;
-    }
-    cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
-  }
-  for (int64_t it = 0; it < steps; ++it) {
-    const int stage = static_cast<int>(it % S);
-    cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
-    landed(it, stage);
-    fence_for_wgmma();  // ...is visible to the async proxy...
-    __syncthreads();    // ...for everyone's chunks; the wgmma of step it - 1 is complete on every thread
-    if (issued < steps) {
-      load_next(static_cast<int>(issued % S));  // the stage read at step it - 1
-      ++issued;
-    }
-    cp_async_fence();
+  cp_async_pipeline(steps, load_next, landed, [] { fence_for_wgmma(); }, [&](int stage) {
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
+    warpgroup_wait<0>();  // the stage is free for the copy issued after the next barrier
     warpgroup_fence_operand(acc);
-  }
-  cp_async_wait<0>();
+  });
 }
 
 // Whether the wgmma kernel may run: FASTASPP_CUDA_CONV not `wmma` or `sm80` (which keep launches

@@ -28,20 +28,17 @@ static cudaError_t forward(int64_t n, int64_t off, int64_t stride, const Fastasp
                                                    k, k, 9, 9, 1, 1, pad, pad, 2, 2, options, nullptr);
 }
 
+// An ASPP branch's geometry: the 1x1 branch for rate 0, else a 3x3 at padding = dilation = rate.
+static FastasppBranchGeometry aspp_geometry(int64_t rate) {
+  return rate == 0 ? FastasppBranchGeometry{1, 1, 0, 0, 1, 1} : FastasppBranchGeometry{3, 3, rate, rate, rate, rate};
+}
+
 static FastasppBranch branch(int64_t rate, int64_t off) {
-  FastasppBranch b{};
-  b.weight_hwio = kW;
-  b.geometry = rate == 0 ? FastasppBranchGeometry{1, 1, 0, 0, 1, 1} : FastasppBranchGeometry{3, 3, rate, rate, rate, rate};
-  b.y_channel_offset = off;
-  return b;
+  return FastasppBranch{kW, aspp_geometry(rate), off, FastasppForwardOptions{}};
 }
 
 static FastasppGradBranch grad_branch(int64_t rate, int64_t off) {
-  FastasppGradBranch b{};
-  b.weight_hwoi = kW;
-  b.geometry = rate == 0 ? FastasppBranchGeometry{1, 1, 0, 0, 1, 1} : FastasppBranchGeometry{3, 3, rate, rate, rate, rate};
-  b.grad_channel_offset = off;
-  return b;
+  return FastasppGradBranch{kW, aspp_geometry(rate), off};
 }
 
 int main() {
