@@ -9,8 +9,8 @@
 #              "model" adds the whole models, eval rows with and without CUDA graphs)
 #   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
-# The CUDA build is for sm_90a (TORCH_CUDA_ARCH_LIST "9.0a"): the conv's wgmma path exists only in an
-# arch-specific image; FASTASPP_CUDA_CONV=sm80 runs its mma.sync path in the same build.
+# The CUDA build is for sm_90a (TORCH_CUDA_ARCH_LIST "9.0a"): the CuTe kernels' wgmma path exists only
+# in an arch-specific image; FASTASPP_CUDA_CONV=sm80 runs their mma.sync path in the same build.
 # The CUDA build needs CUTLASS's headers (setup.py). The device has no package index: where its
 # python lacks nvidia-cutlass, carry the wheel in .whl/ (here: `pip download --no-deps -d .whl
 # nvidia-cutlass==4.2.0.0`; .gitignore lists .whl), named in the run's carry; stage build unpacks it.

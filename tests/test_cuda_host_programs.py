@@ -3,7 +3,7 @@ tests/cuda_host is compiled with nvcc (CI has it) and run here; it prints "ok" w
 passes, else one line per failure.
 
   * sm80_layouts.cu (against the CUTLASS headers setup.py finds): the CuTe kernels' shared memory
-    layouts (csrc/cuda/conv_cute.cuh for mma.sync and for wgmma, grad_weight_sm80.cuh) are
+    layouts (csrc/cuda/conv_cute.cuh and grad_weight_cute.cuh, for mma.sync and for wgmma) are
     bijective with every 16-byte cp.async chunk contiguous and aligned; each (pixel, chunk) of a
     stage is copied (and, for the projection's prologue, rewritten) by exactly one thread; each of
     the 64 x 128 accumulators of a CTA belongs to exactly one of its 128 threads.

@@ -1,5 +1,5 @@
 """The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_cute.cuh on wgmma in an sm_90a
-build or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_sm80.cuh) and WMMA
+build or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh likewise) and WMMA
 (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels (channel counts in
 multiples of 8): several K chunks and their tail, more than one 128-channel column block, stride 2
 (whose input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map, the
@@ -87,7 +87,7 @@ def test_forward_and_gradients(kernel, case, dtype):
         expected.append(torch.autograd.grad(pre, [xs, ws], seed))
     assert_within(dx, expected[0][0], expected[1][0], case.c_out * case.k ** 2 + 2, dtype,
                   f"grad x {kernel} {case}", storage_roundings=2)
-    # The weight gradient (grad_weight_sm80.cuh or WMMA): a sum over the batch's output pixels.
+    # The weight gradient (grad_weight_cute.cuh or WMMA): a sum over the batch's output pixels.
     pixels = out.shape[0] * out.shape[2] * out.shape[3]
     assert_within(dw, expected[0][1], expected[1][1], pixels + 2, dtype, f"grad weight {kernel} {case}",
                   storage_roundings=2)
@@ -165,27 +165,39 @@ def test_aspp_input_gradient_sums_every_branch(kernel, dtype, rates):
     assert_within(dx, expected[0], expected[1], depth, dtype, f"aspp grad x {kernel}", storage_roundings=2)
 
 
-def _conv_kernel_names(x, w):
-    """Names of the CUDA kernels one bf16 conv forward launches, from the profiler."""
+def _kernel_names(x, w):
+    """Names of the CUDA kernels one bf16 conv forward and backward launch, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    fastaspp.ops.atrous_conv2d(x, w, None, padding=2, dilation=2)  # warm: kept layouts, image lookups
+    def step():
+        out = fastaspp.ops.atrous_conv2d(x, w, None, padding=2, dilation=2)
+        torch.autograd.grad(out, [x, w], torch.ones_like(out))
+
+    step()  # warm: image lookups
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fastaspp.ops.atrous_conv2d(x, w, None, padding=2, dilation=2)
+        step()
         torch.cuda.synchronize()
     return [e.key for e in prof.key_averages()]
 
 
-def test_the_kernel_that_runs_is_the_one_chosen(kernel):
-    """Which conv kernel a 16-bit launch runs: wgmma (Sm90Config) on a compute-capability 9.0 GPU
-    with an sm_90a build (TORCH_CUDA_ARCH_LIST naming 9.0a, as benchmarks/gpu_run.sh builds), else
-    mma.sync (Sm80Config); FASTASPP_CUDA_CONV=sm80 and wmma force theirs. A wrong image check would
-    otherwise let every other test pass on the fallback kernel."""
+def test_the_kernels_that_run_are_the_ones_chosen(kernel):
+    """Which kernels a 16-bit forward and backward run: wgmma (Sm90Config, Sm90GwConfig) on a
+    compute-capability 9.0 GPU with an sm_90a build (TORCH_CUDA_ARCH_LIST naming 9.0a, as
+    benchmarks/gpu_run.sh builds), else mma.sync (Sm80Config, Sm80GwConfig); FASTASPP_CUDA_CONV=sm80
+    and wmma force theirs. A wrong image check would otherwise let every other test pass on the
+    fallback kernels."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 64, 17, 17, generator=g).to("cuda", torch.bfloat16, memory_format=torch.channels_last)
     w = torch.randn(64, 64, 3, 3, generator=g).to("cuda", torch.bfloat16)
-    names = [n for n in _conv_kernel_names(x, w) if "conv_" in n and "_kernel" in n]
+    names = _kernel_names(x.requires_grad_(), w.requires_grad_())
+    convs = [n for n in names if "conv_" in n and "_kernel" in n]  # the forward and the input gradient
+    wgrads = [n for n in names if "grad_weight_" in n and "finalize" not in n]
     sm90_build = "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "") and torch.cuda.get_device_capability() == (9, 0)
-    expected = {"cute": "Sm90Config" if sm90_build else "Sm80Config", "sm80": "Sm80Config", "wmma": "conv_wmma_kernel"}
-    assert len(names) == 1 and expected[kernel] in names[0], (kernel, names)
+    if kernel == "wmma":
+        conv, wgrad = "conv_wmma_kernel", "grad_weight_wmma_kernel"
+    else:
+        arch = "Sm90" if kernel == "cute" and sm90_build else "Sm80"
+        conv, wgrad = f"{arch}Config", f"{arch}GwConfig"
+    assert len(convs) == 2 and all(conv in n for n in convs), (kernel, convs)
+    assert len(wgrads) == 1 and wgrad in wgrads[0], (kernel, wgrads)

@@ -1,6 +1,6 @@
 // CUDA kernels for fastaspp::_atrous_conv2d_grad_weight (C launchers in atrous_conv.h; what the
 // weight-gradient kernels share: grad_weight_common.cuh, the per-tap live-rectangle GEMMs and the
-// split reduction described there; the 16-bit CuTe kernel: grad_weight_sm80.cuh).
+// split reduction described there; the 16-bit CuTe kernel: grad_weight_cute.cuh).
 //
 // Grid = (tap x Cout block x Cin block, split). S depends only on the shapes, never on the device
 // or the kernel, and the second pass sums the partials in a fixed order: results are bitwise
@@ -8,7 +8,7 @@
 // holds, else WMMA / SIMT; their in-tile summation orders differ).
 
 #include "grad_weight_common.cuh"
-#include "grad_weight_sm80.cuh"
+#include "grad_weight_cute.cuh"
 
 namespace fastaspp {
 namespace atrous_cuda {
@@ -212,16 +212,21 @@ bool gw_grid(GwArgs& a, dim3& grid) {
   return true;
 }
 
-// 16-bit types: the CuTe kernel (grad_weight_sm80.cuh) where it can run, else WMMA tensor cores
-// when the kernel image has them, else SIMT; 16-byte vector loads when the channel counts and
+// 16-bit types: the CuTe kernel (grad_weight_cute.cuh: wgmma in an sm_90a image, else mma.sync)
+// where it can run, else WMMA tensor cores when the kernel image has them, else SIMT; 16-byte vector loads when the channel counts and
 // pointers allow.
 template <typename T>
 cudaError_t launch_grad_weight_t(GwArgs a, cudaStream_t stream) {
   dim3 grid;
   if constexpr (is_16bit<T>()) {
-    if (grad_weight_sm80_usable<T>(a)) {
+    // Both CuTe configs tile 64 x 128, so they share the grid.
+    static_assert(Sm90GwConfig<T>::BM == Sm80GwConfig<T>::BM && Sm90GwConfig<T>::BN == Sm80GwConfig<T>::BN, "");
+    void (*k)(GwArgs) = grad_weight_cute_usable<T, Sm90GwConfig<T>>(a)   ? grad_weight_cute_kernel<T, Sm90GwConfig<T>>
+                        : grad_weight_cute_usable<T, Sm80GwConfig<T>>(a) ? grad_weight_cute_kernel<T, Sm80GwConfig<T>>
+                                                                          : nullptr;
+    if (k != nullptr) {
       if (!gw_grid<Sm80GwConfig<T>::BM, Sm80GwConfig<T>::BN>(a, grid)) return cudaErrorInvalidValue;
-      grad_weight_sm80_kernel<T><<<grid, Sm80Tile::kThreads, 0, stream>>>(a);
+      k<<<grid, Sm80Tile::kThreads, 0, stream>>>(a);
       return cudaGetLastError();
     }
   }

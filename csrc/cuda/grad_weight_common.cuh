@@ -1,5 +1,5 @@
 // What the cuda backend's weight-gradient kernels share (grad_weight.cu: WMMA and SIMT;
-// grad_weight_sm80.cuh: CuTe): their arguments, which (tap, Cout block, Cin block, split) a CTA
+// grad_weight_cute.cuh: CuTe): their arguments, which (tap, Cout block, Cin block, split) a CTA
 // owns, the slice of the tap's live output rectangle it reduces, and the store of its partial sums.
 // Pure CUDA, included only by .cu files.
 //

@@ -1,5 +1,5 @@
 // What the cuda backend's CuTe kernels share (conv_cute.cuh: forward and input gradient, on this
-// path or on sm90_common.cuh's wgmma; grad_weight_sm80.cuh: weight gradient): the 16-bit value
+// path or on sm90_common.cuh's wgmma; grad_weight_cute.cuh: weight gradient, likewise): the 16-bit value
 // types and MMA atoms, the CTA's warp layout, the swizzled shared-memory layouts, the multistage
 // cp.async main loop, and the launch rule. sm80 instructions (cp.async, ldmatrix, mma.sync), which
 // Hopper runs too. Pure CUDA with CuTe headers, included only by .cu files.

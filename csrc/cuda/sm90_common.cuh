@@ -1,4 +1,5 @@
-// The Hopper (sm_90a) instruction set for the cuda backend's CuTe conv kernel (conv_cute.cuh):
+// The Hopper (sm_90a) instruction set for the cuda backend's CuTe kernels (conv_cute.cuh,
+// grad_weight_cute.cuh):
 // one warpgroup's wgmma.mma_async reading both operands from shared memory, fed by the same
 // multistage cp.async loads as the sm80 path (sm80_common.cuh). Pure CUDA with CuTe headers,
 // included only by .cu files.
@@ -32,19 +33,21 @@ __host__ __device__ constexpr bool sm90a_here() {
 #endif
 }
 
-template <typename T>
+// The 64 x 128 x 16 atom with both operands in shared memory: A K-major (the conv's gathered
+// pixels) or MN-major (the weight gradient's grad rows), B MN-major (N contiguous) in both kernels.
+template <typename T, cute::GMMA::Major MajorA>
 struct Sm90Traits;
-template <>
-struct Sm90Traits<__half> {
-  using MmaAtom = cute::SM90_64x128x16_F32F16F16_SS<cute::GMMA::Major::K, cute::GMMA::Major::MN>;
+template <cute::GMMA::Major MajorA>
+struct Sm90Traits<__half, MajorA> {
+  using MmaAtom = cute::SM90_64x128x16_F32F16F16_SS<MajorA, cute::GMMA::Major::MN>;
 };
-template <>
-struct Sm90Traits<__nv_bfloat16> {
-  using MmaAtom = cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::MN>;
+template <cute::GMMA::Major MajorA>
+struct Sm90Traits<__nv_bfloat16, MajorA> {
+  using MmaAtom = cute::SM90_64x128x16_F32BF16BF16_SS<MajorA, cute::GMMA::Major::MN>;
 };
 
-template <typename T>
-using Sm90TiledMma = decltype(cute::make_tiled_mma(typename Sm90Traits<T>::MmaAtom{}));
+template <typename T, cute::GMMA::Major MajorA = cute::GMMA::Major::K>
+using Sm90TiledMma = decltype(cute::make_tiled_mma(typename Sm90Traits<T, MajorA>::MmaAtom{}));
 
 // (Rows, BK, stages) layouts: A K-major (64-byte swizzle: a row is BK = 32 16-bit values), B
 // MN-major (128-byte swizzle: 64 rows of one k).

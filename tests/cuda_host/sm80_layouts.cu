@@ -1,12 +1,12 @@
 // Host-side checks of the CuTe kernels' layouts and thread mappings (csrc/cuda/conv_cute.cuh for both
-// instruction sets, grad_weight_sm80.cuh), run by tests/test_cuda_host_programs.py without a GPU:
+// instruction sets, grad_weight_cute.cuh), run by tests/test_cuda_host_programs.py without a GPU:
 // CuTe's layout algebra runs on the host.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
 #include <vector>
 
 #include "../../csrc/cuda/conv_cute.cuh"
-#include "../../csrc/cuda/grad_weight_sm80.cuh"
+#include "../../csrc/cuda/grad_weight_cute.cuh"
 
 using namespace cute;
 
@@ -101,6 +101,10 @@ int main() {
   check_smem(as_position_independent_swizzle_layout(typename Sm90::LayoutB{}), 0, "sm90 B: (n, k, stage)");
   check_accumulators<Sm90>("sm90 bf16 accumulators");
   check_accumulators<Sm90Config<__half>>("sm90 fp16 accumulators");
+  using Sm90Gw = Sm90GwConfig<__nv_bfloat16>;
+  check_smem(as_position_independent_swizzle_layout(typename Sm90Gw::LayoutA{}), 0, "sm90 wgrad A: (co, pixel)");
+  check_smem(as_position_independent_swizzle_layout(typename Sm90Gw::LayoutB{}), 0, "sm90 wgrad B: (ci, pixel)");
+  check_accumulators<Sm90Gw>("sm90 wgrad bf16 accumulators");
   check_accumulators<Sm80GwConfig<__half>>("wgrad fp16 accumulators");
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;

@@ -1,47 +1,71 @@
 // The cuda backend's fp16 / bf16 weight-gradient kernel on CuTe: per tap, the partial
 // dW_tap[Cout, Cin] = G^T X of one split of the tap's live output rectangle (grad_weight_common.cuh),
-// through the multistage cp.async pipeline of sm80_common.cuh.
+// through the multistage cp.async schedule of sm80_common.cuh, in two instruction sets:
+// Sm90GwConfig (one warpgroup's wgmma, sm90_common.cuh, for sm_90a images) and Sm80GwConfig
+// (transposing ldmatrix + mma.sync).
 //
 // * CTA tile: BM = 64 output channels x BN = 128 input channels, BK = 32 pixels per step.
 // * Both operands are MN-major in memory: a pixel's grad row holds its Cout values, its x row its
 //   Cin values. A step copies BK pixels' 64-channel and 128-channel runs in 16-byte chunks into
-//   (BM, BK) and (BN, BK) MN-major shared tiles, read with the transposing ldmatrix; pixels past
-//   the split's end and channels past the counts are zero-filled in both operands.
-// * Shared memory: 3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static.
+//   (BM, BK) and (BN, BK) MN-major shared tiles; pixels past the split's end and channels past the
+//   counts are zero-filled in both operands.
+// * Shared memory: 3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static (the wgmma
+//   image test reads it) and 1024-byte aligned (the wgmma swizzle's period).
 // * The fp32 partial tile is stored per element to the workspace (store_partial); the split count,
 //   the workspace layout and the fixed-order second pass are the WMMA kernel's.
 // * Requires both channel counts to be multiples of 8 and 16-byte aligned x and grad;
-//   grad_weight_sm80_usable says whether a launch qualifies.
+//   grad_weight_cute_usable says whether a launch qualifies for a config.
 #pragma once
 
 #include "grad_weight_common.cuh"
 #include "sm80_common.cuh"
+#include "sm90_common.cuh"
 
 namespace fastaspp {
 namespace atrous_cuda {
 namespace {  // internal linkage, as kernel_common.cuh
 
-// The kernel's tile and shared-memory layouts, checked on the host by tests/cuda_host/sm80_layouts.cu.
+// The kernel's tile, shared-memory layouts and MMA per instruction set, checked on the host by
+// tests/cuda_host/sm80_layouts.cu.
 template <typename T>
 struct Sm80GwConfig {
   static constexpr int BM = 64, BN = 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm80MnMajor<BM>;  // (co, pixel, stage)
   using LayoutB = Sm80MnMajor<BN>;  // (ci, pixel, stage)
   using TiledMma = Sm80TiledMma<T>;
+  static __host__ __device__ constexpr bool body_here() { return FASTASPP_CUDA_ARCH >= 800; }
+  template <typename... Args>
+  static __device__ __forceinline__ void mainloop(Args&&... args) {
+    sm80_mainloop<cute::SM75_U16x8_LDSM_T, cute::SM75_U16x8_LDSM_T>(static_cast<Args&&>(args)...);
+  }
 };
 
 template <typename T>
-__global__ void __launch_bounds__(Sm80Tile::kThreads) grad_weight_sm80_kernel(GwArgs a) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+struct Sm90GwConfig {
+  static constexpr int BM = 64, BN = 128, BK = Sm80Tile::kBK;
+  using LayoutA = Sm90MnMajor<T, BM>;  // (co, pixel, stage)
+  using LayoutB = Sm90MnMajor<T, BN>;  // (ci, pixel, stage)
+  using TiledMma = Sm90TiledMma<T, cute::GMMA::Major::MN>;
+  static __host__ __device__ constexpr bool body_here() { return sm90a_here(); }
+  template <typename... Args>
+  static __device__ __forceinline__ void mainloop(Args&&... args) {
+    sm90_mainloop(static_cast<Args&&>(args)...);
+  }
+};
+
+template <typename T, typename Config>
+__global__ void __launch_bounds__(Sm80Tile::kThreads) grad_weight_cute_kernel(GwArgs a) {
+  if constexpr (Config::body_here()) {
   using namespace cute;
   using V = typename Sm80Traits<T>::Value;
-  using Config = Sm80GwConfig<T>;
   constexpr int BM = Config::BM, BN = Config::BN, BK = Config::BK;
   constexpr int NT = Sm80Tile::kThreads, CH = Sm80Tile::kChunk;
-  __shared__ __align__(128) V smem_a[cosize_v<typename Config::LayoutA>];
-  __shared__ __align__(128) V smem_b[cosize_v<typename Config::LayoutB>];
-  Tensor sA = make_tensor(make_smem_ptr(smem_a), typename Config::LayoutA{});
-  Tensor sB = make_tensor(make_smem_ptr(smem_b), typename Config::LayoutB{});
+  constexpr int kABytes = cosize_v<typename Config::LayoutA> * int(sizeof(V));
+  constexpr int kBBytes = cosize_v<typename Config::LayoutB> * int(sizeof(V));
+  static_assert(kABytes % 1024 == 0, "B stays 1024-byte aligned");
+  __shared__ __align__(1024) unsigned char smem[kABytes + kBBytes];
+  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), typename Config::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + kABytes)), typename Config::LayoutB{});
 
   const GwTile t = make_gw_tile<BM, BN>(a);
   const GwPixels px(a, t);
@@ -79,25 +103,25 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) grad_weight_sm80_kernel(Gw
   Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});  // fp32
   clear(acc);
   const int64_t steps = ceil_div(px.end - px.begin, int64_t(BK));  // 0 for a dead tap or empty split
-  sm80_mainloop<SM75_U16x8_LDSM_T, SM75_U16x8_LDSM_T>(mma, sA, sB, acc, steps, load_next,
-                                                       [](int64_t, int) {});
+  Config::mainloop(mma, sA, sB, acc, steps, load_next, [](int64_t, int) {});
 
   // The whole partial tile, zeros included (the workspace is not zeroed).
   Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) store_partial<float>(a, t, get<0>(coord(i)), get<1>(coord(i)), acc(i));
-#else
-  __trap();  // grad_weight_sm80_usable never selects this kernel for an image below sm80
-#endif
+  } else {
+    __trap();  // grad_weight_cute_usable never selects a config whose body this image lacks
+  }
 }
 
-// Whether a launch can run grad_weight_sm80_kernel: channel counts in whole 16-byte chunks,
-// aligned operands, and sm80_kernel_usable (else the WMMA kernel).
-template <typename T>
-bool grad_weight_sm80_usable(const GwArgs& a) {
+// Whether a launch can run grad_weight_cute_kernel with Config: channel counts in whole 16-byte
+// chunks, aligned operands, and the config's image rule (else the next config, then WMMA).
+template <typename T, typename Config>
+bool grad_weight_cute_usable(const GwArgs& a) {
   if (a.cin % Sm80Tile::kChunk != 0 || a.cout % Sm80Tile::kChunk != 0 || !aligned16(a.x) || !aligned16(a.g))
     return false;
-  return sm80_kernel_usable(reinterpret_cast<const void*>(grad_weight_sm80_kernel<T>));
+  const void* kernel = reinterpret_cast<const void*>(grad_weight_cute_kernel<T, Config>);
+  return std::is_same<Config, Sm90GwConfig<T>>::value ? sm90_kernel_usable(kernel) : sm80_kernel_usable(kernel);
 }
 
 }  // namespace
