@@ -37,8 +37,8 @@ CASES = [
     ConvCase(2, 32, 48, 9, 9, dilation=12),              # every off-centre tap dead
     ConvCase(1, 256, 256, 33, 33, dilation=12),          # an ASPP branch
 ]
-# The CuTe kernels as the build picks them (the conv on wgmma in an sm_90a build), the conv's
-# mma.sync path, and WMMA for everything.
+# The CuTe kernels as the build picks them (on wgmma in an sm_90a build), their mma.sync path, and
+# WMMA for everything.
 KERNELS = {"cute": None, "sm80": "sm80", "wmma": "wmma"}
 
 

@@ -4,8 +4,9 @@
 //
 // Grid = (tap x Cout block x Cin block, split). S depends only on the shapes, never on the device
 // or the kernel, and the second pass sums the partials in a fixed order: results are bitwise
-// reproducible for a given kernel (the CuTe kernel on sm80 and later where its alignment rule
-// holds, else WMMA / SIMT; their in-tile summation orders differ).
+// reproducible for a given kernel. Which kernel runs depends on the build and the device (the
+// CuTe kernel on wgmma in an sm_90a image, else on mma.sync from sm80, where its alignment rule
+// holds; else WMMA / SIMT), and their in-tile summation orders differ.
 
 #include "grad_weight_common.cuh"
 #include "grad_weight_cute.cuh"

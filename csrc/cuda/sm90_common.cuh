@@ -1,14 +1,15 @@
 // The Hopper (sm_90a) instruction set for the cuda backend's CuTe kernels (conv_cute.cuh,
-// grad_weight_cute.cuh):
-// one warpgroup's wgmma.mma_async reading both operands from shared memory, fed by the same
-// multistage cp.async loads as the sm80 path (sm80_common.cuh). Pure CUDA with CuTe headers,
-// included only by .cu files.
+// grad_weight_cute.cuh): one warpgroup's wgmma.mma_async reading both operands from shared memory,
+// fed by the same multistage cp.async schedule as the sm80 path (sm80_common.cuh). Pure CUDA with
+// CuTe headers, included only by .cu files.
 //
-// * One 64 x 128 x 16 wgmma atom covers the CTA's 64-pixel x 128-channel tile: the 128 threads are
-//   one warpgroup, each holding 64 fp32 accumulators, and no operand passes through registers.
-// * Shared memory in wgmma's canonical swizzled layouts: A (pixels, k) K-major with 64-byte rows
-//   (BK = 32 16-bit values), B (n, k) N-major in 128-byte runs of n; 16-byte chunks stay
-//   contiguous (tests/cuda_host/sm80_layouts.cu checks these layouts too). wgmma reads through the
+// * One 64 x 128 x 16 wgmma atom covers the CTA's 64 x 128 tile (the conv's pixels x channels, the
+//   weight gradient's Cout x Cin): the 128 threads are one warpgroup, each holding 64 fp32
+//   accumulators, and no operand passes through registers.
+// * Shared memory in wgmma's canonical swizzled layouts: the conv's A (pixels, k) K-major with
+//   64-byte rows (BK = 32 16-bit values), the weight gradient's A (co, pixels) MN-major, and both
+//   B (n, k) MN-major, in 128-byte runs; 16-byte chunks stay contiguous
+//   (tests/cuda_host/sm80_layouts.cu checks these layouts too). wgmma reads through the
 //   async proxy, so each thread fences its own writes (the cp.async copies and the projection
 //   prologue's rewrites) into it before the barrier that publishes a stage.
 // * Each step's wgmma is waited for before the next barrier, so the stage it read is free when the
