@@ -50,8 +50,8 @@ struct Sm90Traits<__nv_bfloat16, MajorA> {
 template <typename T, cute::GMMA::Major MajorA = cute::GMMA::Major::K>
 using Sm90TiledMma = decltype(cute::make_tiled_mma(typename Sm90Traits<T, MajorA>::MmaAtom{}));
 
-// (Rows, BK, stages) layouts: A K-major (64-byte swizzle: a row is BK = 32 16-bit values), B
-// MN-major (128-byte swizzle: 64 rows of one k).
+// (Rows, BK, stages) layouts: K-major (64-byte swizzle: a row is BK = 32 16-bit values; the conv's
+// A) and MN-major (128-byte swizzle: 64 rows of one k; the conv's B, both weight-gradient operands).
 template <typename T, int Rows>
 using Sm90KMajor = decltype(cute::tile_to_shape(
     cute::GMMA::Layout_K_SW64_Atom<typename Sm80Traits<T>::Value>{},
