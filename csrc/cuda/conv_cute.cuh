@@ -34,30 +34,20 @@ namespace {  // internal linkage, as kernel_common.cuh
 // a host program checks them (tests/cuda_host/sm80_layouts.cu: bijective layouts, 16-byte chunks
 // contiguous, every accumulator of the tile owned by exactly one thread).
 template <typename T>
-struct Sm80Config {
+struct Sm80Config : Sm80Instructions<cute::SM75_U32x4_LDSM_N, cute::SM75_U16x8_LDSM_T> {
   static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK;
   static_assert(BM == 64 && BK == 32, "the swizzle atoms of sm80_common.cuh are sized for these");
   using LayoutA = Sm80KMajor<BM>;   // (pixel, k, stage)
   using LayoutB = Sm80MnMajor<BN>;  // (n, k, stage)
   using TiledMma = Sm80TiledMma<T>;
-  static __host__ __device__ constexpr bool body_here() { return FASTASPP_CUDA_ARCH >= 800; }
-  template <typename... Args>
-  static __device__ __forceinline__ void mainloop(Args&&... args) {
-    sm80_mainloop<cute::SM75_U32x4_LDSM_N, cute::SM75_U16x8_LDSM_T>(static_cast<Args&&>(args)...);
-  }
 };
 
 template <typename T>
-struct Sm90Config {
+struct Sm90Config : Sm90Instructions {
   static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm90KMajor<T, BM>;   // (pixel, k, stage)
   using LayoutB = Sm90MnMajor<T, BN>;  // (n, k, stage)
   using TiledMma = Sm90TiledMma<T>;
-  static __host__ __device__ constexpr bool body_here() { return sm90a_here(); }
-  template <typename... Args>
-  static __device__ __forceinline__ void mainloop(Args&&... args) {
-    sm90_mainloop(static_cast<Args&&>(args)...);
-  }
 };
 
 template <typename T, bool kDgrad, typename Config>
@@ -168,8 +158,7 @@ bool conv_cute_usable(const ConvArgs& a) {
   if (a.kc % CH != 0 || a.nc % CH != 0 || a.src_pixel_stride % CH != 0 || a.src_channel_offset % CH != 0 ||
       !aligned16(a.src) || !aligned16(a.wt))
     return false;
-  const void* kernel = reinterpret_cast<const void*>(conv_cute_kernel<T, kDgrad, Config>);
-  return std::is_same<Config, Sm90Config<T>>::value ? sm90_kernel_usable(kernel) : sm80_kernel_usable(kernel);
+  return Config::usable(reinterpret_cast<const void*>(conv_cute_kernel<T, kDgrad, Config>));
 }
 
 }  // namespace

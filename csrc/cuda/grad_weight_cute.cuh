@@ -28,29 +28,19 @@ namespace {  // internal linkage, as kernel_common.cuh
 // The kernel's tile, shared-memory layouts and MMA per instruction set, checked on the host by
 // tests/cuda_host/sm80_layouts.cu.
 template <typename T>
-struct Sm80GwConfig {
+struct Sm80GwConfig : Sm80Instructions<cute::SM75_U16x8_LDSM_T, cute::SM75_U16x8_LDSM_T> {
   static constexpr int BM = 64, BN = 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm80MnMajor<BM>;  // (co, pixel, stage)
   using LayoutB = Sm80MnMajor<BN>;  // (ci, pixel, stage)
   using TiledMma = Sm80TiledMma<T>;
-  static __host__ __device__ constexpr bool body_here() { return FASTASPP_CUDA_ARCH >= 800; }
-  template <typename... Args>
-  static __device__ __forceinline__ void mainloop(Args&&... args) {
-    sm80_mainloop<cute::SM75_U16x8_LDSM_T, cute::SM75_U16x8_LDSM_T>(static_cast<Args&&>(args)...);
-  }
 };
 
 template <typename T>
-struct Sm90GwConfig {
+struct Sm90GwConfig : Sm90Instructions {
   static constexpr int BM = 64, BN = 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm90MnMajor<T, BM>;  // (co, pixel, stage)
   using LayoutB = Sm90MnMajor<T, BN>;  // (ci, pixel, stage)
   using TiledMma = Sm90TiledMma<T, cute::GMMA::Major::MN>;
-  static __host__ __device__ constexpr bool body_here() { return sm90a_here(); }
-  template <typename... Args>
-  static __device__ __forceinline__ void mainloop(Args&&... args) {
-    sm90_mainloop(static_cast<Args&&>(args)...);
-  }
 };
 
 template <typename T, typename Config>
@@ -120,8 +110,7 @@ template <typename T, typename Config>
 bool grad_weight_cute_usable(const GwArgs& a) {
   if (a.cin % Sm80Tile::kChunk != 0 || a.cout % Sm80Tile::kChunk != 0 || !aligned16(a.x) || !aligned16(a.g))
     return false;
-  const void* kernel = reinterpret_cast<const void*>(grad_weight_cute_kernel<T, Config>);
-  return std::is_same<Config, Sm90GwConfig<T>>::value ? sm90_kernel_usable(kernel) : sm80_kernel_usable(kernel);
+  return Config::usable(reinterpret_cast<const void*>(grad_weight_cute_kernel<T, Config>));
 }
 
 }  // namespace

@@ -151,6 +151,18 @@ inline bool sm80_kernel_usable(const void* kernel) {
   return kernel_image(kernel).ptx_version >= 80;
 }
 
+// The mma.sync instruction set of a CuTe kernel config (the configs derive from it): where its body
+// exists, its main loop with the ldmatrix atoms its operands' majorness needs, its launch rule.
+template <typename CopyOpA, typename CopyOpB>
+struct Sm80Instructions {
+  static __host__ __device__ constexpr bool body_here() { return FASTASPP_CUDA_ARCH >= 800; }
+  template <typename... Args>
+  static __device__ __forceinline__ void mainloop(Args&&... args) {
+    sm80_mainloop<CopyOpA, CopyOpB>(static_cast<Args&&>(args)...);
+  }
+  static bool usable(const void* kernel) { return sm80_kernel_usable(kernel); }
+};
+
 }  // namespace
 }  // namespace atrous_cuda
 }  // namespace fastaspp

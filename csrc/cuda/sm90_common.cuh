@@ -99,6 +99,17 @@ inline bool sm90_kernel_usable(const void* kernel) {
   return image.ptx_version >= 90 && image.static_smem_bytes > 0;
 }
 
+// The wgmma instruction set of a CuTe kernel config (the configs derive from it), as
+// Sm80Instructions: where its body exists, its main loop, its launch rule.
+struct Sm90Instructions {
+  static __host__ __device__ constexpr bool body_here() { return sm90a_here(); }
+  template <typename... Args>
+  static __device__ __forceinline__ void mainloop(Args&&... args) {
+    sm90_mainloop(static_cast<Args&&>(args)...);
+  }
+  static bool usable(const void* kernel) { return sm90_kernel_usable(kernel); }
+};
+
 }  // namespace
 }  // namespace atrous_cuda
 }  // namespace fastaspp
