@@ -51,7 +51,8 @@ struct Sm90Config : Sm90Instructions {
 };
 
 template <typename T, bool kDgrad, typename Config>
-__global__ void __launch_bounds__(Sm80Tile::kThreads) conv_cute_kernel(const __grid_constant__ ConvBatch batch) {
+__global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kConvCtasPerSm)
+    conv_cute_kernel(const __grid_constant__ ConvBatch batch) {
   if constexpr (Config::body_here()) {
   using namespace cute;
   using V = typename Sm80Traits<T>::Value;
@@ -81,42 +82,53 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads) conv_cute_kernel(const __g
 
   // The next step's tiles into `stage`, 8 channels a chunk: A chunk (m, kc) holds src channels
   // k0 + kc .. k0 + kc + 7 of the pixel that dst pixel m reads through the step's tap; B chunk
-  // (k, nc) holds weight row k0 + k, dst channels n0 + nc .. n0 + nc + 7.
+  // (k, nc) holds weight row k0 + k, dst channels n0 + nc .. n0 + nc + 7. A tap's steps differ only
+  // in k0, so the gather of this thread's A rows (and the tap's division, and 64-bit index
+  // products) runs once per (conv, tap), when its first step (k0 == 0, the same step on every
+  // thread) is issued; the other steps add k0 to the kept row pointers.
+  constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
+  static_assert(kAChunks % NT == 0 && kBChunks % NT == 0, "whole chunks per thread");
+  const T* a_rows[kAChunks / NT] = {};  // this thread's A rows for the current tap, or null (zeros)
+  const T* b_tap = nullptr;             // the current tap's weight rows
   Step next = first_step<kDgrad>(batch, r.first, r.end, t);
   auto load_next = [&](int stage) {
     const ConvArgs& c = batch.conv[next.conv];
-    const T* src = static_cast<const T*>(c.src);
-    const T* wt = static_cast<const T*>(c.wt);
-    const int64_t kh = next.tap / c.kw, kw = next.tap % c.kw;
-    constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
-    static_assert(kAChunks % NT == 0 && kBChunks % NT == 0, "whole chunks per thread");
+    if (next.k0 == 0) {
+      const int64_t kh = next.tap / c.kw, kw = next.tap % c.kw;
+      CUTE_UNROLL
+      for (int i = 0; i < kAChunks / NT; ++i) {
+        a_rows[i] = gather_row<kDgrad, T>(c, t, kh, kw, (tid + i * NT) / (BK / CH));
+      }
+      b_tap = static_cast<const T*>(c.wt) + next.tap * c.kc * c.nc;
+    }
+    const int64_t k_left = c.kc - next.k0, n_left = c.nc - n0;  // channels from the tiles' corner on
     CUTE_UNROLL
     for (int i = 0; i < kAChunks / NT; ++i) {
       const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
-      const T* row = gather_row<kDgrad, T>(c, t, kh, kw, m);
-      const bool live = row != nullptr && next.k0 + kc < c.kc;
-      copy_chunk(live ? row + next.k0 + kc : src, &sA(m, kc, stage), live);
+      const bool live = a_rows[i] != nullptr && kc < k_left;
+      copy_chunk(live ? a_rows[i] + next.k0 + kc : static_cast<const T*>(c.src), &sA(m, kc, stage), live);
     }
     CUTE_UNROLL
     for (int i = 0; i < kBChunks / NT; ++i) {
       const int s = tid + i * NT, k = s / (BN / CH), nc = (s % (BN / CH)) * CH;
-      const bool live = next.k0 + k < c.kc && n0 + nc < c.nc;
-      copy_chunk(live ? wt + (next.tap * c.kc + next.k0 + k) * c.nc + n0 + nc : wt, &sB(nc, k, stage), live);
+      const bool live = k < k_left && nc < n_left;
+      copy_chunk(live ? b_tap + (next.k0 + k) * c.nc + n0 + nc : static_cast<const T*>(c.wt), &sB(nc, k, stage),
+                 live);
     }
     next = next_step<kDgrad, BK>(batch, r.end, t, next);
   };
 
-  // The projection's prologue on this thread's own A chunks of a step, in place. A 1x1 conv
-  // without padding has one live tap, so step `step` reads src channels step * BK onwards.
+  // The projection's prologue on this thread's own A chunks of a step, in place. It runs on a 1x1
+  // conv without padding alone: one live tap, so step `step` reads src channels step * BK onwards
+  // and a_rows (set by the first load, before any step lands) are that tap's rows.
   auto landed = [&](int64_t step, int stage) {
     if constexpr (!kDgrad) {
       if (a.src_scale == nullptr) return;
       CUTE_UNROLL
-      for (int i = 0; i < BM * (BK / CH) / NT; ++i) {
+      for (int i = 0; i < kAChunks / NT; ++i) {
         const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
         const int64_t k = step * BK + kc;
-        if (k < a.kc && gather_row<kDgrad, T>(a, t, 0, 0, m) != nullptr)
-          prologue_chunk<T>(a, k, &sA(m, kc, stage));
+        if (k < a.kc && a_rows[i] != nullptr) prologue_chunk<T>(a, k, &sA(m, kc, stage));
       }
     }
   };

@@ -43,6 +43,10 @@ struct Sm80Traits<__nv_bfloat16> {
 
 struct Sm80Tile {
   static constexpr int kBK = 32, kStages = 3, kThreads = 128;
+  // The conv kernel's __launch_bounds__ occupancy: 2 CTAs per SM lets ptxas keep the per-tap row
+  // pointers and the accumulators in registers (at most 255); asking for 3 caps it at 168 and
+  // spills to local memory inside the K loop.
+  static constexpr int kConvCtasPerSm = 2;
   static constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async
 };
 
