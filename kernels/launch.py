@@ -21,6 +21,18 @@ from fastaspp._rules import accumulator_dtype
 # Decided at import: the interpreter needs the variable set before triton is imported anyway.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def on_off_switch(name):
+    """A FASTASPP_* on/off environment variable: None when unset or empty, else whether it is "1";
+    any value but "0" or "1" is an error naming it (never read as the default)."""
+    value = os.environ.get(name, "")
+    if value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"fastaspp: the environment variable {name} must be unset, 0 or 1, got {value!r}")
+    return value == "1"
+
+
 # input_precision of tl.dot for float32 operands: "ieee" (exact fp32 products) or "tf32".
 FP32_DOT_PRECISION = "ieee"
 
@@ -64,13 +76,14 @@ GPU_WGRAD_FMA_CONFIGS = [
     cfg(4, 3, BLOCK_CO=32, BLOCK_CI=64, BLOCK_M=32),
 ]
 
+_AUTOTUNE = on_off_switch("FASTASPP_TRITON_AUTOTUNE")  # read at import, checked even where unused
 if INTERPRET:
     # Autotuning is pointless and slow in the interpreter: one small config (tl.dot needs >= 16).
     _CONV_TC_CONFIGS = [cfg(4, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)]
     _CONV_FMA_CONFIGS = []
     _WGRAD_TC_CONFIGS = [cfg(4, 1, BLOCK_CO=16, BLOCK_CI=16, BLOCK_M=16)]
     _WGRAD_FMA_CONFIGS = []
-elif os.environ.get("FASTASPP_TRITON_AUTOTUNE") == "0":
+elif _AUTOTUNE is False:
     # One config per kind, no autotuning: the GPU test run sets this so that its many shapes
     # compile once instead of once per config (the benchmarks autotune and check the result).
     _CONV_TC_CONFIGS, _CONV_FMA_CONFIGS = GPU_CONV_TC_CONFIGS[-1:], GPU_CONV_FMA_CONFIGS[:1]
@@ -86,7 +99,7 @@ def deterministic_configs():
     a different tiling, so a different summation order, in another process. On under
     torch.use_deterministic_algorithms(True) or FASTASPP_DETERMINISTIC=1: the first config of the
     dot's kind is used."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("FASTASPP_DETERMINISTIC") == "1"
+    return torch.are_deterministic_algorithms_enabled() or on_off_switch("FASTASPP_DETERMINISTIC") is True
 
 
 def prune_by_dot_kind(n_tensor_core_configs):

@@ -1,6 +1,9 @@
 // Argument checks shared by the cpu and cuda bindings (declared in checks.h).
 #include "checks.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace fastaspp {
 
 ConvGeometry check_geometry(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -39,6 +42,24 @@ void check_cpu_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "fastaspp cpu backend: ", name, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fastaspp cpu backend: ", name, " must be floating point, got ",
               t.scalar_type());
+}
+
+int checked_switch(const ChoiceSwitch& s) {
+  const int choice = s.read();
+  if (choice == kSwitchInvalid) {
+    std::string accepted = "unset";  // "unset, 0 or 1"
+    for (int i = 0; i < s.count; ++i) accepted += std::string(i + 1 == s.count ? " or " : ", ") + s.choices[i];
+    TORCH_CHECK(false, "fastaspp: the environment variable ", s.name, " must be ", accepted, ", got '",
+                std::getenv(s.name), "'");
+  }
+  return choice;
+}
+
+int64_t checked_switch(const IntegerSwitch& s) {
+  int64_t value = 0;
+  TORCH_CHECK(s.read(value), "fastaspp: the environment variable ", s.name, " must be unset or a whole number >= ",
+              s.min, ", got '", std::getenv(s.name), "'");
+  return value;
 }
 
 }  // namespace fastaspp

@@ -9,6 +9,7 @@
 
 #include <utility>
 
+#include "switches.h"
 #include "tap_geometry.h"
 
 namespace fastaspp {
@@ -26,5 +27,12 @@ void check_4d(const at::Tensor& t, const char* name);
 
 // t is a floating-point CPU tensor.
 void check_cpu_float(const at::Tensor& t, const char* name);
+
+// The switch's choice (switches.h: an index, or kSwitchUnset), or an error naming the variable,
+// its value and the values it accepts.
+int checked_switch(const ChoiceSwitch& s);
+
+// The switch's number (its fallback when unset), or an error as above.
+int64_t checked_switch(const IntegerSwitch& s);
 
 }  // namespace fastaspp

@@ -3,15 +3,18 @@
 
 #include <c10/util/intrusive_ptr.h>
 
-#include <cstdlib>
+#include <algorithm>
+#include <limits>
 #include <list>
 #include <mutex>
+
+#include "checks.h"
 
 namespace fastaspp {
 
 int64_t env_megabytes(const char* name, int64_t fallback) {
-  const char* mb = std::getenv(name);
-  return (mb != nullptr ? std::atoll(mb) : fallback) << 20;
+  const int64_t mb = checked_switch(IntegerSwitch{name, fallback, 0});
+  return std::min(mb, std::numeric_limits<int64_t>::max() >> 20) << 20;
 }
 
 namespace {

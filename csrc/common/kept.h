@@ -33,7 +33,7 @@ enum KeptKind : int64_t {
 // is not keepable, make() runs every call.
 at::Tensor kept(at::TensorList weights, const std::vector<int64_t>& tag, const std::function<at::Tensor()>& make);
 
-// Megabytes from environment variable `name` (fallback when unset), in bytes.
+// Megabytes from environment variable `name` (fallback when unset; an error unless a whole number >= 0), in bytes.
 int64_t env_megabytes(const char* name, int64_t fallback);
 
 }  // namespace fastaspp

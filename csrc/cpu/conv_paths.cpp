@@ -1,10 +1,8 @@
 // The cpu backend's paths for one conv (see conv_paths.h).
 #include "conv_paths.h"
 
-#include <cstdlib>
-#include <string>
-
 #include "direct_conv.h"
+#include "../common/checks.h"
 #include "../common/kept.h"
 #include "winograd.h"
 
@@ -21,14 +19,14 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 
 namespace {
 
-// FASTASPP_CPU_ONEDNN: "0" never, "1" always (above the direct loops' range), unset: by the rule.
-const char* onednn_choice() { return std::getenv("FASTASPP_CPU_ONEDNN"); }
+// FASTASPP_CPU_ONEDNN (common/switches.h): "0" never, "1" always (above the direct loops' range),
+// unset: by the rule.
+constexpr int kOnednnNever = 0, kOnednnAlways = 1;
 
 // Whether oneDNN may run x's conv at all: fp32, and FASTASPP_CPU_ONEDNN not 0. The forward takes it
 // whenever it may (conv_paths.h).
 bool onednn_allowed(const at::Tensor& x) {
-  const char* choice = onednn_choice();
-  return x.scalar_type() == at::kFloat && !(choice != nullptr && std::string(choice) == "0");
+  return x.scalar_type() == at::kFloat && checked_switch(kCpuOnednn) != kOnednnNever;
 }
 
 }  // namespace
@@ -53,8 +51,7 @@ bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t o
                         const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
   if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0)) || !onednn_allowed(x)) return false;
-  const char* choice = onednn_choice();
-  if (choice != nullptr && std::string(choice) == "1") return true;
+  if (checked_switch(kCpuOnednn) == kOnednnAlways) return true;
   const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
   return pairs > kOnednnMinLiveShare * dense;
 }

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../common/checks.h"
 #include "../common/tap_geometry.h"
 #include "../common/kept.h"
 #include "simd.h"
@@ -329,8 +330,8 @@ int64_t live_macs(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t o
 }
 
 bool use_direct(int64_t macs) {
-  const char* limit = std::getenv("FASTASPP_CPU_DIRECT_MAX_MACS");
-  return macs <= (limit != nullptr ? std::atoll(limit) : kDirectMaxMacs);
+  // -1: never (README's knobs).
+  return macs <= checked_switch(IntegerSwitch{"FASTASPP_CPU_DIRECT_MAX_MACS", kDirectMaxMacs, -1});
 }
 
 void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& alpha, const at::Tensor& beta,

@@ -100,6 +100,7 @@ void launch_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRe
 at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,
                                       at::IntArrayRef rates, const at::Tensor& scale,
                                       const at::Tensor& shift, bool relu) {
+  check_conv_switch();
   constexpr const char* op = "fastaspp::_aspp_branches_forward";
   check_tensor(op, x, "x", 4);
   const int64_t c = check_branches(op, x, "x", x.size(1), weights, rates);
@@ -135,6 +136,7 @@ at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weight
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cuda(const at::Tensor& x,
                                                                                 at::TensorList weights,
                                                                                 at::IntArrayRef rates) {
+  check_conv_switch();
   constexpr const char* op = "fastaspp::_aspp_branches_stats_forward";
   check_tensor(op, x, "x", 4);
   const int64_t c = check_branches(op, x, "x", x.size(1), weights, rates);
@@ -160,6 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cuda(
 // of grad in place.
 at::Tensor aspp_branches_grad_input_cuda(const at::Tensor& grad, at::TensorList weights, at::IntArrayRef rates,
                                          at::IntArrayRef input_size) {
+  check_conv_switch();
   constexpr const char* op = "fastaspp::_aspp_branches_grad_input";
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 elements, got ", input_size.size());
   const int64_t n = input_size[0], c_in = input_size[1], h = input_size[2], w = input_size[3];

@@ -34,6 +34,7 @@ void check_operand(const char* op, const at::Tensor& t, const char* name, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_project_forward_cuda(
     const at::Tensor& z, const at::Tensor& centre, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& weight, const at::Tensor& image_bias) {
+  check_conv_switch();
   constexpr const char* op = "fastaspp::_affine_relu_project_forward";
   check_tensor(op, z, "z", 4);
   const int64_t n = z.size(0), k = z.size(1), h = z.size(2), w = z.size(3);

@@ -31,6 +31,7 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& scale,
                                       const std::optional<at::Tensor>& shift, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+  check_conv_switch();
   constexpr const char* op = "fastaspp::_atrous_conv2d_forward";
   check_tensor(op, x, "x", 4);
   check_tensor(op, weight, "weight", 4);
@@ -68,6 +69,7 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
 at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tensor& weight,
                                          at::IntArrayRef input_size, at::IntArrayRef stride,
                                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_conv_switch();
   constexpr const char* op = "fastaspp::_atrous_conv2d_grad_input";
   check_tensor(op, grad, "grad", 4);
   check_tensor(op, weight, "weight", 4);
@@ -109,6 +111,7 @@ at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tenso
 at::Tensor atrous_conv2d_grad_weight_cuda(const at::Tensor& x, const at::Tensor& grad,
                                           at::IntArrayRef weight_size, at::IntArrayRef stride,
                                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_conv_switch();
   constexpr const char* op = "fastaspp::_atrous_conv2d_grad_weight";
   check_tensor(op, x, "x", 4);
   check_tensor(op, grad, "grad", 4);

@@ -14,6 +14,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/checks.h"
 #include "../common/kept.h"
 #include "atrous_conv.h"
 
@@ -74,6 +75,10 @@ inline at::Tensor weight_hwio(const at::Tensor& weight) {
 inline at::Tensor weight_hwoi(const at::Tensor& weight) {
   return kept_layout(weight, kCudaGradInputLayout, [&] { return weight.permute({2, 3, 0, 1}).contiguous(); });
 }
+
+// FASTASPP_CUDA_CONV, which the launchers read (common/switches.h), holds a valid value: each
+// binding checks it before it launches anything, so a misspelt value is an error, not the default.
+inline void check_conv_switch() { checked_switch(kCudaConv); }
 
 // The current torch stream of t's device (launchers are asynchronous on it).
 inline cudaStream_t current_stream(const at::Tensor& t) {

@@ -15,12 +15,10 @@
 //   (tests/cuda_host/sm80_layouts.cu checks it).
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
-
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_types.h>
 
+#include "../common/switches.h"
 #include "kernel_common.cuh"
 
 namespace fastaspp {
@@ -149,9 +147,9 @@ __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA
 
 // Whether a CuTe kernel may run: FASTASPP_CUDA_CONV not set to `wmma` (which keeps every launch on
 // the WMMA kernels, to compare the two on a device) and the kernel's image built for sm80 or later.
+// The switch is read per call (common/switches.h); the bindings have rejected invalid values.
 inline bool sm80_kernel_usable(const void* kernel) {
-  const char* choice = std::getenv("FASTASPP_CUDA_CONV");  // read per call, as every switch
-  if (choice != nullptr && std::strcmp(choice, "wmma") == 0) return false;
+  if (kCudaConv.read() == kCudaConvWmma) return false;
   return kernel_image(kernel).ptx_version >= 80;
 }
 

@@ -93,8 +93,8 @@ __device__ __forceinline__ void sm90_mainloop(const TiledMma& mma, const TensorA
 // on those kernels), and the loaded image has the kernel's body (an sm_90a image: only it declares
 // the kernel's static shared memory).
 inline bool sm90_kernel_usable(const void* kernel) {
-  const char* choice = std::getenv("FASTASPP_CUDA_CONV");  // read per call, as every switch
-  if (choice != nullptr && (std::strcmp(choice, "wmma") == 0 || std::strcmp(choice, "sm80") == 0)) return false;
+  const int choice = kCudaConv.read();  // per call, as sm80_kernel_usable
+  if (choice == kCudaConvWmma || choice == kCudaConvSm80) return false;
   const KernelImage image = kernel_image(kernel);
   return image.ptx_version >= 90 && image.static_smem_bytes > 0;
 }
