@@ -244,3 +244,37 @@ def test_large_fp32_forwards_take_onednn_at_any_live_share(monkeypatch, rate):
     assert not torch.equal(by_path["0"], by_path["1"])
     monkeypatch.delenv("FASTASPP_CPU_ONEDNN")
     assert torch.equal(conv(), by_path["1"])
+
+
+def test_a_changed_weight_drops_all_its_kept_copies(monkeypatch):
+    """After an in-place change, the next kept() of the weight drops every copy made from its older
+    version, not only the one it replaces: here the direct loops' layout, when the live-tap GEMMs'
+    matrices are remade (the same holds for the cuda bindings' copies on other streams). Read
+    through torch.ops.fastaspp._kept_bytes."""
+    kept_bytes = lambda: torch.ops.fastaspp._kept_bytes("cpu")  # noqa: E731
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "0")
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 9, 9, generator=gen)
+    w = torch.randn(6, 4, 3, 3, generator=gen)
+
+    def conv(direct):
+        monkeypatch.setenv("FASTASPP_CPU_DIRECT_MAX_MACS", "100000000" if direct else "-1")
+        return fastaspp.ops.atrous_conv2d(x, w, padding=2, dilation=2)
+
+    conv(direct=False)  # kept: the tap matrices (and weights that died before are dropped)
+    with_gemm = kept_bytes()
+    conv(direct=True)  # kept as well: the direct loops' layout
+    with_both = kept_bytes()
+    assert with_both > with_gemm
+    with torch.no_grad():
+        w.mul_(-1.5)
+    after = conv(direct=False)
+    assert kept_bytes() == with_gemm  # the new tap matrices only: both old copies are gone
+    assert_within(after, F.conv2d(x.double(), w.double(), padding=2, dilation=2),
+                  conv_magnitude(x, w, padding=2, dilation=2), 4 * 9, torch.float32, "after the change")
+
+
+def test_kept_bytes_names_its_argument():
+    with pytest.raises(RuntimeError, match="device_type must be 'cpu' or 'cuda', got 'gpu'"):
+        torch.ops.fastaspp._kept_bytes("gpu")

@@ -49,6 +49,14 @@ struct Entry {
       if (!stamps[i].matches(weights[i])) return false;
     return true;
   }
+  // Whether it was made from one of `weights` before that weight changed (the same tensor at
+  // another version or storage): it can never match again, whatever its tag.
+  bool outdated_by(at::TensorList weights) const {
+    for (const Stamp& s : stamps)
+      for (const at::Tensor& w : weights)
+        if (s.impl == w.unsafeGetTensorImpl() && !s.matches(w)) return true;
+    return false;
+  }
   int64_t bytes() const { return value.numel() * value.element_size(); }
 };
 
@@ -86,10 +94,10 @@ at::Tensor kept(at::TensorList weights, const std::vector<int64_t>& tag, const s
   if (bytes > budget) return value;
   std::lock_guard<std::mutex> lock(kept_mutex());
   std::list<Entry>& entries = kept_entries();
-  // An entry for an older version of the same weights is stale for good: drop it now.
-  entries.remove_if([&](const Entry& e) {
-    return e.tag == tag && e.stamps.size() == weights.size() && e.stamps[0].impl == weights[0].unsafeGetTensorImpl();
-  });
+  // Entries made from older versions of these weights are stale for good, those of other
+  // derivations (another layout, another stream's copy) included: drop them now, rather than
+  // holding their memory until the budget evicts them.
+  entries.remove_if([&](const Entry& e) { return e.outdated_by(weights); });
   // Each device type's copies count against its own budget; the least recently used go first.
   int64_t held = bytes;
   for (const Entry& e : entries)
@@ -104,6 +112,14 @@ at::Tensor kept(at::TensorList weights, const std::vector<int64_t>& tag, const s
   for (const at::Tensor& w : weights) entry.stamps.emplace_back(w);
   entries.push_front(std::move(entry));
   return value;
+}
+
+int64_t kept_bytes(c10::DeviceType device) {
+  std::lock_guard<std::mutex> lock(kept_mutex());
+  int64_t held = 0;
+  for (const Entry& e : kept_entries())
+    if (e.value.device().type() == device) held += e.bytes();
+  return held;
 }
 
 }  // namespace fastaspp

@@ -33,6 +33,10 @@ enum KeptKind : int64_t {
 // is not keepable, make() runs every call.
 at::Tensor kept(at::TensorList weights, const std::vector<int64_t>& tag, const std::function<at::Tensor()>& make);
 
+// Bytes the kept copies on devices of this type hold now (entries of weights that have died since
+// the last kept() call included; that call drops them).
+int64_t kept_bytes(c10::DeviceType device);
+
 // Megabytes from environment variable `name` (fallback when unset; an error unless a whole number >= 0), in bytes.
 int64_t env_megabytes(const char* name, int64_t fallback);
 
