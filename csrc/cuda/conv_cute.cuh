@@ -51,7 +51,7 @@ struct Sm90Config : Sm90Instructions {
 };
 
 template <typename T, bool kDgrad, typename Config>
-__global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kConvCtasPerSm)
+__global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
     conv_cute_kernel(const __grid_constant__ ConvBatch batch) {
   if constexpr (Config::body_here()) {
   using namespace cute;
@@ -82,13 +82,37 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kConvCtasPerSm)
 
   // The next step's tiles into `stage`, 8 channels a chunk: A chunk (m, kc) holds src channels
   // k0 + kc .. k0 + kc + 7 of the pixel that dst pixel m reads through the step's tap; B chunk
-  // (k, nc) holds weight row k0 + k, dst channels n0 + nc .. n0 + nc + 7. A tap's steps differ only
-  // in k0, so the gather of this thread's A rows (and the tap's division, and 64-bit index
-  // products) runs once per (conv, tap), when its first step (k0 == 0, the same step on every
-  // thread) is issued; the other steps add k0 to the kept row pointers.
+  // (k, nc) holds weight row k0 + k, dst channels n0 + nc .. n0 + nc + 7. The per-step work is
+  // kept to pointer additions and 32-bit compares:
+  // * A tap's steps differ only in k0, so the gather of this thread's A rows (and the tap's
+  //   division, and 64-bit index products) runs once per (conv, tap), when its first step (k0 == 0,
+  //   the same step on every thread) is issued; the other steps add k0 to the kept row pointers.
+  // * A chunk's place in shared memory is worked out (swizzle included) once, for stage 0: a stage
+  //   spans whole swizzle periods, so stage s is s stage sizes further on
+  //   (tests/cuda_host/sm80_layouts.cu checks this of every layout).
   constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
   static_assert(kAChunks % NT == 0 && kBChunks % NT == 0, "whole chunks per thread");
+  constexpr int kAStage = cosize_v<LayoutA> / Sm80Tile::kStages, kBStage = cosize_v<LayoutB> / Sm80Tile::kStages;
+  V* const a_base = &sA(0, 0, 0);
+  V* const b_base = &sB(0, 0, 0);
+  int a_slot[kAChunks / NT], b_slot[kBChunks / NT];  // element offsets from a_base / b_base, stage 0
+  CUTE_UNROLL
+  for (int i = 0; i < kAChunks / NT; ++i) {
+    const int s = tid + i * NT;
+    a_slot[i] = static_cast<int>(&sA(s / (BK / CH), (s % (BK / CH)) * CH, 0) - a_base);
+  }
+  CUTE_UNROLL
+  for (int i = 0; i < kBChunks / NT; ++i) {
+    const int s = tid + i * NT;
+    b_slot[i] = static_cast<int>(&sB((s % (BN / CH)) * CH, s / (BN / CH), 0) - b_base);
+  }
+  // Chunk i of this thread is s = tid + i * NT: its A chunks share one channel offset a_kc, its B
+  // chunks one dst channel offset b_nc, kBRowGap weight rows apart from row b_k on.
+  static_assert(NT % (BK / CH) == 0 && NT % (BN / CH) == 0, "a thread's chunks share their channel offset");
+  constexpr int kBRowGap = NT / (BN / CH);
+  const int a_kc = (tid % (BK / CH)) * CH, b_k = tid / (BN / CH), b_nc = (tid % (BN / CH)) * CH;
   const T* a_rows[kAChunks / NT] = {};  // this thread's A rows for the current tap, or null (zeros)
+  const T* a_any = nullptr;             // a valid src address, read by no copy (zero fills)
   const T* b_tap = nullptr;             // the current tap's weight rows
   Step next = first_step<kDgrad>(batch, r.first, r.end, t);
   auto load_next = [&](int stage) {
@@ -99,21 +123,24 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kConvCtasPerSm)
       for (int i = 0; i < kAChunks / NT; ++i) {
         a_rows[i] = gather_row<kDgrad, T>(c, t, kh, kw, (tid + i * NT) / (BK / CH));
       }
+      a_any = static_cast<const T*>(c.src);
       b_tap = static_cast<const T*>(c.wt) + next.tap * c.kc * c.nc;
     }
-    const int64_t k_left = c.kc - next.k0, n_left = c.nc - n0;  // channels from the tiles' corner on
+    // Channels of the tile that exist: k0 + kc < kc_count and n0 + nc < nc_count, in 32 bits.
+    const int k_room = static_cast<int>(cute::min(c.kc - next.k0, int64_t(BK)));
+    const int n_room = static_cast<int>(cute::max(cute::min(c.nc - n0, int64_t(BN)), int64_t(0)));
+    V* const a_stage = a_base + stage * kAStage;
+    V* const b_stage = b_base + stage * kBStage;
     CUTE_UNROLL
     for (int i = 0; i < kAChunks / NT; ++i) {
-      const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
-      const bool live = a_rows[i] != nullptr && kc < k_left;
-      copy_chunk(live ? a_rows[i] + next.k0 + kc : static_cast<const T*>(c.src), &sA(m, kc, stage), live);
+      const bool live = a_rows[i] != nullptr && a_kc < k_room;
+      copy_chunk(live ? a_rows[i] + (next.k0 + a_kc) : a_any, a_stage + a_slot[i], live);
     }
+    const int64_t b_first = (next.k0 + b_k) * c.nc + n0 + b_nc, b_gap = kBRowGap * c.nc;  // from b_tap
     CUTE_UNROLL
     for (int i = 0; i < kBChunks / NT; ++i) {
-      const int s = tid + i * NT, k = s / (BN / CH), nc = (s % (BN / CH)) * CH;
-      const bool live = k < k_left && nc < n_left;
-      copy_chunk(live ? b_tap + (next.k0 + k) * c.nc + n0 + nc : static_cast<const T*>(c.wt), &sB(nc, k, stage),
-                 live);
+      const bool live = b_k + i * kBRowGap < k_room && b_nc < n_room;
+      copy_chunk(live ? b_tap + (b_first + i * b_gap) : b_tap, b_stage + b_slot[i], live);
     }
     next = next_step<kDgrad, BK>(batch, r.end, t, next);
   };

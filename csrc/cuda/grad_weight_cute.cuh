@@ -44,7 +44,7 @@ struct Sm90GwConfig : Sm90Instructions {
 };
 
 template <typename T, typename Config>
-__global__ void __launch_bounds__(Sm80Tile::kThreads) grad_weight_cute_kernel(GwArgs a) {
+__global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad_weight_cute_kernel(GwArgs a) {
   if constexpr (Config::body_here()) {
   using namespace cute;
   using V = typename Sm80Traits<T>::Value;

@@ -41,10 +41,10 @@ struct Sm80Traits<__nv_bfloat16> {
 
 struct Sm80Tile {
   static constexpr int kBK = 32, kStages = 3, kThreads = 128;
-  // The conv kernel's __launch_bounds__ occupancy: 2 CTAs per SM lets ptxas keep the per-tap row
-  // pointers and the accumulators in registers (at most 255); asking for 3 caps it at 168 and
-  // spills to local memory inside the K loop.
-  static constexpr int kConvCtasPerSm = 2;
+  // Both CuTe kernels' __launch_bounds__ occupancy: 3 CTAs per SM (36 KB of shared memory each)
+  // caps registers at 168, which they fit without spilling (.ci/check_ptxas.py checks every build
+  // in CI): more registers would leave 2.
+  static constexpr int kCtasPerSm = 3;
   static constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async
 };
 
@@ -96,18 +96,22 @@ __device__ __forceinline__ void cp_async_pipeline(int64_t steps, LoadNext&& load
     }
     cute::cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
   }
+  // Step it reads stage it % S and the copy issued during it fills (it - 1) % S, the stage read at
+  // step it - 1: counters that wrap, not a 64-bit remainder per step.
+  int stage = 0, refill = S - 1;
   for (int64_t it = 0; it < steps; ++it) {
-    const int stage = static_cast<int>(it % S);
     cute::cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
     landed(it, stage);
     publish();
     __syncthreads();  // ...everyone's, and everyone is done reading stage (it - 1) % S
     if (issued < steps) {
-      load_next(static_cast<int>(issued % S));  // the stage read at step it - 1
+      load_next(refill);
       ++issued;
     }
     cute::cp_async_fence();
     compute(stage);
+    stage = stage + 1 == S ? 0 : stage + 1;
+    refill = refill + 1 == S ? 0 : refill + 1;
   }
   cute::cp_async_wait<0>();
 }
