@@ -41,9 +41,9 @@ struct Sm80Traits<__nv_bfloat16> {
 
 struct Sm80Tile {
   static constexpr int kBK = 32, kStages = 3, kThreads = 128;
-  // Both CuTe kernels' __launch_bounds__ occupancy: 3 CTAs per SM (36 KB of shared memory each)
-  // caps registers at 168, which they fit without spilling (.ci/check_ptxas.py checks every build
-  // in CI): more registers would leave 2.
+  // Both CuTe kernels' __launch_bounds__ occupancy: 3 CTAs per SM (36 KB of shared memory each, so
+  // A100 and H100 hold 3; sm_86 / sm_89 parts, with 100 KB, hold 2 whatever the registers). It caps
+  // registers at 168, which they fit without spilling (.ci/check_ptxas.py checks every CI build).
   static constexpr int kCtasPerSm = 3;
   static constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async
 };
