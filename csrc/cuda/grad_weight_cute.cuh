@@ -43,6 +43,20 @@ struct Sm90GwConfig : Sm90Instructions {
   using TiledMma = Sm90TiledMma<T, cute::GMMA::Major::MN>;
 };
 
+// Which chunks of a step's tiles a thread copies: every pixel of the step has kThreadsPerPixel
+// threads, and thread tid copies chunks (of 8 channels) lane, lane + kThreadsPerPixel, ... of pixel
+// tid / kThreadsPerPixel's grad run (BM channels) and x run (BN channels), lane = tid %
+// kThreadsPerPixel. One pixel decode per thread and step serves all its copies (the pixel's two
+// 64-bit divisions were the bulk of the step), and kThreadsPerPixel consecutive threads copy 64
+// contiguous bytes. tests/cuda_host/sm80_layouts.cu checks that each chunk has one owner.
+struct GwChunks {
+  static constexpr int kThreadsPerPixel = Sm80Tile::kThreads / Sm80Tile::kBK;
+  static __host__ __device__ constexpr int pixel(int tid) { return tid / kThreadsPerPixel; }
+  static __host__ __device__ constexpr int chunk(int tid, int j) {
+    return tid % kThreadsPerPixel + j * kThreadsPerPixel;
+  }
+};
+
 template <typename T, typename Config>
 __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad_weight_cute_kernel(GwArgs a) {
   if constexpr (Config::body_here()) {
@@ -65,26 +79,44 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
 
   // The next step's BK pixels into `stage`: A chunk (mc, k) holds grad channels co0 + mc ..
   // co0 + mc + 7 of pixel p0 + k, B chunk (nc, k) x channels ci0 + nc .. ci0 + nc + 7 of the
-  // pixel it reads through the tap.
+  // pixel it reads through the tap. A thread copies chunks of one pixel only (GwChunks), so it
+  // decodes one pixel per step; its chunks' shared-memory offsets are worked out once, for stage 0
+  // (stage s is s stage sizes on, as in conv_cute.cuh).
+  constexpr int TPP = GwChunks::kThreadsPerPixel;
+  constexpr int kAPer = BM / CH / TPP, kBPer = BN / CH / TPP;  // chunks per thread and step
+  static_assert(NT == BK * TPP && kAPer * TPP * CH == BM && kBPer * TPP * CH == BN, "every chunk has one owner");
+  constexpr int kAStage = cosize_v<typename Config::LayoutA> / Sm80Tile::kStages;
+  constexpr int kBStage = cosize_v<typename Config::LayoutB> / Sm80Tile::kStages;
+  const int k_own = GwChunks::pixel(tid);
+  V* const a_base = &sA(0, 0, 0);
+  V* const b_base = &sB(0, 0, 0);
+  int a_slot[kAPer], b_slot[kBPer];
+  CUTE_UNROLL
+  for (int j = 0; j < kAPer; ++j) a_slot[j] = static_cast<int>(&sA(GwChunks::chunk(tid, j) * CH, k_own, 0) - a_base);
+  CUTE_UNROLL
+  for (int j = 0; j < kBPer; ++j) b_slot[j] = static_cast<int>(&sB(GwChunks::chunk(tid, j) * CH, k_own, 0) - b_base);
+  // Channels of the CTA's tile that exist (the same every step), in 32 bits.
+  const int co_room = static_cast<int>(cute::max(cute::min(a.cout - t.co0, int64_t(BM)), int64_t(0)));
+  const int ci_room = static_cast<int>(cute::max(cute::min(a.cin - t.ci0, int64_t(BN)), int64_t(0)));
   int64_t p0 = px.begin;
   auto load_next = [&](int stage) {
-    constexpr int kAChunks = BK * (BM / CH), kBChunks = BK * (BN / CH);
-    static_assert(kAChunks % NT == 0 && kBChunks % NT == 0, "whole chunks per thread");
+    const int64_t p = p0 + k_own;
+    const bool pixel_live = p < px.end;
+    const T *g_row = g, *x_row = x;
+    if (pixel_live) px.rows(a, p, g_row, x_row);
+    V* const a_stage = a_base + stage * kAStage;
+    V* const b_stage = b_base + stage * kBStage;
     CUTE_UNROLL
-    for (int i = 0; i < kAChunks / NT; ++i) {
-      const int s = tid + i * NT, k = s / (BM / CH), mc = (s % (BM / CH)) * CH;
-      const bool live = p0 + k < px.end && t.co0 + mc < a.cout;
-      const T *g_row = g, *x_row = x;
-      if (live) px.rows(a, p0 + k, g_row, x_row);
-      copy_chunk(live ? g_row + t.co0 + mc : g, &sA(mc, k, stage), live);
+    for (int j = 0; j < kAPer; ++j) {
+      const int mc = GwChunks::chunk(tid, j) * CH;
+      const bool live = pixel_live && mc < co_room;
+      copy_chunk(live ? g_row + (t.co0 + mc) : g, a_stage + a_slot[j], live);
     }
     CUTE_UNROLL
-    for (int i = 0; i < kBChunks / NT; ++i) {
-      const int s = tid + i * NT, k = s / (BN / CH), nc = (s % (BN / CH)) * CH;
-      const bool live = p0 + k < px.end && t.ci0 + nc < a.cin;
-      const T *g_row = g, *x_row = x;
-      if (live) px.rows(a, p0 + k, g_row, x_row);
-      copy_chunk(live ? x_row + t.ci0 + nc : x, &sB(nc, k, stage), live);
+    for (int j = 0; j < kBPer; ++j) {
+      const int nc = GwChunks::chunk(tid, j) * CH;
+      const bool live = pixel_live && nc < ci_room;
+      copy_chunk(live ? x_row + (t.ci0 + nc) : x, b_stage + b_slot[j], live);
     }
     p0 += BK;
   };

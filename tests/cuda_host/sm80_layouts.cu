@@ -61,7 +61,7 @@ void check_accumulators(const char* name) {
   for (int e = 0; e < Config::BM * Config::BN; ++e) expect(hits[e] == 1, name, e / Config::BN, e % Config::BN, hits[e]);
 }
 
-// The chunk mappings of the CuTe kernels' loads: chunk s = tid + i * kThreads of a tile of `outer`
+// The chunk mappings of the conv kernel's loads: chunk s = tid + i * kThreads of a tile of `outer`
 // runs of `per` chunks is (run s / per, element offset 8 * (s % per)); every (run, chunk) of a
 // stage is copied by exactly one thread (and, for the conv's A tile, rewritten by the same thread
 // in the projection's prologue).
@@ -78,6 +78,22 @@ void check_chunks(int outer, int per, const char* name) {
   for (int c = 0; c < outer * per; ++c) expect(hits[c] == 1, name, c / per, c % per, hits[c]);
 }
 
+// The weight gradient's chunk owners (GwChunks): every (pixel, chunk) of a step's tile of BK
+// pixels by `per` chunks is copied by exactly one (thread, j).
+void check_gw_chunks(int per, const char* name) {
+  using fastaspp::atrous_cuda::GwChunks;
+  constexpr int NT = fastaspp::atrous_cuda::Sm80Tile::kThreads, BK = fastaspp::atrous_cuda::Sm80Tile::kBK;
+  expect(per % GwChunks::kThreadsPerPixel == 0, name, per, GwChunks::kThreadsPerPixel, 0);
+  std::vector<int> hits(BK * per, 0);
+  for (int tid = 0; tid < NT; ++tid)
+    for (int j = 0; j < per / GwChunks::kThreadsPerPixel; ++j) {
+      const int pixel = GwChunks::pixel(tid), chunk = GwChunks::chunk(tid, j);
+      expect(pixel < BK && chunk < per, name, tid, pixel, chunk);
+      if (pixel < BK && chunk < per) ++hits[pixel * per + chunk];
+    }
+  for (int c = 0; c < BK * per; ++c) expect(hits[c] == 1, name, c / per, c % per, hits[c]);
+}
+
 int main() {
   using namespace fastaspp::atrous_cuda;
   using Conv = Sm80Config<__nv_bfloat16>;
@@ -91,8 +107,8 @@ int main() {
   check_smem(typename Gw::LayoutB{}, 0, "wgrad B: (ci, pixel, stage), chunks along ci");
   check_chunks(Conv::BM, Conv::BK / CH, "conv A chunks (pixel, k)");
   check_chunks(Conv::BK, Conv::BN / CH, "conv B chunks (k, n)");
-  check_chunks(Gw::BK, Gw::BM / CH, "wgrad A chunks (pixel, co)");
-  check_chunks(Gw::BK, Gw::BN / CH, "wgrad B chunks (pixel, ci)");
+  check_gw_chunks(Gw::BM / CH, "wgrad A chunks (pixel, co)");
+  check_gw_chunks(Gw::BN / CH, "wgrad B chunks (pixel, ci)");
   check_accumulators<Conv>("conv bf16 accumulators");
   check_accumulators<Sm80Config<__half>>("conv fp16 accumulators");
   check_accumulators<Gw>("wgrad bf16 accumulators");
