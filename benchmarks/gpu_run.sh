@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session in one command: build fastaspp._C with CUDA, run the test suite on CUDA tensors
 # (triton and cuda backends; slow cases included), then benchmark. Everything lands in $OUT:
-#   env.txt, build.log, tests.log, bench-{aspp,conv}.log and the benches' JSON + markdown.
+#   env.txt, build.log, tests-first.log, tests.log, bench-{aspp,conv}.log and the benches' JSON + markdown.
 # Stages are bounded by timeouts so that a hang in one still leaves the others' files.
 #   STAGES     which stages to run, in order (default "build tests bench profile")
-#   TEST_S     seconds for the test suite (default 150); TEST_ARGS extra pytest arguments
+#   TEST_S     seconds for the test suite (default 150) after TEST_FIRST (the cuda backend's test files,
+#              TEST_FIRST_S seconds, default 90; their log is tests-first.log); TEST_ARGS extra pytest arguments
 #   BENCH_S    seconds for each benchmark (default 120); BENCH_OPS which (default "overhead aspp conv";
 #              "model" adds the whole models, eval rows with and without CUDA graphs)
 #   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
@@ -42,15 +43,29 @@ stage_build() {
     $PY -c "import fastaspp; print('backends', fastaspp.backends())"
 }
 
-stage_tests() {
-    local t0=$SECONDS
+# The cuda backend's own tests, run before the rest so that a time limit still leaves their results.
+TEST_FIRST=${TEST_FIRST:-"tests/test_cuda_tensor_core_conv.py tests/test_env_switches.py tests/test_kept_weights.py \
+tests/test_aspp_train.py"}
+
+run_pytest() {  # log, seconds, then pytest arguments
+    local log=$1 seconds=$2 t0=$SECONDS
+    shift 2
     # One Triton config per kind: the suite's many shapes would otherwise each autotune.
     # -v logs each result as it lands; SIGINT at the time limit still prints the failure summary.
-    FASTASPP_TRITON_AUTOTUNE=0 timeout -s INT "${TEST_S:-150}" $PY -m pytest tests -v -p no:cacheprovider \
-        -n "${TEST_WORKERS:-16}" --timeout 120 -rfE --tb=short ${TEST_ARGS:-} >"$OUT/tests.log" 2>&1
-    echo "tests: exit $? after $((SECONDS - t0)) s"
-    grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-200 | head -60
-    tail -3 "$OUT/tests.log"
+    FASTASPP_TRITON_AUTOTUNE=0 timeout -s INT "$seconds" $PY -m pytest "$@" -v -p no:cacheprovider \
+        -n "${TEST_WORKERS:-16}" --timeout 120 -rfE --tb=short ${TEST_ARGS:-} >"$OUT/$log" 2>&1
+    echo "$log: exit $? after $((SECONDS - t0)) s"
+    grep -E "^(FAILED|ERROR)" "$OUT/$log" | cut -c1-200 | head -60
+    tail -3 "$OUT/$log"
+}
+
+stage_tests() {
+    local first="" ignore="" f
+    for f in $TEST_FIRST; do first="$first $f"; ignore="$ignore --ignore=$f"; done
+    # shellcheck disable=SC2086  # word splitting of the file lists is intended
+    run_pytest tests-first.log "${TEST_FIRST_S:-90}" $first
+    # shellcheck disable=SC2086
+    run_pytest tests.log "${TEST_S:-150}" tests $ignore
 }
 
 stage_bench() {
