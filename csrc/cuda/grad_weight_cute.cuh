@@ -44,16 +44,18 @@ struct Sm90GwConfig : Sm90Instructions {
 };
 
 // Which chunks of a step's tiles a thread copies: every pixel of the step has kThreadsPerPixel
-// threads, and thread tid copies chunks (of 8 channels) lane, lane + kThreadsPerPixel, ... of pixel
-// tid / kThreadsPerPixel's grad run (BM channels) and x run (BN channels), lane = tid %
+// threads, and its copy j takes chunk (of 8 channels) lane + kThreadsPerPixel * (j ^ (pixel & 1))
+// of pixel tid / kThreadsPerPixel's grad run (BM channels) and x run (BN channels), lane = tid %
 // kThreadsPerPixel. One pixel decode per thread and step serves all its copies (the pixel's two
 // 64-bit divisions were the bulk of the step), and kThreadsPerPixel consecutive threads copy 64
-// contiguous bytes. tests/cuda_host/sm80_layouts.cu checks that each chunk has one owner.
+// contiguous bytes; the odd pixels' copies in swapped order put 8 consecutive threads' chunks in 8
+// different 16-byte columns of the swizzled tiles (no bank conflict between the two pixels).
+// tests/cuda_host/sm80_layouts.cu checks that each chunk has one owner.
 struct GwChunks {
   static constexpr int kThreadsPerPixel = Sm80Tile::kThreads / Sm80Tile::kBK;
   static __host__ __device__ constexpr int pixel(int tid) { return tid / kThreadsPerPixel; }
   static __host__ __device__ constexpr int chunk(int tid, int j) {
-    return tid % kThreadsPerPixel + j * kThreadsPerPixel;
+    return tid % kThreadsPerPixel + kThreadsPerPixel * (j ^ (pixel(tid) & 1));
   }
 };
 
@@ -85,6 +87,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
   constexpr int TPP = GwChunks::kThreadsPerPixel;
   constexpr int kAPer = BM / CH / TPP, kBPer = BN / CH / TPP;  // chunks per thread and step
   static_assert(NT == BK * TPP && kAPer * TPP * CH == BM && kBPer * TPP * CH == BN, "every chunk has one owner");
+  static_assert(kAPer % 2 == 0 && kBPer % 2 == 0, "GwChunks swaps a thread's copies in pairs");
   constexpr int kAStage = cosize_v<typename Config::LayoutA> / Sm80Tile::kStages;
   constexpr int kBStage = cosize_v<typename Config::LayoutB> / Sm80Tile::kStages;
   const int k_own = GwChunks::pixel(tid);
