@@ -99,7 +99,8 @@ def deterministic_configs():
     a different tiling, so a different summation order, in another process. On under
     torch.use_deterministic_algorithms(True) or FASTASPP_DETERMINISTIC=1: the first config of the
     dot's kind is used."""
-    return torch.are_deterministic_algorithms_enabled() or on_off_switch("FASTASPP_DETERMINISTIC") is True
+    forced = on_off_switch("FASTASPP_DETERMINISTIC")  # checked whatever torch's setting
+    return torch.are_deterministic_algorithms_enabled() or forced is True
 
 
 def prune_by_dot_kind(n_tensor_core_configs):
