@@ -87,24 +87,20 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   // * A tap's steps differ only in k0, so the gather of this thread's A rows (and the tap's
   //   division, and 64-bit index products) runs once per (conv, tap), when its first step (k0 == 0,
   //   the same step on every thread) is issued; the other steps add k0 to the kept row pointers.
-  // * A chunk's place in shared memory is worked out (swizzle included) once, for stage 0: a stage
-  //   spans whole swizzle periods, so stage s is s stage sizes further on
-  //   (tests/cuda_host/sm80_layouts.cu checks this of every layout).
+  // * A chunk's place in shared memory is worked out (swizzle included) once, for stage 0
+  //   (stage0_offset, sm80_common.cuh).
   constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
   static_assert(kAChunks % NT == 0 && kBChunks % NT == 0, "whole chunks per thread");
-  constexpr int kAStage = cosize_v<LayoutA> / Sm80Tile::kStages, kBStage = cosize_v<LayoutB> / Sm80Tile::kStages;
-  V* const a_base = &sA(0, 0, 0);
-  V* const b_base = &sB(0, 0, 0);
-  int a_slot[kAChunks / NT], b_slot[kBChunks / NT];  // element offsets from a_base / b_base, stage 0
+  int a_slot[kAChunks / NT], b_slot[kBChunks / NT];  // stage0_offset of this thread's chunks
   CUTE_UNROLL
   for (int i = 0; i < kAChunks / NT; ++i) {
     const int s = tid + i * NT;
-    a_slot[i] = static_cast<int>(&sA(s / (BK / CH), (s % (BK / CH)) * CH, 0) - a_base);
+    a_slot[i] = stage0_offset(sA, s / (BK / CH), (s % (BK / CH)) * CH);
   }
   CUTE_UNROLL
   for (int i = 0; i < kBChunks / NT; ++i) {
     const int s = tid + i * NT;
-    b_slot[i] = static_cast<int>(&sB((s % (BN / CH)) * CH, s / (BN / CH), 0) - b_base);
+    b_slot[i] = stage0_offset(sB, (s % (BN / CH)) * CH, s / (BN / CH));
   }
   // Chunk i of this thread is s = tid + i * NT: its A chunks share one channel offset a_kc, its B
   // chunks one dst channel offset b_nc, kBRowGap weight rows apart from row b_k on.
@@ -129,8 +125,8 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
     // Channels of the tile that exist: k0 + kc < kc_count and n0 + nc < nc_count, in 32 bits.
     const int k_room = static_cast<int>(cute::min(c.kc - next.k0, int64_t(BK)));
     const int n_room = static_cast<int>(cute::max(cute::min(c.nc - n0, int64_t(BN)), int64_t(0)));
-    V* const a_stage = a_base + stage * kAStage;
-    V* const b_stage = b_base + stage * kBStage;
+    V* const a_stage = stage_start(sA, stage);
+    V* const b_stage = stage_start(sB, stage);
     CUTE_UNROLL
     for (int i = 0; i < kAChunks / NT; ++i) {
       const bool live = a_rows[i] != nullptr && a_kc < k_room;

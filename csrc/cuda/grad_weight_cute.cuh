@@ -83,21 +83,17 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
   // co0 + mc + 7 of pixel p0 + k, B chunk (nc, k) x channels ci0 + nc .. ci0 + nc + 7 of the
   // pixel it reads through the tap. A thread copies chunks of one pixel only (GwChunks), so it
   // decodes one pixel per step; its chunks' shared-memory offsets are worked out once, for stage 0
-  // (stage s is s stage sizes on, as in conv_cute.cuh).
+  // (stage0_offset, sm80_common.cuh).
   constexpr int TPP = GwChunks::kThreadsPerPixel;
   constexpr int kAPer = BM / CH / TPP, kBPer = BN / CH / TPP;  // chunks per thread and step
   static_assert(NT == BK * TPP && kAPer * TPP * CH == BM && kBPer * TPP * CH == BN, "every chunk has one owner");
   static_assert(kAPer % 2 == 0 && kBPer % 2 == 0, "GwChunks swaps a thread's copies in pairs");
-  constexpr int kAStage = cosize_v<typename Config::LayoutA> / Sm80Tile::kStages;
-  constexpr int kBStage = cosize_v<typename Config::LayoutB> / Sm80Tile::kStages;
   const int k_own = GwChunks::pixel(tid);
-  V* const a_base = &sA(0, 0, 0);
-  V* const b_base = &sB(0, 0, 0);
-  int a_slot[kAPer], b_slot[kBPer];
+  int a_slot[kAPer], b_slot[kBPer];  // stage0_offset of this thread's chunks
   CUTE_UNROLL
-  for (int j = 0; j < kAPer; ++j) a_slot[j] = static_cast<int>(&sA(GwChunks::chunk(tid, j) * CH, k_own, 0) - a_base);
+  for (int j = 0; j < kAPer; ++j) a_slot[j] = stage0_offset(sA, GwChunks::chunk(tid, j) * CH, k_own);
   CUTE_UNROLL
-  for (int j = 0; j < kBPer; ++j) b_slot[j] = static_cast<int>(&sB(GwChunks::chunk(tid, j) * CH, k_own, 0) - b_base);
+  for (int j = 0; j < kBPer; ++j) b_slot[j] = stage0_offset(sB, GwChunks::chunk(tid, j) * CH, k_own);
   // Channels of the CTA's tile that exist (the same every step), in 32 bits.
   const int co_room = static_cast<int>(cute::max(cute::min(a.cout - t.co0, int64_t(BM)), int64_t(0)));
   const int ci_room = static_cast<int>(cute::max(cute::min(a.cin - t.ci0, int64_t(BN)), int64_t(0)));
@@ -107,8 +103,8 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
     const bool pixel_live = p < px.end;
     const T *g_row = g, *x_row = x;
     if (pixel_live) px.rows(a, p, g_row, x_row);
-    V* const a_stage = a_base + stage * kAStage;
-    V* const b_stage = b_base + stage * kBStage;
+    V* const a_stage = stage_start(sA, stage);
+    V* const b_stage = stage_start(sB, stage);
     CUTE_UNROLL
     for (int j = 0; j < kAPer; ++j) {
       const int mc = GwChunks::chunk(tid, j) * CH;

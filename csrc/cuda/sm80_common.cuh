@@ -67,6 +67,20 @@ using Sm80MnMajor = decltype(cute::tile_to_shape(
                       cute::Layout<cute::Shape<cute::_64, cute::_8>, cute::Stride<cute::_1, cute::_64>>{}),
     cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
 
+// What both CuTe kernels' copies rely on: in a (rows, BK, kStages) shared tensor, stage s lies s
+// stage sizes past stage 0, swizzle included (each stage spans whole swizzle periods;
+// tests/cuda_host/sm80_layouts.cu checks it of every layout). So a thread works out its chunks'
+// places once, for stage 0 (stage0_offset), and a K step adds them to its stage's start.
+template <class SmemTensor>
+__device__ __forceinline__ int stage0_offset(SmemTensor& s, int row, int k) {
+  return static_cast<int>(&s(row, k, 0) - &s(0, 0, 0));
+}
+template <class SmemTensor>
+__device__ __forceinline__ auto* stage_start(SmemTensor& s, int stage) {
+  constexpr int kStageSize = cute::cosize_v<typename SmemTensor::layout_type> / Sm80Tile::kStages;
+  return &s(0, 0, 0) + stage * kStageSize;
+}
+
 // One 16-byte cp.async of `live ? src : nothing` into dst (zero-filled when not live; src must
 // still be a valid address, so callers pass a tensor's base then).
 template <typename T, typename V>

@@ -19,7 +19,7 @@ static void expect(bool ok, const char* what, int a, int b, int c) {
 // Every (row, k, stage) of a (rows, 32, S) layout maps to a distinct offset below its cosize, and
 // each 8-element chunk along `chunk_mode` (0: rows, 1: k) is 8 consecutive 16-byte-aligned offsets,
 // as the kernel's 16-byte cp.async writes assume. Stage s lies s stage sizes (cosize / S) past
-// stage 0, swizzle included: both CuTe kernels work out their chunks' offsets for stage 0 only.
+// stage 0, swizzle included: the CuTe kernels' stage0_offset and stage_start (sm80_common.cuh) rely on it.
 template <class Layout>
 void check_smem(Layout layout, int chunk_mode, const char* name) {
   const int rows = size<0>(layout), ks = size<1>(layout), stages = size<2>(layout);
