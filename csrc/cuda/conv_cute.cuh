@@ -86,7 +86,8 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   // kept to pointer additions and 32-bit compares:
   // * A tap's steps differ only in k0, so the gather of this thread's A rows (and the tap's
   //   division, and 64-bit index products) runs once per (conv, tap), when its first step (k0 == 0,
-  //   the same step on every thread) is issued; the other steps add k0 to the kept row pointers.
+  //   the same step on every thread) is issued; each step then moves the thread's A and B source
+  //   pointers on by BK channels (BK weight rows).
   // * A chunk's place in shared memory is worked out (swizzle included) once, for stage 0
   //   (stage0_offset, sm80_common.cuh).
   constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
@@ -107,43 +108,50 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   static_assert(NT % (BK / CH) == 0 && NT % (BN / CH) == 0, "a thread's chunks share their channel offset");
   constexpr int kBRowGap = NT / (BN / CH);
   const int a_kc = (tid % (BK / CH)) * CH, b_k = tid / (BN / CH), b_nc = (tid % (BN / CH)) * CH;
-  const T* a_rows[kAChunks / NT] = {};  // this thread's A rows for the current tap, or null (zeros)
-  const T* a_any = nullptr;             // a valid src address, read by no copy (zero fills)
-  const T* b_tap = nullptr;             // the current tap's weight rows
+  // Every conv a CTA walks has conv `a`'s nc (one conv, or the sum mode's shared dst), so the weight
+  // row length, and whether this thread's B chunks hold dst channels at all, hold for the CTA.
+  const int64_t b_row_step = BK * a.nc, b_gap = kBRowGap * a.nc;  // elements
+  const bool b_n_live = n0 + b_nc < a.nc;
+  const T* a_src[kAChunks / NT] = {};  // this thread's A chunks at the next step's k0
+  bool a_row_live[kAChunks / NT] = {};  // whether each A row reads the map (not padding or past it)
+  const T* a_any = nullptr;             // a valid address, read by no copy (both operands' zero fills)
+  const T* b_src = nullptr;             // this thread's first B chunk at the next step's k0
   Step next = first_step<kDgrad>(batch, r.first, r.end, t);
   auto load_next = [&](int stage) {
     const ConvArgs& c = batch.conv[next.conv];
     if (next.k0 == 0) {
       const int64_t kh = next.tap / c.kw, kw = next.tap % c.kw;
+      a_any = static_cast<const T*>(c.src);
       CUTE_UNROLL
       for (int i = 0; i < kAChunks / NT; ++i) {
-        a_rows[i] = gather_row<kDgrad, T>(c, t, kh, kw, (tid + i * NT) / (BK / CH));
+        const T* row = gather_row<kDgrad, T>(c, t, kh, kw, (tid + i * NT) / (BK / CH));
+        a_row_live[i] = row != nullptr;
+        a_src[i] = a_row_live[i] ? row + a_kc : a_any;
       }
-      a_any = static_cast<const T*>(c.src);
-      b_tap = static_cast<const T*>(c.wt) + next.tap * c.kc * c.nc;
+      b_src = static_cast<const T*>(c.wt) + (next.tap * c.kc + b_k) * c.nc + n0 + b_nc;
     }
-    // Channels of the tile that exist: k0 + kc < kc_count and n0 + nc < nc_count, in 32 bits.
+    // Channels of the tap from k0 on, in 32 bits: a chunk exists where its offset is below them.
     const int k_room = static_cast<int>(cute::min(c.kc - next.k0, int64_t(BK)));
-    const int n_room = static_cast<int>(cute::max(cute::min(c.nc - n0, int64_t(BN)), int64_t(0)));
     V* const a_stage = stage_start(sA, stage);
     V* const b_stage = stage_start(sB, stage);
     CUTE_UNROLL
     for (int i = 0; i < kAChunks / NT; ++i) {
-      const bool live = a_rows[i] != nullptr && a_kc < k_room;
-      copy_chunk(live ? a_rows[i] + (next.k0 + a_kc) : a_any, a_stage + a_slot[i], live);
+      const bool live = a_row_live[i] && a_kc < k_room;
+      copy_chunk(live ? a_src[i] : a_any, a_stage + a_slot[i], live);
+      a_src[i] += BK;
     }
-    const int64_t b_first = (next.k0 + b_k) * c.nc + n0 + b_nc, b_gap = kBRowGap * c.nc;  // from b_tap
     CUTE_UNROLL
     for (int i = 0; i < kBChunks / NT; ++i) {
-      const bool live = b_k + i * kBRowGap < k_room && b_nc < n_room;
-      copy_chunk(live ? b_tap + (b_first + i * b_gap) : b_tap, b_stage + b_slot[i], live);
+      const bool live = b_n_live && b_k + i * kBRowGap < k_room;
+      copy_chunk(live ? b_src + i * b_gap : a_any, b_stage + b_slot[i], live);
     }
+    b_src += b_row_step;
     next = next_step<kDgrad, BK>(batch, r.end, t, next);
   };
 
   // The projection's prologue on this thread's own A chunks of a step, in place. It runs on a 1x1
   // conv without padding alone: one live tap, so step `step` reads src channels step * BK onwards
-  // and a_rows (set by the first load, before any step lands) are that tap's rows.
+  // and a_row_live (set by the first load, before any step lands) tells that tap's rows.
   auto landed = [&](int64_t step, int stage) {
     if constexpr (!kDgrad) {
       if (a.src_scale == nullptr) return;
@@ -151,7 +159,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
       for (int i = 0; i < kAChunks / NT; ++i) {
         const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
         const int64_t k = step * BK + kc;
-        if (k < a.kc && a_rows[i] != nullptr) prologue_chunk<T>(a, k, &sA(m, kc, stage));
+        if (k < a.kc && a_row_live[i]) prologue_chunk<T>(a, k, &sA(m, kc, stage));
       }
     }
   };
