@@ -12,7 +12,8 @@
 //   straight from global to shared memory by 16-byte cp.async, zero-filled where a pixel reads
 //   padding, lies past the map or a chunk past a channel count.
 // * Shared memory: A is (BM, BK) K-major, B is (BN, BK) N-major (the weight's [tap, k, n] rows).
-//   3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static. When the launch wants BN
+//   Stages x (64 x 32 + 128 x 32) x 2 bytes, static: 3 stages (36864 bytes) for mma.sync, 4 (49152,
+//   the static limit) for wgmma (its pipeline, sm90_common.cuh). When the launch wants BN
 //   statistics, the fp32 tile (64 x 132 floats, 33792 bytes) is staged over them afterwards.
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.

@@ -9,8 +9,9 @@
 //   Cin values. A step copies BK pixels' 64-channel and 128-channel runs in 16-byte chunks into
 //   (BM, BK) and (BN, BK) MN-major shared tiles; pixels past the split's end and channels past the
 //   counts are zero-filled in both operands.
-// * Shared memory: 3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static (the wgmma
-//   image test reads it) and 1024-byte aligned (the wgmma swizzle's period).
+// * Shared memory: stages x (64 x 32 + 128 x 32) x 2 bytes (3 stages, 36864 bytes, for mma.sync; 4,
+//   49152 bytes, for wgmma), static (the wgmma image test reads it) and 1024-byte aligned (the
+//   wgmma swizzle's period).
 // * The fp32 partial tile is stored per element to the workspace (store_partial); the split count,
 //   the workspace layout and the fixed-order second pass are the WMMA kernel's.
 // * Requires both channel counts to be multiples of 8 and 16-byte aligned x and grad;

@@ -6,8 +6,8 @@
 //
 // * 4 warps as 2 x 2 over SM80_16x8x16_F32{F16,BF16}_TN atoms with fp32 accumulators; the
 //   32 x 32 x 16 MMA tile lets one ldmatrix.x4 feed a warp.
-// * K steps of BK = 32 move from global to shared memory by 16-byte cp.async, kStages - 1 steps
-//   ahead of the math; a chunk that reads padding or lies past a tensor is zero-filled by the copy
+// * K steps of BK = 32 move from global to shared memory by 16-byte cp.async, PipelineShape::kAhead
+//   steps ahead of the math; a chunk that reads padding or lies past a tensor is zero-filled by the copy
 //   itself (src-size 0), so no stale shared memory enters the sum.
 // * Shared memory is swizzled for conflict-free ldmatrix: K-major operands (rows of 32 K values)
 //   are read by ldmatrix, MN-major ones (runs of 64 M or N values per K) by the transposing
@@ -40,13 +40,33 @@ struct Sm80Traits<__nv_bfloat16> {
 };
 
 struct Sm80Tile {
-  static constexpr int kBK = 32, kStages = 3, kThreads = 128;
-  // Both CuTe kernels' __launch_bounds__ occupancy: 3 CTAs per SM (36 KB of shared memory each, so
-  // A100 and H100 hold 3; sm_86 / sm_89 parts, with 100 KB, hold 2 whatever the registers). It caps
-  // registers at 168, which they fit without spilling (.ci/check_ptxas.py checks every CI build).
+  static constexpr int kBK = 32, kThreads = 128;
+  // Both CuTe kernels' __launch_bounds__ occupancy: 3 CTAs per SM (36 KB of shared memory each on
+  // the mma.sync path, so A100 and H100 hold 3, and sm_86 / sm_89 parts, with 100 KB, hold 2
+  // whatever the registers; 48 KB on wgmma, 3 on H100). It caps registers at 168, which they fit
+  // without spilling (.ci/check_ptxas.py checks every CI build).
   static constexpr int kCtasPerSm = 3;
   static constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async
 };
+
+// The stage arithmetic of cp_async_pipeline (host-callable: tests/cuda_host/sm80_layouts.cu runs
+// it): kStages shared-memory stages; when a step's copies are issued, the MMAs of up to
+// kMmasInFlight earlier steps may still be reading their stages (0 for mma.sync, whose operands are
+// in registers once a step returns; 1 for wgmma waited on one step late). So the copies run
+// kAhead = kStages - 1 - kMmasInFlight steps ahead: step it reads stage it % kStages, and the
+// copy issued during it fills (it + kAhead) % kStages, the stage read at step
+// it - 1 - kMmasInFlight, whose MMAs every thread has waited for before the barrier of step it.
+template <int kStages_, int kMmasInFlight_>
+struct PipelineShape {
+  static constexpr int kStages = kStages_, kMmasInFlight = kMmasInFlight_;
+  static constexpr int kAhead = kStages - 1 - kMmasInFlight;
+  static_assert(kMmasInFlight >= 0 && kAhead >= 1, "at least one step of copies in flight");
+  // The stage after `stage`: counters that wrap, not a 64-bit remainder per step.
+  static __host__ __device__ constexpr int next(int stage) { return stage + 1 == kStages ? 0 : stage + 1; }
+};
+
+// The mma.sync path's pipeline: 3 stages, each step's MMAs done when it returns.
+using Sm80Pipeline = PipelineShape<3, 0>;
 
 template <typename T>
 using Sm80TiledMma = decltype(cute::make_tiled_mma(typename Sm80Traits<T>::MmaAtom{},
@@ -60,12 +80,12 @@ using Sm80KMajor = decltype(cute::tile_to_shape(
     cute::composition(cute::Swizzle<2, 3, 3>{},
                       cute::Layout<cute::Shape<cute::_8, cute::Int<Sm80Tile::kBK>>,
                                    cute::Stride<cute::Int<Sm80Tile::kBK>, cute::_1>>{}),
-    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Pipeline::kStages>>{}));
 template <int Rows>
 using Sm80MnMajor = decltype(cute::tile_to_shape(
     cute::composition(cute::Swizzle<3, 3, 3>{},
                       cute::Layout<cute::Shape<cute::_64, cute::_8>, cute::Stride<cute::_1, cute::_64>>{}),
-    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Pipeline::kStages>>{}));
 
 // What both CuTe kernels' copies rely on: in a (rows, BK, kStages) shared tensor, stage s lies s
 // stage sizes past stage 0, swizzle included (each stage spans whole swizzle periods;
@@ -77,7 +97,8 @@ __device__ __forceinline__ int stage0_offset(SmemTensor& s, int row, int k) {
 }
 template <class SmemTensor>
 __device__ __forceinline__ auto* stage_start(SmemTensor& s, int stage) {
-  constexpr int kStageSize = cute::cosize_v<typename SmemTensor::layout_type> / Sm80Tile::kStages;
+  using Layout = typename SmemTensor::layout_type;
+  constexpr int kStageSize = cute::cosize_v<Layout> / decltype(cute::size<2>(Layout{}))::value;
   return &s(0, 0, 0) + stage * kStageSize;
 }
 
@@ -92,40 +113,38 @@ __device__ __forceinline__ void copy_chunk(const T* src, V* dst, bool live) {
 // The multistage cp.async schedule of both CuTe main loops (this file's mma.sync one and
 // sm90_common.cuh's wgmma one) over `steps` K steps, the same count on every thread, so the
 // barriers are uniform. load_next(stage) issues this thread's cp.async chunks of the next step into
-// that stage, S - 1 steps ahead; landed(step, stage) runs once this thread's chunks of `step` have
-// landed (the projection's prologue rewrites them there), then publish() (what the MMA's reads
-// need of this thread's writes), then the barrier that publishes the stage to every thread;
-// compute(stage) runs the step's MMAs and must have finished reading the stage when it returns
-// (the copy issued after the next barrier overwrites it). Returns with every copy complete.
-template <typename LoadNext, typename Landed, typename Publish, typename Compute>
+// that stage, Shape::kAhead steps ahead; landed(step, stage) runs once this thread's chunks of
+// `step` have landed (the projection's prologue rewrites them there), then publish() (what the
+// MMA's reads need of this thread's writes), then the barrier that publishes the stage to every
+// thread; compute(stage) runs the step's MMAs, and when it returns, at most Shape::kMmasInFlight
+// steps' MMAs (its own included) may still read their stages. Returns with every copy complete
+// (the caller waits for MMAs still in flight).
+template <class Shape, typename LoadNext, typename Landed, typename Publish, typename Compute>
 __device__ __forceinline__ void cp_async_pipeline(int64_t steps, LoadNext&& load_next, Landed&& landed,
                                                   Publish&& publish, Compute&& compute) {
-  constexpr int S = Sm80Tile::kStages;
   int64_t issued = 0;
   CUTE_UNROLL
-  for (int stage = 0; stage < S - 1; ++stage) {
+  for (int stage = 0; stage < Shape::kAhead; ++stage) {
     if (issued < steps) {
       load_next(stage);
       ++issued;
     }
-    cute::cp_async_fence();  // one group per stage, empty or not: the wait below counts groups
+    cute::cp_async_fence();  // one group per step, empty or not: the wait below counts groups
   }
-  // Step it reads stage it % S and the copy issued during it fills (it - 1) % S, the stage read at
-  // step it - 1: counters that wrap, not a 64-bit remainder per step.
-  int stage = 0, refill = S - 1;
+  int stage = 0, refill = Shape::kAhead;
   for (int64_t it = 0; it < steps; ++it) {
-    cute::cp_async_wait<S - 2>();  // step it has landed (this thread's copies)...
+    cute::cp_async_wait<Shape::kAhead - 1>();  // step it has landed (this thread's copies)...
     landed(it, stage);
     publish();
-    __syncthreads();  // ...everyone's, and everyone is done reading stage (it - 1) % S
+    __syncthreads();  // ...everyone's, and every MMA that read stage `refill` is done
     if (issued < steps) {
       load_next(refill);
       ++issued;
     }
     cute::cp_async_fence();
     compute(stage);
-    stage = stage + 1 == S ? 0 : stage + 1;
-    refill = refill + 1 == S ? 0 : refill + 1;
+    stage = Shape::next(stage);
+    refill = Shape::next(refill);
   }
   cute::cp_async_wait<0>();
 }
@@ -153,7 +172,7 @@ __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA
   Tensor tXsB = s2r_thr_b.partition_S(sB);  // (CPY, MMA_N, MMA_K, S)
   Tensor tXrB = s2r_thr_b.retile_D(tCrB);
 
-  cp_async_pipeline(steps, load_next, landed, [] {}, [&](int stage) {
+  cp_async_pipeline<Sm80Pipeline>(steps, load_next, landed, [] {}, [&](int stage) {
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tCrA); ++kb) {
       copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));

@@ -12,8 +12,10 @@
 //   (tests/cuda_host/sm80_layouts.cu checks these layouts too). wgmma reads through the
 //   async proxy, so each thread fences its own writes (the cp.async copies and the projection
 //   prologue's rewrites) into it before the barrier that publishes a stage.
-// * Each step's wgmma is waited for before the next barrier, so the stage it read is free when the
-//   copy issued after that barrier overwrites it; the copies of the next S - 1 steps stay in flight.
+// * Each step's wgmma is waited for one step late (warpgroup_wait<1>), so it runs while the
+//   warpgroup waits for and issues the next step: 4 stages (48 KB, the static limit), copies 2
+//   steps ahead, and a stage is refilled only after the barrier that follows the wait for the
+//   wgmma that read it (Sm90Pipeline, sm80_common.cuh's PipelineShape).
 // * The body exists only in an sm_90a image (TORCH_CUDA_ARCH_LIST "9.0a"); sm90_kernel_usable asks
 //   the loaded image whether it has it (its static shared memory), so a plain sm_90 build falls to
 //   the sm80 path instead of reaching the trap.
@@ -50,16 +52,19 @@ struct Sm90Traits<__nv_bfloat16, MajorA> {
 template <typename T, cute::GMMA::Major MajorA = cute::GMMA::Major::K>
 using Sm90TiledMma = decltype(cute::make_tiled_mma(typename Sm90Traits<T, MajorA>::MmaAtom{}));
 
+// 4 stages, each step's wgmma still running while the next step is issued.
+using Sm90Pipeline = PipelineShape<4, 1>;
+
 // (Rows, BK, stages) layouts: K-major (64-byte swizzle: a row is BK = 32 16-bit values; the conv's
 // A) and MN-major (128-byte swizzle: 64 rows of one k; the conv's B, both weight-gradient operands).
 template <typename T, int Rows>
 using Sm90KMajor = decltype(cute::tile_to_shape(
     cute::GMMA::Layout_K_SW64_Atom<typename Sm80Traits<T>::Value>{},
-    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm90Pipeline::kStages>>{}));
 template <typename T, int Rows>
 using Sm90MnMajor = decltype(cute::tile_to_shape(
     cute::GMMA::Layout_MN_SW128_Atom<typename Sm80Traits<T>::Value>{},
-    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm80Tile::kStages>>{}));
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm90Pipeline::kStages>>{}));
 
 // Makes this thread's generic-proxy writes to shared memory visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_for_wgmma() {
@@ -70,7 +75,8 @@ __device__ __forceinline__ void fence_for_wgmma() {
 
 // The main loop of the wgmma path: sm80_common.cuh's cp.async schedule, with each thread's
 // writes fenced into the async proxy before a stage's barrier and one wgmma batch per step into
-// acc (zeroed by the caller), waited for before the step returns.
+// acc (zeroed by the caller), waited for at the end of the next step; the last one before the
+// loop returns (the epilogue reads acc, and may reuse the stages' shared memory).
 template <typename TiledMma, typename TensorA, typename TensorB, typename Accum, typename LoadNext,
           typename Landed>
 __device__ __forceinline__ void sm90_mainloop(const TiledMma& mma, const TensorA& sA, const TensorB& sB,
@@ -79,14 +85,17 @@ __device__ __forceinline__ void sm90_mainloop(const TiledMma& mma, const TensorA
   auto thr_mma = mma.get_slice(threadIdx.x);
   Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, S) descriptors
   Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, S) descriptors
-  cp_async_pipeline(steps, load_next, landed, [] { fence_for_wgmma(); }, [&](int stage) {
+  cp_async_pipeline<Sm90Pipeline>(steps, load_next, landed, [] { fence_for_wgmma(); }, [&](int stage) {
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
     warpgroup_commit_batch();
-    warpgroup_wait<0>();  // the stage is free for the copy issued after the next barrier
+    // The previous step's batch is done: its stage is free for the copy issued after the next barrier.
+    warpgroup_wait<Sm90Pipeline::kMmasInFlight>();
     warpgroup_fence_operand(acc);
   });
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
 }
 
 // Whether the wgmma kernel may run: FASTASPP_CUDA_CONV not `wmma` or `sm80` (which keep launches

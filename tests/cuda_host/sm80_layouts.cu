@@ -94,6 +94,38 @@ void check_gw_chunks(int per, const char* name) {
   for (int c = 0; c < BK * per; ++c) expect(hits[c] == 1, name, c / per, c % per, hits[c]);
 }
 
+// cp_async_pipeline's schedule (sm80_common.cuh), replayed with its PipelineShape arithmetic for
+// every step count up to 40: step it's compute finds step it's copies in its stage, and they are in
+// a cp.async group that the wait at step it has completed; no copy is issued into a stage that a
+// step whose MMAs may still run (it - kMmasInFlight .. it) reads; every step is loaded once.
+template <class Shape>
+void check_pipeline(const char* name) {
+  for (int steps = 0; steps <= 40; ++steps) {
+    std::vector<int> holds(Shape::kStages, -1);  // the step whose copies a stage holds
+    std::vector<int> read_at;                     // the stage step it reads
+    int issued = 0, groups = 0;
+    for (int stage = 0; stage < Shape::kAhead; ++stage) {
+      if (issued < steps) holds[stage] = issued++;
+      ++groups;
+    }
+    int stage = 0, refill = Shape::kAhead;
+    for (int it = 0; it < steps; ++it) {
+      const int complete = groups - (Shape::kAhead - 1);  // cp_async_wait<kAhead - 1>
+      expect(complete >= it + 1, name, steps, it, complete);
+      expect(holds[stage] == it, name, steps, it, holds[stage]);
+      read_at.push_back(stage);
+      if (issued < steps) {
+        for (int m = 0; m <= Shape::kMmasInFlight && m <= it; ++m) expect(refill != read_at[it - m], name, steps, it, m);
+        holds[refill] = issued++;
+      }
+      ++groups;
+      stage = Shape::next(stage);
+      refill = Shape::next(refill);
+    }
+    expect(issued == steps, name, steps, issued, -1);
+  }
+}
+
 int main() {
   using namespace fastaspp::atrous_cuda;
   using Conv = Sm80Config<__nv_bfloat16>;
@@ -124,6 +156,15 @@ int main() {
   check_smem(as_position_independent_swizzle_layout(typename Sm90Gw::LayoutB{}), 0, "sm90 wgrad B: (ci, pixel)");
   check_accumulators<Sm90Gw>("sm90 wgrad bf16 accumulators");
   check_accumulators<Sm80GwConfig<__half>>("wgrad fp16 accumulators");
+  // The pipelines, and the stage count each config's layouts were built with.
+  check_pipeline<Sm80Pipeline>("sm80 pipeline (steps, step, detail)");
+  check_pipeline<Sm90Pipeline>("sm90 pipeline (steps, step, detail)");
+  check_pipeline<PipelineShape<2, 0>>("2-stage pipeline (steps, step, detail)");
+  check_pipeline<PipelineShape<5, 2>>("5-stage pipeline (steps, step, detail)");
+  expect(size<2>(typename Conv::LayoutA{}) == Sm80Pipeline::kStages && size<2>(typename Gw::LayoutB{}) == Sm80Pipeline::kStages,
+         "sm80 layouts' stages", int(size<2>(typename Conv::LayoutA{})), Sm80Pipeline::kStages, 0);
+  expect(size<2>(typename Sm90::LayoutA{}) == Sm90Pipeline::kStages && size<2>(typename Sm90Gw::LayoutB{}) == Sm90Pipeline::kStages,
+         "sm90 layouts' stages", int(size<2>(typename Sm90::LayoutA{})), Sm90Pipeline::kStages, 0);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
