@@ -9,6 +9,9 @@
 #   BENCH_S    seconds for each benchmark (default 120); BENCH_OPS which (default "overhead aspp conv";
 #              "model" adds the whole models, eval rows with and without CUDA graphs)
 #   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
+#   SANITIZE_S seconds for each compute-sanitizer tool (stage "sanitize", not in the default list:
+#              memcheck, racecheck and synccheck over SANITIZE_TESTS, default the cuda kernels' test
+#              file; SANITIZE_ARGS extra pytest arguments); logs sanitize-<tool>.log
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
 # The CUDA build is for sm_90a (TORCH_CUDA_ARCH_LIST "9.0a"): the CuTe kernels' wgmma path exists only
 # in an arch-specific image; FASTASPP_CUDA_CONV=sm80 runs their mma.sync path in the same build.
@@ -78,6 +81,25 @@ stage_bench() {
             ${BENCH_ARGS:-} >"$OUT/bench-$op.log" 2>&1
         echo "bench $op: exit $? after $((SECONDS - t0)) s"
         tail -25 "$OUT/bench-$op.log"
+    done
+}
+
+# The cuda backend's kernels under compute-sanitizer: out-of-range or misaligned accesses (memcheck),
+# shared-memory hazards between threads (racecheck: the cp.async pipeline's barriers, the staged
+# epilogue) and misused barriers (synccheck). One process per tool, no pytest-xdist under it.
+stage_sanitize() {
+    local sanitizer tool
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+    if [ -z "$sanitizer" ]; then echo "sanitize: compute-sanitizer not found"; return; fi
+    for tool in memcheck racecheck synccheck; do
+        local t0=$SECONDS
+        # shellcheck disable=SC2086  # word splitting of the test list and arguments is intended
+        FASTASPP_TRITON_AUTOTUNE=0 timeout -s INT "${SANITIZE_S:-120}" "$sanitizer" --tool "$tool" --error-exitcode 9 \
+            $PY -m pytest ${SANITIZE_TESTS:-tests/test_cuda_tensor_core_conv.py} -q -p no:cacheprovider -x \
+            ${SANITIZE_ARGS:-} >"$OUT/sanitize-$tool.log" 2>&1
+        echo "sanitize $tool: exit $? after $((SECONDS - t0)) s"
+        grep -m5 -E "========= (Invalid|Race|Barrier|Error|ERROR)|RACECHECK SUMMARY|ERROR SUMMARY" "$OUT/sanitize-$tool.log"
+        tail -2 "$OUT/sanitize-$tool.log"
     done
 }
 
