@@ -6,7 +6,12 @@ passes, else one line per failure.
     layouts (csrc/cuda/conv_cute.cuh and grad_weight_cute.cuh, for mma.sync and for wgmma) are
     bijective with every 16-byte cp.async chunk contiguous and aligned; each (pixel, chunk) of a
     stage is copied (and, for the projection's prologue, rewritten) by exactly one thread; each of
-    the 64 x 128 accumulators of a CTA belongs to exactly one of its 128 threads.
+    the 64 x 128 accumulators of a CTA belongs to exactly one of its 128 threads; the main loops'
+    cp.async schedules (PipelineShape) give each step its own landed stage and refill no stage a
+    running MMA reads.
+  * gw_pixel_walk.cu: the CuTe weight gradient's per-thread pixel walk (GwPixelWalk, which moves a
+    pixel 32 on per step without dividing) reaches the grad and x rows that the direct decode gives,
+    over random convs, taps, splits and lanes.
   * patch_stats.cu: the BN-statistics epilogue's per-patch pixel masks count every pixel of a map
     exactly once, and its per-channel (count, sum, centred M2) are within their error bounds of a
     long-double reference, also for a mean far above the spread (csrc/common/patch_stats.h).
@@ -38,7 +43,7 @@ def cutlass_include():
 
 
 @pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False),
-                                                    ("launcher_checks", True)])
+                                                    ("launcher_checks", True), ("gw_pixel_walk", False)])
 def test_host_program(tmp_path, program, needs_cutlass):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -49,7 +49,7 @@ struct GwPixels {
   int64_t area, live_w, oh0, ow0;  // the rectangle: rows [oh0, oh0 + area / live_w), live_w columns
   int64_t off_h, off_w;            // the tap's input offset: ih = oh * stride_h + off_h
 
-  __device__ __forceinline__ GwPixels(const GwArgs& a, const GwTile& t) {
+  __host__ __device__ __forceinline__ GwPixels(const GwArgs& a, const GwTile& t) {
     const int64_t kh = t.tap / a.kw, kw = t.tap % a.kw;
     const LiveRange lh = tap_live_range(kh, a.h, a.ho, a.stride_h, a.pad_h, a.dil_h);
     const LiveRange lw = tap_live_range(kw, a.w, a.wo, a.stride_w, a.pad_w, a.dil_w);
@@ -67,7 +67,7 @@ struct GwPixels {
   // Pixel p's grad row (Cout values) and the x row (Cin values) it reads through the tap; in
   // range by construction of the live rectangle. Only for begin <= p < end.
   template <typename T>
-  __device__ __forceinline__ void rows(const GwArgs& a, int64_t p, const T*& g_row, const T*& x_row) const {
+  __host__ __device__ __forceinline__ void rows(const GwArgs& a, int64_t p, const T*& g_row, const T*& x_row) const {
     const int64_t img = p / area;
     const int64_t rem = p - img * area;
     const int64_t q = rem / live_w;
@@ -75,6 +75,69 @@ struct GwPixels {
     g_row = static_cast<const T*>(a.g) + ((img * a.ho + oh) * a.wo + ow) * a.cout;
     x_row = static_cast<const T*>(a.x) +
             ((img * a.h + oh * a.stride_h + off_h) * a.w + ow * a.stride_w + off_w) * a.cin;
+  }
+};
+
+// One thread's pixels p, p + kStride, p + 2 kStride, ... of a CTA's slice, with pointers into their
+// grad and x rows, moved on without a division per step: the pixel's row q and column c in the
+// live rectangle change by kStride's whole rows and its remainder, with at most one carry into the
+// next row and (for a rectangle of fewer than kStride pixels, several) carries into the next image,
+// each a fixed change of the two pointers. The divisions run once, in the constructor.
+template <typename T, int kStride>
+struct GwPixelWalk {
+  int64_t p;            // the pixel, flattened over (n, oh, ow) of the rectangle
+  int64_t q, c;         // its row and column in the rectangle
+  const T* g_row;       // its grad row from channel co0 on (Cout values in all)
+  const T* x_row;       // its x row from channel ci0 on (Cin values in all)
+  // The rectangle's shape, and the changes of (q, c) and of the pointers (in elements): per step,
+  // per carry into the next row, per carry into the next image.
+  int64_t live_w, rows, dq, dc;
+  int64_t g_step, x_step, g_row_carry, x_row_carry, g_img_carry, x_img_carry;
+
+  // Starts at pixel p_first (>= 0) of the rectangle. For an empty one (a dead tap, whose CTAs take
+  // no step) only p means anything. tests/cuda_host/gw_pixel_walk.cu checks the walk against rows().
+  __host__ __device__ __forceinline__ GwPixelWalk(const GwArgs& a, const GwPixels& px, const GwTile& t, int64_t p_first)
+      : p(p_first), q(0), c(0), g_row(static_cast<const T*>(a.g)), x_row(static_cast<const T*>(a.x)),
+        live_w(px.live_w), rows(0), dq(0), dc(0), g_step(0), x_step(0), g_row_carry(0), x_row_carry(0),
+        g_img_carry(0), x_img_carry(0) {
+    if (px.area == 0) return;
+    rows = px.area / live_w;
+    const int64_t img = p / px.area, rem = p - img * px.area;
+    q = rem / live_w;
+    c = rem - q * live_w;
+    g_row += ((img * a.ho + px.oh0 + q) * a.wo + px.ow0 + c) * a.cout + t.co0;
+    x_row += ((img * a.h + (px.oh0 + q) * a.stride_h + px.off_h) * a.w + (px.ow0 + c) * a.stride_w + px.off_w) *
+                 a.cin + t.ci0;
+    // One column, one row, one image further on, in elements of each tensor.
+    const int64_t g_col = a.cout, g_next_row = a.wo * a.cout, g_img = a.ho * a.wo * a.cout;
+    const int64_t x_col = a.stride_w * a.cin, x_next_row = a.stride_h * a.w * a.cin, x_img = a.h * a.w * a.cin;
+    dq = kStride / live_w;
+    dc = kStride - dq * live_w;
+    g_step = dq * g_next_row + dc * g_col;
+    x_step = dq * x_next_row + dc * x_col;
+    g_row_carry = g_next_row - live_w * g_col;  // column live_w is column 0 of the next row
+    x_row_carry = x_next_row - live_w * x_col;
+    g_img_carry = g_img - rows * g_next_row;  // row `rows` is row 0 of the next image
+    x_img_carry = x_img - rows * x_next_row;
+  }
+
+  __host__ __device__ __forceinline__ void advance() {
+    p += kStride;
+    q += dq;
+    c += dc;
+    g_row += g_step;
+    x_row += x_step;
+    if (c >= live_w) {
+      c -= live_w;
+      ++q;
+      g_row += g_row_carry;
+      x_row += x_row_carry;
+    }
+    while (q >= rows && rows > 0) {  // once at most, unless the rectangle has fewer than kStride pixels
+      q -= rows;
+      g_row += g_img_carry;
+      x_row += x_img_carry;
+    }
   }
 };
 

@@ -47,10 +47,10 @@ struct Sm90GwConfig : Sm90Instructions {
 // Which chunks of a step's tiles a thread copies: every pixel of the step has kThreadsPerPixel
 // threads, and its copy j takes chunk (of 8 channels) lane + kThreadsPerPixel * (j ^ (pixel & 1))
 // of pixel tid / kThreadsPerPixel's grad run (BM channels) and x run (BN channels), lane = tid %
-// kThreadsPerPixel. One pixel decode per thread and step serves all its copies (the pixel's two
-// 64-bit divisions were the bulk of the step), and kThreadsPerPixel consecutive threads copy 64
-// contiguous bytes; the odd pixels' copies in swapped order put 8 consecutive threads' chunks in 8
-// different 16-byte columns of the swizzled tiles (no bank conflict between the two pixels).
+// kThreadsPerPixel. One pixel per thread and step serves all its copies (one walk, GwPixelWalk,
+// instead of six pixel decodes), and kThreadsPerPixel consecutive threads copy 64 contiguous
+// bytes; the odd pixels' copies in swapped order put 8 consecutive threads' chunks in 8 different
+// 16-byte columns of the swizzled tiles (no bank conflict between the two pixels).
 // tests/cuda_host/sm80_layouts.cu checks that each chunk has one owner.
 struct GwChunks {
   static constexpr int kThreadsPerPixel = Sm80Tile::kThreads / Sm80Tile::kBK;
@@ -81,10 +81,10 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
   const int tid = static_cast<int>(threadIdx.x);
 
   // The next step's BK pixels into `stage`: A chunk (mc, k) holds grad channels co0 + mc ..
-  // co0 + mc + 7 of pixel p0 + k, B chunk (nc, k) x channels ci0 + nc .. ci0 + nc + 7 of the
-  // pixel it reads through the tap. A thread copies chunks of one pixel only (GwChunks), so it
-  // decodes one pixel per step; its chunks' shared-memory offsets are worked out once, for stage 0
-  // (stage0_offset, sm80_common.cuh).
+  // co0 + mc + 7 of the step's pixel k, B chunk (nc, k) x channels ci0 + nc .. ci0 + nc + 7 of the
+  // pixel it reads through the tap. A thread copies chunks of one pixel only (GwChunks), BK pixels
+  // further on each step (GwPixelWalk: no division per step); its chunks' shared-memory offsets
+  // are worked out once, for stage 0 (stage0_offset, sm80_common.cuh).
   constexpr int TPP = GwChunks::kThreadsPerPixel;
   constexpr int kAPer = BM / CH / TPP, kBPer = BN / CH / TPP;  // chunks per thread and step
   static_assert(NT == BK * TPP && kAPer * TPP * CH == BM && kBPer * TPP * CH == BN, "every chunk has one owner");
@@ -98,27 +98,24 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
   // Channels of the CTA's tile that exist (the same every step), in 32 bits.
   const int co_room = static_cast<int>(cute::max(cute::min(a.cout - t.co0, int64_t(BM)), int64_t(0)));
   const int ci_room = static_cast<int>(cute::max(cute::min(a.cin - t.ci0, int64_t(BN)), int64_t(0)));
-  int64_t p0 = px.begin;
+  GwPixelWalk<T, BK> pixel(a, px, t, px.begin + k_own);
   auto load_next = [&](int stage) {
-    const int64_t p = p0 + k_own;
-    const bool pixel_live = p < px.end;
-    const T *g_row = g, *x_row = x;
-    if (pixel_live) px.rows(a, p, g_row, x_row);
+    const bool pixel_live = pixel.p < px.end;
     V* const a_stage = stage_start(sA, stage);
     V* const b_stage = stage_start(sB, stage);
     CUTE_UNROLL
     for (int j = 0; j < kAPer; ++j) {
       const int mc = GwChunks::chunk(tid, j) * CH;
       const bool live = pixel_live && mc < co_room;
-      copy_chunk(live ? g_row + (t.co0 + mc) : g, a_stage + a_slot[j], live);
+      copy_chunk(live ? pixel.g_row + mc : g, a_stage + a_slot[j], live);
     }
     CUTE_UNROLL
     for (int j = 0; j < kBPer; ++j) {
       const int nc = GwChunks::chunk(tid, j) * CH;
       const bool live = pixel_live && nc < ci_room;
-      copy_chunk(live ? x_row + (t.ci0 + nc) : x, b_stage + b_slot[j], live);
+      copy_chunk(live ? pixel.x_row + nc : x, b_stage + b_slot[j], live);
     }
-    p0 += BK;
+    pixel.advance();
   };
 
   typename Config::TiledMma mma;
