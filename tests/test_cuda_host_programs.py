@@ -12,6 +12,10 @@ passes, else one line per failure.
   * gw_pixel_walk.cu: the CuTe weight gradient's per-thread pixel walk (GwPixelWalk, which moves a
     pixel 32 on per step without dividing) reaches the grad and x rows that the direct decode gives,
     over random convs, taps, splits and lanes.
+  * epilogue_chunks.cu: the staged epilogue's 16-byte path (store_output_chunk) writes the same bytes
+    and leaves the same staged values as the per-value store_output, for fp16 / bf16, forward and
+    input gradient, every affine option, partial patches and channel blocks, channel slices, NaN
+    and signed zeros; and it is refused for unaligned slices and addresses.
   * patch_stats.cu: the BN-statistics epilogue's per-patch pixel masks count every pixel of a map
     exactly once, and its per-channel (count, sum, centred M2) are within their error bounds of a
     long-double reference, also for a mean far above the spread (csrc/common/patch_stats.h).
@@ -43,7 +47,8 @@ def cutlass_include():
 
 
 @pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False),
-                                                    ("launcher_checks", True), ("gw_pixel_walk", False)])
+                                                    ("launcher_checks", True), ("gw_pixel_walk", False),
+                                                    ("epilogue_chunks", False)])
 def test_host_program(tmp_path, program, needs_cutlass):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -36,10 +36,11 @@
 //   fp32 / fp64 (and fp16 / bf16 on GPUs without the needed tensor cores): SIMT, 256
 //   threads as 16x16, 4x4 outputs per thread strided by 16, BK=16, fp32 / fp64 accumulation.
 // * Epilogue: acc * scale[co] + shift[co] + image_bias[n, co] (forward only, each optional),
-//   optional ReLU, convert, store NHWC with per-element bounds checks (the patch may overhang
-//   the map, the channel block the channel count). With BN statistics wanted, the tile is first
-//   staged in shared memory and each channel's patch statistics follow the stores
-//   (staged_epilogue, conv_common.cuh). The training projection's BN + ReLU of its input is a
+//   optional ReLU, convert, store NHWC with bounds checks (the patch may overhang the map, the
+//   channel block the channel count). The CuTe and WMMA kernels stage the tile in shared memory
+//   first (staged_epilogue, conv_common.cuh): a thread then stores 8 channels of a pixel at once
+//   (16 bytes) where the slice and the vectors are aligned, else one value at a time; SIMT stages
+//   it only for the BN statistics, which follow the stores. The training projection's BN + ReLU of its input is a
 //   prologue on each staged A tile (forward, 1x1 only). dst pixel p, channel co lives at
 //   dst[p * dst_pixel_stride + dst_channel_offset + co]: the forward can write a channel slice
 //   [off, off + Cout) of a wider NHWC buffer (pixel stride Ctot), e.g. one ASPP branch of the

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstring>
+#include <type_traits>
 
 #include "../common/patch_stats.h"
 #include "kernel_common.cuh"
@@ -186,8 +187,8 @@ __device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, voi
 // One output element: the forward epilogue (scale, shift, image bias, ReLU) or a plain store for
 // grad_input. Returns the value before it is rounded to T (what the BN statistics see).
 template <typename T, bool kDgrad, typename Acc>
-__device__ __forceinline__ Acc store_output(const ConvArgs& a, const Patch& t, int m, int64_t co,
-                                            Acc v) {
+__host__ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Patch& t, int m, int64_t co,
+                                                     Acc v) {
   const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
   const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
   if (r >= t.r1 || c >= t.c1 || co >= a.nc) return v;
@@ -205,6 +206,88 @@ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Patch& t, i
   return v;
 }
 
+// 8 16-bit values from 16-byte aligned memory, and back.
+template <typename T>
+__host__ __device__ __forceinline__ void load8(T (&v)[8], const T* p) {
+  static_assert(sizeof(T) == 2, "8 values per 16 bytes");
+  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+  memcpy(v, &bits, sizeof(bits));
+}
+template <typename T>
+__host__ __device__ __forceinline__ void store8(T* p, const T (&v)[8]) {
+  static_assert(sizeof(T) == 2, "8 values per 16 bytes");
+  unsigned int w[4];
+  memcpy(w, v, sizeof(w));
+#if defined(__CUDA_ARCH__)
+  // One 16-byte store: nvcc split a plain uint4 store of these words into four 4-byte ones.
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+#else
+  memcpy(p, w, sizeof(w));
+#endif
+}
+
+// Whether the staged epilogue may move 8 channels of a pixel (16 bytes) at a time: 16-bit values,
+// channel counts, the pixel stride and the slice's offset in whole chunks of 8 (so a chunk of the
+// tile is wholly inside or outside the channels), 16-byte aligned dst and per-channel vectors, and
+// tile rows (ldc floats) that keep 16-byte alignment. The same for every thread of a launch.
+template <typename T>
+__host__ __device__ __forceinline__ bool epilogue_chunks_ok(const ConvArgs& a, int ldc) {
+  const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+  return sizeof(T) == 2 && ldc % 4 == 0 && a.nc % 8 == 0 && a.dst_pixel_stride % 8 == 0 &&
+         a.dst_channel_offset % 8 == 0 && aligned(a.dst) && aligned(a.scale) && aligned(a.shift) &&
+         aligned(a.image_bias);
+}
+
+// store_output for channels co .. co + 7 of dst pixel m (co a multiple of 8: all 8 exist or none),
+// from the 8 fp32 accumulators at v (16-byte aligned): the same arithmetic per value, with 16-byte
+// loads of the per-channel vectors and one 16-byte store. With `keep`, the values before rounding
+// replace v's (what the BN statistics read). tests/cuda_host/epilogue_chunks.cu checks it against
+// store_output bit for bit.
+template <typename T, bool kDgrad>
+__host__ __device__ __forceinline__ void store_output_chunk(const ConvArgs& a, const Patch& t, int m, int64_t co,
+                                                            float* v, bool keep) {
+  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
+  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
+  if (r >= t.r1 || c >= t.c1 || co >= a.nc) return;
+  float x[8];
+  const float4 lo = reinterpret_cast<const float4*>(v)[0], hi = reinterpret_cast<const float4*>(v)[1];
+  x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w, x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
+  if (!kDgrad) {
+    T p[8];
+    if (a.scale != nullptr) {
+      load8(p, static_cast<const T*>(a.scale) + co);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = x[e] * Elem<T>::to_acc(p[e]);
+    }
+    if (a.shift != nullptr) {
+      load8(p, static_cast<const T*>(a.shift) + co);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = x[e] + Elem<T>::to_acc(p[e]);
+    }
+    if (a.image_bias != nullptr) {
+      load8(p, static_cast<const T*>(a.image_bias) + t.img * a.nc + co);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = x[e] + Elem<T>::to_acc(p[e]);
+    }
+    if (a.relu) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (x[e] < 0.0f) x[e] = 0.0f;  // comparison, not fmax: NaN propagates like torch
+      }
+    }
+  }
+  T out[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = Elem<T>::from_acc(x[e]);
+  store8(static_cast<T*>(a.dst) + ((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset + co,
+         out);
+  if (keep) {
+    reinterpret_cast<float4*>(v)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4*>(v)[1] = make_float4(x[4], x[5], x[6], x[7]);
+  }
+}
+
 // The epilogue of a CTA tile staged in shared memory, cs[m * ldc + j] holding dst pixel m and
 // channel n0 + j (BM = kTilePixels rows, BN columns): every element is stored as store_output
 // does and its value written back in place; with a.stats (forward only), each channel's patch
@@ -212,10 +295,26 @@ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Patch& t, i
 // Starts after a barrier that made the tile visible; all NT threads must call it.
 template <typename T, bool kDgrad, int BN, int NT, typename Acc>
 __device__ void staged_epilogue(const ConvArgs& a, const Patch& t, int64_t n0, Acc* cs, int ldc) {
-  // Consecutive threads take consecutive channels: coalesced NHWC stores.
-  for (int e = static_cast<int>(threadIdx.x); e < kTilePixels * BN; e += NT) {
-    const int m = e / BN, j = e % BN;
-    cs[m * ldc + j] = store_output<T, kDgrad, Acc>(a, t, m, n0 + j, cs[m * ldc + j]);
+  bool chunked = false;
+  if constexpr (sizeof(T) == 2 && std::is_same<Acc, float>::value && BN % 8 == 0) {
+    if (epilogue_chunks_ok<T>(a, ldc)) {  // uniform
+      // 8 channels of a pixel per thread, consecutive threads along the pixel's channels: 16-byte,
+      // coalesced NHWC stores and loads of the per-channel vectors.
+      constexpr int kChunks = BN / 8;
+      const bool keep = !kDgrad && a.stats != nullptr;
+      for (int e = static_cast<int>(threadIdx.x); e < kTilePixels * kChunks; e += NT) {
+        const int m = e / kChunks, j = (e % kChunks) * 8;
+        store_output_chunk<T, kDgrad>(a, t, m, n0 + j, cs + m * ldc + j, keep);
+      }
+      chunked = true;
+    }
+  }
+  if (!chunked) {
+    // Consecutive threads take consecutive channels: coalesced NHWC stores.
+    for (int e = static_cast<int>(threadIdx.x); e < kTilePixels * BN; e += NT) {
+      const int m = e / BN, j = e % BN;
+      cs[m * ldc + j] = store_output<T, kDgrad, Acc>(a, t, m, n0 + j, cs[m * ldc + j]);
+    }
   }
   if constexpr (!kDgrad) {
     if (a.stats == nullptr) return;  // uniform across the CTA

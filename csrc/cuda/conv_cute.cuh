@@ -13,8 +13,9 @@
 //   padding, lies past the map or a chunk past a channel count.
 // * Shared memory: A is (BM, BK) K-major, B is (BN, BK) N-major (the weight's [tap, k, n] rows).
 //   Stages x (64 x 32 + 128 x 32) x 2 bytes, static: 3 stages (36864 bytes) for mma.sync, 4 (49152,
-//   the static limit) for wgmma (its pipeline, sm90_common.cuh). When the launch wants BN
-//   statistics, the fp32 tile (64 x 132 floats, 33792 bytes) is staged over them afterwards.
+//   the static limit) for wgmma (its pipeline, sm90_common.cuh). The fp32 tile (64 x 132 floats,
+//   33792 bytes) is staged over them afterwards, for the epilogue's 16-byte stores and the BN
+//   statistics.
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.
 // * Requires both channel counts (and the src pixel stride and channel offset) to be multiples
@@ -170,24 +171,17 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   clear(acc);
   Config::mainloop(mma, sA, sB, acc, steps, load_next, landed);
 
-  // Each accumulator's (m, n) in the tile comes from an identity tensor partitioned like them.
+  // The tile goes through shared memory (each accumulator's (m, n) from an identity tensor
+  // partitioned like them), so that a thread then stores 8 channels of a pixel at a time
+  // (staged_epilogue: 16-byte coalesced stores, the per-channel vectors read once per chunk instead
+  // of once per value), and the BN statistics, when wanted, read it there.
   Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
-  if constexpr (!kDgrad) {
-    if (a.stats != nullptr) {  // uniform: stage the tile for the per-channel statistics
-      float* cs = reinterpret_cast<float*>(smem);
-      __syncthreads();  // every warp is done reading the last stage
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc); ++i) cs[get<0>(coord(i)) * LDC + get<1>(coord(i))] = acc(i);
-      __syncthreads();
-      staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, cs, LDC);
-      return;
-    }
-  }
-  // Otherwise straight from registers.
+  float* cs = reinterpret_cast<float*>(smem);
+  __syncthreads();  // every warp is done reading the last stage
   CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
-    store_output<T, kDgrad, float>(a, t, get<0>(coord(i)), n0 + get<1>(coord(i)), acc(i));
-  }
+  for (int i = 0; i < size(acc); ++i) cs[get<0>(coord(i)) * LDC + get<1>(coord(i))] = acc(i);
+  __syncthreads();
+  staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, cs, LDC);
   } else {
     __trap();  // conv_cute_usable never selects a config whose body this image lacks
   }

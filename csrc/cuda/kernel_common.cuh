@@ -46,29 +46,29 @@ struct Elem;
 template <>
 struct Elem<float> {
   using Acc = float;
-  static __device__ __forceinline__ float to_acc(float v) { return v; }
-  static __device__ __forceinline__ float from_acc(float v) { return v; }
+  static __host__ __device__ __forceinline__ float to_acc(float v) { return v; }
+  static __host__ __device__ __forceinline__ float from_acc(float v) { return v; }
 };
 
 template <>
 struct Elem<double> {
   using Acc = double;
-  static __device__ __forceinline__ double to_acc(double v) { return v; }
-  static __device__ __forceinline__ double from_acc(double v) { return v; }
+  static __host__ __device__ __forceinline__ double to_acc(double v) { return v; }
+  static __host__ __device__ __forceinline__ double from_acc(double v) { return v; }
 };
 
 template <>
 struct Elem<__half> {
   using Acc = float;
-  static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
+  static __host__ __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+  static __host__ __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
 };
 
 template <>
 struct Elem<__nv_bfloat16> {
   using Acc = float;
-  static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) {
+  static __host__ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __host__ __device__ __forceinline__ __nv_bfloat16 from_acc(float v) {
     return __float2bfloat16_rn(v);
   }
 };
