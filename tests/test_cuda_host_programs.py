@@ -15,7 +15,8 @@ passes, else one line per failure.
   * epilogue_chunks.cu: the staged epilogue's 16-byte path (store_output_chunk) writes the same bytes
     and leaves the same staged values as the per-value store_output, for fp16 / bf16, forward and
     input gradient, every affine option, partial patches and channel blocks, channel slices, NaN
-    and signed zeros; and it is refused for unaligned slices and addresses.
+    and signed zeros; and it is refused for unaligned slices and addresses. The weight gradient's
+    partial tiles likewise (store_partial4 against store_partial).
   * patch_stats.cu: the BN-statistics epilogue's per-patch pixel masks count every pixel of a map
     exactly once, and its per-channel (count, sum, centred M2) are within their error bounds of a
     long-double reference, also for a mean far above the spread (csrc/common/patch_stats.h).

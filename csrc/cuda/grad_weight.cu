@@ -114,10 +114,7 @@ __global__ void __launch_bounds__(128) grad_weight_wmma_kernel(GwArgs a) {
         wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j], LDC,
                                 wmma::mem_row_major);
     __syncthreads();
-    for (int e = static_cast<int>(threadIdx.x); e < BM * BN; e += NT) {
-      const int m = e / BN, j = e % BN;
-      store_partial<float>(a, t, m, j, Cs[m * LDC + j]);
-    }
+    store_partial_tile<BM, BN, NT>(a, t, Cs, LDC);
   } else {
     __trap();  // launcher never selects this kernel on such a GPU
   }

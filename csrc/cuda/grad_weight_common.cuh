@@ -142,11 +142,45 @@ struct GwPixelWalk {
 };
 
 template <typename Acc>
-__device__ __forceinline__ void store_partial(const GwArgs& a, const GwTile& t, int m, int j, Acc v) {
+__host__ __device__ __forceinline__ void store_partial(const GwArgs& a, const GwTile& t, int m, int j, Acc v) {
   const int64_t co = t.co0 + m, ci = t.ci0 + j;
   if (co >= a.cout || ci >= a.cin) return;
   const int64_t taps = a.kh * a.kw;
   static_cast<Acc*>(a.ws)[((t.split * taps + t.tap) * a.cout + co) * a.cin + ci] = v;
+}
+
+// store_partial for columns j .. j + 3 of row m, from the 16-byte aligned v, as one 16-byte store:
+// for fp32 partials, a cin in whole chunks of 4 (so ci0 + j, a multiple of 4, has all 4 columns or
+// none) and a 16-byte aligned workspace (partials_in_chunks).
+__host__ __device__ __forceinline__ void store_partial4(const GwArgs& a, const GwTile& t, int m, int j, const float* v) {
+  const int64_t co = t.co0 + m, ci = t.ci0 + j;
+  if (co >= a.cout || ci >= a.cin) return;
+  const int64_t taps = a.kh * a.kw;
+  *reinterpret_cast<float4*>(static_cast<float*>(a.ws) + ((t.split * taps + t.tap) * a.cout + co) * a.cin + ci) =
+      *reinterpret_cast<const float4*>(v);
+}
+__host__ __device__ __forceinline__ bool partials_in_chunks(const GwArgs& a, int ldc) {
+  return a.cin % 4 == 0 && ldc % 4 == 0 && (reinterpret_cast<uintptr_t>(a.ws) & 15u) == 0;
+}
+
+// The whole fp32 partial tile of a CTA, staged at cs[m * ldc + j] (BM x BN, 16-byte aligned), zeros
+// included (the workspace is not zeroed): 4 columns per 16-byte store, consecutive threads along a
+// row, where partials_in_chunks allows, else one value at a time. Starts after a barrier that made
+// the tile visible; all NT threads must call it.
+template <int BM, int BN, int NT>
+__device__ __forceinline__ void store_partial_tile(const GwArgs& a, const GwTile& t, const float* cs, int ldc) {
+  static_assert(BN % 4 == 0, "whole chunks of 4 columns");
+  if (partials_in_chunks(a, ldc)) {  // uniform
+    for (int e = static_cast<int>(threadIdx.x); e < BM * BN / 4; e += NT) {
+      const int m = e / (BN / 4), j = (e % (BN / 4)) * 4;
+      store_partial4(a, t, m, j, cs + m * ldc + j);
+    }
+  } else {
+    for (int e = static_cast<int>(threadIdx.x); e < BM * BN; e += NT) {
+      const int m = e / BN, j = e % BN;
+      store_partial<float>(a, t, m, j, cs[m * ldc + j]);
+    }
+  }
 }
 
 }  // namespace

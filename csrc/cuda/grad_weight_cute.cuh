@@ -12,8 +12,9 @@
 // * Shared memory: stages x (64 x 32 + 128 x 32) x 2 bytes (3 stages, 36864 bytes, for mma.sync; 4,
 //   49152 bytes, for wgmma), static (the wgmma image test reads it) and 1024-byte aligned (the
 //   wgmma swizzle's period).
-// * The fp32 partial tile is stored per element to the workspace (store_partial); the split count,
-//   the workspace layout and the fixed-order second pass are the WMMA kernel's.
+// * The fp32 partial tile is staged over the stages and stored 4 columns at a time to the workspace
+//   (store_partial_tile); the split count, the workspace layout and the fixed-order second pass
+//   are the WMMA kernel's.
 // * Requires both channel counts to be multiples of 8 and 16-byte aligned x and grad;
 //   grad_weight_cute_usable says whether a launch qualifies for a config.
 #pragma once
@@ -70,6 +71,8 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
   constexpr int kABytes = cosize_v<typename Config::LayoutA> * int(sizeof(V));
   constexpr int kBBytes = cosize_v<typename Config::LayoutB> * int(sizeof(V));
   static_assert(kABytes % 1024 == 0, "B stays 1024-byte aligned");
+  constexpr int LDC = BN + 4;  // the fp32 tile staged over the stages for the epilogue
+  static_assert(BM * LDC * int(sizeof(float)) <= kABytes + kBBytes, "the staged tile fits");
   __shared__ __align__(1024) unsigned char smem[kABytes + kBBytes];
   Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), typename Config::LayoutA{});
   Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + kABytes)), typename Config::LayoutB{});
@@ -124,10 +127,15 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
   const int64_t steps = ceil_div(px.end - px.begin, int64_t(BK));  // 0 for a dead tap or empty split
   Config::mainloop(mma, sA, sB, acc, steps, load_next, [](int64_t, int) {});
 
-  // The whole partial tile, zeros included (the workspace is not zeroed).
+  // The whole partial tile, through shared memory (each accumulator's (m, n) from an identity tensor
+  // partitioned like them), so that a thread then stores 4 columns of a row at once.
   Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  float* cs = reinterpret_cast<float*>(smem);
+  __syncthreads();  // every warp is done reading the last stage
   CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) store_partial<float>(a, t, get<0>(coord(i)), get<1>(coord(i)), acc(i));
+  for (int i = 0; i < size(acc); ++i) cs[get<0>(coord(i)) * LDC + get<1>(coord(i))] = acc(i);
+  __syncthreads();
+  store_partial_tile<BM, BN, NT>(a, t, cs, LDC);
   } else {
     __trap();  // grad_weight_cute_usable never selects a config whose body this image lacks
   }

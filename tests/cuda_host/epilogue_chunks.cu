@@ -1,11 +1,13 @@
-// Host check of the staged epilogue's 16-byte path (csrc/cuda/conv_common.cuh), run by
+// Host check of the staged epilogues' 16-byte paths (csrc/cuda/conv_common.cuh, and the weight
+// gradient's partial tiles in grad_weight_common.cuh), run by
 // tests/test_cuda_host_programs.py without a GPU: store_output_chunk, which stores 8 channels of a
 // pixel at a time, must write exactly the bytes that store_output writes value by value, and leave
 // exactly its values in the staged tile (what the BN statistics read), for fp16 and bf16, forward
 // (with and without scale, shift, image bias and ReLU) and input gradient, over random maps (patches
 // overhanging the map), channel counts (the last 128-channel block partial), channel slices of wider
 // pixels, and tiles with negative values, signed zeros and NaN. Bytes outside the written slice keep
-// their sentinel. Prints one line per failed check and "ok" when every check passes.
+// their sentinel. store_partial4 must write the workspace that store_partial writes, for partial
+// Cout and Cin blocks. Prints one line per failed check and "ok" when every check passes.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/conv_common.cuh"
+#include "../../csrc/cuda/grad_weight_common.cuh"
 
 using namespace fastaspp;
 using namespace fastaspp::atrous_cuda;
@@ -90,6 +93,46 @@ void run_case(std::mt19937_64& rng, int c) {
   expect(written > 0, "something stored", c, written);
 }
 
+// The weight gradient's partial tiles (64 x 128, as the CuTe kernel): every tile of random
+// workspaces, 4 columns at a time against one at a time.
+void run_partials(std::mt19937_64& rng, int c) {
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  constexpr int BM = 64;
+  GwArgs a{};
+  a.cout = 8 * pick(1, 20);
+  a.cin = 8 * pick(1, 40);
+  a.kh = pick(1, 3);
+  a.kw = pick(1, 3);
+  a.splits = static_cast<int>(pick(1, 3));
+  const int64_t taps = a.kh * a.kw, elems = a.splits * taps * a.cout * a.cin;
+  Aligned<float> ref(elems), vec(elems), tile(BM * kLdc);
+  std::memset(ref.p, 0x5a, elems * sizeof(float));
+  std::memset(vec.p, 0x5a, elems * sizeof(float));
+  for (int64_t split = 0; split < a.splits; ++split)
+    for (int64_t tap = 0; tap < taps; ++tap)
+      for (int64_t co0 = 0; co0 < a.cout; co0 += BM)
+        for (int64_t ci0 = 0; ci0 < a.cin; ci0 += kBN) {
+          const GwTile t{tap, co0, ci0, split};
+          for (size_t i = 0; i < tile.n; ++i) tile.p[i] = normal(rng);
+          a.ws = ref.p;
+          for (int m = 0; m < BM; ++m)
+            for (int j = 0; j < kBN; ++j) store_partial<float>(a, t, m, j, tile.p[m * kLdc + j]);
+          a.ws = vec.p;
+          expect(partials_in_chunks(a, kLdc), "partials in chunks", c, 0);
+          for (int m = 0; m < BM; ++m)
+            for (int j = 0; j < kBN; j += 4) store_partial4(a, t, m, j, tile.p + m * kLdc + j);
+        }
+  expect(std::memcmp(ref.p, vec.p, elems * sizeof(float)) == 0, "partials", c, elems);
+  long long sentinels = 0;
+  for (int64_t i = 0; i < elems; ++i) {
+    unsigned int bits;
+    std::memcpy(&bits, ref.p + i, sizeof(bits));
+    sentinels += bits == 0x5a5a5a5au;
+  }
+  expect(sentinels == 0, "every partial written", c, sentinels);
+}
+
 int main() {
   std::mt19937_64 rng(17);
   for (int c = 0; c < 60; ++c) {
@@ -98,6 +141,7 @@ int main() {
     run_case<__nv_bfloat16, true>(rng, c);
     run_case<__half, true>(rng, c);
   }
+  for (int c = 0; c < 40; ++c) run_partials(rng, c);
   // The 16-byte path is refused where a chunk could straddle the slice or an address is unaligned.
   ConvArgs a{};
   a.nc = 16, a.dst_pixel_stride = 24, a.dst_channel_offset = 8;
@@ -115,6 +159,15 @@ int main() {
   a.dst = buf;
   expect(!epilogue_chunks_ok<__nv_bfloat16>(a, kLdc + 2), "tile rows not 16-byte aligned", 0, 0);
   expect(!epilogue_chunks_ok<float>(a, kLdc), "32-bit values", 0, 0);
+  GwArgs g{};
+  g.cin = 12;
+  alignas(16) static float ws[64];
+  g.ws = ws;
+  expect(partials_in_chunks(g, kLdc), "cin 12", 0, 0);
+  g.cin = 10;
+  expect(!partials_in_chunks(g, kLdc), "cin 10", 0, 0);
+  g.cin = 12, g.ws = ws + 1;
+  expect(!partials_in_chunks(g, kLdc), "unaligned workspace", 0, 0);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
