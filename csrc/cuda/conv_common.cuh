@@ -160,28 +160,72 @@ __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t
          a.src_channel_offset;
 }
 
-// The prologue's value of src element v of channel k (forward with a.src_scale only).
+// 8 16-bit values from 16-byte aligned memory, and back.
 template <typename T>
-__device__ __forceinline__ T prologue_value(const ConvArgs& a, int64_t k, T v) {
+__host__ __device__ __forceinline__ void load8(T (&v)[8], const T* p) {
+  static_assert(sizeof(T) == 2, "8 values per 16 bytes");
+  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+  memcpy(v, &bits, sizeof(bits));
+}
+template <typename T>
+__host__ __device__ __forceinline__ void store8(T* p, const T (&v)[8]) {
+  static_assert(sizeof(T) == 2, "8 values per 16 bytes");
+  unsigned int w[4];
+  memcpy(w, v, sizeof(w));
+#if defined(__CUDA_ARCH__)
+  // One 16-byte store: nvcc split a plain uint4 store of these words into four 4-byte ones.
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+#else
+  memcpy(p, w, sizeof(w));
+#endif
+}
+
+// The prologue's value of a src element v of a channel with that centre, scale and shift.
+template <typename T>
+__device__ __forceinline__ T prologue_math(T v, T centre, T scale, T shift) {
   using Acc = typename Elem<T>::Acc;
-  Acc u = (Elem<T>::to_acc(v) - Elem<T>::to_acc(static_cast<const T*>(a.src_centre)[k])) *
-              Elem<T>::to_acc(static_cast<const T*>(a.src_scale)[k]) +
-          Elem<T>::to_acc(static_cast<const T*>(a.src_shift)[k]);
+  Acc u = (Elem<T>::to_acc(v) - Elem<T>::to_acc(centre)) * Elem<T>::to_acc(scale) + Elem<T>::to_acc(shift);
   if (u < Acc(0)) u = Acc(0);  // comparison, not fmax: NaN propagates like torch.relu
   return Elem<T>::from_acc(u);
 }
 
-// The prologue over one 16-byte chunk of 16-bit src elements in shared memory, channels k..k+7.
+// The prologue's value of src element v of channel k (forward with a.src_scale only).
+template <typename T>
+__device__ __forceinline__ T prologue_value(const ConvArgs& a, int64_t k, T v) {
+  return prologue_math(v, static_cast<const T*>(a.src_centre)[k], static_cast<const T*>(a.src_scale)[k],
+                       static_cast<const T*>(a.src_shift)[k]);
+}
+
+// The prologue over one 16-byte chunk of 16-bit src elements in shared memory, channels k..k+7
+// (k a multiple of 8): the three per-channel vectors by 16-byte loads where they are aligned.
 template <typename T>
 __device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, void* chunk) {
   static_assert(sizeof(T) == 2, "8 elements per 16-byte chunk");
+  // Explicit shared-memory accesses: through the generic pointer nvcc emitted generic ones.
+  const unsigned int at = static_cast<unsigned int>(__cvta_generic_to_shared(chunk));
+  unsigned int w[4];
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(at));
   T v[8];
-  uint4 bits = *static_cast<const uint4*>(chunk);
-  memcpy(v, &bits, sizeof(bits));
+  memcpy(v, w, sizeof(w));
+  const T* centre = static_cast<const T*>(a.src_centre) + k;
+  const T* scale = static_cast<const T*>(a.src_scale) + k;
+  const T* shift = static_cast<const T*>(a.src_shift) + k;
+  if (((reinterpret_cast<uintptr_t>(centre) | reinterpret_cast<uintptr_t>(scale) | reinterpret_cast<uintptr_t>(shift)) &
+       15u) == 0) {
+    T c[8], s[8], h[8];
+    load8(c, centre);
+    load8(s, scale);
+    load8(h, shift);
 #pragma unroll
-  for (int e = 0; e < 8; ++e) v[e] = prologue_value<T>(a, k + e, v[e]);
-  memcpy(&bits, v, sizeof(bits));
-  *static_cast<uint4*>(chunk) = bits;
+    for (int e = 0; e < 8; ++e) v[e] = prologue_math(v[e], c[e], s[e], h[e]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = prologue_value<T>(a, k + e, v[e]);
+  }
+  memcpy(w, v, sizeof(w));
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
 }
 
 // One output element: the forward epilogue (scale, shift, image bias, ReLU) or a plain store for
@@ -204,27 +248,6 @@ __host__ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Pa
   dst[((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset + co] =
       Elem<T>::from_acc(v);
   return v;
-}
-
-// 8 16-bit values from 16-byte aligned memory, and back.
-template <typename T>
-__host__ __device__ __forceinline__ void load8(T (&v)[8], const T* p) {
-  static_assert(sizeof(T) == 2, "8 values per 16 bytes");
-  const uint4 bits = *reinterpret_cast<const uint4*>(p);
-  memcpy(v, &bits, sizeof(bits));
-}
-template <typename T>
-__host__ __device__ __forceinline__ void store8(T* p, const T (&v)[8]) {
-  static_assert(sizeof(T) == 2, "8 values per 16 bytes");
-  unsigned int w[4];
-  memcpy(w, v, sizeof(w));
-#if defined(__CUDA_ARCH__)
-  // One 16-byte store: nvcc split a plain uint4 store of these words into four 4-byte ones.
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-               : "memory");
-#else
-  memcpy(p, w, sizeof(w));
-#endif
 }
 
 // Whether the staged epilogue may move 8 channels of a pixel (16 bytes) at a time: 16-bit values,
