@@ -53,7 +53,8 @@ struct IntegerSwitch {
   }
 };
 
-inline constexpr const char* kOffOn[] = {"0", "1"};  // index 0: off, 1: on
+inline constexpr const char* kOffOn[] = {"0", "1"};
+constexpr int kSwitchOff = 0, kSwitchOn = 1;  // kOffOn's choices
 inline constexpr const char* kCudaConvKernels[] = {"sm80", "wmma"};
 
 // cpu: "0" never uses oneDNN's conv, "1" always does (conv_paths.cpp).

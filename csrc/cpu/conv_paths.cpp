@@ -19,14 +19,11 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 
 namespace {
 
-// FASTASPP_CPU_ONEDNN (common/switches.h): "0" never, "1" always (above the direct loops' range),
-// unset: by the rule.
-constexpr int kOnednnNever = 0, kOnednnAlways = 1;
-
-// Whether oneDNN may run x's conv at all: fp32, and FASTASPP_CPU_ONEDNN not 0. The forward takes it
-// whenever it may (conv_paths.h).
-bool onednn_allowed(const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat && checked_switch(kCpuOnednn) != kOnednnNever;
+// Whether oneDNN may run x's conv at all: fp32, and `choice` (of FASTASPP_CPU_ONEDNN, common/switches.h:
+// "0" never, "1" always above the direct loops' range, unset by the rule) not "0". The forward takes
+// it whenever it may (conv_paths.h).
+bool onednn_allowed(const at::Tensor& x, int choice) {
+  return x.scalar_type() == at::kFloat && choice != kSwitchOff;
 }
 
 }  // namespace
@@ -34,7 +31,7 @@ bool onednn_allowed(const at::Tensor& x) {
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
-  const bool onednn = onednn_allowed(x);
+  const bool onednn = onednn_allowed(x, checked_switch(kCpuOnednn));
   // A 1x1 conv has no dead taps for the direct loops to skip, and oneDNN's GEMM outruns them from
   // the smallest maps on: fp32 1x1 convs take oneDNN whenever it is allowed.
   const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
@@ -50,8 +47,10 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
-  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0)) || !onednn_allowed(x)) return false;
-  if (checked_switch(kCpuOnednn) == kOnednnAlways) return true;
+  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return false;
+  const int choice = checked_switch(kCpuOnednn);
+  if (!onednn_allowed(x, choice)) return false;
+  if (choice == kSwitchOn) return true;
   const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
   return pairs > kOnednnMinLiveShare * dense;
 }

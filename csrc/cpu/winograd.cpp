@@ -326,12 +326,12 @@ at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
 
 bool use_winograd(int64_t batch, int64_t in_h, int64_t in_w, int64_t rate, const at::Tensor& weight,
                   at::ScalarType dtype, WinogradRival rival) {
-  const int flag = checked_switch(kCpuWinograd);  // common/switches.h: 0 off, 1 wherever it can
-  if (flag == 0) return false;
+  const int flag = checked_switch(kCpuWinograd);  // common/switches.h: off, or on wherever it can
+  if (flag == kSwitchOff) return false;
   // Transforming the weights costs more than Winograd saves (mostly page faults on the fresh
   // tens of MB), so only kept weights qualify.
   if (!keepable(weight) || (dtype != at::kFloat && dtype != at::kDouble)) return false;  // common/kept.h
-  if (flag == 1) return true;  // forced, for measuring the crossovers
+  if (flag == kSwitchOn) return true;  // forced, for measuring the crossovers
   const AxisWork h = axis_work(in_h, rate), w = axis_work(in_w, rate);
   const double products = static_cast<double>(h.products) * w.products;
   const double live = static_cast<double>(live_pairs(in_h, rate)) * live_pairs(in_w, rate);

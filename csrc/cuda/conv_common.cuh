@@ -197,10 +197,17 @@ __device__ __forceinline__ T prologue_value(const ConvArgs& a, int64_t k, T v) {
                        static_cast<const T*>(a.src_shift)[k]);
 }
 
+// Whether prologue_chunk may read the prologue's three per-channel vectors 16 bytes at a time (the
+// same for every chunk of a launch: a chunk's channels start at a multiple of 8).
+__device__ __forceinline__ bool prologue_vectors_ok(const ConvArgs& a) {
+  return aligned16(a.src_centre) && aligned16(a.src_scale) && aligned16(a.src_shift);
+}
+
 // The prologue over one 16-byte chunk of 16-bit src elements in shared memory, channels k..k+7
-// (k a multiple of 8): the three per-channel vectors by 16-byte loads where they are aligned.
+// (k a multiple of 8): the three per-channel vectors by 16-byte loads when `vectors`
+// (prologue_vectors_ok), else one value at a time.
 template <typename T>
-__device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, void* chunk) {
+__device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, bool vectors, void* chunk) {
   static_assert(sizeof(T) == 2, "8 elements per 16-byte chunk");
   // Explicit shared-memory accesses: through the generic pointer nvcc emitted generic ones.
   const unsigned int at = static_cast<unsigned int>(__cvta_generic_to_shared(chunk));
@@ -208,15 +215,11 @@ __device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, voi
   asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(at));
   T v[8];
   memcpy(v, w, sizeof(w));
-  const T* centre = static_cast<const T*>(a.src_centre) + k;
-  const T* scale = static_cast<const T*>(a.src_scale) + k;
-  const T* shift = static_cast<const T*>(a.src_shift) + k;
-  if (((reinterpret_cast<uintptr_t>(centre) | reinterpret_cast<uintptr_t>(scale) | reinterpret_cast<uintptr_t>(shift)) &
-       15u) == 0) {
+  if (vectors) {
     T c[8], s[8], h[8];
-    load8(c, centre);
-    load8(s, scale);
-    load8(h, shift);
+    load8(c, static_cast<const T*>(a.src_centre) + k);
+    load8(s, static_cast<const T*>(a.src_scale) + k);
+    load8(h, static_cast<const T*>(a.src_shift) + k);
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = prologue_math(v[e], c[e], s[e], h[e]);
   } else {
@@ -256,10 +259,9 @@ __host__ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Pa
 // tile rows (ldc floats) that keep 16-byte alignment. The same for every thread of a launch.
 template <typename T>
 __host__ __device__ __forceinline__ bool epilogue_chunks_ok(const ConvArgs& a, int ldc) {
-  const auto aligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
   return sizeof(T) == 2 && ldc % 4 == 0 && a.nc % 8 == 0 && a.dst_pixel_stride % 8 == 0 &&
-         a.dst_channel_offset % 8 == 0 && aligned(a.dst) && aligned(a.scale) && aligned(a.shift) &&
-         aligned(a.image_bias);
+         a.dst_channel_offset % 8 == 0 && aligned16(a.dst) && aligned16(a.scale) && aligned16(a.shift) &&
+         aligned16(a.image_bias);
 }
 
 // store_output for channels co .. co + 7 of dst pixel m (co a multiple of 8: all 8 exist or none),

@@ -154,6 +154,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   // The projection's prologue on this thread's own A chunks of a step, in place. It runs on a 1x1
   // conv without padding alone: one live tap, so step `step` reads src channels step * BK onwards
   // and a_row_live (set by the first load, before any step lands) tells that tap's rows.
+  const bool prologue_vectors = !kDgrad && a.src_scale != nullptr && prologue_vectors_ok(a);
   auto landed = [&](int64_t step, int stage) {
     if constexpr (!kDgrad) {
       if (a.src_scale == nullptr) return;
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
       for (int i = 0; i < kAChunks / NT; ++i) {
         const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
         const int64_t k = step * BK + kc;
-        if (k < a.kc && a_row_live[i]) prologue_chunk<T>(a, k, &sA(m, kc, stage));
+        if (k < a.kc && a_row_live[i]) prologue_chunk<T>(a, k, prologue_vectors, &sA(m, kc, stage));
       }
     }
   };
@@ -171,16 +172,12 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   clear(acc);
   Config::mainloop(mma, sA, sB, acc, steps, load_next, landed);
 
-  // The tile goes through shared memory (each accumulator's (m, n) from an identity tensor
-  // partitioned like them), so that a thread then stores 8 channels of a pixel at a time
+  // The tile goes through shared memory (stage_accumulators), so that a thread then stores 8
+  // channels of a pixel at a time
   // (staged_epilogue: 16-byte coalesced stores, the per-channel vectors read once per chunk instead
   // of once per value), and the BN statistics, when wanted, read it there.
-  Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
   float* cs = reinterpret_cast<float*>(smem);
-  __syncthreads();  // every warp is done reading the last stage
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) cs[get<0>(coord(i)) * LDC + get<1>(coord(i))] = acc(i);
-  __syncthreads();
+  stage_accumulators<BM, BN>(mma, acc, cs, LDC);
   staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, cs, LDC);
   } else {
     __trap();  // conv_cute_usable never selects a config whose body this image lacks

@@ -65,7 +65,8 @@ struct GwPixels {
   }
 
   // Pixel p's grad row (Cout values) and the x row (Cin values) it reads through the tap; in
-  // range by construction of the live rectangle. Only for begin <= p < end.
+  // range by construction of the live rectangle for begin <= p < end (past end, pointers that are
+  // not to be read: GwPixelWalk starts a thread's walk there when the split has no pixel for it).
   template <typename T>
   __host__ __device__ __forceinline__ void rows(const GwArgs& a, int64_t p, const T*& g_row, const T*& x_row) const {
     const int64_t img = p / area;
@@ -102,12 +103,12 @@ struct GwPixelWalk {
         g_img_carry(0), x_img_carry(0) {
     if (px.area == 0) return;
     rows = px.area / live_w;
-    const int64_t img = p / px.area, rem = p - img * px.area;
+    const int64_t rem = p % px.area;
     q = rem / live_w;
     c = rem - q * live_w;
-    g_row += ((img * a.ho + px.oh0 + q) * a.wo + px.ow0 + c) * a.cout + t.co0;
-    x_row += ((img * a.h + (px.oh0 + q) * a.stride_h + px.off_h) * a.w + (px.ow0 + c) * a.stride_w + px.off_w) *
-                 a.cin + t.ci0;
+    px.rows(a, p, g_row, x_row);
+    g_row += t.co0;
+    x_row += t.ci0;
     // One column, one row, one image further on, in elements of each tensor.
     const int64_t g_col = a.cout, g_next_row = a.wo * a.cout, g_img = a.ho * a.wo * a.cout;
     const int64_t x_col = a.stride_w * a.cin, x_next_row = a.stride_h * a.w * a.cin, x_img = a.h * a.w * a.cin;
@@ -160,7 +161,7 @@ __host__ __device__ __forceinline__ void store_partial4(const GwArgs& a, const G
       *reinterpret_cast<const float4*>(v);
 }
 __host__ __device__ __forceinline__ bool partials_in_chunks(const GwArgs& a, int ldc) {
-  return a.cin % 4 == 0 && ldc % 4 == 0 && (reinterpret_cast<uintptr_t>(a.ws) & 15u) == 0;
+  return a.cin % 4 == 0 && ldc % 4 == 0 && aligned16(a.ws);
 }
 
 // The whole fp32 partial tile of a CTA, staged at cs[m * ldc + j] (BM x BN, 16-byte aligned), zeros

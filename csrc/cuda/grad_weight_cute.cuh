@@ -127,14 +127,10 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
   const int64_t steps = ceil_div(px.end - px.begin, int64_t(BK));  // 0 for a dead tap or empty split
   Config::mainloop(mma, sA, sB, acc, steps, load_next, [](int64_t, int) {});
 
-  // The whole partial tile, through shared memory (each accumulator's (m, n) from an identity tensor
-  // partitioned like them), so that a thread then stores 4 columns of a row at once.
-  Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  // The whole partial tile, through shared memory, so that a thread then stores 4 columns of a row
+  // at once.
   float* cs = reinterpret_cast<float*>(smem);
-  __syncthreads();  // every warp is done reading the last stage
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) cs[get<0>(coord(i)) * LDC + get<1>(coord(i))] = acc(i);
-  __syncthreads();
+  stage_accumulators<BM, BN>(mma, acc, cs, LDC);
   store_partial_tile<BM, BN, NT>(a, t, cs, LDC);
   } else {
     __trap();  // grad_weight_cute_usable never selects a config whose body this image lacks

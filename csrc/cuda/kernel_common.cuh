@@ -40,6 +40,11 @@ namespace {  // internal linkage: nothing here is visible to other translation u
 // Element traits: accumulator type and explicit conversions (the build may define
 // __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__).
 
+// Whether p may be read or written 16 bytes at a time (null counts: nothing is read through it).
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
 template <typename T>
 struct Elem;
 
@@ -202,8 +207,6 @@ struct TileLoader {
 
 // ---------------------------------------------------------------------------------------
 // Host side
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
