@@ -7,7 +7,9 @@
 #   TEST_S     seconds for the test suite (default 150) after TEST_FIRST (the cuda backend's test files,
 #              TEST_FIRST_S seconds, default 90; their log is tests-first.log); TEST_ARGS extra pytest arguments
 #   BENCH_S    seconds for each benchmark (default 120); BENCH_OPS which (default "overhead aspp conv";
-#              "model" adds the whole models, eval rows with and without CUDA graphs)
+#              "model" adds the whole models, eval rows with and without CUDA graphs); BENCH_TAG a suffix
+#              for the logs' names (bench-<op><tag>.log) when one run benches twice
+# Stage "tests" is "tests_first tests_rest"; naming those two apart lets benches run in between.
 #   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
 #   SANITIZE_S seconds for each compute-sanitizer tool (stage "sanitize", not in the default list:
 #              memcheck, racecheck and synccheck over SANITIZE_TESTS, default the cuda kernels' test
@@ -55,20 +57,30 @@ run_pytest() {  # log, seconds, then pytest arguments
     shift 2
     # One Triton config per kind: the suite's many shapes would otherwise each autotune.
     # -v logs each result as it lands; SIGINT at the time limit still prints the failure summary.
-    FASTASPP_TRITON_AUTOTUNE=0 timeout -s INT "$seconds" $PY -m pytest "$@" -v -p no:cacheprovider \
+    # -k: a process stuck in a kernel ignores SIGINT; KILL it 15 s later so the next stage can run.
+    FASTASPP_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$seconds" $PY -m pytest "$@" -v -p no:cacheprovider \
         -n "${TEST_WORKERS:-16}" --timeout 120 -rfE --tb=short ${TEST_ARGS:-} >"$OUT/$log" 2>&1
     echo "$log: exit $? after $((SECONDS - t0)) s"
     grep -E "^(FAILED|ERROR)" "$OUT/$log" | cut -c1-200 | head -60
     tail -3 "$OUT/$log"
 }
 
-stage_tests() {
-    local first="" ignore="" f
-    for f in $TEST_FIRST; do first="$first $f"; ignore="$ignore --ignore=$f"; done
-    # shellcheck disable=SC2086  # word splitting of the file lists is intended
-    run_pytest tests-first.log "${TEST_FIRST_S:-90}" $first
+# Stage tests = tests_first then tests_rest; naming the two apart lets benches run between them.
+stage_tests_first() {
+    # shellcheck disable=SC2086  # word splitting of the file list is intended
+    run_pytest tests-first.log "${TEST_FIRST_S:-90}" $TEST_FIRST
+}
+
+stage_tests_rest() {
+    local ignore="" f
+    for f in $TEST_FIRST; do ignore="$ignore --ignore=$f"; done
     # shellcheck disable=SC2086
     run_pytest tests.log "${TEST_S:-150}" tests $ignore
+}
+
+stage_tests() {
+    stage_tests_first
+    stage_tests_rest
 }
 
 stage_bench() {
@@ -77,10 +89,10 @@ stage_bench() {
     local op
     for op in ${BENCH_OPS:-overhead aspp conv}; do
         local t0=$SECONDS
-        timeout "${BENCH_S:-120}" $PY -m fastaspp bench --op $op --device cuda --dtype bfloat16 --out "$OUT" \
-            ${BENCH_ARGS:-} >"$OUT/bench-$op.log" 2>&1
+        timeout -k 15 "${BENCH_S:-120}" $PY -m fastaspp bench --op $op --device cuda --dtype bfloat16 --out "$OUT" \
+            ${BENCH_ARGS:-} >"$OUT/bench-$op${BENCH_TAG:-}.log" 2>&1
         echo "bench $op: exit $? after $((SECONDS - t0)) s"
-        tail -25 "$OUT/bench-$op.log"
+        tail -25 "$OUT/bench-$op${BENCH_TAG:-}.log"
     done
 }
 

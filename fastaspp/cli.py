@@ -7,6 +7,7 @@ import shlex
 import signal
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -65,6 +66,26 @@ def _bench_backends(name: str, device: torch.device) -> list:
     return [b for b in usable if device.type == "cuda" or b == "cpu"]
 
 
+def _bench_shape_filter(names: Optional[str], op: str):
+    """A function (all shapes of an op, its default shapes) -> the shapes to time: the default ones, or
+    those that `--shapes` names. A name that no selected op has is an error that lists the valid ones."""
+    if names is None:
+        return lambda every, default: default
+    from fastaspp.bench import aspp as bench_aspp
+    from fastaspp.bench import conv as bench_conv
+
+    if op not in ("conv", "aspp", "all"):
+        raise SystemExit(f"fastaspp bench: --shapes applies to --op conv, aspp or all, not {op!r}")
+    wanted = [n for n in names.split(",") if n]
+    valid = ([s.name for s in bench_conv.SHAPES] if op in ("conv", "all") else []) + \
+            ([s.name for s in bench_aspp.ASPP_SHAPES] if op in ("aspp", "all") else [])
+    unknown = [n for n in wanted if n not in valid]
+    if unknown or not wanted:
+        raise SystemExit(f"fastaspp bench: --shapes expected comma-separated names from {', '.join(valid)}; "
+                         f"got {names!r}")
+    return lambda every, default: [s for s in every if s.name in wanted]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import fastaspp
     from fastaspp.bench import aspp as bench_aspp
@@ -78,6 +99,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     dtype = DTYPES[args.dtype]
     gpu_full = device.type == "cuda" and not args.quick
+    only = _bench_shape_filter(getattr(args, "shapes", None), args.op)
+    batches = getattr(args, "batches", None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     def progress(r):
@@ -91,16 +114,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with fastaspp.backend(backend):
             if args.op in ("conv", "all"):
                 print(f"fused conv+BN+ReLU vs eager ({device}, {args.dtype}, channels_last, eval, backend {backend})")
-                shapes = bench_conv.QUICK_SHAPES if args.quick else bench_conv.SHAPES
-                rows += bench_conv.run(shapes, [1, 8] if gpu_full else [1], dtype, device, backend, args.compile,
+                shapes = only(bench_conv.SHAPES, bench_conv.QUICK_SHAPES if args.quick else bench_conv.SHAPES)
+                rows += bench_conv.run(shapes, batches or ([1, 8] if gpu_full else [1]), dtype, device, backend,
+                                       args.compile,
                                        reps=5 if args.quick else 10, progress=progress)
             if args.op in ("aspp", "all"):
                 print(f"fastaspp.nn.ASPP vs the eager reference ASPP ({device}, {args.dtype}, channels_last, "
                       f"backend {backend})")
-                shapes = bench_aspp.ASPP_SHAPES if gpu_full else bench_aspp.ASPP_SHAPES[:1]
+                shapes = only(bench_aspp.ASPP_SHAPES,
+                              bench_aspp.ASPP_SHAPES if gpu_full else bench_aspp.ASPP_SHAPES[:1])
                 modes = ["eval"] if args.quick else ["eval", "train"]
-                rows += bench_aspp.run(shapes, [1, 8, 16] if gpu_full else [1], modes, dtype, device, args.compile,
-                                       progress)
+                rows += bench_aspp.run(shapes, batches or ([1, 8, 16] if gpu_full else [1]), modes, dtype, device,
+                                       args.compile, progress)
             if args.op == "model":
                 from fastaspp.bench import models as bench_models
 
@@ -362,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="tensor dtype")
     backend_option(bench, ", or all (each usable one)")
     bench.add_argument("--quick", action="store_true", help="a few shapes at batch 1")
+    bench.add_argument("--shapes", default=None,
+                       help="comma-separated shape names to time instead of the default set (conv: aspp-33-r6 ... "
+                            "backbone-512-d4; aspp: aspp-33-(6,12,18), aspp-65-(12,24,36))")
+    bench.add_argument("--batches", type=_int_list, default=None,
+                       help="comma-separated batch sizes for conv and aspp (default: 1,8 for conv and 1,8,16 for "
+                            "aspp on GPU, 1 on CPU)")
     bench.add_argument("--out", help="directory for the JSON, markdown and PNG results")
     bench.add_argument("--threads", type=_positive_int, default=None,
                        help="torch threads for the run (default: torch's)")

@@ -296,3 +296,24 @@ def test_bench_records_paths_below_the_working_directory_relative(tmp_path, monk
     outside = str(tmp_path.parent / "elsewhere")
     assert _portable_path(outside) == outside
     assert _portable_path("--out") == "--out"
+
+
+def test_bench_shape_filter_picks_named_shapes_and_names_the_valid_ones():
+    from fastaspp.bench import conv as bench_conv
+    from fastaspp.cli import _bench_shape_filter
+
+    default = bench_conv.SHAPES[:2]
+    assert _bench_shape_filter(None, "conv")(bench_conv.SHAPES, default) == default
+    picked = _bench_shape_filter("aspp-65-r36,aspp-33-r6", "conv")(bench_conv.SHAPES, default)
+    assert [s.name for s in picked] == ["aspp-33-r6", "aspp-65-r36"]
+    with pytest.raises(SystemExit, match="got 'aspp-33-r7'") as error:
+        _bench_shape_filter("aspp-33-r7", "conv")
+    assert "backbone-512-d4" in str(error.value) and "aspp-65-(12,24,36)" not in str(error.value)
+    with pytest.raises(SystemExit, match="not 'model'"):
+        _bench_shape_filter("aspp-33-r6", "model")
+
+
+def test_bench_batches_must_be_positive_ints(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--batches", "1,0"])
+    assert exit_info.value.code == 2 and "expected comma-separated ints >= 1" in capsys.readouterr().err

@@ -119,6 +119,10 @@ def environment() -> Dict[str, object]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     info["commit"] = _git_commit()
+    # The switches that pick kernels (FASTASPP_CUDA_CONV, FASTASPP_TRITON_AUTOTUNE, ...): a row's
+    # backend name alone does not say which kernel ran.
+    info["switches"] = {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("FASTASPP_") and k != "FASTASPP_COMMIT"}
     return info
 
 
