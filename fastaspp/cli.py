@@ -62,8 +62,9 @@ def _bench_backends(name: str, device: torch.device) -> list:
     if name != "all":
         return [name]
     usable = [b for b in fastaspp.backends() if fastaspp.resolve_backend(device, b) == b]
-    # The interpreter runs Triton on CPU tensors for tests only: it is not a CPU backend to time.
-    return [b for b in usable if device.type == "cuda" or b == "cpu"]
+    # The interpreter runs Triton on CPU tensors for tests only: it is not a CPU backend to time; and
+    # the cpu backend runs CPU tensors only.
+    return [b for b in usable if (b == "cpu") == (device.type == "cpu")]
 
 
 def _bench_shape_filter(names: Optional[str], op: str):

@@ -409,7 +409,7 @@ def aspp_branches_bound(x, weights, rates, scale, shift, relu=True, winograd=Fal
         else:
             magnitude.append(F.conv2d(x64.abs(), w64.abs(), padding=r, dilation=r))
             depth = max(depth, 9 * c_in)
-    s64, t64 = scale.detach().double().view(1, -1, 1, 1), shift.detach().double().view(1, -1, 1, 1)
+    s64, t64 = (v.detach().to(x64.device, torch.float64).view(1, -1, 1, 1) for v in (scale, shift))
     exact = torch.cat(exact, 1) * s64 + t64
     return (exact.relu() if relu else exact), torch.cat(magnitude, 1) * s64.abs() + t64.abs(), depth + CONV_EPILOGUE
 
