@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import sys
@@ -61,10 +62,10 @@ def _bench_backends(name: str, device: torch.device) -> list:
 
     if name != "all":
         return [name]
-    usable = [b for b in fastaspp.backends() if fastaspp.resolve_backend(device, b) == b]
-    # The interpreter runs Triton on CPU tensors for tests only: it is not a CPU backend to time; and
-    # the cpu backend runs CPU tensors only.
-    return [b for b in usable if (b == "cpu") == (device.type == "cpu")]
+    # The cpu backend runs CPU tensors only, and the interpreter runs Triton on CPU tensors for tests
+    # only: it is not a CPU backend to time.
+    return [b for b in fastaspp.backends()
+            if (b == "cpu") == (device.type == "cpu") and fastaspp.resolve_backend(device, b) == b]
 
 
 def _bench_shape_filter(names: Optional[str], op: str):
@@ -77,7 +78,7 @@ def _bench_shape_filter(names: Optional[str], op: str):
 
     if op not in ("conv", "aspp", "all"):
         raise SystemExit(f"fastaspp bench: --shapes applies to --op conv, aspp or all, not {op!r}")
-    wanted = [n for n in names.split(",") if n]
+    wanted = [n for n in re.split(r",(?![^(]*\))", names) if n]  # commas inside "(6,12,18)" stay
     valid = ([s.name for s in bench_conv.SHAPES] if op in ("conv", "all") else []) + \
             ([s.name for s in bench_aspp.ASPP_SHAPES] if op in ("aspp", "all") else [])
     unknown = [n for n in wanted if n not in valid]

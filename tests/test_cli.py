@@ -306,6 +306,10 @@ def test_bench_shape_filter_picks_named_shapes_and_names_the_valid_ones():
     assert _bench_shape_filter(None, "conv")(bench_conv.SHAPES, default) == default
     picked = _bench_shape_filter("aspp-65-r36,aspp-33-r6", "conv")(bench_conv.SHAPES, default)
     assert [s.name for s in picked] == ["aspp-33-r6", "aspp-65-r36"]
+    from fastaspp.bench import aspp as bench_aspp
+
+    picked = _bench_shape_filter("aspp-65-(12,24,36),aspp-33-r6", "all")(bench_aspp.ASPP_SHAPES, [])
+    assert [s.name for s in picked] == ["aspp-65-(12,24,36)"]
     with pytest.raises(SystemExit, match="got 'aspp-33-r7'") as error:
         _bench_shape_filter("aspp-33-r7", "conv")
     assert "backbone-512-d4" in str(error.value) and "aspp-65-(12,24,36)" not in str(error.value)
@@ -317,3 +321,20 @@ def test_bench_batches_must_be_positive_ints(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--batches", "1,0"])
     assert exit_info.value.code == 2 and "expected comma-separated ints >= 1" in capsys.readouterr().err
+
+
+def test_bench_all_backends_are_those_of_the_device(monkeypatch):
+    """On a GPU, `--backend all` times triton and cuda, never the cpu backend (which refuses CUDA
+    tensors); on CPU the cpu backend alone."""
+    from fastaspp.cli import _bench_backends
+
+    def resolve(device, name):
+        if name == "cpu" and device.type != "cpu":
+            raise RuntimeError("fastaspp backend 'cpu' runs CPU tensors only")
+        return name
+
+    monkeypatch.setattr(fastaspp, "backends", lambda: ["cpu", "triton", "cuda"])
+    monkeypatch.setattr(fastaspp, "resolve_backend", resolve)
+    assert _bench_backends("all", torch.device("cuda")) == ["triton", "cuda"]
+    assert _bench_backends("all", torch.device("cpu")) == ["cpu"]
+    assert _bench_backends("triton", torch.device("cpu")) == ["triton"]
