@@ -50,7 +50,7 @@ from fastaspp._rules import accumulator_dtype
 
 from .atrous_conv import atrous_conv2d_forward_into
 from .implicit_gemm import (accumulate_tap, epilogue, merge_stats, nhwc_empty, program_patch, stats_buffer,
-                            tile_shape)
+                            tile_shape, unread_stats)
 from .kept import KeptCopies
 from .launch import CONV_CONFIGS, CONV_PRUNE, dtype_meta, launch_ctx
 
@@ -193,9 +193,10 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
     acc_dt, dot_dt, prec = dtype_meta(x.dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     rates_t = _rates_tensor(rates, x.device)
-    # Pointers a constexpr leaves unread get x's (no per-call placeholder tensors).
+    # Pointers a constexpr leaves unread get x's (no per-call placeholder tensors); stats_ptr, which
+    # autotuning zeroes, a kept placeholder.
     affine = scale is not None
-    stats_planes = stats if stats is not None else x
+    stats_planes = stats if stats is not None else unread_stats(x.device, accumulator_dtype(x.dtype))
 
     def grid(meta):
         return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]),

@@ -54,7 +54,7 @@ from fastaspp._rules import accumulator_dtype, result_format
 from fastaspp.geometry import conv_out_size
 
 from .implicit_gemm import (accumulate_tap, epilogue, floor_div, live_out_range, nhwc_empty, program_patch,
-                            stats_buffer, tile_shape)
+                            stats_buffer, tile_shape, unread_stats)
 from .kept import KeptCopies
 from .launch import (CONV_CONFIGS, CONV_PRUNE, INTERPRET, SUPPORTED_DTYPES, WGRAD_CONFIGS, WGRAD_PRUNE, dtype_meta,
                      launch_ctx)
@@ -341,7 +341,8 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
         return
     x_nhwc = x.contiguous(memory_format=torch.channels_last)
     w_kkio = _tap_major(weight, (2, 3, 1, 0))  # [KH, KW, Cin, Cout]: B rows along Cin
-    # Pointers a constexpr leaves unread get x's (no per-call placeholder tensors).
+    # Pointers a constexpr leaves unread get x's (no per-call placeholder tensors); stats_ptr, which
+    # autotuning zeroes, a kept placeholder.
     scale_arg = scale.contiguous() if scale is not None else x_nhwc
     shift_arg = shift.contiguous() if shift is not None else x_nhwc
 
@@ -351,7 +352,7 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
 
     pro = [t.contiguous() for t in prologue] if prologue is not None else [x_nhwc] * 3
     bias = image_bias.contiguous() if image_bias is not None else x_nhwc
-    stats_planes = stats if stats is not None else x_nhwc
+    stats_planes = stats if stats is not None else unread_stats(x.device, accumulator_dtype(x.dtype))
     with launch_ctx(x):
         _atrous_fwd_kernel[grid](
             x_nhwc, w_kkio, scale_arg, shift_arg, out, *pro, bias, stats_planes,

@@ -171,6 +171,20 @@ def stats_buffer(out):
     return torch.zeros((3, max(rows, 1), ctot), device=out.device, dtype=accumulator_dtype(out.dtype))
 
 
+_UNREAD_STATS = {}
+
+
+def unread_stats(device, dtype):
+    """The stats_ptr argument of a launch without STATS: a kept one-element tensor per (device,
+    accumulator dtype, as a real one). Never an input: the kernels' autotuners zero stats_ptr after
+    tuning (reset_to_zero) wherever there is more than one config (a GPU), so the first call of each
+    shape would zero that input."""
+    placeholder = _UNREAD_STATS.get((device, dtype))
+    if placeholder is None:
+        placeholder = _UNREAD_STATS[(device, dtype)] = torch.zeros(1, device=device, dtype=dtype)
+    return placeholder
+
+
 def merge_stats(stats):
     """(mean, biased variance) per channel from stats_buffer planes: Chan et al.'s pairwise
     combination of per-patch (count, sum, M2 about the patch mean), in a fixed order."""
