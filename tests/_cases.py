@@ -183,6 +183,14 @@ def per_conversion(backend, dtype):
     return 2 if interpreted and dtype == torch.bfloat16 else 1
 
 
+def folded_shift_roundings(backend, dtype):
+    """Roundings of a bias folded into the shift, beta = bias * scale + shift: the cuda kernels read
+    beta in the activations' dtype (csrc/cuda/atrous_conv_cuda.cpp folds it in fp32, then rounds it
+    to a 16-bit dtype once), the others in the accumulator's. |beta' - beta| <= u_h |beta| and
+    |beta| <= (|bias| |scale| + |shift|) <= magnitude: one rounding at the storage unit."""
+    return 1 if backend == "cuda" and dtype in (torch.float16, torch.bfloat16) else 0
+
+
 @contextlib.contextmanager
 def environ(**values):
     """Environment variables set for a block (the cpu backend reads its switches on every call)."""

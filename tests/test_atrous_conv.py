@@ -25,7 +25,7 @@ from fastaspp import reference
 from fastaspp.ops.atrous_conv import _triton_kernels
 
 from _cases import CASES, CONV_EPILOGUE, GRADCHECK_CASES, OPCHECK_CASES, ConvCase, absolute, assert_within, \
-    conv_magnitude, per_conversion
+    conv_magnitude, folded_shift_roundings, per_conversion
 from conftest import ON_GPU, device_for
 
 
@@ -56,9 +56,11 @@ def run_both(case, x, w, b, s, t, relu):
 
 
 def assert_forward_close(out, ref, magnitude, case, dtype, backend, what=""):
-    """Rule 2: Cin*KH*KW roundings in the dot product plus the epilogue's, one to a half storage type."""
+    """Rule 2: Cin*KH*KW roundings in the dot product plus the epilogue's, one to a half storage type,
+    and the folded shift's (make_inputs gives a bias)."""
     depth = case.c_in * case.k * case.k + CONV_EPILOGUE
-    assert_within(out, ref, magnitude, depth, dtype, what, storage_roundings=per_conversion(backend, dtype))
+    assert_within(out, ref, magnitude, depth, dtype, what,
+                  storage_roundings=per_conversion(backend, dtype) + folded_shift_roundings(backend, dtype))
 
 
 def assert_layout_follows(out, x):
