@@ -8,11 +8,17 @@ torch already installed (an isolated build would fetch another torch).
 The CUDA kernels include CUTLASS/CuTe headers: from FASTASPP_CUTLASS_INCLUDE, else from the
 installed nvidia-cutlass package (CUTLASS_REQUIREMENT; its headers are all the build needs, so
 `pip install --no-deps` is enough). .ci/run imports cutlass_include() from here for its nvcc check.
+
+On Linux the C++ compiler must link libstdc++ as a shared library, as torch does (check_shared_libstdcxx).
 """
 import glob
 import importlib.util
 import os
+import shlex
 import shutil
+import subprocess
+import sys
+import sysconfig
 
 import torch
 from setuptools import setup
@@ -64,10 +70,31 @@ def cutlass_include() -> str:
                      f"directory (FASTASPP_WITH_CUDA=0 builds without CUDA)")
 
 
+def check_shared_libstdcxx(cxx=None) -> None:
+    """Stops the build where the C++ compiler would link libstdc++ statically into _C (it finds no
+    libstdc++.so, only libstdc++.a). _C would then carry its own copy beside the shared one torch
+    loads, the two would share the locale's data but not its code, and formatting a number into an
+    error message crashed (a segfault in std::ostream::_M_insert<long>: seen with a CUDA image's
+    /opt/gcc/bin/g++, whose search path holds only the static library)."""
+    if not sys.platform.startswith("linux"):
+        return
+    cxx = cxx or os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    try:
+        found = subprocess.run([*shlex.split(cxx), "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return  # no such compiler: the build itself reports that
+    if not os.path.isabs(found):
+        raise SystemExit(f"fastaspp: the C++ compiler {cxx!r} finds no libstdc++.so, so it would link libstdc++ "
+                         f"statically into fastaspp._C beside torch's shared one, which crashes; set CXX and CC to "
+                         f"a compiler that links it shared (say CXX=/usr/bin/g++ CC=/usr/bin/gcc)")
+
+
 def extension():
     def rel(pattern):
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
+    check_shared_libstdcxx()
     sources = rel("csrc/*.cpp") + rel("csrc/common/*.cpp") + rel("csrc/cpu/*.cpp")
     # at::parallel_for is an OpenMP pragma in torch's headers: without -fopenmp it runs serially.
     cxx = ["-O3", "-std=c++17", "-fopenmp"]

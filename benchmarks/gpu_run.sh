@@ -40,6 +40,12 @@ stage_build() {
         $PY -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/fastaspp-cutlass
         export FASTASPP_CUTLASS_INCLUDE=/tmp/fastaspp-cutlass/cutlass_library/source/include
     fi
+    # setup.py stops where the C++ compiler would link libstdc++ statically (the H200 image's
+    # CXX=/opt/gcc/bin/g++ finds only libstdc++.a); take the system compiler there.
+    if [[ "$(${CXX:-c++} -print-file-name=libstdc++.so 2>/dev/null)" != /* ]] && [ -x /usr/bin/g++ ]; then
+        export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+        echo "build: CXX=$CXX (the default compiler finds no libstdc++.so)"
+    fi
     if ! timeout 300 $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
         echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
     fi

@@ -33,3 +33,20 @@ def test_cutlass_include_names_the_package_when_none_is_found(monkeypatch):
     monkeypatch.setattr(setup.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=f"pip install --no-deps '{setup.CUTLASS_REQUIREMENT}'"):
         setup.cutlass_include()
+
+
+def _compiler(tmp_path, prints):
+    """A stand-in C++ compiler that answers -print-file-name=libstdc++.so with `prints`."""
+    script = tmp_path / "fake-g++"
+    script.write_text(f"#!/bin/sh\necho '{prints}'\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="a Linux toolchain check")
+def test_a_compiler_without_a_shared_libstdcxx_stops_the_build(tmp_path):
+    setup = load_setup()
+    setup.check_shared_libstdcxx(_compiler(tmp_path, "/usr/lib/gcc/x86_64-linux-gnu/13/libstdc++.so"))
+    with pytest.raises(SystemExit, match="finds no libstdc\\+\\+.so.*CXX=/usr/bin/g\\+\\+"):
+        setup.check_shared_libstdcxx(_compiler(tmp_path, "libstdc++.so"))
+    setup.check_shared_libstdcxx()  # this machine's compiler, which built the installed extension
