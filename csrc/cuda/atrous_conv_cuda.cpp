@@ -52,9 +52,12 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
 
   const at::Tensor x_nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w_hwio = weight_hwio(weight);  // [KH,KW,Cin,Cout]
-  // The launcher reads (scale, shift) in x's dtype: the affine folded in fp32 (fp64), then rounded.
+  // The launcher reads (scale, shift) in x's dtype. A bias is folded into the shift in fp32 (fp64),
+  // then rounded once; without one, scale and shift go to x's dtype directly: the same values, and
+  // no round trip through the accumulator's dtype (up to four conversion kernels per call).
+  const bool folds_bias = bias.has_value() && bias->defined();
   const Affine affine = fold_affine(bias, scale, shift,
-                                    accumulator_dtype(x.scalar_type()));
+                                    folds_bias ? accumulator_dtype(x.scalar_type()) : x.scalar_type());
   const auto [scale_c, shift_c] = dense_affine(affine, c_out, x.options());
   const cudaStream_t stream = current_stream(x);
   check_launch(fastaspp_atrous_conv2d_forward_cuda(
