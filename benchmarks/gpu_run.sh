@@ -9,12 +9,12 @@
 #   BENCH_S    seconds for each benchmark (default 120); BENCH_OPS which (default "overhead aspp conv";
 #              "model" adds the whole models, eval rows with and without CUDA graphs); BENCH_TAG a suffix
 #              for the logs' names (bench-<op><tag>.log) when one run benches twice
-# Stage "tests" is "tests_first tests_rest"; naming those two apart lets benches run in between.
 #   PROFILE_S  seconds for benchmarks/gpu_profile.py (stage "profile", not in the default list); BENCH_ARGS extra `fastaspp bench` arguments
 #   SANITIZE_S seconds for each compute-sanitizer tool (stage "sanitize", not in the default list:
 #              memcheck, racecheck and synccheck over SANITIZE_TESTS, default the cuda kernels' test
 #              file; SANITIZE_ARGS extra pytest arguments); logs sanitize-<tool>.log
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
+# Stage "tests" is "tests_first tests_rest"; naming those two apart lets benches run in between.
 # The CUDA build is for sm_90a (TORCH_CUDA_ARCH_LIST "9.0a"): the CuTe kernels' wgmma path exists only
 # in an arch-specific image; FASTASPP_CUDA_CONV=sm80 runs their mma.sync path in the same build.
 # The CUDA build needs CUTLASS's headers (setup.py). The device has no package index: where its

@@ -118,8 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"fused conv+BN+ReLU vs eager ({device}, {args.dtype}, channels_last, eval, backend {backend})")
                 shapes = only(bench_conv.SHAPES, bench_conv.QUICK_SHAPES if args.quick else bench_conv.SHAPES)
                 rows += bench_conv.run(shapes, batches or ([1, 8] if gpu_full else [1]), dtype, device, backend,
-                                       args.compile,
-                                       reps=5 if args.quick else 10, progress=progress)
+                                       args.compile, reps=5 if args.quick else 10, progress=progress)
             if args.op in ("aspp", "all"):
                 print(f"fastaspp.nn.ASPP vs the eager reference ASPP ({device}, {args.dtype}, channels_last, "
                       f"backend {backend})")
