@@ -57,6 +57,18 @@ def _row(**kw):
     return Row(**base)
 
 
+def test_environment_records_the_switches_that_pick_kernels(monkeypatch):
+    """A row's backend name alone does not say which kernel ran (FASTASPP_CUDA_CONV=sm80 keeps the
+    cuda backend off wgmma): the result files carry every FASTASPP_ variable but the commit's."""
+    from fastaspp.bench.report import environment
+
+    monkeypatch.setenv("FASTASPP_CUDA_CONV", "sm80")
+    monkeypatch.setenv("FASTASPP_COMMIT", "abc123")
+    env = environment()
+    assert env["switches"]["FASTASPP_CUDA_CONV"] == "sm80" and "FASTASPP_COMMIT" not in env["switches"]
+    assert env["commit"] == "abc123"
+
+
 def test_markdown_and_json_carry_ratios_rates_and_peak_share(tmp_path):
     rows = [_row(), _row(kind="aspp eval", compiled_ms=1.5, backend="triton")]
     table = markdown(rows, peak_tflops=4.0)
