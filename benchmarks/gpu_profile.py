@@ -3,10 +3,13 @@
 For a few ASPP-sized convs (bf16, channels_last) and each GPU backend it prints the median
 per-call time (CUDA events around one call), the host time per call (many calls, one sync), and
 the device time of each kernel the call launches (torch.profiler). If the per-call time is far
-above the kernels' sum, the cost is on the host; otherwise it is in the kernels.
+above the kernels' sum, the cost is on the host; otherwise it is in the kernels. Last, where the
+host time of a batch-1 call goes: the Python functions that take the most of it (cProfile).
 Run on a GPU machine: python benchmarks/gpu_profile.py
 """
+import cProfile
 import json
+import pstats
 import time
 
 import torch
@@ -60,6 +63,33 @@ def main():
                 print(f"{name} b{batch} {label:7s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
 
 
+def host_profile(fn, reps=300, top=12):
+    """Lines naming the `top` functions by their own host time per call of fn (cProfile; its own
+    overhead inflates every entry, so compare entries, not totals with host_ms)."""
+    fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(reps):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [f"  {tottime / reps * 1e6:7.1f} us own, {cumtime / reps * 1e6:7.1f} us with callees: "
+            f"{name} ({'/'.join(file.split('/')[-2:])}:{line})"
+            for (file, line, name), (_, _, tottime, cumtime, _) in rows]
+
+
+def main_host():
+    """Where a batch-1 call's host time goes, per backend (aspp-33 r6, the smallest case)."""
+    shape = {s.name: s for s in benchmark.SHAPES}["aspp-33-r6"]
+    pair = benchmark.ConvPair(shape, 1, torch.bfloat16, torch.device("cuda"))
+    with torch.no_grad():
+        for b in ("triton", "cuda"):
+            print(f"host time of aspp-33-r6 b1 {b}, by function:", flush=True)
+            print("\n".join(host_profile(lambda b=b: _with_backend(b, pair.fused, pair.next_x()))), flush=True)
+
+
 def _with_backend(name, module, x):
     with fastaspp.backend(name):
         return module(x)
@@ -67,3 +97,4 @@ def _with_backend(name, module, x):
 
 if __name__ == "__main__":
     main()
+    main_host()
