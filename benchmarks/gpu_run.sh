@@ -14,6 +14,7 @@
 #              memcheck, racecheck and synccheck over SANITIZE_TESTS, default the cuda kernels' test
 #              file; SANITIZE_ARGS extra pytest arguments); logs sanitize-<tool>.log
 #   FASTASPP_COMMIT  the commit the tree was copied from (the copy has no .git)
+#   PACK_TO    a directory that receives OUT as one archive, results.tgz, after each stage
 # Stage "tests" is "tests_first tests_rest"; naming those two apart lets benches run in between.
 # The CUDA build is for sm_90a (TORCH_CUDA_ARCH_LIST "9.0a"): the CuTe kernels' wgmma path exists only
 # in an arch-specific image; FASTASPP_CUDA_CONV=sm80 runs their mma.sync path in the same build.
@@ -127,4 +128,7 @@ stage_profile() {
 
 for stage in ${STAGES:-build tests bench profile}; do
     "stage_$stage"
+    # The device tool returns at most 8 files: with PACK_TO (its $OUT, while OUT is elsewhere), all of
+    # OUT as one archive, rewritten after each stage so that a time limit still leaves the earlier ones.
+    if [ -n "${PACK_TO:-}" ]; then tar czf "$PACK_TO/results.tgz" -C "$OUT" .; fi
 done
