@@ -43,6 +43,24 @@ def zeroing_tuners(monkeypatch):
         monkeypatch.setattr(module, name, ZeroingTuner(tuner))
 
 
+def test_every_kernel_the_tuner_resets_is_covered_here():
+    """A new kernel with reset_to_zero (or restore_value) needs its wrappers checked as these are."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import fastaspp.kernels as package
+
+    resetting = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, triton.runtime.Autotuner) and (obj.reset_to_zero or obj.restore_value):
+                resetting.add(f"{info.name}.{name}")
+    assert resetting == {"atrous_conv._atrous_fwd_kernel", "aspp._aspp_branches_kernel"}
+
+
 def _randn(*shape, gen, device, channels_last=False):
     t = torch.randn(*shape, generator=gen).to(device)
     return t.contiguous(memory_format=torch.channels_last) if channels_last else t
