@@ -231,14 +231,22 @@ __device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, boo
                : "memory");
 }
 
+// Where dst pixel m of the patch keeps its channel 0 (of the slice: dst_channel_offset included),
+// or -1 where the patch overhangs the map. Both stores below address dst through it.
+__host__ __device__ __forceinline__ int64_t dst_pixel_start(const ConvArgs& a, const Patch& t, int m) {
+  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
+  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
+  if (r >= t.r1 || c >= t.c1) return -1;
+  return ((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset;
+}
+
 // One output element: the forward epilogue (scale, shift, image bias, ReLU) or a plain store for
 // grad_input. Returns the value before it is rounded to T (what the BN statistics see).
 template <typename T, bool kDgrad, typename Acc>
 __host__ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Patch& t, int m, int64_t co,
                                                      Acc v) {
-  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
-  if (r >= t.r1 || c >= t.c1 || co >= a.nc) return v;
+  const int64_t at = dst_pixel_start(a, t, m);
+  if (at < 0 || co >= a.nc) return v;
   if (!kDgrad) {
     if (a.scale != nullptr) v = v * Elem<T>::to_acc(static_cast<const T*>(a.scale)[co]);
     if (a.shift != nullptr) v = v + Elem<T>::to_acc(static_cast<const T*>(a.shift)[co]);
@@ -247,9 +255,7 @@ __host__ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Pa
     }
     if (a.relu && v < Acc(0)) v = Acc(0);  // comparison, not fmax: NaN propagates like torch
   }
-  T* dst = static_cast<T*>(a.dst);
-  dst[((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset + co] =
-      Elem<T>::from_acc(v);
+  static_cast<T*>(a.dst)[at + co] = Elem<T>::from_acc(v);
   return v;
 }
 
@@ -272,9 +278,8 @@ __host__ __device__ __forceinline__ bool epilogue_chunks_ok(const ConvArgs& a, i
 template <typename T, bool kDgrad>
 __host__ __device__ __forceinline__ void store_output_chunk(const ConvArgs& a, const Patch& t, int m, int64_t co,
                                                             float* v, bool keep) {
-  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
-  if (r >= t.r1 || c >= t.c1 || co >= a.nc) return;
+  const int64_t at = dst_pixel_start(a, t, m);
+  if (at < 0 || co >= a.nc) return;
   float x[8];
   const float4 lo = reinterpret_cast<const float4*>(v)[0], hi = reinterpret_cast<const float4*>(v)[1];
   x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w, x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
@@ -305,8 +310,7 @@ __host__ __device__ __forceinline__ void store_output_chunk(const ConvArgs& a, c
   T out[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) out[e] = Elem<T>::from_acc(x[e]);
-  store8(static_cast<T*>(a.dst) + ((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset + co,
-         out);
+  store8(static_cast<T*>(a.dst) + at + co, out);
   if (keep) {
     reinterpret_cast<float4*>(v)[0] = make_float4(x[0], x[1], x[2], x[3]);
     reinterpret_cast<float4*>(v)[1] = make_float4(x[4], x[5], x[6], x[7]);
