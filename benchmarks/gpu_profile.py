@@ -1,14 +1,17 @@
 """Where a fused conv's time goes on the GPU: kernel time (profiler) against per-call time.
 
-For a few ASPP-sized convs (bf16, channels_last) and each GPU backend it prints the median
+For a few ASPP-sized convs (bf16, channels_last) and each GPU backend (and the cuda backend's
+128 x 256 wgmma tile, FASTASPP_CUDA_CONV=wgmma_wide) it prints the median
 per-call time (CUDA events around one call), the host time per call (many calls, one sync), and
 the device time of each kernel the call launches (torch.profiler). If the per-call time is far
 above the kernels' sum, the cost is on the host; otherwise it is in the kernels. Last, where the
 host time of a batch-1 call goes: the Python functions that take the most of it (cProfile).
 Run on a GPU machine: python benchmarks/gpu_profile.py
 """
+import contextlib
 import cProfile
 import json
+import os
 import pstats
 import time
 
@@ -21,6 +24,8 @@ from fastaspp.bench.report import environment
 from fastaspp.bench.timing import summarize, time_ms
 
 CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
+# Row label: (backend, FASTASPP_CUDA_CONV while it runs); cuda-wide is the 128 x 256 wgmma tile.
+BACKENDS = {"triton": ("triton", None), "cuda": ("cuda", None), "cuda-wide": ("cuda", "wgmma_wide")}
 
 
 def per_call_ms(fn, reps=50):
@@ -55,12 +60,13 @@ def main():
             # Each call takes the pair's next input: one input of aspp-33 at batch 8 (36 MB) would
             # stay in the H200's 60 MB L2 from call to call.
             fns = {"eager": lambda pair=pair: pair.eager(pair.next_x())}
-            for b in ("triton", "cuda"):
-                fns[b] = (lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()))
+            for label, (b, _) in BACKENDS.items():
+                fns[label] = (lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()))
             for label, fn in fns.items():
-                call, host = per_call_ms(fn), host_ms(fn)
-                kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in kernel_table(fn))
-                print(f"{name} b{batch} {label:7s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
+                with _cuda_conv(BACKENDS.get(label, (None, None))[1]):
+                    call, host = per_call_ms(fn), host_ms(fn)
+                    kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in kernel_table(fn))
+                print(f"{name} b{batch} {label:10s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
 
 
 def host_profile(fn, reps=300, top=12):
@@ -88,6 +94,20 @@ def main_host():
         for b in ("triton", "cuda"):
             print(f"host time of aspp-33-r6 b1 {b}, by function:", flush=True)
             print("\n".join(host_profile(lambda b=b: _with_backend(b, pair.fused, pair.next_x()))), flush=True)
+
+
+@contextlib.contextmanager
+def _cuda_conv(value):
+    """FASTASPP_CUDA_CONV set to value (unset for None) inside, restored after."""
+    before = os.environ.pop("FASTASPP_CUDA_CONV", None)
+    if value is not None:
+        os.environ["FASTASPP_CUDA_CONV"] = value
+    try:
+        yield
+    finally:
+        os.environ.pop("FASTASPP_CUDA_CONV", None)
+        if before is not None:
+            os.environ["FASTASPP_CUDA_CONV"] = before
 
 
 def _with_backend(name, module, x):

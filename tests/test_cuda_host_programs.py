@@ -6,9 +6,14 @@ passes, else one line per failure.
     layouts (csrc/cuda/conv_cute.cuh and grad_weight_cute.cuh, for mma.sync and for wgmma) are
     bijective with every 16-byte cp.async chunk contiguous and aligned; each (pixel, chunk) of a
     stage is copied (and, for the projection's prologue, rewritten) by exactly one thread; each of
-    the 64 x 128 accumulators of a CTA belongs to exactly one of its 128 threads; the main loops'
+    the 64 x 128 accumulators of a CTA belongs to exactly one of its 128 threads, and each of the
+    128 x 256 tile's (Sm90WideConfig) to one of its 256, row m to warpgroup m / 64; the main loops'
     cp.async schedules (PipelineShape) give each step its own landed stage and refill no stage a
     running MMA reads.
+  * patch_groups.cu: a kernel owning two patches per CTA owns every patch once, two adjacent ones
+    that share their rows, each slot's statistics row is its patch's index, one patch per CTA is
+    the old grid, and a tap is live for the CTA's cover exactly when it is live for one of its
+    patches (csrc/common/conv_tiling.h, CtaPatches).
   * gw_pixel_walk.cu: the CuTe weight gradient's per-thread pixel walk (GwPixelWalk, which moves a
     pixel 32 on per step without dividing) reaches the grad and x rows that the direct decode gives,
     over random convs, taps, splits and lanes.
@@ -49,7 +54,7 @@ def cutlass_include():
 
 @pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False),
                                                     ("launcher_checks", True), ("gw_pixel_walk", False),
-                                                    ("epilogue_chunks", False)])
+                                                    ("epilogue_chunks", False), ("patch_groups", False)])
 def test_host_program(tmp_path, program, needs_cutlass):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -16,8 +16,8 @@ namespace fastaspp {
 constexpr int kTilePixels = 64;  // BM of the conv kernels: dst pixels per CTA
 
 // The patches of a dst map: (kTilePixels >> tile_w_log2) rows x (1 << tile_w_log2) columns each,
-// tiles_w across, tiles_per_img per image; CTA b owns patch b % tiles_per_img of image
-// b / tiles_per_img, row-major.
+// tiles_w across, tiles_per_img per image; patch b is patch b % tiles_per_img of image
+// b / tiles_per_img, row-major (a kernel with one patch per CTA runs patch b in CTA b).
 struct PatchTiling {
   int tile_w_log2;
   int64_t tiles_w, tiles_per_img;
@@ -64,6 +64,48 @@ FASTASPP_HOST_DEVICE Patch patch_of(const PatchTiling& t, int64_t block, int64_t
   p.r1 = p.r0 + t.rows() < dst_h ? p.r0 + t.rows() : dst_h;
   p.c1 = p.c0 + t.cols() < dst_w ? p.c0 + t.cols() : dst_w;
   return p;
+}
+
+// The patches of one CTA of a kernel that owns `per_cta` (1 or 2) of them: horizontally adjacent
+// patches of one patch row (the last CTA of a row owns fewer when tiles_w is not a multiple), so
+// slot j holds patch first + j, `cover` spans them all, and slot j is cover's columns from
+// c0 + j * cols on. The taps live for any of the patches are exactly the taps live for the cover
+// (liveness is separable, and the patches share their rows), so the CTA walks the cover's live
+// taps. A slot's statistics row is its patch index, whichever kernel ran it
+// (tests/cuda_host/patch_groups.cu checks these claims).
+constexpr int kMaxPatchesPerCta = 2;
+struct CtaPatches {
+  Patch cover;
+  int64_t first;  // the patch index of slot 0
+  int64_t cols;   // the tiling's patch width
+  int count;      // slots [0, count) hold patches
+  FASTASPP_HOST_DEVICE Patch slot(int j) const {
+    Patch p = cover;
+    p.c0 = cover.c0 + j * cols;
+    p.c1 = p.c0 + cols < cover.c1 ? p.c0 + cols : cover.c1;
+    return p;
+  }
+  FASTASPP_HOST_DEVICE int64_t index(int j) const { return first + j; }
+};
+
+// CTAs per image of a kernel owning per_cta patches each: the grid's x extent is n times this.
+FASTASPP_HOST_DEVICE int64_t ctas_per_img(const PatchTiling& t, int per_cta) {
+  return t.tiles_per_img / t.tiles_w * ceil_div(t.tiles_w, int64_t(per_cta));
+}
+
+FASTASPP_HOST_DEVICE CtaPatches cta_patches_of(const PatchTiling& t, int per_cta, int64_t cta, int64_t dst_h,
+                                               int64_t dst_w) {
+  const int64_t ctas_w = ceil_div(t.tiles_w, int64_t(per_cta));
+  const int64_t per_img = t.tiles_per_img / t.tiles_w * ctas_w;
+  const int64_t img = cta / per_img, i = cta % per_img, col0 = (i % ctas_w) * per_cta;
+  CtaPatches g;
+  g.first = img * t.tiles_per_img + (i / ctas_w) * t.tiles_w + col0;
+  g.cols = t.cols();
+  g.count = t.tiles_w - col0 < per_cta ? static_cast<int>(t.tiles_w - col0) : per_cta;
+  g.cover = patch_of(t, g.first, dst_h, dst_w);
+  const int64_t end = g.cover.c0 + g.count * g.cols;
+  g.cover.c1 = end < dst_w ? end : dst_w;
+  return g;
 }
 
 // Bit m set when dst pixel m of patch p (row m >> tile_w_log2, column m & (cols - 1)) lies in

@@ -16,7 +16,8 @@
 //   two chosen per launch to waste the least area: common/conv_tiling.h) and BN = 64 dst
 //   channels. A launch runs a batch of convs over the same dst map (ConvBatch, conv_common.cuh:
 //   the ASPP's branches, each into its channel slice; a single conv is a batch of one): grid.x
-//   is the patch, grid.y the (conv, channel block).
+//   is the patch, grid.y the (conv, channel block). (The 128 x 256 CuTe tile owns two adjacent
+//   patches per CTA: conv_tiling.h's CtaPatches.)
 // * Taps are visited in order; a tap is skipped outright (no loads, no MMAs) unless it is
 //   live along BOTH axes for the patch (patch_tap_live, common/conv_tiling.h). Live taps
 //   loop over src channels in chunks of BK; the A tile (gathered pixels, zero where a pixel
@@ -30,7 +31,7 @@
 //   Buffer i&1 is rewritten only at iteration i+2, after the sync of iteration i+1, which no
 //   thread passes before finishing its multiply of iteration i: one barrier per step is enough.
 // * fp16 / bf16: the CuTe kernel of conv_cute.cuh (cp.async pipeline; wgmma in an sm_90a image,
-//   else mma.sync; BN = 128) when
+//   else mma.sync; BN = 128, or 256 on the wide wgmma tile) when
 //   the channel counts are multiples of 8 and the operands 16-byte aligned; otherwise WMMA
 //   16x16x16 with fp32 accumulators, 4 warps as 2x2, 32x32 per warp, BK=32.
 //   fp32 / fp64 (and fp16 / bf16 on GPUs without the needed tensor cores): SIMT, 256
@@ -127,7 +128,8 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(const __grid_constant__ 
 
     const ConvRange r = cta_convs(batch);
     const ConvArgs& a = batch.conv[r.first];  // its epilogue
-    const Patch t = cta_patch(a);
+    const CtaPatches cp = cta_patches<1>(a);
+    const Patch& t = cp.cover;  // the CTA's one patch
     const int64_t n0 = cta_n0<BN>(batch);
     const int warp = static_cast<int>(threadIdx.x) >> 5;
     const int wm = warp >> 1, wn = warp & 1;
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(128) conv_wmma_kernel(const __grid_constant__ 
         wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j], LDC,
                                 wmma::mem_row_major);
     __syncthreads();
-    staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, Cs, LDC);
+    staged_epilogue<T, kDgrad, BN, NT, 1>(a, cp, n0, Cs, LDC);
   } else {
     __trap();  // launcher never selects this kernel on such a GPU
   }
@@ -191,7 +193,8 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(const __grid_constant__ 
 
   const ConvRange r = cta_convs(batch);
   const ConvArgs& a = batch.conv[r.first];  // its epilogue
-  const Patch t = cta_patch(a);
+  const CtaPatches cp = cta_patches<1>(a);
+  const Patch& t = cp.cover;  // the CTA's one patch
   const int64_t n0 = cta_n0<BN>(batch);
   const int tx = static_cast<int>(threadIdx.x) & 15, ty = static_cast<int>(threadIdx.x) >> 4;
 
@@ -228,7 +231,7 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(const __grid_constant__ 
 #pragma unroll
         for (int j = 0; j < 4; ++j) cs[(ty + 16 * i) * LDC + tx + 16 * j] = acc[i][j];
       __syncthreads();
-      staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, cs, LDC);
+      staged_epilogue<T, kDgrad, BN, NT, 1>(a, cp, n0, cs, LDC);
       return;
     }
   }
@@ -240,20 +243,43 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(const __grid_constant__ 
     }
 }
 
-// Launches `kernel` over the batch with BN dst channels per CTA.
+// Launches `kernel` over the batch with BN dst channels and patches_per_cta patches per CTA,
+// smem_bytes of dynamic shared memory.
 template <int BN>
-cudaError_t launch_batch(void (*kernel)(ConvBatch), ConvBatch& b, int threads, cudaStream_t stream) {
+cudaError_t launch_batch(void (*kernel)(ConvBatch), ConvBatch& b, int threads, cudaStream_t stream,
+                         int patches_per_cta = 1, int smem_bytes = 0) {
   int64_t blocks = 1;
   for (int i = 0; i < b.count; ++i) blocks = std::max(blocks, div_up(b.conv[i].nc, BN));
   const ConvArgs& a = b.conv[0];  // every conv has the same dst map, so the same patches
-  const int64_t grid_x = a.n * a.tiling.tiles_per_img, grid_y = b.sum_convs ? blocks : blocks * b.count;
+  const int64_t grid_x = a.n * ctas_per_img(a.tiling, patches_per_cta);
+  const int64_t grid_y = b.sum_convs ? blocks : blocks * b.count;
   if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
   b.blocks_per_conv = static_cast<int>(blocks);
-  kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), threads, 0, stream>>>(b);
+  if (smem_bytes > 0) {
+    const cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), threads, smem_bytes, stream>>>(b);
   return cudaGetLastError();
 }
 
-// 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch, on wgmma
+// Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory).
+template <typename T, bool kDgrad, typename Config>
+cudaError_t launch_cute(ConvBatch& b, cudaStream_t stream) {
+  return launch_batch<Config::BN>(conv_cute_kernel<T, kDgrad, Config>, b, Config::kThreads, stream, Config::kPatches,
+                                  Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0);
+}
+
+// Whether conv_cute_kernel with Config can run every conv of the batch.
+template <typename T, bool kDgrad, typename Config>
+bool cute_usable_for(const ConvBatch& b) {
+  for (int i = 0; i < b.count; ++i)
+    if (!conv_cute_usable<T, kDgrad, Config>(b.conv[i])) return false;
+  return true;
+}
+
+// 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
+// 128 x 256 wgmma tile where FASTASPP_CUDA_CONV=wgmma_wide asks for it, else on the 64 x 128 one,
 // in an sm_90a image, else on mma.sync; else WMMA tensor cores when the kernel image has them, else
 // SIMT; 16-byte vector loads when every conv's channel counts and pointers allow.
 template <typename T, bool kDgrad>
@@ -266,19 +292,9 @@ cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
           aligned16(a.src) && aligned16(a.wt);
   }
   if constexpr (is_16bit<T>()) {
-    bool sm90 = true, sm80 = true;
-    for (int i = 0; i < b.count; ++i) {
-      sm90 = sm90 && conv_cute_usable<T, kDgrad, Sm90Config<T>>(b.conv[i]);
-      sm80 = sm80 && conv_cute_usable<T, kDgrad, Sm80Config<T>>(b.conv[i]);
-    }
-    if (sm90) {
-      return launch_batch<Sm90Config<T>::BN>(conv_cute_kernel<T, kDgrad, Sm90Config<T>>, b, Sm80Tile::kThreads,
-                                             stream);
-    }
-    if (sm80) {
-      return launch_batch<Sm80Config<T>::BN>(conv_cute_kernel<T, kDgrad, Sm80Config<T>>, b, Sm80Tile::kThreads,
-                                             stream);
-    }
+    if (cute_usable_for<T, kDgrad, Sm90WideConfig<T>>(b)) return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, stream);
+    if (cute_usable_for<T, kDgrad, Sm90Config<T>>(b)) return launch_cute<T, kDgrad, Sm90Config<T>>(b, stream);
+    if (cute_usable_for<T, kDgrad, Sm80Config<T>>(b)) return launch_cute<T, kDgrad, Sm80Config<T>>(b, stream);
     void (*k)(ConvBatch) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
     if (tc_usable<T>(reinterpret_cast<const void*>(k))) return launch_batch<64>(k, b, 128, stream);
   }

@@ -73,8 +73,24 @@ __device__ __forceinline__ int64_t cta_n0(const ConvBatch& b) {
   return static_cast<int64_t>(blockIdx.y % b.blocks_per_conv) * BN;
 }
 
-__device__ __forceinline__ Patch cta_patch(const ConvArgs& a) {
-  return patch_of(a.tiling, blockIdx.x, a.dst_h, a.dst_w);
+// The patches this CTA owns, kPatches per CTA (conv_tiling.h's grouping; 1: CTA b owns patch b).
+template <int kPatches>
+__device__ __forceinline__ CtaPatches cta_patches(const ConvArgs& a) {
+  if constexpr (kPatches == 1) {  // what cta_patches_of returns for one, without its divisions
+    CtaPatches g;
+    g.first = blockIdx.x;
+    g.cols = a.tiling.cols();
+    g.count = 1;
+    g.cover = patch_of(a.tiling, blockIdx.x, a.dst_h, a.dst_w);
+    return g;
+  }
+  return cta_patches_of(a.tiling, kPatches, blockIdx.x, a.dst_h, a.dst_w);
+}
+
+// Slot `slot`'s patch: the cover itself when a CTA owns one patch (the same box, known here).
+template <int kPatches>
+__device__ __forceinline__ Patch cta_slot(const CtaPatches& cp, int slot) {
+  return kPatches == 1 ? cp.cover : cp.slot(slot);
 }
 
 // First tap >= tap that is live for the whole patch (or kh*kw when none is).
@@ -317,13 +333,16 @@ __host__ __device__ __forceinline__ void store_output_chunk(const ConvArgs& a, c
   }
 }
 
-// The epilogue of a CTA tile staged in shared memory, cs[m * ldc + j] holding dst pixel m and
-// channel n0 + j (BM = kTilePixels rows, BN columns): every element is stored as store_output
-// does and its value written back in place; with a.stats (forward only), each channel's patch
-// statistics then go to row blockIdx.x of the planes, at column dst_channel_offset + channel.
-// Starts after a barrier that made the tile visible; all NT threads must call it.
-template <typename T, bool kDgrad, int BN, int NT, typename Acc>
-__device__ void staged_epilogue(const ConvArgs& a, const Patch& t, int64_t n0, Acc* cs, int ldc) {
+// The epilogue of a CTA tile staged in shared memory, cs[m * ldc + j] holding row m of the tile
+// and channel n0 + j (kTilePixels rows per patch slot of cp: row m is pixel m % kTilePixels of
+// slot m / kTilePixels; BN columns): every element of the slots that hold patches is stored as
+// store_output does and its value written back in place; with a.stats (forward only), each
+// channel's statistics over each patch then go to the patch's row (its index) of the planes, at
+// column dst_channel_offset + channel. Starts after a barrier that made the tile visible; all NT
+// threads must call it.
+template <typename T, bool kDgrad, int BN, int NT, int kPatches, typename Acc>
+__device__ void staged_epilogue(const ConvArgs& a, const CtaPatches& cp, int64_t n0, Acc* cs, int ldc) {
+  const int rows = kPatches == 1 ? kTilePixels : cp.count * kTilePixels;
   bool chunked = false;
   if constexpr (sizeof(T) == 2 && std::is_same<Acc, float>::value && BN % 8 == 0) {
     if (epilogue_chunks_ok<T>(a, ldc)) {  // uniform
@@ -331,30 +350,32 @@ __device__ void staged_epilogue(const ConvArgs& a, const Patch& t, int64_t n0, A
       // coalesced NHWC stores and loads of the per-channel vectors.
       constexpr int kChunks = BN / 8;
       const bool keep = !kDgrad && a.stats != nullptr;
-      for (int e = static_cast<int>(threadIdx.x); e < kTilePixels * kChunks; e += NT) {
+      for (int e = static_cast<int>(threadIdx.x); e < rows * kChunks; e += NT) {
         const int m = e / kChunks, j = (e % kChunks) * 8;
-        store_output_chunk<T, kDgrad>(a, t, m, n0 + j, cs + m * ldc + j, keep);
+        store_output_chunk<T, kDgrad>(a, cta_slot<kPatches>(cp, m / kTilePixels), m % kTilePixels, n0 + j,
+                                      cs + m * ldc + j, keep);
       }
       chunked = true;
     }
   }
   if (!chunked) {
     // Consecutive threads take consecutive channels: coalesced NHWC stores.
-    for (int e = static_cast<int>(threadIdx.x); e < kTilePixels * BN; e += NT) {
+    for (int e = static_cast<int>(threadIdx.x); e < rows * BN; e += NT) {
       const int m = e / BN, j = e % BN;
-      cs[m * ldc + j] = store_output<T, kDgrad, Acc>(a, t, m, n0 + j, cs[m * ldc + j]);
+      cs[m * ldc + j] = store_output<T, kDgrad, Acc>(a, cta_slot<kPatches>(cp, m / kTilePixels), m % kTilePixels,
+                                                     n0 + j, cs[m * ldc + j]);
     }
   }
   if constexpr (!kDgrad) {
     if (a.stats == nullptr) return;  // uniform across the CTA
     __syncthreads();
-    const uint64_t pixels = patch_pixel_mask(a.tiling, t);
-    for (int j = static_cast<int>(threadIdx.x); j < BN; j += NT) {
+    for (int e = static_cast<int>(threadIdx.x); e < rows / kTilePixels * BN; e += NT) {
+      const int slot = e / BN, j = e % BN;
       const int64_t co = n0 + j;
       if (co >= a.nc) continue;
-      const PatchStats<Acc> s = column_stats(cs + j, ldc, pixels);
-      Acc* out = static_cast<Acc*>(a.stats) + static_cast<int64_t>(blockIdx.x) * a.dst_pixel_stride +
-                 a.dst_channel_offset + co;
+      const uint64_t pixels = patch_pixel_mask(a.tiling, cta_slot<kPatches>(cp, slot));
+      const PatchStats<Acc> s = column_stats(cs + slot * kTilePixels * ldc + j, ldc, pixels);
+      Acc* out = static_cast<Acc*>(a.stats) + cp.index(slot) * a.dst_pixel_stride + a.dst_channel_offset + co;
       out[0] = s.count;
       out[a.stats_plane] = s.sum;
       out[2 * a.stats_plane] = s.m2;

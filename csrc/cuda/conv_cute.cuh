@@ -1,21 +1,29 @@
 // The cuda backend's fp16 / bf16 conv kernel on CUTLASS's CuTe, for the forward and grad_input of
 // atrous_conv.cu (same ConvBatch, patch tiling, dead-tap walk and epilogue: conv_common.cuh), in
 // two instruction sets that share everything but the MMA and the shared-memory layouts:
-// Sm90Config (sm90_common.cuh: wgmma, for sm_90a images) and Sm80Config (sm80_common.cuh:
-// ldmatrix + mma.sync, which Hopper also runs).
+// Sm90Config and Sm90WideConfig (sm90_common.cuh: wgmma, for sm_90a images) and Sm80Config
+// (sm80_common.cuh: ldmatrix + mma.sync, which Hopper also runs).
 //
-// * CTA tile: BM = 64 dst pixels (one conv_tiling.h patch) x BN = 128 dst channels, BK = 32 src
-//   channels per step; 128 threads (sm80: 4 warps as 2 x 2, each 32 x 64 of the tile; sm90: one
-//   warpgroup and one 64 x 128 x 16 wgmma atom).
-// * The K loop walks the live (conv, tap, chunk) steps of the patch, as the other kernels do.
-//   Each step's A tile (the gathered src pixels) and B tile (the tap's weight rows) travel
+// * CTA tile: BM = 64 dst pixels per patch the CTA owns (conv_tiling.h's CtaPatches) x BN dst
+//   channels, BK = 32 src channels per step:
+//   - Sm80Config, Sm90Config: one patch x 128 channels, 128 threads (sm80: 4 warps as 2 x 2, each
+//     32 x 64 of the tile; sm90: one warpgroup and one 64 x 128 x 16 wgmma atom);
+//   - Sm90WideConfig (FASTASPP_CUDA_CONV=wgmma_wide): two horizontally adjacent patches x 256
+//     channels, 256 threads as two warpgroups, one per patch, each on a 64 x 256 x 16 atom. Each
+//     step moves 24 KB for 2 MFLOP where the 64 x 128 tile moves 12 KB for 0.5 MFLOP: half the
+//     shared-memory and L2 traffic per FLOP, which bounds the 64 x 128 kernel on an H200
+//     (benchmarks/results/GPU-NOTES.md).
+// * The K loop walks the live (conv, tap, chunk) steps of the CTA's cover (the box its patches
+//   span; a tap live for one patch only reads zeros for the other's rows), as the other kernels
+//   do. Each step's A tile (the gathered src pixels) and B tile (the tap's weight rows) travel
 //   straight from global to shared memory by 16-byte cp.async, zero-filled where a pixel reads
 //   padding, lies past the map or a chunk past a channel count.
-// * Shared memory: A is (BM, BK) K-major, B is (BN, BK) N-major (the weight's [tap, k, n] rows).
-//   Stages x (64 x 32 + 128 x 32) x 2 bytes, static: 3 stages (36864 bytes) for mma.sync, 4 (49152,
-//   the static limit) for wgmma (its pipeline, sm90_common.cuh). The fp32 tile (64 x 132 floats,
-//   33792 bytes) is staged over them afterwards, for the epilogue's 16-byte stores and the BN
-//   statistics.
+// * Shared memory: A is (BM, BK) K-major, B is (BN, BK) N-major (the weight's [tap, k, n] rows),
+//   one buffer per stage, then the fp32 tile (BM x (BN + 4) floats) staged over them for the
+//   epilogue's 16-byte stores and the BN statistics:
+//   - mma.sync: 3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static;
+//   - wgmma 64 x 128: 4 stages = 49152 bytes, static (the static limit);
+//   - wgmma 128 x 256: 6 stages of 24 KB = 147456 bytes, dynamic (one CTA per SM).
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.
 // * Requires both channel counts (and the src pixel stride and channel offset) to be multiples
@@ -34,9 +42,13 @@ namespace {  // internal linkage, as kernel_common.cuh
 
 // The kernel's tile, shared-memory layouts and MMA per instruction set, at namespace scope so that
 // a host program checks them (tests/cuda_host/sm80_layouts.cu: bijective layouts, 16-byte chunks
-// contiguous, every accumulator of the tile owned by exactly one thread).
+// contiguous, every accumulator of the tile owned by exactly one thread). kPatches patches of
+// kTilePixels rows make BM; kCtasPerSm is the __launch_bounds__ occupancy; kDynamicSmem puts the
+// shared memory in the launch's dynamic allocation (past the 48 KB static limit).
 template <typename T>
 struct Sm80Config : Sm80Instructions<cute::SM75_U32x4_LDSM_N, cute::SM75_U16x8_LDSM_T> {
+  static constexpr int kPatches = 1, kThreads = Sm80Tile::kThreads, kCtasPerSm = Sm80Tile::kCtasPerSm;
+  static constexpr bool kDynamicSmem = false;
   static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK;
   static_assert(BM == 64 && BK == 32, "the swizzle atoms of sm80_common.cuh are sized for these");
   using LayoutA = Sm80KMajor<BM>;   // (pixel, k, stage)
@@ -45,37 +57,80 @@ struct Sm80Config : Sm80Instructions<cute::SM75_U32x4_LDSM_N, cute::SM75_U16x8_L
 };
 
 template <typename T>
-struct Sm90Config : Sm90Instructions {
+struct Sm90Config : Sm90Instructions<> {
+  static constexpr int kPatches = 1, kThreads = Sm80Tile::kThreads, kCtasPerSm = Sm80Tile::kCtasPerSm;
+  static constexpr bool kDynamicSmem = false;
   static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm90KMajor<T, BM>;   // (pixel, k, stage)
   using LayoutB = Sm90MnMajor<T, BN>;  // (n, k, stage)
   using TiledMma = Sm90TiledMma<T>;
 };
 
+// 6 stages: the copies run 4 steps ahead of the wgmma (the 64 x 128 kernel's 2 steps hid the
+// latency of its smaller steps; not yet tuned on a device).
+using Sm90WidePipeline = PipelineShape<6, 1>;
+
+template <typename T>
+struct Sm90WideConfig : Sm90Instructions<Sm90WidePipeline, true> {
+  static constexpr int kPatches = 2, kThreads = 2 * Sm80Tile::kThreads, kCtasPerSm = 1;
+  static constexpr bool kDynamicSmem = true;
+  static constexpr int BM = kPatches * kTilePixels, BN = 256, BK = Sm80Tile::kBK;
+  using LayoutA = Sm90KMajor<T, BM, Sm90WidePipeline::kStages>;   // (pixel, k, stage)
+  using LayoutB = Sm90MnMajor<T, BN, Sm90WidePipeline::kStages>;  // (n, k, stage)
+  using TiledMma = Sm90TiledMma<T, cute::GMMA::Major::K, BN, kPatches>;
+};
+
+// A config's shared memory: A's stages, then B's (1024-byte aligned: the period of the 128-byte
+// swizzle, which wgmma's descriptors assume), or the fp32 tile staged over them, whichever is
+// larger. Host and device: a kDynamicSmem config's launch asks for kBytes.
+template <typename Config>
+struct CuteSmem {
+  static constexpr int kABytes = int(cute::cosize_v<typename Config::LayoutA>) * 2;  // 16-bit values
+  static constexpr int kBBytes = int(cute::cosize_v<typename Config::LayoutB>) * 2;
+  static constexpr int kLdc = Config::BN + 4;  // floats per row of the staged tile
+  static constexpr int kCBytes = Config::BM * kLdc * int(sizeof(float));
+  static constexpr int kBytes = kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes;
+  static_assert(kABytes % 1024 == 0, "B stays 1024-byte aligned");
+};
+
+// The CTA's shared buffer of `Bytes` bytes: a static array, or the launch's dynamic allocation.
+template <int Bytes, bool kDynamic>
+__device__ __forceinline__ unsigned char* cta_smem() {
+  if constexpr (kDynamic) {
+    extern __shared__ __align__(1024) unsigned char dynamic_smem[];
+    return dynamic_smem;
+  } else {
+    __shared__ __align__(1024) unsigned char static_smem[Bytes];
+    return static_smem;
+  }
+}
+
 template <typename T, bool kDgrad, typename Config>
-__global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
+__global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
     conv_cute_kernel(const __grid_constant__ ConvBatch batch) {
   if constexpr (Config::body_here()) {
   using namespace cute;
   using V = typename Sm80Traits<T>::Value;
   constexpr int BM = Config::BM, BN = Config::BN, BK = Config::BK;
-  constexpr int NT = Sm80Tile::kThreads, CH = Sm80Tile::kChunk;
+  constexpr int NT = Config::kThreads, CH = Sm80Tile::kChunk;
+  static_assert(BM == Config::kPatches * kTilePixels, "kTilePixels rows of the tile per patch");
   using LayoutA = typename Config::LayoutA;
   using LayoutB = typename Config::LayoutB;
-  // One buffer: the operand stages, then (for the BN statistics) the fp32 tile staged over them.
-  constexpr int kABytes = cosize_v<LayoutA> * int(sizeof(V)), kBBytes = cosize_v<LayoutB> * int(sizeof(V));
-  constexpr int LDC = BN + 4, kCBytes = BM * LDC * int(sizeof(float));
-  // Static, not dynamic: sm90_kernel_usable tells an sm_90a body from the trap-only one (which must
-  // declare none) by the image's static shared memory. 1024-byte alignment: the period of the
-  // 128-byte swizzle, which wgmma's descriptors assume.
-  static_assert(kABytes % 1024 == 0, "B stays 1024-byte aligned");
-  __shared__ __align__(1024) unsigned char smem[kABytes + kBBytes > kCBytes ? kABytes + kBBytes : kCBytes];
+  using Smem = CuteSmem<Config>;
+  constexpr int LDC = Smem::kLdc;
+  unsigned char* const smem = cta_smem<Smem::kBytes, Config::kDynamicSmem>();
+  if constexpr (Config::kDynamicSmem) {
+    // The runtime places dynamic shared memory past any static one; wgmma's swizzled descriptors
+    // need the 1024-byte alignment declared, which a mistake here would silently break.
+    if (__cvta_generic_to_shared(smem) % 1024 != 0) __trap();
+  }
   Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), LayoutA{});
-  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + kABytes)), LayoutB{});
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + Smem::kABytes)), LayoutB{});
 
   const ConvRange r = cta_convs(batch);
   const ConvArgs& a = batch.conv[r.first];  // its epilogue (and its prologue: a 1x1 conv alone)
-  const Patch t = cta_patch(a);
+  const CtaPatches cp = cta_patches<Config::kPatches>(a);
+  const Patch& t = cp.cover;  // the step walk's patch
   const int64_t n0 = cta_n0<BN>(batch);
   const int tid = static_cast<int>(threadIdx.x);
 
@@ -83,7 +138,8 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   const int64_t steps = count_steps<kDgrad, BK>(batch, r, t);
 
   // The next step's tiles into `stage`, 8 channels a chunk: A chunk (m, kc) holds src channels
-  // k0 + kc .. k0 + kc + 7 of the pixel that dst pixel m reads through the step's tap; B chunk
+  // k0 + kc .. k0 + kc + 7 of the pixel that tile row m (pixel m % kTilePixels of slot
+  // m / kTilePixels's patch; zeros where the slot holds none) reads through the step's tap; B chunk
   // (k, nc) holds weight row k0 + k, dst channels n0 + nc .. n0 + nc + 7. The per-step work is
   // kept to pointer additions and 32-bit compares:
   // * A tap's steps differ only in k0, so the gather of this thread's A rows (and the tap's
@@ -126,7 +182,10 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
       a_any = static_cast<const T*>(c.src);
       CUTE_UNROLL
       for (int i = 0; i < kAChunks / NT; ++i) {
-        const T* row = gather_row<kDgrad, T>(c, t, kh, kw, (tid + i * NT) / (BK / CH));
+        const int m = (tid + i * NT) / (BK / CH), slot = m / kTilePixels;
+        const T* row = slot < cp.count
+                           ? gather_row<kDgrad, T>(c, cta_slot<Config::kPatches>(cp, slot), kh, kw, m % kTilePixels)
+                           : nullptr;
         a_row_live[i] = row != nullptr;
         a_src[i] = a_row_live[i] ? row + a_kc : a_any;
       }
@@ -178,7 +237,7 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm)
   // of once per value), and the BN statistics, when wanted, read it there.
   float* cs = reinterpret_cast<float*>(smem);
   stage_accumulators<BM, BN>(mma, acc, cs, LDC);
-  staged_epilogue<T, kDgrad, BN, NT>(a, t, n0, cs, LDC);
+  staged_epilogue<T, kDgrad, BN, NT, Config::kPatches>(a, cp, n0, cs, LDC);
   } else {
     __trap();  // conv_cute_usable never selects a config whose body this image lacks
   }

@@ -38,7 +38,7 @@ struct Sm80GwConfig : Sm80Instructions<cute::SM75_U16x8_LDSM_T, cute::SM75_U16x8
 };
 
 template <typename T>
-struct Sm90GwConfig : Sm90Instructions {
+struct Sm90GwConfig : Sm90Instructions<> {
   static constexpr int BM = 64, BN = 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm90MnMajor<T, BM>;  // (co, pixel, stage)
   using LayoutB = Sm90MnMajor<T, BN>;  // (ci, pixel, stage)

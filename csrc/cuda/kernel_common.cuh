@@ -20,6 +20,8 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -245,6 +247,22 @@ KernelImage kernel_image(const void* kernel) {
   const KernelImage image{attr.ptxVersion, attr.sharedSizeBytes};
   images.emplace(key, image);
   return image;
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device (past the 48 KB
+// that needs no opt-in): the driver call once per (kernel, device, size), then a lock and a lookup.
+cudaError_t allow_dynamic_smem(const void* kernel, int bytes) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, int>> allowed;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, bytes);
+  if (allowed.count(key) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) allowed.insert(key);
+  return err;
 }
 
 // Whether a tensor-core kernel for T has its real body on the current device.

@@ -5,7 +5,9 @@
 //
 // * One 64 x 128 x 16 wgmma atom covers the CTA's 64 x 128 tile (the conv's pixels x channels, the
 //   weight gradient's Cout x Cin): the 128 threads are one warpgroup, each holding 64 fp32
-//   accumulators, and no operand passes through registers.
+//   accumulators, and no operand passes through registers. The conv's 128 x 256 tile
+//   (Sm90WideConfig) stacks two warpgroups along M, each on a 64 x 256 x 16 atom (128
+//   accumulators a thread) over one patch, both reading the same B stage.
 // * Shared memory in wgmma's canonical swizzled layouts: the conv's A (pixels, k) K-major with
 //   64-byte rows (BK = 32 16-bit values), the weight gradient's A (co, pixels) MN-major, and both
 //   B (n, k) MN-major, in 128-byte runs; 16-byte chunks stay contiguous
@@ -13,12 +15,13 @@
 //   async proxy, so each thread fences its own writes (the cp.async copies and the projection
 //   prologue's rewrites) into it before the barrier that publishes a stage.
 // * Each step's wgmma is waited for one step late (warpgroup_wait<1>), so it runs while the
-//   warpgroup waits for and issues the next step: 4 stages (48 KB, the static limit), copies 2
-//   steps ahead, and a stage is refilled only after the barrier that follows the wait for the
-//   wgmma that read it (Sm90Pipeline, sm80_common.cuh's PipelineShape).
-// * The body exists only in an sm_90a image (TORCH_CUDA_ARCH_LIST "9.0a"); sm90_kernel_usable asks
-//   the loaded image whether it has it (its static shared memory), so a plain sm_90 build falls to
-//   the sm80 path instead of reaching the trap.
+//   warpgroup waits for and issues the next step: 4 stages (48 KB, the static limit; the wide
+//   conv tile takes more, in dynamic shared memory), copies stages - 2 steps ahead, and a stage is
+//   refilled only after the barrier that follows the wait for the wgmma that read it
+//   (sm80_common.cuh's PipelineShape).
+// * The bodies exist only in an sm_90a image (TORCH_CUDA_ARCH_LIST "9.0a"); sm90_kernel_usable asks
+//   the loaded image whether it is one (sm90a_image_marker), so a plain sm_90 build falls to the
+//   sm80 path instead of reaching the trap.
 #pragma once
 
 #include "sm80_common.cuh"
@@ -36,35 +39,47 @@ __host__ __device__ constexpr bool sm90a_here() {
 #endif
 }
 
-// The 64 x 128 x 16 atom with both operands in shared memory: A K-major (the conv's gathered
-// pixels) or MN-major (the weight gradient's grad rows), B MN-major (N contiguous) in both kernels.
-template <typename T, cute::GMMA::Major MajorA>
+// The 64 x N x 16 atom (N = 128 or 256) with both operands in shared memory: A K-major (the conv's
+// gathered pixels) or MN-major (the weight gradient's grad rows), B MN-major (N contiguous) in both
+// kernels.
+template <typename T, cute::GMMA::Major MajorA, int N>
 struct Sm90Traits;
 template <cute::GMMA::Major MajorA>
-struct Sm90Traits<__half, MajorA> {
+struct Sm90Traits<__half, MajorA, 128> {
   using MmaAtom = cute::SM90_64x128x16_F32F16F16_SS<MajorA, cute::GMMA::Major::MN>;
 };
 template <cute::GMMA::Major MajorA>
-struct Sm90Traits<__nv_bfloat16, MajorA> {
+struct Sm90Traits<__nv_bfloat16, MajorA, 128> {
   using MmaAtom = cute::SM90_64x128x16_F32BF16BF16_SS<MajorA, cute::GMMA::Major::MN>;
 };
+template <cute::GMMA::Major MajorA>
+struct Sm90Traits<__half, MajorA, 256> {
+  using MmaAtom = cute::SM90_64x256x16_F32F16F16_SS<MajorA, cute::GMMA::Major::MN>;
+};
+template <cute::GMMA::Major MajorA>
+struct Sm90Traits<__nv_bfloat16, MajorA, 256> {
+  using MmaAtom = cute::SM90_64x256x16_F32BF16BF16_SS<MajorA, cute::GMMA::Major::MN>;
+};
 
-template <typename T, cute::GMMA::Major MajorA = cute::GMMA::Major::K>
-using Sm90TiledMma = decltype(cute::make_tiled_mma(typename Sm90Traits<T, MajorA>::MmaAtom{}));
+// WarpGroupsM warpgroups stacked along M, each running one 64 x N atom on its 64 rows.
+template <typename T, cute::GMMA::Major MajorA = cute::GMMA::Major::K, int N = 128, int WarpGroupsM = 1>
+using Sm90TiledMma =
+    decltype(cute::make_tiled_mma(typename Sm90Traits<T, MajorA, N>::MmaAtom{},
+                                  cute::Layout<cute::Shape<cute::Int<WarpGroupsM>, cute::_1, cute::_1>>{}));
 
 // 4 stages, each step's wgmma still running while the next step is issued.
 using Sm90Pipeline = PipelineShape<4, 1>;
 
 // (Rows, BK, stages) layouts: K-major (64-byte swizzle: a row is BK = 32 16-bit values; the conv's
 // A) and MN-major (128-byte swizzle: 64 rows of one k; the conv's B, both weight-gradient operands).
-template <typename T, int Rows>
+template <typename T, int Rows, int Stages = Sm90Pipeline::kStages>
 using Sm90KMajor = decltype(cute::tile_to_shape(
     cute::GMMA::Layout_K_SW64_Atom<typename Sm80Traits<T>::Value>{},
-    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm90Pipeline::kStages>>{}));
-template <typename T, int Rows>
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Stages>>{}));
+template <typename T, int Rows, int Stages = Sm90Pipeline::kStages>
 using Sm90MnMajor = decltype(cute::tile_to_shape(
     cute::GMMA::Layout_MN_SW128_Atom<typename Sm80Traits<T>::Value>{},
-    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Sm90Pipeline::kStages>>{}));
+    cute::Shape<cute::Int<Rows>, cute::Int<Sm80Tile::kBK>, cute::Int<Stages>>{}));
 
 // Makes this thread's generic-proxy writes to shared memory visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_for_wgmma() {
@@ -77,46 +92,69 @@ __device__ __forceinline__ void fence_for_wgmma() {
 // writes fenced into the async proxy before a stage's barrier and one wgmma batch per step into
 // acc (zeroed by the caller), waited for at the end of the next step; the last one before the
 // loop returns (the epilogue reads acc, and may reuse the stages' shared memory).
-template <typename TiledMma, typename TensorA, typename TensorB, typename Accum, typename LoadNext,
-          typename Landed>
+template <class Pipeline, typename TiledMma, typename TensorA, typename TensorB, typename Accum,
+          typename LoadNext, typename Landed>
 __device__ __forceinline__ void sm90_mainloop(const TiledMma& mma, const TensorA& sA, const TensorB& sB,
                                               Accum& acc, int64_t steps, LoadNext&& load_next, Landed&& landed) {
   using namespace cute;
   auto thr_mma = mma.get_slice(threadIdx.x);
   Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, S) descriptors
   Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, S) descriptors
-  cp_async_pipeline<Sm90Pipeline>(steps, load_next, landed, [] { fence_for_wgmma(); }, [&](int stage) {
+  cp_async_pipeline<Pipeline>(steps, load_next, landed, [] { fence_for_wgmma(); }, [&](int stage) {
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
     warpgroup_commit_batch();
     // The previous step's batch is done: its stage is free for the copy issued after the next barrier.
-    warpgroup_wait<Sm90Pipeline::kMmasInFlight>();
+    warpgroup_wait<Pipeline::kMmasInFlight>();
     warpgroup_fence_operand(acc);
   });
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
 }
 
-// Whether the wgmma kernel may run: FASTASPP_CUDA_CONV not `wmma` or `sm80` (which keep launches
-// on those kernels), and the loaded image has the kernel's body (an sm_90a image: only it declares
-// the kernel's static shared memory).
-inline bool sm90_kernel_usable(const void* kernel) {
+// Never launched: only an sm_90a pass gives it shared memory, so the static shared memory of its
+// loaded image says whether this translation unit's kernels (whose images the runtime picks
+// together, one per module and device) have their wgmma bodies here. The kernels cannot tell it
+// themselves: the 128 x 256 conv kernel's shared memory is dynamic.
+__global__ void sm90a_image_marker(int* out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __shared__ volatile int mark;
+  mark = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  *out = mark;
+#else
+  (void)out;
+#endif
+}
+
+// Whether the loaded image of this translation unit is an sm_90a one (see sm90a_image_marker).
+inline bool sm90a_image_loaded() {
+  return kernel_image(reinterpret_cast<const void*>(sm90a_image_marker)).static_smem_bytes > 0;
+}
+
+// Whether a wgmma kernel may run: FASTASPP_CUDA_CONV unset or naming a wgmma kernel (`sm80` and
+// `wmma` keep launches on those kernels), and an sm_90a image loaded. The 128 x 256 conv kernel
+// (Sm90WideConfig, conv_cute.cuh) runs only where FASTASPP_CUDA_CONV=wgmma_wide asks for it.
+template <bool kWide>
+bool sm90_kernel_usable() {
   const int choice = kCudaConv.read();  // per call, as sm80_kernel_usable
   if (choice == kCudaConvWmma || choice == kCudaConvSm80) return false;
-  const KernelImage image = kernel_image(kernel);
-  return image.ptx_version >= 90 && image.static_smem_bytes > 0;
+  if (kWide && choice != kCudaConvWgmmaWide) return false;
+  return sm90a_image_loaded();
 }
 
 // The wgmma instruction set of a CuTe kernel config (the configs derive from it), as
-// Sm80Instructions: where its body exists, its main loop, its launch rule.
+// Sm80Instructions: where its body exists, its main loop over Pipeline's stages, its launch rule.
+template <class Pipeline_ = Sm90Pipeline, bool kWide = false>
 struct Sm90Instructions {
+  using Pipeline = Pipeline_;
   static __host__ __device__ constexpr bool body_here() { return sm90a_here(); }
   template <typename... Args>
   static __device__ __forceinline__ void mainloop(Args&&... args) {
-    sm90_mainloop(static_cast<Args&&>(args)...);
+    sm90_mainloop<Pipeline>(static_cast<Args&&>(args)...);
   }
-  static bool usable(const void* kernel) { return sm90_kernel_usable(kernel); }
+  static bool usable(const void*) { return sm90_kernel_usable<kWide>(); }
 };
 
 }  // namespace

@@ -1,8 +1,9 @@
 // Host-side checks of the CuTe kernels' layouts and thread mappings (csrc/cuda/conv_cute.cuh for both
-// instruction sets, grad_weight_cute.cuh), run by tests/test_cuda_host_programs.py without a GPU:
-// CuTe's layout algebra runs on the host.
+// instruction sets and the 128 x 256 wgmma tile, grad_weight_cute.cuh), run by
+// tests/test_cuda_host_programs.py without a GPU: CuTe's layout algebra runs on the host.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
+#include <type_traits>
 #include <vector>
 
 #include "../../csrc/cuda/conv_cute.cuh"
@@ -44,29 +45,32 @@ void check_smem(Layout layout, int chunk_mode, const char* name) {
   for (size_t i = 0; i < hits.size(); ++i) expect(hits[i] == 1, name, static_cast<int>(i), hits[i], 0);
 }
 
-// Every (m, n) of the BM x BN tile is one accumulator of exactly one thread.
-template <typename Config>
-void check_accumulators(const char* name) {
+// Every (m, n) of the BM x BN tile is one accumulator of exactly one of the config's threads, and
+// for a conv config, row m's accumulators belong to warpgroup m / 64 (the warpgroup of the patch
+// in slot m / kTilePixels).
+template <typename Config, int kThreads = fastaspp::atrous_cuda::Sm80Tile::kThreads>
+void check_accumulators(const char* name, bool rows_by_warpgroup = false) {
   typename Config::TiledMma mma;
-  expect(size(mma) == fastaspp::atrous_cuda::Sm80Tile::kThreads, name, size(mma), 0, 0);
+  expect(size(mma) == kThreads, name, size(mma), 0, 0);
   std::vector<int> hits(Config::BM * Config::BN, 0);
   for (int tid = 0; tid < size(mma); ++tid) {
     Tensor coord = mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<Config::BM>, Int<Config::BN>>{}));
     for (int i = 0; i < size(coord); ++i) {
       const int m = get<0>(coord(i)), n = get<1>(coord(i));
       expect(m >= 0 && m < Config::BM && n >= 0 && n < Config::BN, name, tid, m, n);
+      if (rows_by_warpgroup) expect(m / 64 == tid / 128, name, tid, m, n);
       if (m >= 0 && m < Config::BM && n >= 0 && n < Config::BN) ++hits[m * Config::BN + n];
     }
   }
   for (int e = 0; e < Config::BM * Config::BN; ++e) expect(hits[e] == 1, name, e / Config::BN, e % Config::BN, hits[e]);
 }
 
-// The chunk mappings of the conv kernel's loads: chunk s = tid + i * kThreads of a tile of `outer`
+// The chunk mappings of the conv kernel's loads: chunk s = tid + i * NT of a tile of `outer`
 // runs of `per` chunks is (run s / per, element offset 8 * (s % per)); every (run, chunk) of a
-// stage is copied by exactly one thread (and, for the conv's A tile, rewritten by the same thread
-// in the projection's prologue).
-void check_chunks(int outer, int per, const char* name) {
-  constexpr int NT = fastaspp::atrous_cuda::Sm80Tile::kThreads, CH = fastaspp::atrous_cuda::Sm80Tile::kChunk;
+// stage is copied by exactly one of the NT threads (and, for the conv's A tile, rewritten by the
+// same thread in the projection's prologue).
+void check_chunks(int outer, int per, const char* name, int NT = fastaspp::atrous_cuda::Sm80Tile::kThreads) {
+  constexpr int CH = fastaspp::atrous_cuda::Sm80Tile::kChunk;
   expect((outer * per) % NT == 0, name, outer, per, NT);
   std::vector<int> hits(outer * per, 0);
   for (int tid = 0; tid < NT; ++tid)
@@ -151,6 +155,21 @@ int main() {
   check_smem(as_position_independent_swizzle_layout(typename Sm90::LayoutB{}), 0, "sm90 B: (n, k, stage)");
   check_accumulators<Sm90>("sm90 bf16 accumulators");
   check_accumulators<Sm90Config<__half>>("sm90 fp16 accumulators");
+  // The 128 x 256 tile: two warpgroups, one per patch slot, over the same chunk mappings.
+  using Wide = Sm90WideConfig<__nv_bfloat16>;
+  static_assert(Wide::kThreads == 256 && Wide::BM == 128 && Wide::BN == 256, "the wide tile");
+  check_smem(as_position_independent_swizzle_layout(typename Wide::LayoutA{}), 1, "wide A: (pixel, k, stage)");
+  check_smem(as_position_independent_swizzle_layout(typename Wide::LayoutB{}), 0, "wide B: (n, k, stage)");
+  check_chunks(Wide::BM, Wide::BK / CH, "wide A chunks (pixel, k)", Wide::kThreads);
+  check_chunks(Wide::BK, Wide::BN / CH, "wide B chunks (k, n)", Wide::kThreads);
+  check_accumulators<Wide, Wide::kThreads>("wide bf16 accumulators", true);
+  check_accumulators<Sm90WideConfig<__half>, Wide::kThreads>("wide fp16 accumulators", true);
+  // Its shared memory: the stages, then the staged fp32 tile over them, within an H100's 227 KB.
+  expect(CuteSmem<Wide>::kBytes == Sm90WidePipeline::kStages * (Wide::BM + Wide::BN) * Wide::BK * 2 &&
+             CuteSmem<Wide>::kCBytes <= CuteSmem<Wide>::kBytes && CuteSmem<Wide>::kBytes <= 227 * 1024,
+         "wide shared memory", CuteSmem<Wide>::kBytes, CuteSmem<Wide>::kCBytes, 0);
+  expect(CuteSmem<Sm90>::kBytes == 49152 && CuteSmem<Conv>::kBytes == 36864, "static shared memory",
+         CuteSmem<Sm90>::kBytes, CuteSmem<Conv>::kBytes, 0);
   using Sm90Gw = Sm90GwConfig<__nv_bfloat16>;
   check_smem(as_position_independent_swizzle_layout(typename Sm90Gw::LayoutA{}), 0, "sm90 wgrad A: (co, pixel)");
   check_smem(as_position_independent_swizzle_layout(typename Sm90Gw::LayoutB{}), 0, "sm90 wgrad B: (ci, pixel)");
@@ -159,12 +178,17 @@ int main() {
   // The pipelines, and the stage count each config's layouts were built with.
   check_pipeline<Sm80Pipeline>("sm80 pipeline (steps, step, detail)");
   check_pipeline<Sm90Pipeline>("sm90 pipeline (steps, step, detail)");
+  check_pipeline<Sm90WidePipeline>("wide pipeline (steps, step, detail)");
   check_pipeline<PipelineShape<2, 0>>("2-stage pipeline (steps, step, detail)");
   check_pipeline<PipelineShape<5, 2>>("5-stage pipeline (steps, step, detail)");
   expect(size<2>(typename Conv::LayoutA{}) == Sm80Pipeline::kStages && size<2>(typename Gw::LayoutB{}) == Sm80Pipeline::kStages,
          "sm80 layouts' stages", int(size<2>(typename Conv::LayoutA{})), Sm80Pipeline::kStages, 0);
   expect(size<2>(typename Sm90::LayoutA{}) == Sm90Pipeline::kStages && size<2>(typename Sm90Gw::LayoutB{}) == Sm90Pipeline::kStages,
          "sm90 layouts' stages", int(size<2>(typename Sm90::LayoutA{})), Sm90Pipeline::kStages, 0);
+  expect(size<2>(typename Wide::LayoutA{}) == Sm90WidePipeline::kStages &&
+             size<2>(typename Wide::LayoutB{}) == Sm90WidePipeline::kStages &&
+             std::is_same<Wide::Pipeline, Sm90WidePipeline>::value,
+         "wide layouts' stages", int(size<2>(typename Wide::LayoutA{})), Sm90WidePipeline::kStages, 0);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
