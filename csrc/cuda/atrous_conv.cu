@@ -270,11 +270,12 @@ cudaError_t launch_cute(ConvBatch& b, cudaStream_t stream) {
                                   Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0);
 }
 
-// Whether conv_cute_kernel with Config can run every conv of the batch.
+// Whether conv_cute_kernel with Config can run every conv of the batch under FASTASPP_CUDA_CONV's
+// `choice`.
 template <typename T, bool kDgrad, typename Config>
-bool cute_usable_for(const ConvBatch& b) {
+bool cute_usable_for(const ConvBatch& b, int choice) {
   for (int i = 0; i < b.count; ++i)
-    if (!conv_cute_usable<T, kDgrad, Config>(b.conv[i])) return false;
+    if (!conv_cute_usable<T, kDgrad, Config>(b.conv[i], choice)) return false;
   return true;
 }
 
@@ -292,9 +293,12 @@ cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
           aligned16(a.src) && aligned16(a.wt);
   }
   if constexpr (is_16bit<T>()) {
-    if (cute_usable_for<T, kDgrad, Sm90WideConfig<T>>(b)) return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, stream);
-    if (cute_usable_for<T, kDgrad, Sm90Config<T>>(b)) return launch_cute<T, kDgrad, Sm90Config<T>>(b, stream);
-    if (cute_usable_for<T, kDgrad, Sm80Config<T>>(b)) return launch_cute<T, kDgrad, Sm80Config<T>>(b, stream);
+    const int choice = kCudaConv.read();  // once per launch (common/switches.h)
+    if (cute_usable_for<T, kDgrad, Sm90WideConfig<T>>(b, choice)) {
+      return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, stream);
+    }
+    if (cute_usable_for<T, kDgrad, Sm90Config<T>>(b, choice)) return launch_cute<T, kDgrad, Sm90Config<T>>(b, stream);
+    if (cute_usable_for<T, kDgrad, Sm80Config<T>>(b, choice)) return launch_cute<T, kDgrad, Sm80Config<T>>(b, stream);
     void (*k)(ConvBatch) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
     if (tc_usable<T>(reinterpret_cast<const void*>(k))) return launch_batch<64>(k, b, 128, stream);
   }

@@ -244,15 +244,16 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
 }
 
 // Whether a launch can run conv_cute_kernel with Config: channel counts (and src stride and
-// offset) in whole 16-byte chunks, aligned operands, and the config's image rule (else the next
-// config, then the WMMA kernel, kept for the launches these cannot take).
+// offset) in whole 16-byte chunks, aligned operands, and the config's rule for the launch's
+// FASTASPP_CUDA_CONV `choice` and image (else the next config, then the WMMA kernel, kept for the
+// launches these cannot take).
 template <typename T, bool kDgrad, typename Config>
-bool conv_cute_usable(const ConvArgs& a) {
+bool conv_cute_usable(const ConvArgs& a, int choice) {
   constexpr int CH = Sm80Tile::kChunk;
   if (a.kc % CH != 0 || a.nc % CH != 0 || a.src_pixel_stride % CH != 0 || a.src_channel_offset % CH != 0 ||
       !aligned16(a.src) || !aligned16(a.wt))
     return false;
-  return Config::usable(reinterpret_cast<const void*>(conv_cute_kernel<T, kDgrad, Config>));
+  return Config::usable(reinterpret_cast<const void*>(conv_cute_kernel<T, kDgrad, Config>), choice);
 }
 
 }  // namespace

@@ -219,9 +219,13 @@ cudaError_t launch_grad_weight_t(GwArgs a, cudaStream_t stream) {
   if constexpr (is_16bit<T>()) {
     // Both CuTe configs tile 64 x 128, so they share the grid.
     static_assert(Sm90GwConfig<T>::BM == Sm80GwConfig<T>::BM && Sm90GwConfig<T>::BN == Sm80GwConfig<T>::BN, "");
-    void (*k)(GwArgs) = grad_weight_cute_usable<T, Sm90GwConfig<T>>(a)   ? grad_weight_cute_kernel<T, Sm90GwConfig<T>>
-                        : grad_weight_cute_usable<T, Sm80GwConfig<T>>(a) ? grad_weight_cute_kernel<T, Sm80GwConfig<T>>
-                                                                          : nullptr;
+    const int choice = kCudaConv.read();  // once per launch (common/switches.h)
+    void (*k)(GwArgs) = nullptr;
+    if (grad_weight_cute_usable<T, Sm90GwConfig<T>>(a, choice)) {
+      k = grad_weight_cute_kernel<T, Sm90GwConfig<T>>;
+    } else if (grad_weight_cute_usable<T, Sm80GwConfig<T>>(a, choice)) {
+      k = grad_weight_cute_kernel<T, Sm80GwConfig<T>>;
+    }
     if (k != nullptr) {
       if (!gw_grid<Sm80GwConfig<T>::BM, Sm80GwConfig<T>::BN>(a, grid)) return cudaErrorInvalidValue;
       k<<<grid, Sm80Tile::kThreads, 0, stream>>>(a);

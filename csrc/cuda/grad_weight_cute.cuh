@@ -138,12 +138,13 @@ __global__ void __launch_bounds__(Sm80Tile::kThreads, Sm80Tile::kCtasPerSm) grad
 }
 
 // Whether a launch can run grad_weight_cute_kernel with Config: channel counts in whole 16-byte
-// chunks, aligned operands, and the config's image rule (else the next config, then WMMA).
+// chunks, aligned operands, and the config's rule for FASTASPP_CUDA_CONV's `choice` and the image
+// (else the next config, then WMMA).
 template <typename T, typename Config>
-bool grad_weight_cute_usable(const GwArgs& a) {
+bool grad_weight_cute_usable(const GwArgs& a, int choice) {
   if (a.cin % Sm80Tile::kChunk != 0 || a.cout % Sm80Tile::kChunk != 0 || !aligned16(a.x) || !aligned16(a.g))
     return false;
-  return Config::usable(reinterpret_cast<const void*>(grad_weight_cute_kernel<T, Config>));
+  return Config::usable(reinterpret_cast<const void*>(grad_weight_cute_kernel<T, Config>), choice);
 }
 
 }  // namespace

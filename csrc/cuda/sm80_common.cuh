@@ -196,11 +196,11 @@ __device__ __forceinline__ void stage_accumulators(const TiledMma& mma, const Ac
   __syncthreads();
 }
 
-// Whether a CuTe kernel may run: FASTASPP_CUDA_CONV not set to `wmma` (which keeps every launch on
-// the WMMA kernels, to compare the two on a device) and the kernel's image built for sm80 or later.
-// The switch is read per call (common/switches.h); the bindings have rejected invalid values.
-inline bool sm80_kernel_usable(const void* kernel) {
-  if (kCudaConv.read() == kCudaConvWmma) return false;
+// Whether a CuTe kernel may run: FASTASPP_CUDA_CONV (`choice`, read once per launch:
+// common/switches.h; the bindings have rejected invalid values) not `wmma` (which keeps every launch
+// on the WMMA kernels, to compare the two on a device) and the kernel's image built for sm80 or later.
+inline bool sm80_kernel_usable(const void* kernel, int choice) {
+  if (choice == kCudaConvWmma) return false;
   return kernel_image(kernel).ptx_version >= 80;
 }
 
@@ -213,7 +213,7 @@ struct Sm80Instructions {
   static __device__ __forceinline__ void mainloop(Args&&... args) {
     sm80_mainloop<CopyOpA, CopyOpB>(static_cast<Args&&>(args)...);
   }
-  static bool usable(const void* kernel) { return sm80_kernel_usable(kernel); }
+  static bool usable(const void* kernel, int choice) { return sm80_kernel_usable(kernel, choice); }
 };
 
 }  // namespace

@@ -133,12 +133,12 @@ inline bool sm90a_image_loaded() {
   return kernel_image(reinterpret_cast<const void*>(sm90a_image_marker)).static_smem_bytes > 0;
 }
 
-// Whether a wgmma kernel may run: FASTASPP_CUDA_CONV unset or naming a wgmma kernel (`sm80` and
-// `wmma` keep launches on those kernels), and an sm_90a image loaded. The 128 x 256 conv kernel
-// (Sm90WideConfig, conv_cute.cuh) runs only where FASTASPP_CUDA_CONV=wgmma_wide asks for it.
+// Whether a wgmma kernel may run: FASTASPP_CUDA_CONV (`choice`, as sm80_kernel_usable) unset or
+// naming a wgmma kernel (`sm80` and `wmma` keep launches on those kernels), and an sm_90a image
+// loaded. The 128 x 256 conv kernel (Sm90WideConfig, conv_cute.cuh) runs only where
+// FASTASPP_CUDA_CONV=wgmma_wide asks for it.
 template <bool kWide>
-bool sm90_kernel_usable() {
-  const int choice = kCudaConv.read();  // per call, as sm80_kernel_usable
+bool sm90_kernel_usable(int choice) {
   if (choice == kCudaConvWmma || choice == kCudaConvSm80) return false;
   if (kWide && choice != kCudaConvWgmmaWide) return false;
   return sm90a_image_loaded();
@@ -154,7 +154,7 @@ struct Sm90Instructions {
   static __device__ __forceinline__ void mainloop(Args&&... args) {
     sm90_mainloop<Pipeline>(static_cast<Args&&>(args)...);
   }
-  static bool usable(const void*) { return sm90_kernel_usable<kWide>(); }
+  static bool usable(const void*, int choice) { return sm90_kernel_usable<kWide>(choice); }
 };
 
 }  // namespace
