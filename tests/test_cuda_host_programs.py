@@ -10,6 +10,11 @@ passes, else one line per failure.
     128 x 256 tile's (Sm90WideConfig) to one of its 256, row m to warpgroup m / 64; the main loops'
     cp.async schedules (PipelineShape) give each step its own landed stage and refill no stage a
     running MMA reads.
+  * conv_walk.cu: the CuTe conv kernel's index code (its CTAs' patches, live-tap walk, A-row gather
+    by slot, B rows and the epilogue's row mapping), run on the host with fp64 sums in place of the
+    MMA, matches a direct conv for forward launches (one conv, or several into channel slices) and
+    input-gradient launches (one conv with stride 2, or several summed), with one patch and 128
+    channels a CTA and with the wide tile's two patches and 256 channels.
   * patch_groups.cu: a kernel owning two patches per CTA owns every patch once, two adjacent ones
     that share their rows, each slot's statistics row is its patch's index, one patch per CTA is
     the old grid, and a tap is live for the CTA's cover exactly when it is live for one of its
@@ -54,7 +59,8 @@ def cutlass_include():
 
 @pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False),
                                                     ("launcher_checks", True), ("gw_pixel_walk", False),
-                                                    ("epilogue_chunks", False), ("patch_groups", False)])
+                                                    ("epilogue_chunks", False), ("patch_groups", False),
+                                                    ("conv_walk", False)])
 def test_host_program(tmp_path, program, needs_cutlass):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

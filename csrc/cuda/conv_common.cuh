@@ -89,13 +89,13 @@ __device__ __forceinline__ CtaPatches cta_patches(const ConvArgs& a) {
 
 // Slot `slot`'s patch: the cover itself when a CTA owns one patch (the same box, known here).
 template <int kPatches>
-__device__ __forceinline__ Patch cta_slot(const CtaPatches& cp, int slot) {
+__host__ __device__ __forceinline__ Patch cta_slot(const CtaPatches& cp, int slot) {
   return kPatches == 1 ? cp.cover : cp.slot(slot);
 }
 
 // First tap >= tap that is live for the whole patch (or kh*kw when none is).
 template <bool kDgrad>
-__device__ int64_t next_live_tap(const ConvArgs& a, const Patch& t, int64_t tap) {
+__host__ __device__ int64_t next_live_tap(const ConvArgs& a, const Patch& t, int64_t tap) {
   const int64_t taps = a.kh * a.kw;
   for (; tap < taps; ++tap) {
     const int64_t kh = tap / a.kw, kw = tap % a.kw;
@@ -118,7 +118,7 @@ struct Step {
 
 // The first step at or after conv `conv`'s first live tap.
 template <bool kDgrad>
-__device__ __forceinline__ Step first_step(const ConvBatch& b, int conv, int end, const Patch& t) {
+__host__ __device__ __forceinline__ Step first_step(const ConvBatch& b, int conv, int end, const Patch& t) {
   for (; conv < end; ++conv) {
     const ConvArgs& a = b.conv[conv];
     if (a.kc <= 0) continue;
@@ -129,7 +129,7 @@ __device__ __forceinline__ Step first_step(const ConvBatch& b, int conv, int end
 }
 
 template <bool kDgrad, int BK>
-__device__ __forceinline__ Step next_step(const ConvBatch& b, int end, const Patch& t, Step s) {
+__host__ __device__ __forceinline__ Step next_step(const ConvBatch& b, int end, const Patch& t, Step s) {
   const ConvArgs& a = b.conv[s.conv];
   s.k0 += BK;
   if (s.k0 < a.kc) return s;
@@ -141,7 +141,7 @@ __device__ __forceinline__ Step next_step(const ConvBatch& b, int end, const Pat
 
 // The number of steps of the walk over [first, end) (the CuTe pipeline's trip count).
 template <bool kDgrad, int BK>
-__device__ int64_t count_steps(const ConvBatch& b, ConvRange r, const Patch& t) {
+__host__ __device__ int64_t count_steps(const ConvBatch& b, ConvRange r, const Patch& t) {
   int64_t steps = 0;
   for (int conv = r.first; conv < r.end; ++conv) {
     const ConvArgs& a = b.conv[conv];
@@ -155,7 +155,7 @@ __device__ int64_t count_steps(const ConvBatch& b, ConvRange r, const Patch& t) 
 // Row m of the A tile: the src row (kc channels) of the pixel that dst pixel m of the patch reads
 // through tap (kh, kw), or nullptr when it reads padding / lies outside the map.
 template <bool kDgrad, typename T>
-__device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t, int64_t kh,
+__host__ __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t, int64_t kh,
                                                int64_t kw, int m) {
   const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
   const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
@@ -174,6 +174,16 @@ __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t
   if (sr < 0 || sr >= a.src_h || sc < 0 || sc >= a.src_w) return nullptr;
   return static_cast<const T*>(a.src) + ((t.img * a.src_h + sr) * a.src_w + sc) * a.src_pixel_stride +
          a.src_channel_offset;
+}
+
+// Row m of the A tile of a CTA owning kPatches patches: the src row that pixel m % kTilePixels of
+// slot m / kTilePixels's patch reads through tap (kh, kw), or nullptr where it reads padding, lies
+// outside the map or the slot holds no patch (tests/cuda_host/conv_walk.cu runs it).
+template <int kPatches, bool kDgrad, typename T>
+__host__ __device__ __forceinline__ const T* tile_row_src(const ConvArgs& a, const CtaPatches& cp, int64_t kh,
+                                                          int64_t kw, int m) {
+  const int slot = m / kTilePixels;
+  return slot < cp.count ? gather_row<kDgrad, T>(a, cta_slot<kPatches>(cp, slot), kh, kw, m % kTilePixels) : nullptr;
 }
 
 // 8 16-bit values from 16-byte aligned memory, and back.
@@ -275,6 +285,14 @@ __host__ __device__ __forceinline__ Acc store_output(const ConvArgs& a, const Pa
   return v;
 }
 
+// store_output for row m of the tile of a CTA owning kPatches patches (pixel m % kTilePixels of slot
+// m / kTilePixels's patch): staged_epilogue's per-value store (tests/cuda_host/conv_walk.cu runs it).
+template <typename T, bool kDgrad, int kPatches, typename Acc>
+__host__ __device__ __forceinline__ Acc store_tile_value(const ConvArgs& a, const CtaPatches& cp, int m, int64_t co,
+                                                         Acc v) {
+  return store_output<T, kDgrad, Acc>(a, cta_slot<kPatches>(cp, m / kTilePixels), m % kTilePixels, co, v);
+}
+
 // Whether the staged epilogue may move 8 channels of a pixel (16 bytes) at a time: 16-bit values,
 // channel counts, the pixel stride and the slice's offset in whole chunks of 8 (so a chunk of the
 // tile is wholly inside or outside the channels), 16-byte aligned dst and per-channel vectors, and
@@ -362,8 +380,7 @@ __device__ void staged_epilogue(const ConvArgs& a, const CtaPatches& cp, int64_t
     // Consecutive threads take consecutive channels: coalesced NHWC stores.
     for (int e = static_cast<int>(threadIdx.x); e < rows * BN; e += NT) {
       const int m = e / BN, j = e % BN;
-      cs[m * ldc + j] = store_output<T, kDgrad, Acc>(a, cta_slot<kPatches>(cp, m / kTilePixels), m % kTilePixels,
-                                                     n0 + j, cs[m * ldc + j]);
+      cs[m * ldc + j] = store_tile_value<T, kDgrad, kPatches, Acc>(a, cp, m, n0 + j, cs[m * ldc + j]);
     }
   }
   if constexpr (!kDgrad) {

@@ -182,10 +182,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
       a_any = static_cast<const T*>(c.src);
       CUTE_UNROLL
       for (int i = 0; i < kAChunks / NT; ++i) {
-        const int m = (tid + i * NT) / (BK / CH), slot = m / kTilePixels;
-        const T* row = slot < cp.count
-                           ? gather_row<kDgrad, T>(c, cta_slot<Config::kPatches>(cp, slot), kh, kw, m % kTilePixels)
-                           : nullptr;
+        const T* row = tile_row_src<Config::kPatches, kDgrad, T>(c, cp, kh, kw, (tid + i * NT) / (BK / CH));
         a_row_live[i] = row != nullptr;
         a_src[i] = a_row_live[i] ? row + a_kc : a_any;
       }

@@ -1,0 +1,235 @@
+// Host emulation of the CuTe conv kernel's walk (csrc/cuda/conv_cute.cuh), run by
+// tests/test_cuda_host_programs.py without a GPU. For every CTA of a launch it runs the kernel's
+// own index code on the host: the patches the CTA owns (cta_patches_of, one or two a CTA), its
+// (conv, live tap, channel chunk) steps over their cover (first_step / next_step, checked against
+// count_steps), each step's A rows (tile_row_src: slot, gather, zero where a row reads padding or
+// its slot holds no patch) and B rows, then stores the tile as the staged epilogue does value by
+// value (store_tile_value). Only the MMA is replaced, by fp64 sums. The result must match a direct
+// fp64 conv, every element of each conv's slice written once and none outside it, for:
+// * forward launches of one conv and of several into channel slices of one dst (the ASPP's
+//   branches: grid mode);
+// * input-gradient launches of one conv (stride 2 included: rows of the wrong phase gather zeros)
+//   and of several summed into one dx (sum mode), each reading its channel slice of the gradient;
+// * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail.
+// Prints one line per failed check and "ok" when every check passes.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "../../csrc/cuda/conv_common.cuh"
+
+using namespace fastaspp;
+using namespace fastaspp::atrous_cuda;
+
+static int failures = 0;
+
+static void expect(bool ok, const char* what, long long a, long long b, double c) {
+  if (!ok && failures++ < 20) std::printf("FAILED %s at (%lld, %lld, %g)\n", what, a, b, c);
+}
+
+constexpr int kBK = 32;  // the CuTe kernel's K step
+
+// One launch as the kernel runs it, CTA by CTA, with kPatches patches a CTA and BN channels a
+// block; dst must hold NaN where nothing is to be written.
+template <bool kDgrad, int kPatches, int BN>
+static void emulate(ConvBatch& b) {
+  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = patch_tiling(b.conv[i].dst_h, b.conv[i].dst_w);
+  int64_t blocks = 1;
+  for (int i = 0; i < b.count; ++i) blocks = std::max<int64_t>(blocks, ceil_div(b.conv[i].nc, int64_t(BN)));
+  b.blocks_per_conv = static_cast<int>(blocks);
+  const ConvArgs& first = b.conv[0];
+  const int64_t grid_x = first.n * ctas_per_img(first.tiling, kPatches);
+  const int64_t grid_y = b.sum_convs ? blocks : blocks * b.count;
+  constexpr int BM = kPatches * kTilePixels;
+  std::vector<double> acc(BM * BN);
+  for (int64_t y = 0; y < grid_y; ++y)
+    for (int64_t x = 0; x < grid_x; ++x) {
+      // cta_convs, cta_n0, cta_patches with blockIdx = (x, y).
+      const ConvRange r = b.sum_convs ? ConvRange{0, b.count} : ConvRange{int(y / blocks), int(y / blocks) + 1};
+      const ConvArgs& a = b.conv[r.first];
+      const int64_t n0 = (y % blocks) * BN;
+      const CtaPatches cp = cta_patches_of(a.tiling, kPatches, x, a.dst_h, a.dst_w);
+      const Patch& t = cp.cover;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      int64_t steps = 0;
+      for (Step s = first_step<kDgrad>(b, r.first, r.end, t); s.conv < r.end; s = next_step<kDgrad, kBK>(b, r.end, t, s)) {
+        ++steps;
+        const ConvArgs& c = b.conv[s.conv];
+        const int64_t kh = s.tap / c.kw, kw = s.tap % c.kw;
+        const double* wt = static_cast<const double*>(c.wt);
+        for (int m = 0; m < BM; ++m) {
+          const double* row = tile_row_src<kPatches, kDgrad, double>(c, cp, kh, kw, m);
+          if (row == nullptr) continue;  // the kernel's zero fill
+          for (int64_t k = s.k0; k < std::min(s.k0 + kBK, c.kc); ++k)
+            for (int j = 0; j < BN && n0 + j < c.nc; ++j) acc[m * BN + j] += row[k] * wt[(s.tap * c.kc + k) * c.nc + n0 + j];
+        }
+      }
+      expect(steps == count_steps<kDgrad, kBK>(b, r, t), "walk length = count_steps", x, y, double(steps));
+      // staged_epilogue's rows: the slots that hold patches.
+      for (int m = 0; m < cp.count * kTilePixels; ++m)
+        for (int j = 0; j < BN; ++j)
+          store_tile_value<double, kDgrad, kPatches, double>(a, cp, m, n0 + j, acc[m * BN + j]);
+    }
+}
+
+struct Geometry {
+  int64_t n, cin, cout, h, w, k, s, p, d, ho, wo;
+};
+
+static Geometry random_geometry(std::mt19937& gen, int64_t cin, int64_t cout) {
+  std::uniform_int_distribution<int> size(1, 23), kern(0, 2), stride(1, 2), dil(1, 12), batch(1, 2);
+  for (;;) {
+    Geometry g;
+    g.n = batch(gen), g.cin = cin, g.cout = cout, g.h = size(gen), g.w = size(gen);
+    g.k = 2 * kern(gen) + 1, g.s = stride(gen), g.d = dil(gen);
+    g.p = std::uniform_int_distribution<int64_t>(0, g.d * (g.k - 1))(gen);
+    g.ho = conv_out_size(g.h, g.k, g.s, g.p, g.d), g.wo = conv_out_size(g.w, g.k, g.s, g.p, g.d);
+    if (g.ho >= 1 && g.wo >= 1) return g;
+  }
+}
+
+static std::vector<double> random_values(std::mt19937& gen, size_t count) {
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  std::vector<double> v(count);
+  for (auto& e : v) e = u(gen);
+  return v;
+}
+
+static ConvArgs conv_args(const Geometry& g, bool dgrad) {
+  ConvArgs a{};
+  a.n = g.n, a.kh = g.k, a.kw = g.k;
+  a.stride_h = a.stride_w = g.s, a.pad_h = a.pad_w = g.p, a.dil_h = a.dil_w = g.d;
+  a.src_h = dgrad ? g.ho : g.h, a.src_w = dgrad ? g.wo : g.w, a.kc = dgrad ? g.cout : g.cin;
+  a.dst_h = dgrad ? g.h : g.ho, a.dst_w = dgrad ? g.w : g.wo, a.nc = dgrad ? g.cin : g.cout;
+  a.src_pixel_stride = a.kc, a.dst_pixel_stride = a.nc;
+  return a;
+}
+
+// Forward: `branches` convs of one input into channel slices of one NHWC dst (grid mode).
+template <int kPatches, int BN>
+static void check_forward(std::mt19937& gen, int trial, int branches, int64_t cin, int64_t cout) {
+  std::vector<Geometry> gs;
+  const Geometry base = random_geometry(gen, cin, cout);
+  ConvBatch b{};
+  b.count = branches;
+  const int64_t ctot = branches * cout;
+  std::vector<std::vector<double>> ws;
+  for (int i = 0; i < branches; ++i) {
+    Geometry g = base;
+    if (i > 0) {  // an ASPP branch: 3x3, stride 1, padding = dilation (the same output map)
+      g.k = 3, g.s = 1, g.d = std::uniform_int_distribution<int>(1, 12)(gen), g.p = g.d;
+      g.ho = g.h, g.wo = g.w;
+    } else if (branches > 1) {
+      g.k = 1, g.s = 1, g.p = 0, g.d = 1, g.ho = g.h, g.wo = g.w;
+    }
+    gs.push_back(g);
+    ws.push_back(random_values(gen, g.k * g.k * cin * cout));  // [KH, KW, Cin, Cout]
+  }
+  const Geometry& g0 = gs[0];
+  std::vector<double> x = random_values(gen, g0.n * g0.h * g0.w * cin);
+  std::vector<double> y(g0.n * g0.ho * g0.wo * ctot, NAN);
+  for (int i = 0; i < branches; ++i) {
+    ConvArgs a = conv_args(gs[i], false);
+    a.src = x.data(), a.wt = ws[i].data(), a.dst = y.data();
+    a.dst_pixel_stride = ctot, a.dst_channel_offset = i * cout;
+    b.conv[i] = a;
+  }
+  emulate<false, kPatches, BN>(b);
+  for (int i = 0; i < branches; ++i) {
+    const Geometry& g = gs[i];
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t oh = 0; oh < g.ho; ++oh)
+        for (int64_t ow = 0; ow < g.wo; ++ow)
+          for (int64_t co = 0; co < cout; ++co) {
+            double ref = 0, mag = 0;
+            for (int64_t kh = 0; kh < g.k; ++kh)
+              for (int64_t kw = 0; kw < g.k; ++kw) {
+                const int64_t ih = oh * g.s - g.p + kh * g.d, iw = ow * g.s - g.p + kw * g.d;
+                if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+                for (int64_t ci = 0; ci < cin; ++ci) {
+                  const double term = x[((n * g.h + ih) * g.w + iw) * cin + ci] * ws[i][((kh * g.k + kw) * cin + ci) * cout + co];
+                  ref += term, mag += std::fabs(term);
+                }
+              }
+            const double got = y[((n * g.ho + oh) * g.wo + ow) * ctot + i * cout + co];
+            expect(std::fabs(got - ref) <= 1e-12 * (mag + 1), "forward value (trial, branch, got)", trial, i, got);
+          }
+  }
+  for (double v : y) expect(!std::isnan(v), "forward: every element of every slice written", trial, branches, v);
+}
+
+// Input gradient: `branches` convs summed into one dx, each reading its channel slice of one
+// gradient (sum mode; one branch is a plain conv's input gradient, stride 2 included).
+template <int kPatches, int BN>
+static void check_grad_input(std::mt19937& gen, int trial, int branches, int64_t cin, int64_t cout) {
+  std::vector<Geometry> gs;
+  const Geometry base = random_geometry(gen, cin, cout);
+  for (int i = 0; i < branches; ++i) {
+    Geometry g = base;
+    if (branches > 1) {  // ASPP branches: 1x1, then 3x3 at padding = dilation, stride 1
+      g.s = 1, g.ho = g.h, g.wo = g.w, g.k = i == 0 ? 1 : 3;
+      g.d = i == 0 ? 1 : std::uniform_int_distribution<int>(1, 12)(gen), g.p = i == 0 ? 0 : g.d;
+    }
+    gs.push_back(g);
+  }
+  const Geometry& g0 = gs[0];
+  const int64_t ctot = branches * cout;
+  std::vector<double> grad = random_values(gen, g0.n * g0.ho * g0.wo * ctot);
+  std::vector<std::vector<double>> ws;  // [KH, KW, Cout, Cin], the kernel's grad_input layout
+  for (const Geometry& g : gs) ws.push_back(random_values(gen, g.k * g.k * cout * cin));
+  std::vector<double> dx(g0.n * g0.h * g0.w * cin, NAN);
+  ConvBatch b{};
+  b.count = branches;
+  b.sum_convs = 1;
+  for (int i = 0; i < branches; ++i) {
+    ConvArgs a = conv_args(gs[i], true);
+    a.src = grad.data(), a.src_pixel_stride = ctot, a.src_channel_offset = i * cout;
+    a.wt = ws[i].data(), a.dst = dx.data();
+    b.conv[i] = a;
+  }
+  emulate<true, kPatches, BN>(b);
+  std::vector<double> ref(dx.size(), 0.0), mag(dx.size(), 0.0);
+  for (int i = 0; i < branches; ++i) {
+    const Geometry& g = gs[i];
+    for (int64_t n = 0; n < g.n; ++n)
+      for (int64_t oh = 0; oh < g.ho; ++oh)
+        for (int64_t ow = 0; ow < g.wo; ++ow)
+          for (int64_t kh = 0; kh < g.k; ++kh)
+            for (int64_t kw = 0; kw < g.k; ++kw) {
+              const int64_t ih = oh * g.s - g.p + kh * g.d, iw = ow * g.s - g.p + kw * g.d;
+              if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
+              for (int64_t co = 0; co < cout; ++co)
+                for (int64_t ci = 0; ci < cin; ++ci) {
+                  const double term = grad[((n * g.ho + oh) * g.wo + ow) * ctot + i * cout + co] *
+                                      ws[i][((kh * g.k + kw) * cout + co) * cin + ci];
+                  const int64_t at = ((n * g.h + ih) * g.w + iw) * cin + ci;
+                  ref[at] += term, mag[at] += std::fabs(term);
+                }
+            }
+  }
+  for (size_t e = 0; e < dx.size(); ++e)
+    expect(std::fabs(dx[e] - ref[e]) <= 1e-12 * (mag[e] + 1), "grad_input value (trial, element, got)", trial,
+           static_cast<long long>(e), dx[e]);
+}
+
+template <int kPatches, int BN>
+static void check_config(std::mt19937& gen) {
+  for (int trial = 0; trial < 12; ++trial) {
+    // Channel counts in 8s, as the CuTe kernels require: 40 = one K step and a tail of 8; 136 =
+    // a partial second 128-channel block.
+    const int64_t cin = trial % 3 == 0 ? 40 : 16, cout = trial % 4 == 0 ? 136 : 24;
+    check_forward<kPatches, BN>(gen, trial, 1, cin, cout);
+    check_forward<kPatches, BN>(gen, trial, 4, cin, cout);
+    check_grad_input<kPatches, BN>(gen, trial, 1, cin, cout);
+    check_grad_input<kPatches, BN>(gen, trial, 4, cin, cout);
+  }
+}
+
+int main() {
+  std::mt19937 gen(5);
+  check_config<1, 128>(gen);  // Sm80Config, Sm90Config
+  check_config<2, 256>(gen);  // Sm90WideConfig
+  if (failures == 0) std::printf("ok\n");
+  return failures == 0 ? 0 : 1;
+}
