@@ -1,7 +1,7 @@
 """Where a fused conv's time goes on the GPU: kernel time (profiler) against per-call time.
 
 For a few ASPP-sized convs (bf16, channels_last) and each GPU backend (and the cuda backend's
-128 x 256 wgmma tile, FASTASPP_CUDA_CONV=wgmma_wide) it prints the median
+128 x 256 and 8-stage wgmma tiles, FASTASPP_CUDA_CONV=wgmma_wide and wgmma_deep) it prints the median
 per-call time (CUDA events around one call), the host time per call (many calls, one sync), and
 the device time of each kernel the call launches (torch.profiler). If the per-call time is far
 above the kernels' sum, the cost is on the host; otherwise it is in the kernels. Last, where the
@@ -24,8 +24,10 @@ from fastaspp.bench.report import environment
 from fastaspp.bench.timing import summarize, time_ms
 
 CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
-# Row label: (backend, FASTASPP_CUDA_CONV while it runs); cuda-wide is the 128 x 256 wgmma tile.
-BACKENDS = {"triton": ("triton", None), "cuda": ("cuda", None), "cuda-wide": ("cuda", "wgmma_wide")}
+# Row label: (backend, FASTASPP_CUDA_CONV while it runs); cuda-wide is the 128 x 256 wgmma tile,
+# cuda-deep the 64 x 128 one with 8 stages.
+BACKENDS = {"triton": ("triton", None), "cuda": ("cuda", None), "cuda-wide": ("cuda", "wgmma_wide"),
+            "cuda-deep": ("cuda", "wgmma_deep")}
 
 
 def per_call_ms(fn, reps=50):

@@ -1,6 +1,7 @@
 """The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_cute.cuh on wgmma in an sm_90a
-build, on its 128 x 256 tile with FASTASPP_CUDA_CONV=wgmma_wide, or on mma.sync with
-FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh likewise) and WMMA (FASTASPP_CUDA_CONV=wmma), on the
+build, on its 128 x 256 tile with FASTASPP_CUDA_CONV=wgmma_wide, on its 8-stage 64 x 128 tile with
+FASTASPP_CUDA_CONV=wgmma_deep, or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh
+likewise) and WMMA (FASTASPP_CUDA_CONV=wmma), on the
 shapes that select the CuTe kernels (channel counts in
 multiples of 8): several K chunks and their tail, more than one 128-channel column block, stride 2
 (whose input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map, the
@@ -40,8 +41,8 @@ CASES = [
 ]
 # The CuTe kernels as the build picks them (on wgmma in an sm_90a build), the conv on the 128 x 256
 # wgmma tile (two patches a CTA: the 21 x 21 and 13 x 11 maps leave the last CTA of each patch row
-# one), their mma.sync path, and WMMA for everything.
-KERNELS = {"cute": None, "wgmma_wide": "wgmma_wide", "sm80": "sm80", "wmma": "wmma"}
+# one) and on the 8-stage 64 x 128 one, their mma.sync path, and WMMA for everything.
+KERNELS = {"cute": None, "wgmma_wide": "wgmma_wide", "wgmma_deep": "wgmma_deep", "sm80": "sm80", "wmma": "wmma"}
 
 
 @pytest.fixture(params=list(KERNELS))
@@ -187,9 +188,9 @@ def test_the_kernels_that_run_are_the_ones_chosen(kernel):
     """Which kernels a 16-bit forward and backward run: wgmma (Sm90Config, Sm90GwConfig) on a
     compute-capability 9.0 GPU with an sm_90a build (TORCH_CUDA_ARCH_LIST naming 9.0a, as
     benchmarks/gpu_run.sh builds), else mma.sync (Sm80Config, Sm80GwConfig); FASTASPP_CUDA_CONV=
-    wgmma_wide runs the conv on Sm90WideConfig there (the weight gradient as unset), sm80 and wmma
-    force theirs. A wrong image check would otherwise let every other test pass on the fallback
-    kernels."""
+    wgmma_wide and wgmma_deep run the conv on Sm90WideConfig and Sm90DeepConfig there (the weight
+    gradient as unset), sm80 and wmma force theirs. A wrong image check would otherwise let every
+    other test pass on the fallback kernels."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 64, 17, 17, generator=g).to("cuda", torch.bfloat16, memory_format=torch.channels_last)
     w = torch.randn(64, 64, 3, 3, generator=g).to("cuda", torch.bfloat16)
@@ -200,9 +201,9 @@ def test_the_kernels_that_run_are_the_ones_chosen(kernel):
     if kernel == "wmma":
         conv, wgrad = "conv_wmma_kernel", "grad_weight_wmma_kernel"
     else:
-        arch = "Sm90" if kernel in ("cute", "wgmma_wide") and sm90_build else "Sm80"
+        arch = "Sm90" if kernel in ("cute", "wgmma_wide", "wgmma_deep") and sm90_build else "Sm80"
         conv, wgrad = f"{arch}Config", f"{arch}GwConfig"
-        if kernel == "wgmma_wide" and sm90_build:
-            conv = "Sm90WideConfig"
+        if kernel in ("wgmma_wide", "wgmma_deep") and sm90_build:
+            conv = {"wgmma_wide": "Sm90WideConfig", "wgmma_deep": "Sm90DeepConfig"}[kernel]
     assert len(convs) == 2 and all(conv in n for n in convs), (kernel, convs)
     assert len(wgrads) == 1 and wgrad in wgrads[0], (kernel, wgrads)

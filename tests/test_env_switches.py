@@ -81,6 +81,6 @@ def test_cuda_conv_switch_rejects_values_it_does_not_know(value, monkeypatch):
         pytest.skip(f"backend cuda unavailable: {reason}")
     x, w = (t.to("cuda", torch.bfloat16) for t in _inputs())
     monkeypatch.setenv("FASTASPP_CUDA_CONV", value)
-    accepted = "unset, sm80, wmma or wgmma_wide"
+    accepted = "unset, sm80, wmma, wgmma_wide or wgmma_deep"
     with pytest.raises(RuntimeError, match=f"FASTASPP_CUDA_CONV must be {accepted}, got '{value}'"):
         _conv(x, w, 2)

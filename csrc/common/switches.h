@@ -55,15 +55,16 @@ struct IntegerSwitch {
 
 inline constexpr const char* kOffOn[] = {"0", "1"};
 constexpr int kSwitchOff = 0, kSwitchOn = 1;  // kOffOn's choices
-inline constexpr const char* kCudaConvKernels[] = {"sm80", "wmma", "wgmma_wide"};
+inline constexpr const char* kCudaConvKernels[] = {"sm80", "wmma", "wgmma_wide", "wgmma_deep"};
 
 // cpu: "0" never uses oneDNN's conv, "1" always does (conv_paths.cpp).
 inline constexpr ChoiceSwitch kCpuOnednn{"FASTASPP_CPU_ONEDNN", kOffOn, 2};
 // cpu: "0" turns Winograd off, "1" runs it wherever it can (winograd.cpp).
 inline constexpr ChoiceSwitch kCpuWinograd{"FASTASPP_CPU_WINOGRAD", kOffOn, 2};
 // cuda, 16-bit: "sm80" keeps the CuTe kernels on mma.sync, "wmma" runs the WMMA kernels,
-// "wgmma_wide" runs the conv on the 128 x 256 wgmma tile where it can (conv_cute.cuh).
-inline constexpr ChoiceSwitch kCudaConv{"FASTASPP_CUDA_CONV", kCudaConvKernels, 3};
-inline constexpr int kCudaConvSm80 = 0, kCudaConvWmma = 1, kCudaConvWgmmaWide = 2;
+// "wgmma_wide" runs the conv on the 128 x 256 wgmma tile where it can, "wgmma_deep" on the 64 x 128
+// one with 8 stages (conv_cute.cuh).
+inline constexpr ChoiceSwitch kCudaConv{"FASTASPP_CUDA_CONV", kCudaConvKernels, 4};
+inline constexpr int kCudaConvSm80 = 0, kCudaConvWmma = 1, kCudaConvWgmmaWide = 2, kCudaConvWgmmaDeep = 3;
 
 }  // namespace fastaspp

@@ -280,7 +280,8 @@ bool cute_usable_for(const ConvBatch& b, int choice) {
 }
 
 // 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
-// 128 x 256 wgmma tile where FASTASPP_CUDA_CONV=wgmma_wide asks for it, else on the 64 x 128 one,
+// 128 x 256 wgmma tile, or the 8-stage 64 x 128 one, where FASTASPP_CUDA_CONV asks for it
+// (wgmma_wide, wgmma_deep), else on the 64 x 128 one,
 // in an sm_90a image, else on mma.sync; else WMMA tensor cores when the kernel image has them, else
 // SIMT; 16-byte vector loads when every conv's channel counts and pointers allow.
 template <typename T, bool kDgrad>
@@ -296,6 +297,9 @@ cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
     const int choice = kCudaConv.read();  // once per launch (common/switches.h)
     if (cute_usable_for<T, kDgrad, Sm90WideConfig<T>>(b, choice)) {
       return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, stream);
+    }
+    if (cute_usable_for<T, kDgrad, Sm90DeepConfig<T>>(b, choice)) {
+      return launch_cute<T, kDgrad, Sm90DeepConfig<T>>(b, stream);
     }
     if (cute_usable_for<T, kDgrad, Sm90Config<T>>(b, choice)) return launch_cute<T, kDgrad, Sm90Config<T>>(b, stream);
     if (cute_usable_for<T, kDgrad, Sm80Config<T>>(b, choice)) return launch_cute<T, kDgrad, Sm80Config<T>>(b, stream);

@@ -1,13 +1,14 @@
 // The cuda backend's fp16 / bf16 conv kernel on CUTLASS's CuTe, for the forward and grad_input of
 // atrous_conv.cu (same ConvBatch, patch tiling, dead-tap walk and epilogue: conv_common.cuh), in
 // two instruction sets that share everything but the MMA and the shared-memory layouts:
-// Sm90Config and Sm90WideConfig (sm90_common.cuh: wgmma, for sm_90a images) and Sm80Config
-// (sm80_common.cuh: ldmatrix + mma.sync, which Hopper also runs).
+// Sm90Config, Sm90DeepConfig and Sm90WideConfig (sm90_common.cuh: wgmma, for sm_90a images) and
+// Sm80Config (sm80_common.cuh: ldmatrix + mma.sync, which Hopper also runs).
 //
 // * CTA tile: BM = 64 dst pixels per patch the CTA owns (conv_tiling.h's CtaPatches) x BN dst
 //   channels, BK = 32 src channels per step:
 //   - Sm80Config, Sm90Config: one patch x 128 channels, 128 threads (sm80: 4 warps as 2 x 2, each
 //     32 x 64 of the tile; sm90: one warpgroup and one 64 x 128 x 16 wgmma atom);
+//   - Sm90DeepConfig (FASTASPP_CUDA_CONV=wgmma_deep): Sm90Config with twice the stages;
 //   - Sm90WideConfig (FASTASPP_CUDA_CONV=wgmma_wide): two horizontally adjacent patches x 256
 //     channels, 256 threads as two warpgroups, one per patch, each on a 64 x 256 x 16 atom. Each
 //     step moves 24 KB for 2 MFLOP where the 64 x 128 tile moves 12 KB for 0.5 MFLOP: half the
@@ -22,7 +23,8 @@
 //   one buffer per stage, then the fp32 tile (BM x (BN + 4) floats) staged over them for the
 //   epilogue's 16-byte stores and the BN statistics:
 //   - mma.sync: 3 stages x (64 x 32 + 128 x 32) x 2 bytes = 36864 bytes, static;
-//   - wgmma 64 x 128: 4 stages = 49152 bytes, static (the static limit);
+//   - wgmma 64 x 128: 4 stages = 49152 bytes, static (the static limit); 8 stages = 98304 bytes,
+//     dynamic (two CTAs per SM);
 //   - wgmma 128 x 256: 6 stages of 24 KB = 147456 bytes, dynamic (one CTA per SM).
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.
@@ -71,13 +73,29 @@ struct Sm90Config : Sm90Instructions<> {
 using Sm90WidePipeline = PipelineShape<6, 1>;
 
 template <typename T>
-struct Sm90WideConfig : Sm90Instructions<Sm90WidePipeline, true> {
+struct Sm90WideConfig : Sm90Instructions<Sm90WidePipeline, kCudaConvWgmmaWide> {
   static constexpr int kPatches = 2, kThreads = 2 * Sm80Tile::kThreads, kCtasPerSm = 1;
   static constexpr bool kDynamicSmem = true;
   static constexpr int BM = kPatches * kTilePixels, BN = 256, BK = Sm80Tile::kBK;
   using LayoutA = Sm90KMajor<T, BM, Sm90WidePipeline::kStages>;   // (pixel, k, stage)
   using LayoutB = Sm90MnMajor<T, BN, Sm90WidePipeline::kStages>;  // (n, k, stage)
   using TiledMma = Sm90TiledMma<T, cute::GMMA::Major::K, BN, kPatches>;
+};
+
+// The 64 x 128 tile with 8 stages in dynamic shared memory (98304 bytes, 2 CTAs per SM): copies 6
+// steps ahead instead of 2. At batch 1 a CTA has its SM to itself, and run 3's kernel time puts
+// its 0.5-MFLOP steps at about a seventh of wgmma's rate (benchmarks/results/GPU-NOTES.md, "Next"):
+// the latency of its copies, which more steps in flight should hide (not yet run on a device).
+using Sm90DeepPipeline = PipelineShape<8, 1>;
+
+template <typename T>
+struct Sm90DeepConfig : Sm90Instructions<Sm90DeepPipeline, kCudaConvWgmmaDeep> {
+  static constexpr int kPatches = 1, kThreads = Sm80Tile::kThreads, kCtasPerSm = 2;
+  static constexpr bool kDynamicSmem = true;
+  static constexpr int BM = kTilePixels, BN = 128, BK = Sm80Tile::kBK;
+  using LayoutA = Sm90KMajor<T, BM, Sm90DeepPipeline::kStages>;   // (pixel, k, stage)
+  using LayoutB = Sm90MnMajor<T, BN, Sm90DeepPipeline::kStages>;  // (n, k, stage)
+  using TiledMma = Sm90TiledMma<T>;
 };
 
 // A config's shared memory: A's stages, then B's (1024-byte aligned: the period of the 128-byte

@@ -135,18 +135,19 @@ inline bool sm90a_image_loaded() {
 
 // Whether a wgmma kernel may run: FASTASPP_CUDA_CONV (`choice`, as sm80_kernel_usable) unset or
 // naming a wgmma kernel (`sm80` and `wmma` keep launches on those kernels), and an sm_90a image
-// loaded. The 128 x 256 conv kernel (Sm90WideConfig, conv_cute.cuh) runs only where
-// FASTASPP_CUDA_CONV=wgmma_wide asks for it.
-template <bool kWide>
+// loaded. A kernel with kOnlyFor set (the conv's wide and deep tiles, conv_cute.cuh) runs only where
+// FASTASPP_CUDA_CONV asks for it by that value.
+template <int kOnlyFor>
 bool sm90_kernel_usable(int choice) {
   if (choice == kCudaConvWmma || choice == kCudaConvSm80) return false;
-  if (kWide && choice != kCudaConvWgmmaWide) return false;
+  if (kOnlyFor != kSwitchUnset && choice != kOnlyFor) return false;
   return sm90a_image_loaded();
 }
 
 // The wgmma instruction set of a CuTe kernel config (the configs derive from it), as
-// Sm80Instructions: where its body exists, its main loop over Pipeline's stages, its launch rule.
-template <class Pipeline_ = Sm90Pipeline, bool kWide = false>
+// Sm80Instructions: where its body exists, its main loop over Pipeline's stages, its launch rule
+// (kOnlyFor: the FASTASPP_CUDA_CONV value it waits for, or kSwitchUnset).
+template <class Pipeline_ = Sm90Pipeline, int kOnlyFor = kSwitchUnset>
 struct Sm90Instructions {
   using Pipeline = Pipeline_;
   static __host__ __device__ constexpr bool body_here() { return sm90a_here(); }
@@ -154,7 +155,7 @@ struct Sm90Instructions {
   static __device__ __forceinline__ void mainloop(Args&&... args) {
     sm90_mainloop<Pipeline>(static_cast<Args&&>(args)...);
   }
-  static bool usable(const void*, int choice) { return sm90_kernel_usable<kWide>(choice); }
+  static bool usable(const void*, int choice) { return sm90_kernel_usable<kOnlyFor>(choice); }
 };
 
 }  // namespace

@@ -164,6 +164,14 @@ int main() {
   check_chunks(Wide::BK, Wide::BN / CH, "wide B chunks (k, n)", Wide::kThreads);
   check_accumulators<Wide, Wide::kThreads>("wide bf16 accumulators", true);
   check_accumulators<Sm90WideConfig<__half>, Wide::kThreads>("wide fp16 accumulators", true);
+  // The 8-stage 64 x 128 tile: Sm90Config's mappings over more stages.
+  using Deep = Sm90DeepConfig<__nv_bfloat16>;
+  check_smem(as_position_independent_swizzle_layout(typename Deep::LayoutA{}), 1, "deep A: (pixel, k, stage)");
+  check_smem(as_position_independent_swizzle_layout(typename Deep::LayoutB{}), 0, "deep B: (n, k, stage)");
+  check_accumulators<Deep>("deep bf16 accumulators");
+  expect(CuteSmem<Deep>::kBytes == Sm90DeepPipeline::kStages * (Deep::BM + Deep::BN) * Deep::BK * 2 &&
+             Deep::kCtasPerSm * CuteSmem<Deep>::kBytes <= 227 * 1024,
+         "deep shared memory", CuteSmem<Deep>::kBytes, Deep::kCtasPerSm, 0);
   // Its shared memory: the stages, then the staged fp32 tile over them, within an H100's 227 KB.
   expect(CuteSmem<Wide>::kBytes == Sm90WidePipeline::kStages * (Wide::BM + Wide::BN) * Wide::BK * 2 &&
              CuteSmem<Wide>::kCBytes <= CuteSmem<Wide>::kBytes && CuteSmem<Wide>::kBytes <= 227 * 1024,
@@ -179,6 +187,7 @@ int main() {
   check_pipeline<Sm80Pipeline>("sm80 pipeline (steps, step, detail)");
   check_pipeline<Sm90Pipeline>("sm90 pipeline (steps, step, detail)");
   check_pipeline<Sm90WidePipeline>("wide pipeline (steps, step, detail)");
+  check_pipeline<Sm90DeepPipeline>("deep pipeline (steps, step, detail)");
   check_pipeline<PipelineShape<2, 0>>("2-stage pipeline (steps, step, detail)");
   check_pipeline<PipelineShape<5, 2>>("5-stage pipeline (steps, step, detail)");
   expect(size<2>(typename Conv::LayoutA{}) == Sm80Pipeline::kStages && size<2>(typename Gw::LayoutB{}) == Sm80Pipeline::kStages,
@@ -189,6 +198,10 @@ int main() {
              size<2>(typename Wide::LayoutB{}) == Sm90WidePipeline::kStages &&
              std::is_same<Wide::Pipeline, Sm90WidePipeline>::value,
          "wide layouts' stages", int(size<2>(typename Wide::LayoutA{})), Sm90WidePipeline::kStages, 0);
+  expect(size<2>(typename Deep::LayoutA{}) == Sm90DeepPipeline::kStages &&
+             size<2>(typename Deep::LayoutB{}) == Sm90DeepPipeline::kStages &&
+             std::is_same<Deep::Pipeline, Sm90DeepPipeline>::value,
+         "deep layouts' stages", int(size<2>(typename Deep::LayoutA{})), Sm90DeepPipeline::kStages, 0);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
