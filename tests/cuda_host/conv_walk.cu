@@ -12,6 +12,7 @@
 //   and of several summed into one dx (sum mode), each reading its channel slice of the gradient;
 // * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail.
 // Prints one line per failed check and "ok" when every check passes.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -53,7 +54,8 @@ static void emulate(ConvBatch& b) {
       const Patch& t = cp.cover;
       std::fill(acc.begin(), acc.end(), 0.0);
       int64_t steps = 0;
-      for (Step s = first_step<kDgrad>(b, r.first, r.end, t); s.conv < r.end; s = next_step<kDgrad, kBK>(b, r.end, t, s)) {
+      for (Step s = first_step<kDgrad>(b, r.first, r.end, t); s.conv < r.end;
+           s = next_step<kDgrad, kBK>(b, r.end, t, s)) {
         ++steps;
         const ConvArgs& c = b.conv[s.conv];
         const int64_t kh = s.tap / c.kw, kw = s.tap % c.kw;
@@ -62,7 +64,8 @@ static void emulate(ConvBatch& b) {
           const double* row = tile_row_src<kPatches, kDgrad, double>(c, cp, kh, kw, m);
           if (row == nullptr) continue;  // the kernel's zero fill
           for (int64_t k = s.k0; k < std::min(s.k0 + kBK, c.kc); ++k)
-            for (int j = 0; j < BN && n0 + j < c.nc; ++j) acc[m * BN + j] += row[k] * wt[(s.tap * c.kc + k) * c.nc + n0 + j];
+            for (int j = 0; j < BN && n0 + j < c.nc; ++j)
+              acc[m * BN + j] += row[k] * wt[(s.tap * c.kc + k) * c.nc + n0 + j];
         }
       }
       expect(steps == count_steps<kDgrad, kBK>(b, r, t), "walk length = count_steps", x, y, double(steps));
@@ -148,7 +151,8 @@ static void check_forward(std::mt19937& gen, int trial, int branches, int64_t ci
                 const int64_t ih = oh * g.s - g.p + kh * g.d, iw = ow * g.s - g.p + kw * g.d;
                 if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
                 for (int64_t ci = 0; ci < cin; ++ci) {
-                  const double term = x[((n * g.h + ih) * g.w + iw) * cin + ci] * ws[i][((kh * g.k + kw) * cin + ci) * cout + co];
+                  const double term =
+                      x[((n * g.h + ih) * g.w + iw) * cin + ci] * ws[i][((kh * g.k + kw) * cin + ci) * cout + co];
                   ref += term, mag += std::fabs(term);
                 }
               }
