@@ -39,32 +39,18 @@ __host__ __device__ constexpr bool sm90a_here() {
 #endif
 }
 
-// The 64 x N x 16 atom (N = 128 or 256) with both operands in shared memory: A K-major (the conv's
-// gathered pixels) or MN-major (the weight gradient's grad rows), B MN-major (N contiguous) in both
-// kernels.
+// The 64 x N x 16 atom (N = 128 or 256) with both operands in shared memory, fp32 accumulators:
+// A K-major (the conv's gathered pixels) or MN-major (the weight gradient's grad rows), B MN-major
+// (N contiguous) in both kernels. CuTe's selector picks the widest atom that divides N: N itself.
 template <typename T, cute::GMMA::Major MajorA, int N>
-struct Sm90Traits;
-template <cute::GMMA::Major MajorA>
-struct Sm90Traits<__half, MajorA, 128> {
-  using MmaAtom = cute::SM90_64x128x16_F32F16F16_SS<MajorA, cute::GMMA::Major::MN>;
-};
-template <cute::GMMA::Major MajorA>
-struct Sm90Traits<__nv_bfloat16, MajorA, 128> {
-  using MmaAtom = cute::SM90_64x128x16_F32BF16BF16_SS<MajorA, cute::GMMA::Major::MN>;
-};
-template <cute::GMMA::Major MajorA>
-struct Sm90Traits<__half, MajorA, 256> {
-  using MmaAtom = cute::SM90_64x256x16_F32F16F16_SS<MajorA, cute::GMMA::Major::MN>;
-};
-template <cute::GMMA::Major MajorA>
-struct Sm90Traits<__nv_bfloat16, MajorA, 256> {
-  using MmaAtom = cute::SM90_64x256x16_F32BF16BF16_SS<MajorA, cute::GMMA::Major::MN>;
-};
+using Sm90MmaAtom = decltype(cute::GMMA::ss_op_selector<typename Sm80Traits<T>::Value, typename Sm80Traits<T>::Value,
+                                                        float, cute::Shape<cute::_64, cute::Int<N>, cute::_16>,
+                                                        MajorA, cute::GMMA::Major::MN>());
 
 // WarpGroupsM warpgroups stacked along M, each running one 64 x N atom on its 64 rows.
 template <typename T, cute::GMMA::Major MajorA = cute::GMMA::Major::K, int N = 128, int WarpGroupsM = 1>
 using Sm90TiledMma =
-    decltype(cute::make_tiled_mma(typename Sm90Traits<T, MajorA, N>::MmaAtom{},
+    decltype(cute::make_tiled_mma(Sm90MmaAtom<T, MajorA, N>{},
                                   cute::Layout<cute::Shape<cute::Int<WarpGroupsM>, cute::_1, cute::_1>>{}));
 
 // 4 stages, each step's wgmma still running while the next step is issued.
