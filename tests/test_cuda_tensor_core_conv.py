@@ -1,11 +1,11 @@
 """The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_cute.cuh on wgmma in an sm_90a
 build, on its 128 x 256 tile with FASTASPP_CUDA_CONV=wgmma_wide, on its 8-stage 64 x 128 tile with
 FASTASPP_CUDA_CONV=wgmma_deep, or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh
-likewise) and WMMA (FASTASPP_CUDA_CONV=wmma), on the
-shapes that select the CuTe kernels (channel counts in
-multiples of 8): several K chunks and their tail, more than one 128-channel column block, stride 2
-(whose input gradient gathers across stride phases), a 5x5 kernel, dead taps, a 1x1 map, the
-ASPP's channel-slice store, and the training ASPP's epilogue statistics and projection prologue.
+likewise) and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels
+(channel counts in multiples of 8): several K chunks and their tail, more than one 128-channel
+column block, stride 2 (whose input gradient gathers across stride phases), a 5x5 kernel, dead
+taps, a 1x1 map, the ASPP's channel-slice store, and the training ASPP's epilogue statistics and
+projection prologue.
 Forward, input and weight gradients. Needs a GPU build; elsewhere every case is skipped with the
 reason.
 

@@ -15,10 +15,10 @@
 //   async proxy, so each thread fences its own writes (the cp.async copies and the projection
 //   prologue's rewrites) into it before the barrier that publishes a stage.
 // * Each step's wgmma is waited for one step late (warpgroup_wait<1>), so it runs while the
-//   warpgroup waits for and issues the next step: 4 stages (48 KB, the static limit; the wide
-//   conv tile takes more, in dynamic shared memory), copies stages - 2 steps ahead, and a stage is
-//   refilled only after the barrier that follows the wait for the wgmma that read it
-//   (sm80_common.cuh's PipelineShape).
+//   warpgroup waits for and issues the next step: 4 stages (48 KB, the static limit; the conv's
+//   wide and deep tiles take 6 and 8, in dynamic shared memory), copies stages - 2 steps ahead,
+//   and a stage is refilled only after the barrier that follows the wait for the wgmma that read
+//   it (sm80_common.cuh's PipelineShape).
 // * The bodies exist only in an sm_90a image (TORCH_CUDA_ARCH_LIST "9.0a"); sm90_kernel_usable asks
 //   the loaded image whether it is one (sm90a_image_marker), so a plain sm_90 build falls to the
 //   sm80 path instead of reaching the trap.
