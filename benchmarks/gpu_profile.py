@@ -61,11 +61,11 @@ def main():
         with torch.no_grad():
             # Each call takes the pair's next input: one input of aspp-33 at batch 8 (36 MB) would
             # stay in the H200's 60 MB L2 from call to call.
-            fns = {"eager": lambda pair=pair: pair.eager(pair.next_x())}
-            for label, (b, _) in BACKENDS.items():
-                fns[label] = (lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()))
-            for label, fn in fns.items():
-                with _cuda_conv(BACKENDS.get(label, (None, None))[1]):
+            runs = [("eager", lambda pair=pair: pair.eager(pair.next_x()), None)]
+            runs += [(label, lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()), switch)
+                     for label, (b, switch) in BACKENDS.items()]
+            for label, fn, switch in runs:
+                with _cuda_conv(switch):
                     call, host = per_call_ms(fn), host_ms(fn)
                     kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in kernel_table(fn))
                 print(f"{name} b{batch} {label:10s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)

@@ -270,15 +270,6 @@ cudaError_t launch_cute(ConvBatch& b, cudaStream_t stream) {
                                   Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0);
 }
 
-// Whether conv_cute_kernel with Config can run every conv of the batch under FASTASPP_CUDA_CONV's
-// `choice`.
-template <typename T, bool kDgrad, typename Config>
-bool cute_usable_for(const ConvBatch& b, int choice) {
-  for (int i = 0; i < b.count; ++i)
-    if (!conv_cute_usable<T, kDgrad, Config>(b.conv[i], choice)) return false;
-  return true;
-}
-
 // 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
 // 128 x 256 wgmma tile, or the 8-stage 64 x 128 one, where FASTASPP_CUDA_CONV asks for it
 // (wgmma_wide, wgmma_deep), else on the 64 x 128 one,
@@ -294,15 +285,21 @@ cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
           aligned16(a.src) && aligned16(a.wt);
   }
   if constexpr (is_16bit<T>()) {
+    bool cute = true;  // the operands suit the CuTe configs; which one runs is the configs' rule
+    for (int i = 0; i < b.count; ++i) cute = cute && conv_cute_operands_ok(b.conv[i]);
     const int choice = kCudaConv.read();  // once per launch (common/switches.h)
-    if (cute_usable_for<T, kDgrad, Sm90WideConfig<T>>(b, choice)) {
+    if (cute && conv_cute_config_usable<T, kDgrad, Sm90WideConfig<T>>(choice)) {
       return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, stream);
     }
-    if (cute_usable_for<T, kDgrad, Sm90DeepConfig<T>>(b, choice)) {
+    if (cute && conv_cute_config_usable<T, kDgrad, Sm90DeepConfig<T>>(choice)) {
       return launch_cute<T, kDgrad, Sm90DeepConfig<T>>(b, stream);
     }
-    if (cute_usable_for<T, kDgrad, Sm90Config<T>>(b, choice)) return launch_cute<T, kDgrad, Sm90Config<T>>(b, stream);
-    if (cute_usable_for<T, kDgrad, Sm80Config<T>>(b, choice)) return launch_cute<T, kDgrad, Sm80Config<T>>(b, stream);
+    if (cute && conv_cute_config_usable<T, kDgrad, Sm90Config<T>>(choice)) {
+      return launch_cute<T, kDgrad, Sm90Config<T>>(b, stream);
+    }
+    if (cute && conv_cute_config_usable<T, kDgrad, Sm80Config<T>>(choice)) {
+      return launch_cute<T, kDgrad, Sm80Config<T>>(b, stream);
+    }
     void (*k)(ConvBatch) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
     if (tc_usable<T>(reinterpret_cast<const void*>(k))) return launch_batch<64>(k, b, 128, stream);
   }

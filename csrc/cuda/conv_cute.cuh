@@ -30,8 +30,8 @@
 //   of a step in shared memory once they land, before the barrier that publishes them.
 // * Requires both channel counts (and the src pixel stride and channel offset) to be multiples
 //   of 8 and 16-byte aligned src and weight (one chunk is wholly inside or outside a channel
-//   range); conv_cute_usable says whether a launch qualifies for a config, and atrous_conv.cu
-//   routes the rest to the WMMA kernel.
+//   range); conv_cute_operands_ok says whether a conv's operands qualify, conv_cute_config_usable
+//   whether a config may run, and atrous_conv.cu routes the rest to the WMMA kernel.
 #pragma once
 
 #include "conv_common.cuh"
@@ -254,20 +254,23 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   stage_accumulators<BM, BN>(mma, acc, cs, LDC);
   staged_epilogue<T, kDgrad, BN, NT, Config::kPatches>(a, cp, n0, cs, LDC);
   } else {
-    __trap();  // conv_cute_usable never selects a config whose body this image lacks
+    __trap();  // conv_cute_config_usable never selects a config whose body this image lacks
   }
 }
 
-// Whether a launch can run conv_cute_kernel with Config: channel counts (and src stride and
-// offset) in whole 16-byte chunks, aligned operands, and the config's rule for the launch's
-// FASTASPP_CUDA_CONV `choice` and image (else the next config, then the WMMA kernel, kept for the
-// launches these cannot take).
-template <typename T, bool kDgrad, typename Config>
-bool conv_cute_usable(const ConvArgs& a, int choice) {
+// Whether a conv's operands suit every CuTe config: channel counts (and src stride and offset) in
+// whole 16-byte chunks, aligned src and weight (else the WMMA kernel, kept for the launches these
+// cannot take).
+inline bool conv_cute_operands_ok(const ConvArgs& a) {
   constexpr int CH = Sm80Tile::kChunk;
-  if (a.kc % CH != 0 || a.nc % CH != 0 || a.src_pixel_stride % CH != 0 || a.src_channel_offset % CH != 0 ||
-      !aligned16(a.src) || !aligned16(a.wt))
-    return false;
+  return a.kc % CH == 0 && a.nc % CH == 0 && a.src_pixel_stride % CH == 0 && a.src_channel_offset % CH == 0 &&
+         aligned16(a.src) && aligned16(a.wt);
+}
+
+// Whether conv_cute_kernel with Config may run under the launch's FASTASPP_CUDA_CONV `choice` and
+// the loaded image (else the next config).
+template <typename T, bool kDgrad, typename Config>
+bool conv_cute_config_usable(int choice) {
   return Config::usable(reinterpret_cast<const void*>(conv_cute_kernel<T, kDgrad, Config>), choice);
 }
 
