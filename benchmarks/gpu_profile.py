@@ -1,7 +1,8 @@
 """Where a fused conv's time goes on the GPU: kernel time (profiler) against per-call time.
 
 For a few ASPP-sized convs (bf16, channels_last) and each GPU backend (and the cuda backend's
-128 x 256 and 8-stage wgmma tiles, FASTASPP_CUDA_CONV=wgmma_wide and wgmma_deep) it prints the median
+128 x 256 and 8-stage wgmma tiles, FASTASPP_CUDA_CONV=wgmma_wide and wgmma_deep, and its 64 x 128
+tiles with a split K loop, FASTASPP_CUDA_SPLIT_K) it prints the median
 per-call time (CUDA events around one call), the host time per call (many calls, one sync), and
 the device time of each kernel the call launches (torch.profiler). If the per-call time is far
 above the kernels' sum, the cost is on the host; otherwise it is in the kernels. Last, where the
@@ -24,10 +25,14 @@ from fastaspp.bench.report import environment
 from fastaspp.bench.timing import summarize, time_ms
 
 CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
-# Row label: (backend, FASTASPP_CUDA_CONV while it runs); cuda-wide is the 128 x 256 wgmma tile,
-# cuda-deep the 64 x 128 one with 8 stages.
-BACKENDS = {"triton": ("triton", None), "cuda": ("cuda", None), "cuda-wide": ("cuda", "wgmma_wide"),
-            "cuda-deep": ("cuda", "wgmma_deep")}
+# Row label: (backend, the cuda switches while it runs; the others unset); cuda-wide is the 128 x 256
+# wgmma tile, cuda-deep the 64 x 128 one with 8 stages, "-split" their K loop in up to 8 parts
+# where the grid leaves SMs idle (the batch-1 case).
+CUDA_SWITCHES = ("FASTASPP_CUDA_CONV", "FASTASPP_CUDA_SPLIT_K")
+SPLIT = {"FASTASPP_CUDA_SPLIT_K": "8"}
+DEEP = {"FASTASPP_CUDA_CONV": "wgmma_deep"}
+BACKENDS = {"triton": ("triton", {}), "cuda": ("cuda", {}), "cuda-wide": ("cuda", {"FASTASPP_CUDA_CONV": "wgmma_wide"}),
+            "cuda-deep": ("cuda", DEEP), "cuda-split": ("cuda", SPLIT), "cuda-deep-split": ("cuda", {**DEEP, **SPLIT})}
 
 
 def per_call_ms(fn, reps=50):
@@ -61,14 +66,14 @@ def main():
         with torch.no_grad():
             # Each call takes the pair's next input: one input of aspp-33 at batch 8 (36 MB) would
             # stay in the H200's 60 MB L2 from call to call.
-            runs = [("eager", lambda pair=pair: pair.eager(pair.next_x()), None)]
-            runs += [(label, lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()), switch)
-                     for label, (b, switch) in BACKENDS.items()]
-            for label, fn, switch in runs:
-                with _cuda_conv(switch):
+            runs = [("eager", lambda pair=pair: pair.eager(pair.next_x()), {})]
+            runs += [(label, lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()), switches)
+                     for label, (b, switches) in BACKENDS.items()]
+            for label, fn, switches in runs:
+                with _cuda_switches(switches):
                     call, host = per_call_ms(fn), host_ms(fn)
                     kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in kernel_table(fn))
-                print(f"{name} b{batch} {label:10s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
+                print(f"{name} b{batch} {label:15s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
 
 
 def host_profile(fn, reps=300, top=12):
@@ -99,17 +104,17 @@ def main_host():
 
 
 @contextlib.contextmanager
-def _cuda_conv(value):
-    """FASTASPP_CUDA_CONV set to value (unset for None) inside, restored after."""
-    before = os.environ.pop("FASTASPP_CUDA_CONV", None)
-    if value is not None:
-        os.environ["FASTASPP_CUDA_CONV"] = value
+def _cuda_switches(values):
+    """The CUDA_SWITCHES set as values says (the others unset) inside, restored after."""
+    before = {name: os.environ.pop(name, None) for name in CUDA_SWITCHES}
+    os.environ.update(values)
     try:
         yield
     finally:
-        os.environ.pop("FASTASPP_CUDA_CONV", None)
-        if before is not None:
-            os.environ["FASTASPP_CUDA_CONV"] = before
+        for name, value in before.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def _with_backend(name, module, x):

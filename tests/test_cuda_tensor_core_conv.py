@@ -1,7 +1,8 @@
 """The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_cute.cuh on wgmma in an sm_90a
 build, on its 128 x 256 tile with FASTASPP_CUDA_CONV=wgmma_wide, on its 8-stage 64 x 128 tile with
 FASTASPP_CUDA_CONV=wgmma_deep, or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh
-likewise) and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels
+likewise; the 64 x 128 tiles also with their K loop split, FASTASPP_CUDA_SPLIT_K=4, which these
+small grids take) and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels
 (channel counts in multiples of 8): several K chunks and their tail, more than one 128-channel
 column block, stride 2 (whose input gradient gathers across stride phases), a 5x5 kernel, dead
 taps, a 1x1 map, the ASPP's channel-slice store, and the training ASPP's epilogue statistics and
@@ -10,7 +11,8 @@ Forward, input and weight gradients. Needs a GPU build; elsewhere every case is 
 reason.
 
 Tolerances as in test_atrous_conv.py (rule 2): within gamma_n of the magnitude of the fp64
-reference on the same rounded inputs, n = Cin*KH*KW + CONV_EPILOGUE for the forward,
+reference on the same rounded inputs (a split K loop adds its parts' sums in order: each product
+still passes through fewer than n additions), n = Cin*KH*KW + CONV_EPILOGUE for the forward,
 Cout*KH*KW + 2 for the input gradient and N*Ho*Wo + 2 for the weight gradient, plus one rounding
 to the 16-bit output (two in the backward).
 Statistics as in test_aspp_train.py: from the fp32 accumulators, whose distance from the exact
@@ -41,8 +43,21 @@ CASES = [
 ]
 # The CuTe kernels as the build picks them (on wgmma in an sm_90a build), the conv on the 128 x 256
 # wgmma tile (two patches a CTA: the 21 x 21 and 13 x 11 maps leave the last CTA of each patch row
-# one) and on the 8-stage 64 x 128 one, their mma.sync path, and WMMA for everything.
-KERNELS = {"cute": None, "wgmma_wide": "wgmma_wide", "wgmma_deep": "wgmma_deep", "sm80": "sm80", "wmma": "wmma"}
+# one) and on the 8-stage 64 x 128 one, their mma.sync path, and WMMA for everything; the "_split"
+# ones split the 64 x 128 tiles' K loop in up to 4 parts (at most one part per 8 K steps: CASES'
+# convs with 16 channels or fewer and one tap stay whole; the others split, some parts starting
+# inside a tap). Each value is the environment the kernel runs under.
+SPLIT = {"FASTASPP_CUDA_SPLIT_K": "4"}
+KERNELS = {
+    "cute": {},
+    "cute_split": SPLIT,
+    "wgmma_wide": {"FASTASPP_CUDA_CONV": "wgmma_wide"},
+    "wgmma_deep": {"FASTASPP_CUDA_CONV": "wgmma_deep"},
+    "wgmma_deep_split": {"FASTASPP_CUDA_CONV": "wgmma_deep", **SPLIT},
+    "sm80": {"FASTASPP_CUDA_CONV": "sm80"},
+    "sm80_split": {"FASTASPP_CUDA_CONV": "sm80", **SPLIT},
+    "wmma": {"FASTASPP_CUDA_CONV": "wmma"},
+}
 
 
 @pytest.fixture(params=list(KERNELS))
@@ -50,10 +65,10 @@ def kernel(request, monkeypatch):
     reason = fastaspp._backend.unavailable_reason("cuda")
     if reason is not None:
         pytest.skip(f"backend cuda unavailable: {reason}")
-    if KERNELS[request.param] is None:
-        monkeypatch.delenv("FASTASPP_CUDA_CONV", raising=False)
-    else:
-        monkeypatch.setenv("FASTASPP_CUDA_CONV", KERNELS[request.param])
+    for name in ("FASTASPP_CUDA_CONV", "FASTASPP_CUDA_SPLIT_K"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in KERNELS[request.param].items():
+        monkeypatch.setenv(name, value)
     with fastaspp.backend("cuda"):
         yield request.param
 
@@ -189,21 +204,26 @@ def test_the_kernels_that_run_are_the_ones_chosen(kernel):
     compute-capability 9.0 GPU with an sm_90a build (TORCH_CUDA_ARCH_LIST naming 9.0a, as
     benchmarks/gpu_run.sh builds), else mma.sync (Sm80Config, Sm80GwConfig); FASTASPP_CUDA_CONV=
     wgmma_wide and wgmma_deep run the conv on Sm90WideConfig and Sm90DeepConfig there (the weight
-    gradient as unset), sm80 and wmma force theirs. A wrong image check would otherwise let every
-    other test pass on the fallback kernels."""
+    gradient as unset), sm80 and wmma force theirs. With FASTASPP_CUDA_SPLIT_K, the forward and the
+    input gradient (9 patches, 18 K steps: two parts) are each followed by their split's second
+    kernel. A wrong image check would otherwise let every other test pass on the fallback kernels."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 64, 17, 17, generator=g).to("cuda", torch.bfloat16, memory_format=torch.channels_last)
     w = torch.randn(64, 64, 3, 3, generator=g).to("cuda", torch.bfloat16)
     names = _kernel_names(x.requires_grad_(), w.requires_grad_())
-    convs = [n for n in names if "conv_" in n and "_kernel" in n]  # the forward and the input gradient
+    finalizers = [n for n in names if "conv_split_finalize_kernel" in n]
+    convs = [n for n in names if "conv_" in n and "_kernel" in n and n not in finalizers]  # forward, input gradient
     wgrads = [n for n in names if "grad_weight_" in n and "finalize" not in n]
     sm90_build = "9.0a" in os.environ.get("TORCH_CUDA_ARCH_LIST", "") and torch.cuda.get_device_capability() == (9, 0)
-    if kernel == "wmma":
+    base = kernel.removesuffix("_split")
+    if base == "wmma":
         conv, wgrad = "conv_wmma_kernel", "grad_weight_wmma_kernel"
     else:
-        arch = "Sm90" if kernel in ("cute", "wgmma_wide", "wgmma_deep") and sm90_build else "Sm80"
+        arch = "Sm90" if base in ("cute", "wgmma_wide", "wgmma_deep") and sm90_build else "Sm80"
         conv, wgrad = f"{arch}Config", f"{arch}GwConfig"
-        if kernel in ("wgmma_wide", "wgmma_deep") and sm90_build:
-            conv = {"wgmma_wide": "Sm90WideConfig", "wgmma_deep": "Sm90DeepConfig"}[kernel]
+        if base in ("wgmma_wide", "wgmma_deep") and sm90_build:
+            conv = {"wgmma_wide": "Sm90WideConfig", "wgmma_deep": "Sm90DeepConfig"}[base]
     assert len(convs) == 2 and all(conv in n for n in convs), (kernel, convs)
     assert len(wgrads) == 1 and wgrad in wgrads[0], (kernel, wgrads)
+    # One second kernel per split launch: the forward's and the input gradient's instantiations.
+    assert len(finalizers) == (2 if kernel.endswith("_split") else 0), (kernel, finalizers)

@@ -84,3 +84,16 @@ def test_cuda_conv_switch_rejects_values_it_does_not_know(value, monkeypatch):
     accepted = "unset, sm80, wmma, wgmma_wide or wgmma_deep"
     with pytest.raises(RuntimeError, match=f"FASTASPP_CUDA_CONV must be {accepted}, got '{value}'"):
         _conv(x, w, 2)
+
+
+@pytest.mark.parametrize("value", ["0", "auto", "-2", "4 "])
+def test_cuda_split_switch_rejects_what_is_not_a_part_count(value, monkeypatch):
+    """FASTASPP_CUDA_SPLIT_K is a whole number >= 1, checked as FASTASPP_CUDA_CONV is. GPU builds only."""
+    reason = fastaspp._backend.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(f"backend cuda unavailable: {reason}")
+    x, w = (t.to("cuda", torch.bfloat16) for t in _inputs())
+    monkeypatch.setenv("FASTASPP_CUDA_SPLIT_K", value)
+    message = f"FASTASPP_CUDA_SPLIT_K must be unset or a whole number >= 1, got '{value}'"
+    with pytest.raises(RuntimeError, match=message):
+        _conv(x, w, 2)

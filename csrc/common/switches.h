@@ -1,8 +1,9 @@
 // The FASTASPP_* run-time switches (README, "Knobs"): read when a call needs them, so they may change
 // between calls, and parsed strictly: a value that is none of a switch's choices, or not a whole
 // number, is reported as invalid rather than read as the default. Pure C++ (the .cu files read
-// FASTASPP_CUDA_CONV with it); the torch side turns an invalid value into an error that names the
-// variable and what it accepts (checked_switch in checks.h), before any kernel runs.
+// FASTASPP_CUDA_CONV and FASTASPP_CUDA_SPLIT_K with it); the torch side turns an invalid value into
+// an error that names the variable and what it accepts (checked_switch in checks.h), before any
+// kernel runs.
 #pragma once
 
 #include <cerrno>
@@ -66,5 +67,8 @@ inline constexpr ChoiceSwitch kCpuWinograd{"FASTASPP_CPU_WINOGRAD", kOffOn, 2};
 // one with 8 stages (conv_cute.cuh).
 inline constexpr ChoiceSwitch kCudaConv{"FASTASPP_CUDA_CONV", kCudaConvKernels, 4};
 inline constexpr int kCudaConvSm80 = 0, kCudaConvWmma = 1, kCudaConvWgmmaWide = 2, kCudaConvWgmmaDeep = 3;
+// cuda, 16-bit: the most parts the CuTe conv on a 64 x 128 tile splits its K loop into where its
+// grid leaves SMs idle (common/k_split.h); 1, the default, never splits.
+inline constexpr IntegerSwitch kCudaSplitK{"FASTASPP_CUDA_SPLIT_K", 1, 1};
 
 }  // namespace fastaspp

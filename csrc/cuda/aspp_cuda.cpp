@@ -90,11 +90,12 @@ void launch_branches(const at::Tensor& x, at::TensorList weights, at::IntArrayRe
     b.y_channel_offset = static_cast<int64_t>(i) * c;
     b.options = options_for(static_cast<int64_t>(i));
   }
+  Scratch scratch(x);
   check_launch(fastaspp_atrous_conv2d_forward_branches_cuda(
                    x_nhwc.data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_total, dtype_code(x.scalar_type()), n,
                    c_in, h, w, c, /*h_out=*/h, /*w_out=*/w, /*stride_h=*/1, /*stride_w=*/1, branches.data(),
-                   static_cast<int>(branches.size()), current_stream(x)),
-               "aspp_branches");
+                   static_cast<int>(branches.size()), scratch.get(), current_stream(x)),
+               "aspp_branches", scratch);
 }
 
 at::Tensor aspp_branches_forward_cuda(const at::Tensor& x, at::TensorList weights,
@@ -181,6 +182,7 @@ at::Tensor aspp_branches_grad_input_cuda(const at::Tensor& grad, at::TensorList 
   const int dtype = dtype_code(grad.scalar_type());
   const cudaStream_t stream = current_stream(grad);
   std::vector<at::Tensor> layouts;  // alive until the launch is queued
+  Scratch scratch(grad);
   for (size_t first = 0; first < weights.size(); first += FASTASPP_MAX_BRANCHES) {
     const size_t count = std::min<size_t>(FASTASPP_MAX_BRANCHES, weights.size() - first);
     std::vector<FastasppGradBranch> branches(count);
@@ -197,8 +199,8 @@ at::Tensor aspp_branches_grad_input_cuda(const at::Tensor& grad, at::TensorList 
     check_launch(fastaspp_atrous_conv2d_grad_input_branches_cuda(
                      g_nhwc.data_ptr(), /*grad_pixel_stride=*/c_total, out.data_ptr(), dtype, n, c_in, h, w, c,
                      /*h_out=*/h, /*w_out=*/w, /*stride_h=*/1, /*stride_w=*/1, branches.data(),
-                     static_cast<int>(count), stream),
-                 "aspp_branches_grad_input");
+                     static_cast<int>(count), scratch.get(), stream),
+                 "aspp_branches_grad_input", scratch);
     if (first > 0) dx.add_(out);
   }
   return dx;

@@ -68,11 +68,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_project_forward_cuda(
     options.x_shift = shift_c.data_ptr();
   }
   options.stats = planes.data_ptr();
+  Scratch scratch(z);
   check_launch(fastaspp_atrous_conv2d_forward_fused_cuda(
                    z_nhwc.data_ptr(), w_io.data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_out,
                    /*y_channel_offset=*/0, dtype_code(z.scalar_type()), n, k, h, w, c_out, 1, 1, h, w,
-                   1, 1, 0, 0, 1, 1, &options, current_stream(z)),
-               "affine_relu_project_forward");
+                   1, 1, 0, 0, 1, 1, &options, scratch.get(), current_stream(z)),
+               "affine_relu_project_forward", scratch);
   auto [mean, var] = merge_patch_stats(planes);
   return {y, mean, var};
 }

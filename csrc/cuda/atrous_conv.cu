@@ -49,8 +49,9 @@
 //   Plain NHWC is stride = Cout, offset = 0 (grad_input always uses stride = Cin, offset 0).
 //   Only the store moves; the gather, the tiling and the dead-tap skipping do not change.
 // * Known costs: grad_input with stride > 1 gathers a zero for the dst pixels of the wrong
-//   phase (only 1/(sh*sw) of a live tap's rows are real), and there is no split over K, so a
-//   small batch with few pixel tiles leaves SMs idle. Neither matters for ASPP (stride 1).
+//   phase (only 1/(sh*sw) of a live tap's rows are real), which does not matter for ASPP
+//   (stride 1); only the CuTe 64 x 128 tiles split their K loop when few pixel tiles leave SMs
+//   idle (FASTASPP_CUDA_SPLIT_K, off by default until measured on a device).
 
 #include <algorithm>
 #include <vector>
@@ -243,40 +244,85 @@ __global__ void __launch_bounds__(256) conv_simt_kernel(const __grid_constant__ 
     }
 }
 
-// Launches `kernel` over the batch with BN dst channels and patches_per_cta patches per CTA,
-// smem_bytes of dynamic shared memory.
+// The grid of a launch over the batch with BN dst channels and patches_per_cta patches per CTA
+// (x: the patches, y: the (conv, channel block)s; sets b.blocks_per_conv), or {0, 0} when it is
+// past the grid's limits.
 template <int BN>
-cudaError_t launch_batch(void (*kernel)(ConvBatch), ConvBatch& b, int threads, cudaStream_t stream,
-                         int patches_per_cta = 1, int smem_bytes = 0) {
+dim3 batch_grid(ConvBatch& b, int patches_per_cta = 1) {
   int64_t blocks = 1;
   for (int i = 0; i < b.count; ++i) blocks = std::max(blocks, div_up(b.conv[i].nc, BN));
   const ConvArgs& a = b.conv[0];  // every conv has the same dst map, so the same patches
   const int64_t grid_x = a.n * ctas_per_img(a.tiling, patches_per_cta);
   const int64_t grid_y = b.sum_convs ? blocks : blocks * b.count;
-  if (grid_x > 0x7fffffff || grid_y > 65535) return cudaErrorInvalidValue;
+  if (grid_x > 0x7fffffff || grid_y > 65535) return dim3(0, 0);
   b.blocks_per_conv = static_cast<int>(blocks);
+  return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+}
+
+// Launches `kernel` over `grid` with smem_bytes of dynamic shared memory.
+cudaError_t launch_grid(void (*kernel)(ConvBatch), const ConvBatch& b, dim3 grid, int threads, cudaStream_t stream,
+                        int smem_bytes = 0) {
+  if (grid.x == 0) return cudaErrorInvalidValue;
   if (smem_bytes > 0) {
     const cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y)), threads, smem_bytes, stream>>>(b);
+  kernel<<<grid, threads, smem_bytes, stream>>>(b);
   return cudaGetLastError();
 }
 
-// Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory).
+// The K steps of the longest walk a CTA of the batch may take (every tap live): what a split's
+// parts are sized by.
+template <int BK>
+int64_t dense_steps(const ConvBatch& b) {
+  int64_t most = 0, total = 0;
+  for (int i = 0; i < b.count; ++i) {
+    const ConvArgs& a = b.conv[i];
+    const int64_t steps = a.kh * a.kw * div_up(a.kc, BK);
+    most = std::max(most, steps);
+    total += steps;
+  }
+  return b.sum_convs ? total : most;
+}
+
+// Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory). Where the
+// grid leaves SMs idle and split_cap (FASTASPP_CUDA_SPLIT_K) allows, a config with one patch a CTA
+// splits the K loop (common/k_split.h): its parts' tiles go to a workspace from `scratch` (never
+// with none), then conv_split_finalize_kernel runs the epilogue.
 template <typename T, bool kDgrad, typename Config>
-cudaError_t launch_cute(ConvBatch& b, cudaStream_t stream) {
-  return launch_batch<Config::BN>(conv_cute_kernel<T, kDgrad, Config>, b, Config::kThreads, stream, Config::kPatches,
-                                  Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0);
+cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
+  constexpr int BM = Config::BM, BN = Config::BN;
+  dim3 grid = batch_grid<BN>(b, Config::kPatches);
+  const int smem = Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0;
+  b.splits = 1;
+  b.partials = nullptr;
+  if constexpr (Config::kPatches == 1) {
+    const int64_t ctas = int64_t(grid.x) * grid.y;
+    const int splits = scratch == nullptr || split_cap <= 1
+                           ? 1
+                           : k_split_count(ctas, sm_count(), Config::kCtasPerSm, dense_steps<Config::BK>(b), split_cap);
+    if (splits > 1) {
+      void* partials = scratch->allocate(scratch->context, splits * ctas * BM * BN * int64_t(sizeof(float)));
+      if (partials == nullptr) return cudaErrorMemoryAllocation;
+      b.splits = splits;
+      b.partials = static_cast<float*>(partials);
+      const cudaError_t err = launch_grid(conv_cute_kernel<T, kDgrad, Config>, b, dim3(grid.x, grid.y, splits),
+                                          Config::kThreads, stream, smem);
+      if (err != cudaSuccess) return err;
+      return launch_grid(conv_split_finalize_kernel<T, kDgrad, BM, BN>, b, grid, kSplitFinalizeThreads, stream);
+    }
+  }
+  return launch_grid(conv_cute_kernel<T, kDgrad, Config>, b, grid, Config::kThreads, stream, smem);
 }
 
 // 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
 // 128 x 256 wgmma tile, or the 8-stage 64 x 128 one, where FASTASPP_CUDA_CONV asks for it
-// (wgmma_wide, wgmma_deep), else on the 64 x 128 one,
-// in an sm_90a image, else on mma.sync; else WMMA tensor cores when the kernel image has them, else
-// SIMT; 16-byte vector loads when every conv's channel counts and pointers allow.
+// (wgmma_wide, wgmma_deep), else on the 64 x 128 one, in an sm_90a image, else on mma.sync, the
+// 64 x 128 tiles with their K loop split where FASTASPP_CUDA_SPLIT_K allows (launch_cute); else WMMA
+// tensor cores when the kernel image has them, else SIMT; 16-byte vector loads when every conv's
+// channel counts and pointers allow.
 template <typename T, bool kDgrad>
-cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
+cudaError_t launch_conv_t(ConvBatch& b, const FastasppScratch* scratch, cudaStream_t stream) {
   bool vec = true;
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   for (int i = 0; i < b.count; ++i) {
@@ -288,40 +334,43 @@ cudaError_t launch_conv_t(ConvBatch& b, cudaStream_t stream) {
     bool cute = true;  // the operands suit the CuTe configs; which one runs is the configs' rule
     for (int i = 0; i < b.count; ++i) cute = cute && conv_cute_operands_ok(b.conv[i]);
     const int choice = kCudaConv.read();  // once per launch (common/switches.h)
+    int64_t split_cap = 1;
+    if (!kCudaSplitK.read(split_cap)) split_cap = 1;  // the bindings have rejected invalid values
     if (cute && conv_cute_config_usable<T, kDgrad, Sm90WideConfig<T>>(choice)) {
-      return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, stream);
+      return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, split_cap, scratch, stream);
     }
     if (cute && conv_cute_config_usable<T, kDgrad, Sm90DeepConfig<T>>(choice)) {
-      return launch_cute<T, kDgrad, Sm90DeepConfig<T>>(b, stream);
+      return launch_cute<T, kDgrad, Sm90DeepConfig<T>>(b, split_cap, scratch, stream);
     }
     if (cute && conv_cute_config_usable<T, kDgrad, Sm90Config<T>>(choice)) {
-      return launch_cute<T, kDgrad, Sm90Config<T>>(b, stream);
+      return launch_cute<T, kDgrad, Sm90Config<T>>(b, split_cap, scratch, stream);
     }
     if (cute && conv_cute_config_usable<T, kDgrad, Sm80Config<T>>(choice)) {
-      return launch_cute<T, kDgrad, Sm80Config<T>>(b, stream);
+      return launch_cute<T, kDgrad, Sm80Config<T>>(b, split_cap, scratch, stream);
     }
     void (*k)(ConvBatch) = vec ? conv_wmma_kernel<T, V, kDgrad> : conv_wmma_kernel<T, 1, kDgrad>;
-    if (tc_usable<T>(reinterpret_cast<const void*>(k))) return launch_batch<64>(k, b, 128, stream);
+    if (tc_usable<T>(reinterpret_cast<const void*>(k))) return launch_grid(k, b, batch_grid<64>(b), 128, stream);
   }
   void (*k)(ConvBatch) = vec ? conv_simt_kernel<T, V, kDgrad> : conv_simt_kernel<T, 1, kDgrad>;
-  return launch_batch<64>(k, b, 256, stream);  // BN of the WMMA and SIMT kernels: 64
+  return launch_grid(k, b, batch_grid<64>(b), 256, stream);  // BN of the WMMA and SIMT kernels: 64
 }
 
-// Fills the tiling fields of each conv and launches the dtype's kernel over them.
+// Fills the tiling fields of each conv and launches the dtype's kernel over them (scratch: where a
+// split K loop's workspace comes from, or null for none).
 template <bool kDgrad>
-cudaError_t launch_conv(ConvBatch& b, int dtype, cudaStream_t stream) {
+cudaError_t launch_conv(ConvBatch& b, int dtype, const FastasppScratch* scratch, cudaStream_t stream) {
   for (int i = 0; i < b.count; ++i) b.conv[i].tiling = patch_tiling(b.conv[i].dst_h, b.conv[i].dst_w);
   return with_element_type(dtype, [&](auto element) {
-    return launch_conv_t<decltype(element), kDgrad>(b, stream);
+    return launch_conv_t<decltype(element), kDgrad>(b, scratch, stream);
   });
 }
 
 template <bool kDgrad>
-cudaError_t launch_conv(const ConvArgs& a, int dtype, cudaStream_t stream) {
+cudaError_t launch_conv(const ConvArgs& a, int dtype, const FastasppScratch* scratch, cudaStream_t stream) {
   ConvBatch b{};
   b.conv[0] = a;
   b.count = 1;
-  return launch_conv<kDgrad>(b, dtype, stream);
+  return launch_conv<kDgrad>(b, dtype, scratch, stream);
 }
 
 }  // namespace
@@ -405,7 +454,7 @@ Check forward_args(ConvArgs& a, const void* x, const void* weight_hwio, void* y,
 extern "C" cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
     const void* x, void* y, int64_t y_pixel_stride, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
     int64_t c_out, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
-    const FastasppBranch* branches, int count, cudaStream_t stream) {
+    const FastasppBranch* branches, int count, const FastasppScratch* scratch, cudaStream_t stream) {
   if (count < 0 || (count > 0 && branches == nullptr)) return cudaErrorInvalidValue;
   // Every branch is checked before any launch; the slices must not overlap (they run concurrently).
   for (int i = 0; i < count; ++i) {
@@ -431,7 +480,7 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
     ConvBatch batch{};
     batch.count = std::min(count - first, kMaxConvs);
     for (int i = 0; i < batch.count; ++i) batch.conv[i] = convs[first + i];
-    const cudaError_t err = launch_conv<false>(batch, dtype, stream);
+    const cudaError_t err = launch_conv<false>(batch, dtype, scratch, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -442,14 +491,14 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
     int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
     int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-    const FastasppForwardOptions* options, cudaStream_t stream) {
+    const FastasppForwardOptions* options, const FastasppScratch* scratch, cudaStream_t stream) {
   ConvArgs a;
   const Check check = forward_args(a, x, weight_hwio, y, y_pixel_stride, y_channel_offset, dtype, n, c_in, h, w,
                                    c_out, kh, kw, h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                    options);
   if (check == Check::kInvalid) return cudaErrorInvalidValue;
   if (check == Check::kNothingToDo) return cudaSuccess;
-  return launch_conv<false>(a, dtype, stream);
+  return launch_conv<false>(a, dtype, scratch, stream);
 }
 
 extern "C" cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
@@ -469,7 +518,7 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
   options.relu = relu;
   return fastaspp_atrous_conv2d_forward_fused_cuda(
       x, weight_hwio, y, y_pixel_stride, y_channel_offset, dtype, n, c_in, h, w, c_out, kh, kw,
-      h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, &options, stream);
+      h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, &options, nullptr, stream);
 }
 
 extern "C" cudaError_t fastaspp_atrous_conv2d_forward_cuda(
@@ -539,19 +588,19 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
     const void* grad, const void* weight_hwoi, void* grad_input, int dtype, int64_t n,
     int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out,
     int64_t w_out, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
-    int64_t dil_h, int64_t dil_w, cudaStream_t stream) {
+    int64_t dil_h, int64_t dil_w, const FastasppScratch* scratch, cudaStream_t stream) {
   ConvArgs a;
   const Check check = grad_input_args(a, grad, c_out, 0, weight_hwoi, grad_input, dtype, n, c_in, h, w, c_out, kh,
                                       kw, h_out, w_out, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
   if (check == Check::kInvalid) return cudaErrorInvalidValue;
   if (check == Check::kNothingToDo) return cudaSuccess;
-  return launch_conv<true>(a, dtype, stream);
+  return launch_conv<true>(a, dtype, scratch, stream);
 }
 
 extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_branches_cuda(
     const void* grad, int64_t grad_pixel_stride, void* grad_input, int dtype, int64_t n, int64_t c_in,
     int64_t h, int64_t w, int64_t c_out, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
-    const FastasppGradBranch* branches, int count, cudaStream_t stream) {
+    const FastasppGradBranch* branches, int count, const FastasppScratch* scratch, cudaStream_t stream) {
   if (count < 1 || count > FASTASPP_MAX_BRANCHES || branches == nullptr) return cudaErrorInvalidValue;
   static_assert(FASTASPP_MAX_BRANCHES == kMaxConvs, "one launch sums every branch");
   ConvBatch batch{};
@@ -568,5 +617,5 @@ extern "C" cudaError_t fastaspp_atrous_conv2d_grad_input_branches_cuda(
     nothing_to_do = nothing_to_do || check == Check::kNothingToDo;
   }
   if (nothing_to_do) return cudaSuccess;
-  return launch_conv<true>(batch, dtype, stream);
+  return launch_conv<true>(batch, dtype, scratch, stream);
 }

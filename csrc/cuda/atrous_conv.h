@@ -13,7 +13,8 @@
 // The forward can also store into a channel slice of a wider NHWC buffer (see
 // fastaspp_atrous_conv2d_forward_strided_cuda); every other output is dense.
 // Every tensor has the dtype given by `dtype`. The launchers are asynchronous on `stream`
-// and return cudaSuccess, cudaErrorInvalidValue for bad arguments, or the launch error.
+// and return cudaSuccess, cudaErrorInvalidValue for bad arguments, cudaErrorMemoryAllocation when
+// scratch could not give memory, or the launch error.
 #pragma once
 
 #include <stdint.h>
@@ -23,6 +24,16 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+// Where a launcher gets device memory for a workspace it decides on itself: the 16-bit convs split
+// their K loop where the grid leaves SMs idle (FASTASPP_CUDA_SPLIT_K), and keep the parts' fp32
+// tiles there. allocate(context, bytes) returns memory that stays valid for work queued on the
+// launch's stream (it need not be zeroed), or null on failure; a launcher calls it at most once per
+// kernel launch it queues. A null scratch means no workspace: the launcher then never splits.
+typedef struct {
+  void* (*allocate)(void* context, int64_t bytes);
+  void* context;
+} FastasppScratch;
 
 // dtype codes accepted by every launcher.
 enum {
@@ -39,7 +50,8 @@ enum {
 // of y_pixel_stride channels, e.g. one ASPP branch of the concat buffer. Requires
 // 0 <= y_channel_offset and y_channel_offset + Cout <= y_pixel_stride (else
 // cudaErrorInvalidValue); channels outside the slice are neither read nor written, so
-// launches into disjoint slices of one buffer may run concurrently. y must not overlap x.
+// launches into disjoint slices of one buffer may run concurrently. y must not overlap x. Takes no
+// scratch, so it never splits the K loop (fastaspp_atrous_conv2d_forward_fused_cuda can).
 cudaError_t fastaspp_atrous_conv2d_forward_strided_cuda(
     const void* x, const void* weight_hwio, const void* scale, const void* shift, void* y,
     int64_t y_pixel_stride, int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in,
@@ -80,7 +92,7 @@ cudaError_t fastaspp_atrous_conv2d_forward_fused_cuda(
     int64_t y_channel_offset, int dtype, int64_t n, int64_t c_in, int64_t h, int64_t w,
     int64_t c_out, int64_t kh, int64_t kw, int64_t h_out, int64_t w_out, int64_t stride_h,
     int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-    const FastasppForwardOptions* options, cudaStream_t stream);
+    const FastasppForwardOptions* options, const FastasppScratch* scratch, cudaStream_t stream);
 
 // A branch's kernel size, padding and dilation (its stride is the launch's).
 typedef struct {
@@ -103,7 +115,7 @@ typedef struct {
 cudaError_t fastaspp_atrous_conv2d_forward_branches_cuda(
     const void* x, void* y, int64_t y_pixel_stride, int dtype, int64_t n, int64_t c_in, int64_t h,
     int64_t w, int64_t c_out, int64_t h_out, int64_t w_out, int64_t stride_h, int64_t stride_w,
-    const FastasppBranch* branches, int count, cudaStream_t stream);
+    const FastasppBranch* branches, int count, const FastasppScratch* scratch, cudaStream_t stream);
 
 // The same into a dense NHWC y [N, Ho, Wo, Cout] (y_pixel_stride = Cout, y_channel_offset = 0).
 cudaError_t fastaspp_atrous_conv2d_forward_cuda(
@@ -118,7 +130,7 @@ cudaError_t fastaspp_atrous_conv2d_grad_input_cuda(
     const void* grad, const void* weight_hwoi, void* grad_input, int dtype, int64_t n,
     int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t kh, int64_t kw, int64_t h_out,
     int64_t w_out, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
-    int64_t dil_h, int64_t dil_w, cudaStream_t stream);
+    int64_t dil_h, int64_t dil_w, const FastasppScratch* scratch, cudaStream_t stream);
 
 // The most branches one fastaspp_atrous_conv2d_grad_input_branches_cuda call sums.
 #define FASTASPP_MAX_BRANCHES 8
@@ -140,7 +152,7 @@ cudaError_t fastaspp_atrous_conv2d_grad_input_branches_cuda(
     const void* grad, int64_t grad_pixel_stride, void* grad_input, int dtype, int64_t n,
     int64_t c_in, int64_t h, int64_t w, int64_t c_out, int64_t h_out, int64_t w_out,
     int64_t stride_h, int64_t stride_w, const FastasppGradBranch* branches, int count,
-    cudaStream_t stream);
+    const FastasppScratch* scratch, cudaStream_t stream);
 
 // Bytes of scratch memory fastaspp_atrous_conv2d_grad_weight_cuda needs for these shapes
 // (the per-split partial sums of the deterministic two-pass reduction). It need not be

@@ -59,13 +59,17 @@ at::Tensor atrous_conv2d_forward_cuda(const at::Tensor& x, const at::Tensor& wei
   const Affine affine = fold_affine(bias, scale, shift,
                                     folds_bias ? accumulator_dtype(x.scalar_type()) : x.scalar_type());
   const auto [scale_c, shift_c] = dense_affine(affine, c_out, x.options());
-  const cudaStream_t stream = current_stream(x);
-  check_launch(fastaspp_atrous_conv2d_forward_cuda(
-                   x_nhwc.data_ptr(), w_hwio.data_ptr(), scale_c.data_ptr(),
-                   shift_c.data_ptr(), y.data_ptr(), dtype_code(x.scalar_type()), n, c_in, h, w,
-                   c_out, kh, kw, ho, wo, g.stride[0], g.stride[1], g.padding[0], g.padding[1],
-                   g.dilation[0], g.dilation[1], relu ? 1 : 0, stream),
-               "atrous_conv2d_forward");
+  FastasppForwardOptions options{};
+  options.scale = scale_c.data_ptr();
+  options.shift = shift_c.data_ptr();
+  options.relu = relu ? 1 : 0;
+  Scratch scratch(x);
+  check_launch(fastaspp_atrous_conv2d_forward_fused_cuda(
+                   x_nhwc.data_ptr(), w_hwio.data_ptr(), y.data_ptr(), /*y_pixel_stride=*/c_out,
+                   /*y_channel_offset=*/0, dtype_code(x.scalar_type()), n, c_in, h, w, c_out, kh, kw, ho, wo,
+                   g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0], g.dilation[1], &options,
+                   scratch.get(), current_stream(x)),
+               "atrous_conv2d_forward", scratch);
   return to_format(y, fmt);
 }
 
@@ -101,13 +105,13 @@ at::Tensor atrous_conv2d_grad_input_cuda(const at::Tensor& grad, const at::Tenso
 
   const at::Tensor g_nhwc = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w_hwoi = weight_hwoi(weight);  // [KH,KW,Cout,Cin]
-  const cudaStream_t stream = current_stream(grad);
+  Scratch scratch(grad);
   check_launch(fastaspp_atrous_conv2d_grad_input_cuda(
                    g_nhwc.data_ptr(), w_hwoi.data_ptr(), dx.data_ptr(),
                    dtype_code(grad.scalar_type()), n, c_in, h, w, c_out, kh, kw, ho, wo,
                    g.stride[0], g.stride[1], g.padding[0], g.padding[1], g.dilation[0],
-                   g.dilation[1], stream),
-               "atrous_conv2d_grad_input");
+                   g.dilation[1], scratch.get(), current_stream(grad)),
+               "atrous_conv2d_grad_input", scratch);
   return to_format(dx, fmt);
 }
 

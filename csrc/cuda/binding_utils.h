@@ -1,7 +1,7 @@
 // Helpers shared by the torch bindings of the CUDA launchers (atrous_conv_cuda.cpp,
 // aspp_cuda.cpp, aspp_project_cuda.cpp): dtype codes, argument checks with messages naming the
-// argument, the kept weight re-layouts, the current stream, the launcher error check and the
-// merge of the epilogues' BN statistics.
+// argument, the kept weight re-layouts, the current stream, the launchers' scratch memory, the
+// launcher error check and the merge of the epilogues' BN statistics.
 //
 // Host-only (torch headers); never included from a .cu file. Everything is inline in
 // fastaspp::cuda_binding so that several translation units can include it.
@@ -10,7 +10,9 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <exception>
 #include <tuple>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 
@@ -76,9 +78,13 @@ inline at::Tensor weight_hwoi(const at::Tensor& weight) {
   return kept_layout(weight, kCudaGradInputLayout, [&] { return weight.permute({2, 3, 0, 1}).contiguous(); });
 }
 
-// FASTASPP_CUDA_CONV, which the launchers read (common/switches.h), holds a valid value: each
-// binding checks it before it launches anything, so a misspelt value is an error, not the default.
-inline void check_conv_switch() { checked_switch(kCudaConv); }
+// FASTASPP_CUDA_CONV and FASTASPP_CUDA_SPLIT_K, which the launchers read (common/switches.h), hold
+// valid values: each binding checks them before it launches anything, so a misspelt value is an
+// error, not the default.
+inline void check_conv_switch() {
+  checked_switch(kCudaConv);
+  checked_switch(kCudaSplitK);
+}
 
 // The current torch stream of t's device (launchers are asynchronous on it).
 inline cudaStream_t current_stream(const at::Tensor& t) {
@@ -89,6 +95,47 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
 inline void check_launch(cudaError_t err, const char* kernel) {
   TORCH_CHECK(err == cudaSuccess, "fastaspp CUDA kernel ", kernel, " failed: ",
               cudaGetErrorString(err));
+}
+
+// The FastasppScratch a launcher asks for workspace through (a split K loop's partial tiles): byte
+// tensors from torch's caching allocator on the device of `like`, held until this object goes, after
+// the launch is queued (the allocator orders any reuse of the memory after the work queued on the
+// current stream). An allocation error (out of memory) is kept and rethrown by check_launch below,
+// instead of crossing the C launcher.
+class Scratch {
+ public:
+  explicit Scratch(const at::Tensor& like) : options_(like.options().dtype(at::kByte)) {}
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  const FastasppScratch* get() {
+    scratch_ = FastasppScratch{&Scratch::allocate, this};
+    return &scratch_;
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  static void* allocate(void* self, int64_t bytes) {
+    auto* s = static_cast<Scratch*>(self);
+    try {
+      s->buffers_.push_back(at::empty({bytes}, s->options_));
+      return s->buffers_.back().data_ptr();
+    } catch (...) {
+      s->error_ = std::current_exception();
+      return nullptr;
+    }
+  }
+  at::TensorOptions options_;
+  std::vector<at::Tensor> buffers_;
+  std::exception_ptr error_;
+  FastasppScratch scratch_{};
+};
+
+// check_launch for a launch that had `scratch`: its allocation error first, if it had one.
+inline void check_launch(cudaError_t err, const char* kernel, const Scratch& scratch) {
+  scratch.rethrow();
+  check_launch(err, kernel);
 }
 
 // (mean, biased variance) per channel from the conv epilogues' per-patch planes [3, patches, C]

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../common/k_split.h"
 #include "../common/patch_stats.h"
 #include "kernel_common.cuh"
 
@@ -52,11 +53,17 @@ struct ConvArgs {
 // Kernels take it as a __grid_constant__ parameter, so a CTA reads the arguments in place (no
 // copy of the array).
 constexpr int kMaxConvs = 8;
+// A launch may also split every CTA's K loop into `splits` parts (common/k_split.h; CuTe kernels
+// with one patch a CTA only): grid.z runs over the parts, each CTA writes its fp32 tile to
+// `partials` instead of running the epilogue, and conv_split_finalize_kernel (conv_cute.cuh) sums
+// the parts and runs it.
 struct ConvBatch {
   ConvArgs conv[kMaxConvs];
   int count;
   int blocks_per_conv;  // dst channel blocks per conv, of the launched kernel's BN
   int sum_convs;
+  int splits;       // parts of the K loop, 1 (or 0) when it is not split
+  float* partials;  // [splits][grid.y][grid.x][BM x BN] fp32 tiles, row-major; null when not split
 };
 
 // The convs [first, end) a CTA's K loop walks; `first` is also the conv whose epilogue it runs.
@@ -150,6 +157,23 @@ __host__ __device__ int64_t count_steps(const ConvBatch& b, ConvRange r, const P
       steps += ceil_div(a.kc, int64_t(BK));
   }
   return steps;
+}
+
+// Step `index` of the walk over [first, end) (index below count_steps; else the exhausted walk):
+// where one part of a split K loop starts, possibly inside a tap. It skips whole taps by their step
+// counts, one pass over the live taps as count_steps.
+template <bool kDgrad, int BK>
+__host__ __device__ Step step_at(const ConvBatch& b, ConvRange r, const Patch& t, int64_t index) {
+  for (int conv = r.first; conv < r.end; ++conv) {
+    const ConvArgs& a = b.conv[conv];
+    if (a.kc <= 0) continue;
+    const int64_t per_tap = ceil_div(a.kc, int64_t(BK));
+    for (int64_t tap = next_live_tap<kDgrad>(a, t, 0); tap < a.kh * a.kw; tap = next_live_tap<kDgrad>(a, t, tap + 1)) {
+      if (index < per_tap) return Step{conv, tap, index * BK};
+      index -= per_tap;
+    }
+  }
+  return Step{r.end, 0, 0};
 }
 
 // Row m of the A tile: the src row (kc channels) of the pixel that dst pixel m of the patch reads

@@ -26,6 +26,10 @@
 //   - wgmma 64 x 128: 4 stages = 49152 bytes, static (the static limit); 8 stages = 98304 bytes,
 //     dynamic (two CTAs per SM);
 //   - wgmma 128 x 256: 6 stages of 24 KB = 147456 bytes, dynamic (one CTA per SM).
+// * A launch whose grid leaves SMs idle may split each CTA's K loop (FASTASPP_CUDA_SPLIT_K; the
+//   64 x 128 tiles only: common/k_split.h): grid.z runs over the parts, each CTA walks its part's
+//   steps (step_at finds where it starts, possibly inside a tap) and writes its fp32 tile to a
+//   workspace, and conv_split_finalize_kernel sums the parts in a fixed order and runs the epilogue.
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.
 // * Requires both channel counts (and the src pixel stride and channel offset) to be multiples
@@ -123,6 +127,26 @@ __device__ __forceinline__ unsigned char* cta_smem() {
   }
 }
 
+// Where part blockIdx.z of a split K loop keeps the tile of CTA (blockIdx.x, blockIdx.y): the
+// partials of ConvBatch, one BM x BN fp32 tile a CTA, the parts' tiles planes apart.
+template <int BM, int BN>
+__device__ __forceinline__ float* partial_tile(const ConvBatch& b, unsigned part) {
+  const size_t cta = (size_t(part) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  return b.partials + cta * (size_t(BM) * BN);
+}
+
+// The staged tile cs (rows of ldc floats, 16-byte aligned) into this part's partial tile, 16 bytes
+// at a time, every row (those past the map hold zeros no one reads). All NT threads call it.
+template <int BM, int BN, int NT>
+__device__ __forceinline__ void store_partial_tile(const ConvBatch& b, const float* cs, int ldc) {
+  static_assert(BN % 4 == 0, "whole float4s a row");
+  float4* out = reinterpret_cast<float4*>(partial_tile<BM, BN>(b, blockIdx.z));
+  for (int e = static_cast<int>(threadIdx.x); e < BM * BN / 4; e += NT) {
+    const int m = e / (BN / 4), j = (e % (BN / 4)) * 4;
+    out[e] = *reinterpret_cast<const float4*>(cs + m * ldc + j);
+  }
+}
+
 template <typename T, bool kDgrad, typename Config>
 __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
     conv_cute_kernel(const __grid_constant__ ConvBatch batch) {
@@ -153,7 +177,12 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   const int tid = static_cast<int>(threadIdx.x);
 
   // Every thread walks the same (conv, tap, chunk) sequence: the step count and barriers are uniform.
-  const int64_t steps = count_steps<kDgrad, BK>(batch, r, t);
+  // A split K loop (batch.splits > 1) walks part blockIdx.z of it, which may start inside a tap.
+  const int64_t all_steps = count_steps<kDgrad, BK>(batch, r, t);
+  const bool split = batch.splits > 1;
+  const StepRange part = split ? k_split_range(all_steps, static_cast<int>(blockIdx.z), batch.splits)
+                               : StepRange{0, all_steps};
+  const int64_t steps = part.end - part.begin;
 
   // The next step's tiles into `stage`, 8 channels a chunk: A chunk (m, kc) holds src channels
   // k0 + kc .. k0 + kc + 7 of the pixel that tile row m (pixel m % kTilePixels of slot
@@ -162,8 +191,8 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   // kept to pointer additions and 32-bit compares:
   // * A tap's steps differ only in k0, so the gather of this thread's A rows (and the tap's
   //   division, and 64-bit index products) runs once per (conv, tap), when its first step (k0 == 0,
-  //   the same step on every thread) is issued; each step then moves the thread's A and B source
-  //   pointers on by BK channels (BK weight rows).
+  //   the same step on every thread) is issued, or the part's first step wherever it starts; each
+  //   step then moves the thread's A and B source pointers on by BK channels (BK weight rows).
   // * A chunk's place in shared memory is worked out (swizzle included) once, for stage 0
   //   (stage0_offset, sm80_common.cuh).
   constexpr int kAChunks = BM * (BK / CH), kBChunks = BK * (BN / CH);
@@ -192,19 +221,21 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   bool a_row_live[kAChunks / NT] = {};  // whether each A row reads the map (not padding or past it)
   const T* a_any = nullptr;             // a valid address, read by no copy (both operands' zero fills)
   const T* b_src = nullptr;             // this thread's first B chunk at the next step's k0
-  Step next = first_step<kDgrad>(batch, r.first, r.end, t);
+  Step next = split ? step_at<kDgrad, BK>(batch, r, t, part.begin) : first_step<kDgrad>(batch, r.first, r.end, t);
+  bool gathered = false;  // whether a step of this part has gathered its tap's rows yet
   auto load_next = [&](int stage) {
     const ConvArgs& c = batch.conv[next.conv];
-    if (next.k0 == 0) {
+    if (next.k0 == 0 || !gathered) {
+      gathered = true;
       const int64_t kh = next.tap / c.kw, kw = next.tap % c.kw;
       a_any = static_cast<const T*>(c.src);
       CUTE_UNROLL
       for (int i = 0; i < kAChunks / NT; ++i) {
         const T* row = tile_row_src<Config::kPatches, kDgrad, T>(c, cp, kh, kw, (tid + i * NT) / (BK / CH));
         a_row_live[i] = row != nullptr;
-        a_src[i] = a_row_live[i] ? row + a_kc : a_any;
+        a_src[i] = a_row_live[i] ? row + next.k0 + a_kc : a_any;
       }
-      b_src = static_cast<const T*>(c.wt) + (next.tap * c.kc + b_k) * c.nc + n0 + b_nc;
+      b_src = static_cast<const T*>(c.wt) + (next.tap * c.kc + next.k0 + b_k) * c.nc + n0 + b_nc;
     }
     // Channels of the tap from k0 on, in 32 bits: a chunk exists where its offset is below them.
     const int k_room = static_cast<int>(cute::min(c.kc - next.k0, int64_t(BK)));
@@ -226,8 +257,9 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   };
 
   // The projection's prologue on this thread's own A chunks of a step, in place. It runs on a 1x1
-  // conv without padding alone: one live tap, so step `step` reads src channels step * BK onwards
-  // and a_row_live (set by the first load, before any step lands) tells that tap's rows.
+  // conv without padding alone: one live tap, so step `step` of the part reads src channels
+  // (part.begin + step) * BK onwards and a_row_live (set by the first load, before any step lands)
+  // tells that tap's rows.
   const bool prologue_vectors = !kDgrad && a.src_scale != nullptr && prologue_vectors_ok(a);
   auto landed = [&](int64_t step, int stage) {
     if constexpr (!kDgrad) {
@@ -235,7 +267,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
       CUTE_UNROLL
       for (int i = 0; i < kAChunks / NT; ++i) {
         const int s = tid + i * NT, m = s / (BK / CH), kc = (s % (BK / CH)) * CH;
-        const int64_t k = step * BK + kc;
+        const int64_t k = (part.begin + step) * BK + kc;
         if (k < a.kc && a_row_live[i]) prologue_chunk<T>(a, k, prologue_vectors, &sA(m, kc, stage));
       }
     }
@@ -252,10 +284,42 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   // of once per value), and the BN statistics, when wanted, read it there.
   float* cs = reinterpret_cast<float*>(smem);
   stage_accumulators<BM, BN>(mma, acc, cs, LDC);
-  staged_epilogue<T, kDgrad, BN, NT, Config::kPatches>(a, cp, n0, cs, LDC);
+  if (split) {
+    store_partial_tile<BM, BN, NT>(batch, cs, LDC);  // conv_split_finalize_kernel runs the epilogue
+  } else {
+    staged_epilogue<T, kDgrad, BN, NT, Config::kPatches>(a, cp, n0, cs, LDC);
+  }
   } else {
     __trap();  // conv_cute_config_usable never selects a config whose body this image lacks
   }
+}
+
+// The second kernel of a split K loop, over the first one's grid.x and grid.y: CTA (x, y) sums its
+// tile's parts in a fixed order (part 0, then 1, ...: the result does not depend on scheduling)
+// into shared memory and runs the epilogue conv_cute_kernel would have run on one part's tile
+// (store, BN statistics). For the configs with one 64-pixel patch a CTA.
+constexpr int kSplitFinalizeThreads = 256;
+template <typename T, bool kDgrad, int BM, int BN>
+__global__ void __launch_bounds__(kSplitFinalizeThreads)
+    conv_split_finalize_kernel(const __grid_constant__ ConvBatch batch) {
+  static_assert(BM == kTilePixels, "one patch a CTA");
+  constexpr int NT = kSplitFinalizeThreads, LDC = BN + 4;  // LDC as CuteSmem's: 16-byte rows
+  __shared__ __align__(16) float cs[BM * LDC];
+  const float4* part0 = reinterpret_cast<const float4*>(partial_tile<BM, BN>(batch, 0));
+  const size_t plane = size_t(gridDim.x) * gridDim.y * (BM * BN / 4);  // float4s between parts
+  for (int e = static_cast<int>(threadIdx.x); e < BM * BN / 4; e += NT) {
+    float4 sum = part0[e];
+    for (int p = 1; p < batch.splits; ++p) {
+      const float4 v = part0[p * plane + e];
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    const int m = e / (BN / 4), j = (e % (BN / 4)) * 4;
+    *reinterpret_cast<float4*>(cs + m * LDC + j) = sum;
+  }
+  __syncthreads();
+  const ConvRange r = cta_convs(batch);
+  const ConvArgs& a = batch.conv[r.first];
+  staged_epilogue<T, kDgrad, BN, NT, 1>(a, cta_patches<1>(a), cta_n0<BN>(batch), cs, LDC);
 }
 
 // Whether a conv's operands suit every CuTe config: channel counts (and src stride and offset) in

@@ -249,6 +249,28 @@ KernelImage kernel_image(const void* kernel) {
   return image;
 }
 
+// The current device's SM count (1 when it cannot be read: the launch reports any real problem),
+// asked of the driver once per device.
+int sm_count() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = counts.find(device);
+  if (found != counts.end()) return found->second;
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1) {
+    (void)cudaGetLastError();
+    return 1;  // not remembered: the next launch asks again
+  }
+  counts.emplace(device, sms);
+  return sms;
+}
+
 // Lets `kernel` launch with `bytes` of dynamic shared memory on the current device (past the 48 KB
 // that needs no opt-in): the driver call once per (kernel, device, size), then a lock and a lookup.
 cudaError_t allow_dynamic_smem(const void* kernel, int bytes) {

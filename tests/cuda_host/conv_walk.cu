@@ -10,7 +10,10 @@
 //   branches: grid mode);
 // * input-gradient launches of one conv (stride 2 included: rows of the wrong phase gather zeros)
 //   and of several summed into one dx (sum mode), each reading its channel slice of the gradient;
-// * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail.
+// * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail;
+// * the K loop split into parts (FASTASPP_CUDA_SPLIT_K: step_at, k_split_range, each part's
+//   gather wherever in a tap it starts, the parts summed in order), whose steps in part order must
+//   be the unsplit walk; and k_split_count's rules.
 // Prints one line per failed check and "ok" when every check passes.
 #include <algorithm>
 #include <cmath>
@@ -32,9 +35,10 @@ static void expect(bool ok, const char* what, long long a, long long b, double c
 constexpr int kBK = 32;  // the CuTe kernel's K step
 
 // One launch as the kernel runs it, CTA by CTA, with kPatches patches a CTA and BN channels a
-// block; dst must hold NaN where nothing is to be written.
+// block, its K loop in `splits` parts (1: not split); dst must hold NaN where nothing is to be
+// written.
 template <bool kDgrad, int kPatches, int BN>
-static void emulate(ConvBatch& b) {
+static void emulate(ConvBatch& b, int splits = 1) {
   for (int i = 0; i < b.count; ++i) b.conv[i].tiling = patch_tiling(b.conv[i].dst_h, b.conv[i].dst_w);
   int64_t blocks = 1;
   for (int i = 0; i < b.count; ++i) blocks = std::max<int64_t>(blocks, ceil_div(b.conv[i].nc, int64_t(BN)));
@@ -53,22 +57,49 @@ static void emulate(ConvBatch& b) {
       const CtaPatches cp = cta_patches_of(a.tiling, kPatches, x, a.dst_h, a.dst_w);
       const Patch& t = cp.cover;
       std::fill(acc.begin(), acc.end(), 0.0);
-      int64_t steps = 0;
-      for (Step s = first_step<kDgrad>(b, r.first, r.end, t); s.conv < r.end;
-           s = next_step<kDgrad, kBK>(b, r.end, t, s)) {
-        ++steps;
-        const ConvArgs& c = b.conv[s.conv];
-        const int64_t kh = s.tap / c.kw, kw = s.tap % c.kw;
-        const double* wt = static_cast<const double*>(c.wt);
-        for (int m = 0; m < BM; ++m) {
-          const double* row = tile_row_src<kPatches, kDgrad, double>(c, cp, kh, kw, m);
-          if (row == nullptr) continue;  // the kernel's zero fill
-          for (int64_t k = s.k0; k < std::min(s.k0 + kBK, c.kc); ++k)
-            for (int j = 0; j < BN && n0 + j < c.nc; ++j)
-              acc[m * BN + j] += row[k] * wt[(s.tap * c.kc + k) * c.nc + n0 + j];
+      std::vector<Step> walk;  // the unsplit walk
+      for (Step s = first_step<kDgrad>(b, r.first, r.end, t); s.conv < r.end; s = next_step<kDgrad, kBK>(b, r.end, t, s))
+        walk.push_back(s);
+      const int64_t steps = count_steps<kDgrad, kBK>(b, r, t);
+      expect(int64_t(walk.size()) == steps, "walk length = count_steps", x, y, double(steps));
+      int64_t walked = 0;  // steps the parts walked so far, in part order
+      for (int part = 0; part < splits; ++part) {
+        // conv_cute_kernel's part: its range, its first step, then its source pointers as the
+        // kernel keeps them: gathered at a tap's first step or the part's first (wherever that
+        // lies in the tap), then moved on by BK channels (BK weight rows) a step.
+        const StepRange range = splits > 1 ? k_split_range(steps, part, splits) : StepRange{0, steps};
+        expect(range.begin == walked, "parts are consecutive (cta, part, begin)", x, part, double(range.begin));
+        Step s = splits > 1 ? step_at<kDgrad, kBK>(b, r, t, range.begin) : first_step<kDgrad>(b, r.first, r.end, t);
+        std::vector<double> partial(BM * BN, 0.0);
+        std::vector<const double*> rows(BM);
+        const double* wt_rows = nullptr;
+        int64_t k_offset = 0;  // channels the A pointers have moved on since their gather
+        bool gathered = false;
+        for (int64_t i = range.begin; i < range.end; ++i, s = next_step<kDgrad, kBK>(b, r.end, t, s)) {
+          const bool in_walk = i < steps && s.conv == walk[i].conv && s.tap == walk[i].tap && s.k0 == walk[i].k0;
+          expect(in_walk, "a part walks its steps of the unsplit walk (cta, step, k0)", x, i, double(s.k0));
+          if (!in_walk) break;
+          ++walked;
+          const ConvArgs& c = b.conv[s.conv];
+          if (s.k0 == 0 || !gathered) {
+            gathered = true;
+            for (int m = 0; m < BM; ++m) rows[m] = tile_row_src<kPatches, kDgrad, double>(c, cp, s.tap / c.kw, s.tap % c.kw, m);
+            k_offset = s.k0;
+            wt_rows = static_cast<const double*>(c.wt) + (s.tap * c.kc + s.k0) * c.nc;
+          }
+          const int64_t room = std::min<int64_t>(kBK, c.kc - s.k0);  // the zero fill past the channels
+          for (int m = 0; m < BM; ++m) {
+            if (rows[m] == nullptr) continue;  // the kernel's zero fill
+            for (int64_t k = 0; k < room; ++k)
+              for (int j = 0; j < BN && n0 + j < c.nc; ++j)
+                partial[m * BN + j] += rows[m][k_offset + k] * wt_rows[k * c.nc + n0 + j];
+          }
+          k_offset += kBK;
+          wt_rows += kBK * c.nc;
         }
+        for (int e = 0; e < BM * BN; ++e) acc[e] += partial[e];  // conv_split_finalize_kernel's order
       }
-      expect(steps == count_steps<kDgrad, kBK>(b, r, t), "walk length = count_steps", x, y, double(steps));
+      expect(walked == steps, "the parts walk every step once (cta, parts, steps)", x, splits, double(walked));
       // staged_epilogue's rows: the slots that hold patches.
       for (int m = 0; m < cp.count * kTilePixels; ++m)
         for (int j = 0; j < BN; ++j)
@@ -111,7 +142,7 @@ static ConvArgs conv_args(const Geometry& g, bool dgrad) {
 
 // Forward: `branches` convs of one input into channel slices of one NHWC dst (grid mode).
 template <int kPatches, int BN>
-static void check_forward(std::mt19937& gen, int trial, int branches, int64_t cin, int64_t cout) {
+static void check_forward(std::mt19937& gen, int trial, int branches, int64_t cin, int64_t cout, int splits = 1) {
   std::vector<Geometry> gs;
   const Geometry base = random_geometry(gen, cin, cout);
   ConvBatch b{};
@@ -138,7 +169,7 @@ static void check_forward(std::mt19937& gen, int trial, int branches, int64_t ci
     a.dst_pixel_stride = ctot, a.dst_channel_offset = i * cout;
     b.conv[i] = a;
   }
-  emulate<false, kPatches, BN>(b);
+  emulate<false, kPatches, BN>(b, splits);
   for (int i = 0; i < branches; ++i) {
     const Geometry& g = gs[i];
     for (int64_t n = 0; n < g.n; ++n)
@@ -166,7 +197,8 @@ static void check_forward(std::mt19937& gen, int trial, int branches, int64_t ci
 // Input gradient: `branches` convs summed into one dx, each reading its channel slice of one
 // gradient (sum mode; one branch is a plain conv's input gradient, stride 2 included).
 template <int kPatches, int BN>
-static void check_grad_input(std::mt19937& gen, int trial, int branches, int64_t cin, int64_t cout) {
+static void check_grad_input(std::mt19937& gen, int trial, int branches, int64_t cin, int64_t cout,
+                             int splits = 1) {
   std::vector<Geometry> gs;
   const Geometry base = random_geometry(gen, cin, cout);
   for (int i = 0; i < branches; ++i) {
@@ -192,7 +224,7 @@ static void check_grad_input(std::mt19937& gen, int trial, int branches, int64_t
     a.wt = ws[i].data(), a.dst = dx.data();
     b.conv[i] = a;
   }
-  emulate<true, kPatches, BN>(b);
+  emulate<true, kPatches, BN>(b, splits);
   std::vector<double> ref(dx.size(), 0.0), mag(dx.size(), 0.0);
   for (int i = 0; i < branches; ++i) {
     const Geometry& g = gs[i];
@@ -230,10 +262,55 @@ static void check_config(std::mt19937& gen) {
   }
 }
 
+// The 64 x 128 tiles with a split K loop: parts that start inside a tap (40 channels: two steps a
+// tap), more parts than a CTA has steps (empty parts), and sums over several convs.
+static void check_splits(std::mt19937& gen) {
+  for (int trial = 0; trial < 8; ++trial) {
+    const int splits = 2 + trial % 4;
+    const int64_t cin = trial % 2 == 0 ? 40 : 16, cout = trial % 3 == 0 ? 136 : 24;
+    check_forward<1, 128>(gen, trial, 1, cin, cout, splits);
+    check_forward<1, 128>(gen, trial, 4, cin, cout, splits);
+    check_grad_input<1, 128>(gen, trial, 1, cin, cout, splits);
+    check_grad_input<1, 128>(gen, trial, 4, cin, cout, splits);
+  }
+}
+
+// k_split_count's rules (common/k_split.h) and k_split_range's parts.
+static void check_split_rules() {
+  // aspp-33 r6 at batch 1: 25 patches x 2 channel blocks, 9 taps x 64 steps, 132 SMs x 3 CTAs.
+  expect(k_split_count(50, 132, 3, 576, 4) == 4, "the cap bounds the parts", 50, 4, 0);
+  expect(k_split_count(50, 132, 3, 576, 64) == 7, "one wave bounds the parts", 50, 64, 0);
+  expect(k_split_count(50, 132, 3, 24, 64) == 24 / kMinStepsPerSplit, "parts keep their steps", 50, 24, 0);
+  expect(k_split_count(50, 132, 3, 576, 1) == 1, "a cap of 1 never splits", 50, 1, 0);
+  expect(k_split_count(400, 132, 3, 576, 8) == 1, "a full wave is not split", 400, 8, 0);
+  for (int64_t ctas = 1; ctas < 600; ctas += 7)
+    for (int64_t steps = 0; steps < 700; steps += 13)
+      for (int64_t cap = 0; cap < 12; ++cap) {
+        const int parts = k_split_count(ctas, 132, 3, steps, cap);
+        const bool ok = parts >= 1 && (parts == 1 || (parts <= cap && parts * ctas <= 132 * 3 &&
+                                                      steps / parts >= kMinStepsPerSplit));
+        expect(ok, "k_split_count within its rules (ctas, steps, parts)", ctas, steps, parts);
+      }
+  for (int64_t steps = 0; steps < 40; ++steps)
+    for (int parts = 1; parts < 9; ++parts) {
+      int64_t next = 0;
+      for (int p = 0; p < parts; ++p) {
+        const StepRange r = k_split_range(steps, p, parts);
+        const int64_t size = r.end - r.begin;
+        expect(r.begin == next && size >= steps / parts && size <= steps / parts + 1,
+               "k_split_range: consecutive parts of balanced sizes (steps, part, size)", steps, p, double(size));
+        next = r.end;
+      }
+      expect(next == steps, "k_split_range covers every step", steps, parts, double(next));
+    }
+}
+
 int main() {
   std::mt19937 gen(5);
   check_config<1, 128>(gen);  // Sm80Config, Sm90Config
   check_config<2, 256>(gen);  // Sm90WideConfig
+  check_splits(gen);          // the 64 x 128 configs, FASTASPP_CUDA_SPLIT_K
+  check_split_rules();
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }

@@ -25,7 +25,7 @@ static void* const kY = buffer + 32;
 static cudaError_t forward(int64_t n, int64_t off, int64_t stride, const FastasppForwardOptions* options,
                            int64_t k = 3, int64_t pad = 2) {
   return fastaspp_atrous_conv2d_forward_fused_cuda(kX, kW, kY, stride, off, FASTASPP_DTYPE_BFLOAT16, n, 16, 9, 9, 8,
-                                                   k, k, 9, 9, 1, 1, pad, pad, 2, 2, options, nullptr);
+                                                   k, k, 9, 9, 1, 1, pad, pad, 2, 2, options, nullptr, nullptr);
 }
 
 // An ASPP branch's geometry: the 1x1 branch for rate 0, else a 3x3 at padding = dilation = rate.
@@ -56,7 +56,7 @@ int main() {
   expect(forward(2, 0, 8, &prologue), cudaErrorInvalidValue, "prologue on a 3x3 conv");
   expect(forward(0, 0, 8, &prologue, 1, 0), cudaSuccess, "empty 1x1 with a prologue");
   expect(fastaspp_atrous_conv2d_forward_fused_cuda(kX, kW, kY, 8, 0, 99, 2, 16, 9, 9, 8, 3, 3, 9, 9, 1, 1, 2, 2, 2,
-                                                   2, &plain, nullptr),
+                                                   2, &plain, nullptr, nullptr),
          cudaErrorInvalidValue, "unknown dtype");
   expect(fastaspp_atrous_conv2d_forward_strided_cuda(kX, kW, nullptr, kW, kY, 8, 0, FASTASPP_DTYPE_BFLOAT16, 2, 16,
                                                      9, 9, 8, 3, 3, 9, 9, 1, 1, 2, 2, 2, 2, 1, nullptr),
@@ -66,7 +66,7 @@ int main() {
   FastasppBranch branches[4] = {branch(0, 0), branch(2, 8), branch(4, 16), branch(6, 24)};
   auto run = [&](int64_t n, int count) {
     return fastaspp_atrous_conv2d_forward_branches_cuda(kX, kY, 32, FASTASPP_DTYPE_BFLOAT16, n, 16, 9, 9, 8, 9, 9, 1,
-                                                        1, branches, count, nullptr);
+                                                        1, branches, count, nullptr, nullptr);
   };
   expect(run(0, 4), cudaSuccess, "empty branches");
   expect(run(2, 0), cudaSuccess, "no branches");
@@ -85,7 +85,7 @@ int main() {
   for (int i = 0; i <= FASTASPP_MAX_BRANCHES; ++i) grads[i] = grad_branch(i == 0 ? 0 : 2 * i, 8 * (i % 4));
   auto run_grad = [&](int64_t n, int count) {
     return fastaspp_atrous_conv2d_grad_input_branches_cuda(kY, 32, kX, FASTASPP_DTYPE_BFLOAT16, n, 16, 9, 9, 8, 9, 9,
-                                                           1, 1, grads, count, nullptr);
+                                                           1, 1, grads, count, nullptr, nullptr);
   };
   expect(run_grad(0, 4), cudaSuccess, "empty input gradient");
   expect(run_grad(2, 0), cudaErrorInvalidValue, "no gradient branches");
