@@ -139,9 +139,11 @@ def test_aspp_branches_store_their_channel_slices(kernel, dtype, rates):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_training_aspp_statistics_and_prologue(kernel, dtype):
     """The branches' BN statistics from the epilogue (136 channels a branch: a second column block
-    of 8) and the projection with its BN + ReLU prologue (K = 40: a K tail; Cout = 136) and image
-    bias, with its own statistics, on 16-bit operands that take the CuTe kernel."""
-    rates, c_in, c = [2, 6, 12], 24, 136
+    of 8) and the projection with its BN + ReLU prologue (K = 40 and 520: K tails; Cout = 136) and
+    image bias, with its own statistics, on 16-bit operands that take the CuTe kernel. With a split
+    K loop, the 3x3 branches (18 steps) and the K = 520 projection (17 steps) take two parts, whose
+    statistics and prologue run in the second kernel and in each part."""
+    rates, c_in, c = [2, 6, 12], 64, 136
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, c_in, 13, 11, generator=g).to("cuda", dtype, memory_format=torch.channels_last)
     shapes = [(c, c_in, 1, 1)] + [(c, c_in, 3, 3)] * len(rates)
@@ -153,12 +155,13 @@ def test_training_aspp_statistics_and_prologue(kernel, dtype):
     accumulators = relative_bound(depth, torch.float32) * magnitude
     assert_statistics_within(mean, var, exact, accumulators, UNIT_ROUNDOFF[torch.float32], f"z {kernel}")
 
-    inputs = [t.to(dtype) for t in _project_inputs(2, 40, 136, 9, 11, "cuda")]
-    y, mean, var = affine_relu_project(*inputs)
-    exact, magnitude, depth = _project_bound(*inputs)
-    assert_within(y, exact, magnitude, depth, dtype, f"y {kernel}", storage_roundings=2)
-    accumulators = (relative_bound(depth, torch.float32) + UNIT_ROUNDOFF[dtype]) * magnitude
-    assert_statistics_within(mean, var, exact, accumulators, UNIT_ROUNDOFF[torch.float32], f"y {kernel}")
+    for k in (40, 520):
+        inputs = [t.to(dtype) for t in _project_inputs(2, k, 136, 9, 11, "cuda")]
+        y, mean, var = affine_relu_project(*inputs)
+        exact, magnitude, depth = _project_bound(*inputs)
+        assert_within(y, exact, magnitude, depth, dtype, f"y {kernel} K={k}", storage_roundings=2)
+        accumulators = (relative_bound(depth, torch.float32) + UNIT_ROUNDOFF[dtype]) * magnitude
+        assert_statistics_within(mean, var, exact, accumulators, UNIT_ROUNDOFF[torch.float32], f"y {kernel} K={k}")
 
 
 @pytest.mark.parametrize("rates", [[6, 12, 18], list(range(1, 10))], ids=["3 rates", "9 rates"])

@@ -1,12 +1,14 @@
 // The split of a conv launch's K loop (FASTASPP_CUDA_SPLIT_K; csrc/cuda/conv_cute.cuh): how many
-// parts, and which of a CTA's steps each part walks. Plain C++ (host and device), so that a host
-// program checks it (tests/cuda_host/conv_walk.cu).
+// parts each conv's CTAs cut their step walk into, and which steps each part walks. Plain C++
+// (host and device), so that a host program checks it (tests/cuda_host/conv_walk.cu).
 //
-// A launch whose grid leaves SMs idle (the ASPP at batch 1: 25 patches x 2 channel blocks of a
-// 33 x 33 map for 132 SMs) gives each CTA a share of its K steps instead: grid.z runs over the
-// parts, each writes its fp32 tile to a workspace, and a second kernel sums the parts in a fixed
-// order (deterministic) and runs the epilogue. Worth it only while the parts keep enough steps to
-// hide the pipeline's fill and drain, and the partial tiles' traffic stays small beside the steps'.
+// A launch whose grid leaves SMs idle (a 33 x 33 map at batch 1: 25 patches x 2 channel blocks a
+// conv, for 132 SMs) gives a CTA's steps to several: grid.z runs over the parts, each writes its
+// fp32 tile to a workspace, and a second kernel sums the parts in a fixed order (deterministic) and
+// runs the epilogue. The parts are sized to spread the launch's steps over one wave, so a long walk
+// is cut and a short one is not (the ASPP's 1x1 branch walks a ninth of a 3x3 branch's steps).
+// Worth it only while a part keeps enough steps to hide the pipeline's fill and drain, and the
+// partial tiles' traffic stays small beside the steps'.
 #pragma once
 
 #include <cstdint>
@@ -20,15 +22,33 @@ namespace fastaspp {
 // many bytes as 3 steps' operands).
 constexpr int64_t kMinStepsPerSplit = 8;
 
-// The parts a launch of `ctas` CTAs splits into: at most `cap` (the switch; 1 never splits), no
-// more than fill one wave of `sms` SMs at `ctas_per_sm` CTAs each, and no more than keep
-// kMinStepsPerSplit of the `steps` a CTA walks without dead taps (the most any CTA walks).
-FASTASPP_HOST_DEVICE int k_split_count(int64_t ctas, int64_t sms, int64_t ctas_per_sm, int64_t steps, int64_t cap) {
-  if (cap <= 1 || ctas <= 0) return 1;
-  int64_t parts = sms * ctas_per_sm / ctas;
-  if (parts > cap) parts = cap;
-  if (parts > steps / kMinStepsPerSplit) parts = steps / kMinStepsPerSplit;
-  return parts > 1 ? static_cast<int>(parts) : 1;
+// The parts of each of `count` convs of a launch (parts[i]), and the most of them (the grid's z
+// extent). Conv i's CTAs walk steps[i] K steps with every tap live (in sum mode, `sum`, every CTA
+// walks all the convs: one walk of their total, and every conv gets its parts); each conv has
+// ctas_per_conv CTAs (all of them in sum mode), and the GPU runs sms x ctas_per_sm at once.
+// * No split (1 everywhere) when cap <= 1 (the switch's default) or the grid fills a wave.
+// * Else the launch's steps spread over one wave give a target of at least kMinStepsPerSplit steps
+//   a part, and a walk of s steps gets s / target parts (at least 1, at most cap): the CTAs of the
+//   convs that split fill at most the wave.
+FASTASPP_HOST_DEVICE int k_split_plan(const int64_t* steps, int count, bool sum, int64_t ctas_per_conv, int64_t sms,
+                                      int64_t ctas_per_sm, int64_t cap, int* parts) {
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) {
+    parts[i] = 1;
+    total += steps[i];
+  }
+  const int64_t slots = sms * ctas_per_sm, ctas = sum ? ctas_per_conv : ctas_per_conv * count;
+  if (cap <= 1 || ctas <= 0 || ctas >= slots) return 1;
+  int64_t target = ceil_div(ctas_per_conv * total, slots);
+  if (target < kMinStepsPerSplit) target = kMinStepsPerSplit;
+  int most = 1;
+  for (int i = 0; i < count; ++i) {
+    int64_t p = (sum ? total : steps[i]) / target;
+    if (p > cap) p = cap;
+    parts[i] = p > 1 ? static_cast<int>(p) : 1;
+    if (parts[i] > most) most = parts[i];
+  }
+  return most;
 }
 
 // Steps [begin, end) of a CTA's `steps` that part `part` of `parts` walks: consecutive, in order,

@@ -271,24 +271,24 @@ cudaError_t launch_grid(void (*kernel)(ConvBatch), const ConvBatch& b, dim3 grid
   return cudaGetLastError();
 }
 
-// The K steps of the longest walk a CTA of the batch may take (every tap live): what a split's
-// parts are sized by.
+// Each conv's K parts over a launch on `grid` (ConvArgs::parts, common/k_split.h: its walk with
+// every tap live against the launch's steps spread over one wave of the current GPU at ctas_per_sm
+// CTAs an SM), and the most of them.
 template <int BK>
-int64_t dense_steps(const ConvBatch& b) {
-  int64_t most = 0, total = 0;
-  for (int i = 0; i < b.count; ++i) {
-    const ConvArgs& a = b.conv[i];
-    const int64_t steps = a.kh * a.kw * div_up(a.kc, BK);
-    most = std::max(most, steps);
-    total += steps;
-  }
-  return b.sum_convs ? total : most;
+int plan_k_split(ConvBatch& b, dim3 grid, int ctas_per_sm, int64_t cap) {
+  int64_t steps[kMaxConvs];
+  int parts[kMaxConvs];
+  for (int i = 0; i < b.count; ++i) steps[i] = b.conv[i].kh * b.conv[i].kw * div_up(b.conv[i].kc, BK);
+  const int64_t ctas_per_conv = int64_t(grid.x) * (b.sum_convs ? grid.y : b.blocks_per_conv);
+  const int most = k_split_plan(steps, b.count, b.sum_convs != 0, ctas_per_conv, sm_count(), ctas_per_sm, cap, parts);
+  for (int i = 0; i < b.count; ++i) b.conv[i].parts = parts[i];
+  return most;
 }
 
 // Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory). Where the
 // grid leaves SMs idle and split_cap (FASTASPP_CUDA_SPLIT_K) allows, a config with one patch a CTA
-// splits the K loop (common/k_split.h): its parts' tiles go to a workspace from `scratch` (never
-// with none), then conv_split_finalize_kernel runs the epilogue.
+// splits K loops (plan_k_split): the parts' tiles go to a workspace from `scratch` (never with
+// none), then conv_split_finalize_kernel runs the epilogue of the convs that split.
 template <typename T, bool kDgrad, typename Config>
 cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
   constexpr int BM = Config::BM, BN = Config::BN;
@@ -297,11 +297,10 @@ cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* 
   b.splits = 1;
   b.partials = nullptr;
   if constexpr (Config::kPatches == 1) {
-    const int64_t ctas = int64_t(grid.x) * grid.y;
-    const int splits = scratch == nullptr || split_cap <= 1
-                           ? 1
-                           : k_split_count(ctas, sm_count(), Config::kCtasPerSm, dense_steps<Config::BK>(b), split_cap);
+    const bool may_split = scratch != nullptr && split_cap > 1 && grid.x > 0;
+    const int splits = may_split ? plan_k_split<Config::BK>(b, grid, Config::kCtasPerSm, split_cap) : 1;
     if (splits > 1) {
+      const int64_t ctas = int64_t(grid.x) * grid.y;
       void* partials = scratch->allocate(scratch->context, splits * ctas * BM * BN * int64_t(sizeof(float)));
       if (partials == nullptr) return cudaErrorMemoryAllocation;
       b.splits = splits;

@@ -41,6 +41,7 @@ struct ConvArgs {
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   PatchTiling tiling;  // conv_tiling.h: the dst patch each CTA owns
   int relu;
+  int parts;  // the parts of a split K loop this conv's CTAs walk (read only when ConvBatch::splits > 1)
 };
 
 // Up to kMaxConvs convs over the same dst map launched together; a single conv is a batch of one.
@@ -53,16 +54,17 @@ struct ConvArgs {
 // Kernels take it as a __grid_constant__ parameter, so a CTA reads the arguments in place (no
 // copy of the array).
 constexpr int kMaxConvs = 8;
-// A launch may also split every CTA's K loop into `splits` parts (common/k_split.h; CuTe kernels
-// with one patch a CTA only): grid.z runs over the parts, each CTA writes its fp32 tile to
-// `partials` instead of running the epilogue, and conv_split_finalize_kernel (conv_cute.cuh) sums
-// the parts and runs it.
+// A launch may also split its CTAs' K loops (common/k_split.h; CuTe kernels with one patch a CTA
+// only): grid.z runs over up to `splits` parts, the CTAs of a conv that splits (ConvArgs::parts > 1;
+// in sum mode conv[0]'s) write their fp32 tiles to `partials` instead of running the epilogue, and
+// conv_split_finalize_kernel (conv_cute.cuh) sums their parts and runs it; z past a conv's parts is
+// no CTA of it.
 struct ConvBatch {
   ConvArgs conv[kMaxConvs];
   int count;
   int blocks_per_conv;  // dst channel blocks per conv, of the launched kernel's BN
   int sum_convs;
-  int splits;       // parts of the K loop, 1 (or 0) when it is not split
+  int splits;       // the most parts of any conv (grid.z), 1 (or 0) when no K loop is split
   float* partials;  // [splits][grid.y][grid.x][BM x BN] fp32 tiles, row-major; null when not split
 };
 

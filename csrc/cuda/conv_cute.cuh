@@ -26,10 +26,11 @@
 //   - wgmma 64 x 128: 4 stages = 49152 bytes, static (the static limit); 8 stages = 98304 bytes,
 //     dynamic (two CTAs per SM);
 //   - wgmma 128 x 256: 6 stages of 24 KB = 147456 bytes, dynamic (one CTA per SM).
-// * A launch whose grid leaves SMs idle may split each CTA's K loop (FASTASPP_CUDA_SPLIT_K; the
-//   64 x 128 tiles only: common/k_split.h): grid.z runs over the parts, each CTA walks its part's
-//   steps (step_at finds where it starts, possibly inside a tap) and writes its fp32 tile to a
-//   workspace, and conv_split_finalize_kernel sums the parts in a fixed order and runs the epilogue.
+// * A launch whose grid leaves SMs idle may split its CTAs' K loops (FASTASPP_CUDA_SPLIT_K; the
+//   64 x 128 tiles only: common/k_split.h, each conv's parts sized to spread the launch's steps
+//   over one wave): grid.z runs over the parts, each CTA walks its part's steps (step_at finds where
+//   it starts, possibly inside a tap) and writes its fp32 tile to a workspace, and
+//   conv_split_finalize_kernel sums the parts in a fixed order and runs the epilogue.
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.
 // * Requires both channel counts (and the src pixel stride and channel offset) to be multiples
@@ -177,11 +178,14 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   const int tid = static_cast<int>(threadIdx.x);
 
   // Every thread walks the same (conv, tap, chunk) sequence: the step count and barriers are uniform.
-  // A split K loop (batch.splits > 1) walks part blockIdx.z of it, which may start inside a tap.
+  // A split K loop (a.parts > 1 in a launch with batch.splits > 1) walks part blockIdx.z of it,
+  // which may start inside a tap; z past the conv's parts has nothing to do.
+  const int parts = batch.splits > 1 ? a.parts : 1;
+  if (static_cast<int>(blockIdx.z) >= parts) return;  // uniform across the CTA, before any barrier
+  const bool split = parts > 1;
   const int64_t all_steps = count_steps<kDgrad, BK>(batch, r, t);
-  const bool split = batch.splits > 1;
-  const StepRange part = split ? k_split_range(all_steps, static_cast<int>(blockIdx.z), batch.splits)
-                               : StepRange{0, all_steps};
+  const StepRange part =
+      split ? k_split_range(all_steps, static_cast<int>(blockIdx.z), parts) : StepRange{0, all_steps};
   const int64_t steps = part.end - part.begin;
 
   // The next step's tiles into `stage`, 8 channels a chunk: A chunk (m, kc) holds src channels
@@ -294,10 +298,11 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   }
 }
 
-// The second kernel of a split K loop, over the first one's grid.x and grid.y: CTA (x, y) sums its
-// tile's parts in a fixed order (part 0, then 1, ...: the result does not depend on scheduling)
-// into shared memory and runs the epilogue conv_cute_kernel would have run on one part's tile
-// (store, BN statistics). For the configs with one 64-pixel patch a CTA.
+// The second kernel of a split K loop, over the first one's grid.x and grid.y: CTA (x, y) of a conv
+// that split sums its tile's parts in a fixed order (part 0, then 1, ...: the result does not
+// depend on scheduling) into shared memory and runs the epilogue conv_cute_kernel would have run
+// on one part's tile (store, BN statistics); a conv that did not split has had its epilogue. For
+// the configs with one 64-pixel patch a CTA.
 constexpr int kSplitFinalizeThreads = 256;
 template <typename T, bool kDgrad, int BM, int BN>
 __global__ void __launch_bounds__(kSplitFinalizeThreads)
@@ -305,11 +310,14 @@ __global__ void __launch_bounds__(kSplitFinalizeThreads)
   static_assert(BM == kTilePixels, "one patch a CTA");
   constexpr int NT = kSplitFinalizeThreads, LDC = BN + 4;  // LDC as CuteSmem's: 16-byte rows
   __shared__ __align__(16) float cs[BM * LDC];
+  const ConvRange r = cta_convs(batch);
+  const ConvArgs& a = batch.conv[r.first];
+  if (a.parts <= 1) return;
   const float4* part0 = reinterpret_cast<const float4*>(partial_tile<BM, BN>(batch, 0));
   const size_t plane = size_t(gridDim.x) * gridDim.y * (BM * BN / 4);  // float4s between parts
   for (int e = static_cast<int>(threadIdx.x); e < BM * BN / 4; e += NT) {
     float4 sum = part0[e];
-    for (int p = 1; p < batch.splits; ++p) {
+    for (int p = 1; p < a.parts; ++p) {
       const float4 v = part0[p * plane + e];
       sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
     }
@@ -317,8 +325,6 @@ __global__ void __launch_bounds__(kSplitFinalizeThreads)
     *reinterpret_cast<float4*>(cs + m * LDC + j) = sum;
   }
   __syncthreads();
-  const ConvRange r = cta_convs(batch);
-  const ConvArgs& a = batch.conv[r.first];
   staged_epilogue<T, kDgrad, BN, NT, 1>(a, cta_patches<1>(a), cta_n0<BN>(batch), cs, LDC);
 }
 

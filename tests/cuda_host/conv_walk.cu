@@ -11,9 +11,9 @@
 // * input-gradient launches of one conv (stride 2 included: rows of the wrong phase gather zeros)
 //   and of several summed into one dx (sum mode), each reading its channel slice of the gradient;
 // * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail;
-// * the K loop split into parts (FASTASPP_CUDA_SPLIT_K: step_at, k_split_range, each part's
-//   gather wherever in a tap it starts, the parts summed in order), whose steps in part order must
-//   be the unsplit walk; and k_split_count's rules.
+// * K loops split into parts (FASTASPP_CUDA_SPLIT_K: step_at, k_split_range, each part's gather
+//   wherever in a tap it starts, the parts summed in order; each conv of a launch with its own
+//   parts), whose steps in part order must be the unsplit walk; and k_split_plan's rules.
 // Prints one line per failed check and "ok" when every check passes.
 #include <algorithm>
 #include <cmath>
@@ -35,11 +35,14 @@ static void expect(bool ok, const char* what, long long a, long long b, double c
 constexpr int kBK = 32;  // the CuTe kernel's K step
 
 // One launch as the kernel runs it, CTA by CTA, with kPatches patches a CTA and BN channels a
-// block, its K loop in `splits` parts (1: not split); dst must hold NaN where nothing is to be
-// written.
+// block; with splits > 1, conv i's K loops in 1 + (splits - 1 + i) % splits parts (conv 0's
+// `splits`, conv 1's none, ...; in sum mode every conv has conv 0's). dst must hold NaN where
+// nothing is to be written.
 template <bool kDgrad, int kPatches, int BN>
 static void emulate(ConvBatch& b, int splits = 1) {
   for (int i = 0; i < b.count; ++i) b.conv[i].tiling = patch_tiling(b.conv[i].dst_h, b.conv[i].dst_w);
+  b.splits = splits;
+  for (int i = 0; i < b.count; ++i) b.conv[i].parts = b.sum_convs ? splits : 1 + (splits - 1 + i) % splits;
   int64_t blocks = 1;
   for (int i = 0; i < b.count; ++i) blocks = std::max<int64_t>(blocks, ceil_div(b.conv[i].nc, int64_t(BN)));
   b.blocks_per_conv = static_cast<int>(blocks);
@@ -58,18 +61,21 @@ static void emulate(ConvBatch& b, int splits = 1) {
       const Patch& t = cp.cover;
       std::fill(acc.begin(), acc.end(), 0.0);
       std::vector<Step> walk;  // the unsplit walk
-      for (Step s = first_step<kDgrad>(b, r.first, r.end, t); s.conv < r.end; s = next_step<kDgrad, kBK>(b, r.end, t, s))
+      for (Step s = first_step<kDgrad>(b, r.first, r.end, t); s.conv < r.end;
+           s = next_step<kDgrad, kBK>(b, r.end, t, s)) {
         walk.push_back(s);
+      }
       const int64_t steps = count_steps<kDgrad, kBK>(b, r, t);
       expect(int64_t(walk.size()) == steps, "walk length = count_steps", x, y, double(steps));
       int64_t walked = 0;  // steps the parts walked so far, in part order
-      for (int part = 0; part < splits; ++part) {
+      const int parts = b.splits > 1 ? a.parts : 1;  // conv_cute_kernel's; z past them returns
+      for (int part = 0; part < parts; ++part) {
         // conv_cute_kernel's part: its range, its first step, then its source pointers as the
         // kernel keeps them: gathered at a tap's first step or the part's first (wherever that
         // lies in the tap), then moved on by BK channels (BK weight rows) a step.
-        const StepRange range = splits > 1 ? k_split_range(steps, part, splits) : StepRange{0, steps};
+        const StepRange range = parts > 1 ? k_split_range(steps, part, parts) : StepRange{0, steps};
         expect(range.begin == walked, "parts are consecutive (cta, part, begin)", x, part, double(range.begin));
-        Step s = splits > 1 ? step_at<kDgrad, kBK>(b, r, t, range.begin) : first_step<kDgrad>(b, r.first, r.end, t);
+        Step s = parts > 1 ? step_at<kDgrad, kBK>(b, r, t, range.begin) : first_step<kDgrad>(b, r.first, r.end, t);
         std::vector<double> partial(BM * BN, 0.0);
         std::vector<const double*> rows(BM);
         const double* wt_rows = nullptr;
@@ -83,7 +89,8 @@ static void emulate(ConvBatch& b, int splits = 1) {
           const ConvArgs& c = b.conv[s.conv];
           if (s.k0 == 0 || !gathered) {
             gathered = true;
-            for (int m = 0; m < BM; ++m) rows[m] = tile_row_src<kPatches, kDgrad, double>(c, cp, s.tap / c.kw, s.tap % c.kw, m);
+            const int64_t kh = s.tap / c.kw, kw = s.tap % c.kw;
+            for (int m = 0; m < BM; ++m) rows[m] = tile_row_src<kPatches, kDgrad, double>(c, cp, kh, kw, m);
             k_offset = s.k0;
             wt_rows = static_cast<const double*>(c.wt) + (s.tap * c.kc + s.k0) * c.nc;
           }
@@ -99,7 +106,7 @@ static void emulate(ConvBatch& b, int splits = 1) {
         }
         for (int e = 0; e < BM * BN; ++e) acc[e] += partial[e];  // conv_split_finalize_kernel's order
       }
-      expect(walked == steps, "the parts walk every step once (cta, parts, steps)", x, splits, double(walked));
+      expect(walked == steps, "the parts walk every step once (cta, parts, steps)", x, parts, double(walked));
       // staged_epilogue's rows: the slots that hold patches.
       for (int m = 0; m < cp.count * kTilePixels; ++m)
         for (int j = 0; j < BN; ++j)
@@ -262,8 +269,9 @@ static void check_config(std::mt19937& gen) {
   }
 }
 
-// The 64 x 128 tiles with a split K loop: parts that start inside a tap (40 channels: two steps a
-// tap), more parts than a CTA has steps (empty parts), and sums over several convs.
+// The 64 x 128 tiles with split K loops: parts that start inside a tap (40 channels: two steps a
+// tap), more parts than a CTA has steps (empty parts), convs of one launch with different parts
+// (some whole), and sums over several convs.
 static void check_splits(std::mt19937& gen) {
   for (int trial = 0; trial < 8; ++trial) {
     const int splits = 2 + trial % 4;
@@ -275,33 +283,60 @@ static void check_splits(std::mt19937& gen) {
   }
 }
 
-// k_split_count's rules (common/k_split.h) and k_split_range's parts.
+// k_split_plan's rules (common/k_split.h) and k_split_range's parts.
 static void check_split_rules() {
-  // aspp-33 r6 at batch 1: 25 patches x 2 channel blocks, 9 taps x 64 steps, 132 SMs x 3 CTAs.
-  expect(k_split_count(50, 132, 3, 576, 4) == 4, "the cap bounds the parts", 50, 4, 0);
-  expect(k_split_count(50, 132, 3, 576, 64) == 7, "one wave bounds the parts", 50, 64, 0);
-  expect(k_split_count(50, 132, 3, 24, 64) == 24 / kMinStepsPerSplit, "parts keep their steps", 50, 24, 0);
-  expect(k_split_count(50, 132, 3, 576, 1) == 1, "a cap of 1 never splits", 50, 1, 0);
-  expect(k_split_count(400, 132, 3, 576, 8) == 1, "a full wave is not split", 400, 8, 0);
-  for (int64_t ctas = 1; ctas < 600; ctas += 7)
-    for (int64_t steps = 0; steps < 700; steps += 13)
+  // An H200: 132 SMs, 3 CTAs each. aspp-33 r6 at batch 1: 25 patches x 2 channel blocks, 9 taps x
+  // 64 steps (2048 channels).
+  int parts[4];
+  const int64_t conv[1] = {576}, aspp[4] = {64, 576, 576, 576};
+  expect(k_split_plan(conv, 1, false, 50, 132, 3, 4, parts) == 4 && parts[0] == 4, "the cap bounds the parts", 4, 0, 0);
+  expect(k_split_plan(conv, 1, false, 50, 132, 3, 64, parts) == 7 && parts[0] == 7, "one wave bounds the parts", 64,
+         parts[0], 0);
+  expect(k_split_plan(conv, 1, false, 50, 132, 3, 1, parts) == 1 && parts[0] == 1, "a cap of 1 never splits", 1, 0, 0);
+  expect(k_split_plan(conv, 1, false, 400, 132, 3, 8, parts) == 1 && parts[0] == 1, "a full wave is not split", 400,
+         0, 0);
+  const int64_t short_walk[1] = {24};
+  expect(k_split_plan(short_walk, 1, false, 50, 132, 3, 64, parts) == 24 / kMinStepsPerSplit,
+         "parts keep their steps", 24, parts[0], 0);
+  // The ASPP's branches at batch 1 (grid mode): the 3x3 branches in two parts, the 1x1 one whole;
+  // 350 CTAs for 396 places.
+  expect(k_split_plan(aspp, 4, false, 50, 132, 3, 8, parts) == 2 && parts[0] == 1 && parts[1] == 2 &&
+             parts[2] == 2 && parts[3] == 2,
+         "the ASPP's long walks split, its short one not", parts[0], parts[1], 0);
+  // Sum mode (the ASPP's input gradient): one walk of every branch's steps, the same parts for all.
+  expect(k_split_plan(aspp, 4, true, 50, 132, 3, 8, parts) == 7 && parts[0] == 7 && parts[3] == 7,
+         "sum mode splits the whole walk", parts[0], parts[3], 0);
+  for (int64_t per_conv = 1; per_conv < 300; per_conv += 7)
+    for (int64_t s0 = 0; s0 < 700; s0 += 29)
       for (int64_t cap = 0; cap < 12; ++cap) {
-        const int parts = k_split_count(ctas, 132, 3, steps, cap);
-        const bool ok = parts >= 1 && (parts == 1 || (parts <= cap && parts * ctas <= 132 * 3 &&
-                                                      steps / parts >= kMinStepsPerSplit));
-        expect(ok, "k_split_count within its rules (ctas, steps, parts)", ctas, steps, parts);
+        const int64_t walks[3] = {s0, s0 / 9, 2 * s0 + 5};
+        for (int sum = 0; sum < 2; ++sum) {
+          const int most = k_split_plan(walks, 3, sum != 0, per_conv, 132, 3, cap, parts);
+          int64_t split_ctas = 0, total = walks[0] + walks[1] + walks[2];
+          bool ok = most >= 1;
+          for (int i = 0; i < 3; ++i) {
+            const int64_t walk = sum ? total : walks[i];
+            ok = ok && parts[i] >= 1 && parts[i] <= most && (parts[i] == 1 || (parts[i] <= cap &&
+                                                                                walk / parts[i] >= kMinStepsPerSplit));
+            ok = ok && (!sum || parts[i] == parts[0]);
+            if (parts[i] > 1) split_ctas += per_conv * parts[i];
+          }
+          const int64_t ctas = sum ? per_conv : 3 * per_conv;
+          ok = ok && (most == 1 || (ctas < 132 * 3 && (sum ? per_conv * most : split_ctas) <= 132 * 3));
+          expect(ok, "k_split_plan within its rules (ctas a conv, steps, mode)", per_conv, s0, sum);
+        }
       }
   for (int64_t steps = 0; steps < 40; ++steps)
-    for (int parts = 1; parts < 9; ++parts) {
+    for (int n = 1; n < 9; ++n) {
       int64_t next = 0;
-      for (int p = 0; p < parts; ++p) {
-        const StepRange r = k_split_range(steps, p, parts);
+      for (int p = 0; p < n; ++p) {
+        const StepRange r = k_split_range(steps, p, n);
         const int64_t size = r.end - r.begin;
-        expect(r.begin == next && size >= steps / parts && size <= steps / parts + 1,
+        expect(r.begin == next && size >= steps / n && size <= steps / n + 1,
                "k_split_range: consecutive parts of balanced sizes (steps, part, size)", steps, p, double(size));
         next = r.end;
       }
-      expect(next == steps, "k_split_range covers every step", steps, parts, double(next));
+      expect(next == steps, "k_split_range covers every step", steps, n, double(next));
     }
 }
 
