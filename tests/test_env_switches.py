@@ -5,6 +5,7 @@ default. Unset and empty mean the default; every accepted value still runs (the 
 and tests/test_cpu_conv_paths.py use them throughout).
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -73,27 +74,17 @@ def test_autotune_switch_is_checked_at_import():
     assert "FASTASPP_TRITON_AUTOTUNE must be unset, 0 or 1, got 'off'" in done.stderr
 
 
-@pytest.mark.parametrize("value", ["sm90", "WMMA", "cute"])
-def test_cuda_conv_switch_rejects_values_it_does_not_know(value, monkeypatch):
+CUDA_SWITCHES = [("FASTASPP_CUDA_CONV", "unset, sm80, wmma, wgmma_wide or wgmma_deep", ["sm90", "WMMA", "cute"]),
+                 ("FASTASPP_CUDA_SPLIT_K", "unset or a whole number >= 1", ["0", "auto", "-2", "4 "])]
+
+
+@pytest.mark.parametrize("name, accepted, value", [(n, a, v) for n, a, values in CUDA_SWITCHES for v in values])
+def test_cuda_switches_reject_values_they_do_not_know(name, accepted, value, monkeypatch):
     """Checked by the cuda bindings before they launch (binding_utils.h check_conv_switch). GPU builds only."""
     reason = fastaspp._backend.unavailable_reason("cuda")
     if reason is not None:
         pytest.skip(f"backend cuda unavailable: {reason}")
     x, w = (t.to("cuda", torch.bfloat16) for t in _inputs())
-    monkeypatch.setenv("FASTASPP_CUDA_CONV", value)
-    accepted = "unset, sm80, wmma, wgmma_wide or wgmma_deep"
-    with pytest.raises(RuntimeError, match=f"FASTASPP_CUDA_CONV must be {accepted}, got '{value}'"):
-        _conv(x, w, 2)
-
-
-@pytest.mark.parametrize("value", ["0", "auto", "-2", "4 "])
-def test_cuda_split_switch_rejects_what_is_not_a_part_count(value, monkeypatch):
-    """FASTASPP_CUDA_SPLIT_K is a whole number >= 1, checked as FASTASPP_CUDA_CONV is. GPU builds only."""
-    reason = fastaspp._backend.unavailable_reason("cuda")
-    if reason is not None:
-        pytest.skip(f"backend cuda unavailable: {reason}")
-    x, w = (t.to("cuda", torch.bfloat16) for t in _inputs())
-    monkeypatch.setenv("FASTASPP_CUDA_SPLIT_K", value)
-    message = f"FASTASPP_CUDA_SPLIT_K must be unset or a whole number >= 1, got '{value}'"
-    with pytest.raises(RuntimeError, match=message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=re.escape(f"{name} must be {accepted}, got '{value}'")):
         _conv(x, w, 2)
