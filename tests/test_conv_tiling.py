@@ -1,6 +1,7 @@
 """The cuda conv kernels' tiling (csrc/common/conv_tiling.h), run on the host through
-torch.ops.fastaspp._conv_patch_taps: the patches of a dst map and the taps each CTA visits, checked
-by brute force over pixels and against fastaspp.geometry, on CPU-only machines too.
+torch.ops.fastaspp._conv_patch_taps: the patches of a dst map (for the input gradient of a strided
+conv, of each stride phase's sub-map) and the taps each CTA visits, checked by brute force over
+pixels and against fastaspp.geometry, on CPU-only machines too.
 
 A CTA must visit every tap that feeds one of its patch's pixels (else the result is wrong) and
 should skip every other (else it does dead work); both are exact here, so equality is the test.
@@ -66,20 +67,33 @@ def test_patches_cover_the_map_and_visit_exactly_the_live_taps(case, dgrad):
                                                                                dilation))
     src_hw, dst_hw = (out_hw, (h, w)) if dgrad else ((h, w), out_hw)
     table = patch_taps(src_hw, dst_hw, (kh, kw), stride, padding, dilation, dgrad)
-    rows, cols = shapes(dst_hw)
-    tiles_w = -(-dst_hw[1] // cols)
-    assert table.shape == (-(-dst_hw[0] // rows) * tiles_w, 4 + kh * kw)
+    # The input gradient tiles each stride phase's sub-map apart, on the grid of the largest.
+    phases = stride if dgrad else (1, 1)
+    largest = tuple(-(-size // s) for size, s in zip(dst_hw, phases))
+    rows, cols = shapes(largest)
+    tiles_w = -(-largest[1] // cols)
+    per_phase = -(-largest[0] // rows) * tiles_w
+    assert table.shape == (phases[0] * phases[1] * per_phase, 6 + kh * kw)
     covered = torch.zeros(dst_hw, dtype=torch.long)
     for b, row in enumerate(table.tolist()):
-        r0, r1, c0, c1 = row[:4]
-        assert (r0, c0) == ((b // tiles_w) * rows, (b % tiles_w) * cols)  # row-major patches
-        assert (r1, c1) == (min(r0 + rows, dst_hw[0]), min(c0 + cols, dst_hw[1]))
-        covered[r0:r1, c0:c1] += 1
+        r0, r1, c0, c1, ph, pw = row[:6]
+        phase, j = divmod(b, per_phase)
+        assert (ph, pw) == divmod(phase, phases[1])  # phase-major, then row-major patches
+        assert (r0, c0) == ((j // tiles_w) * rows, (j % tiles_w) * cols)
+        sub_hw = (len(range(ph, dst_hw[0], phases[0])), len(range(pw, dst_hw[1], phases[1])))
+        assert (r1, c1) == (min(r0 + rows, sub_hw[0]), min(c0 + cols, sub_hw[1]))
+        pixel_rows = [ph + phases[0] * u for u in range(r0, r1)]
+        pixel_cols = [pw + phases[1] * v for v in range(c0, c1)]
+        for i in pixel_rows:
+            covered[i, pixel_cols] += 1
         for a, c in itertools.product(range(kh), range(kw)):
             by_pixels = any(reads(i, a, src_hw[0], dst_hw[0], stride[0], padding[0], dilation[0], dgrad)
-                            for i in range(r0, r1)) and \
-                any(reads(j, c, src_hw[1], dst_hw[1], stride[1], padding[1], dilation[1], dgrad) for j in range(c0, c1))
-            assert row[4 + a * kw + c] == by_pixels, (b, a, c)
+                            for i in pixel_rows) and \
+                any(reads(j, c, src_hw[1], dst_hw[1], stride[1], padding[1], dilation[1], dgrad) for j in pixel_cols)
+            assert row[6 + a * kw + c] == by_pixels, (b, a, c)
+            if dgrad and by_pixels:  # a visited tap lines every pixel of the patch up with an output
+                assert all((i + padding[0] - a * dilation[0]) % stride[0] == 0 for i in pixel_rows)
+                assert all((j + padding[1] - c * dilation[1]) % stride[1] == 0 for j in pixel_cols)
             if not dgrad:  # the same from fastaspp.geometry's live output ranges
                 lo_h, hi_h = tap_live_range(a, h, out_hw[0], stride[0], padding[0], dilation[0])
                 lo_w, hi_w = tap_live_range(c, w, out_hw[1], stride[1], padding[1], dilation[1])
@@ -88,7 +102,7 @@ def test_patches_cover_the_map_and_visit_exactly_the_live_taps(case, dgrad):
 
 
 def test_an_empty_map_has_no_patches():
-    assert patch_taps((0, 5), (0, 5), (3, 3), (1, 1), (1, 1), (1, 1), False).shape == (0, 13)
+    assert patch_taps((0, 5), (0, 5), (3, 3), (1, 1), (1, 1), (1, 1), False).shape == (0, 15)
 
 
 @pytest.mark.parametrize("geometry", [dict(stride=(0, 1)), dict(padding=(-1, 0)), dict(dilation=(1, 0))],

@@ -13,7 +13,8 @@
 //   grad_input: dst = dx [N,H,W,Cin],    src = grad [N,Ho,Wo,Cout], weight [KH,KW,Cout,Cin],
 //               dst pixel i reads src row (i + p - k*d) / s, only when that divides exactly.
 // * A CTA owns a 2-D patch of BM = 64 dst pixels of one image (rows x cols, cols a power of
-//   two chosen per launch to waste the least area: common/conv_tiling.h) and BN = 64 dst
+//   two chosen per launch to waste the least area: common/conv_tiling.h; for a strided conv's
+//   grad_input, of one stride phase: see below) and BN = 64 dst
 //   channels. A launch runs a batch of convs over the same dst map (ConvBatch, conv_common.cuh:
 //   the ASPP's branches, each into its channel slice; a single conv is a batch of one): grid.x
 //   is the patch, grid.y the (conv, channel block). (The 128 x 256 CuTe tile owns two adjacent
@@ -48,9 +49,11 @@
 //   shared concat buffer.
 //   Plain NHWC is stride = Cout, offset = 0 (grad_input always uses stride = Cin, offset 0).
 //   Only the store moves; the gather, the tiling and the dead-tap skipping do not change.
-// * Known costs: grad_input with stride > 1 gathers a zero for the dst pixels of the wrong
-//   phase (only 1/(sh*sw) of a live tap's rows are real), which does not matter for ASPP
-//   (stride 1); only the CuTe 64 x 128 tiles split their K loop when few pixel tiles leave SMs
+// * grad_input with stride > 1 tiles each stride phase of dx apart (conv_tiling.h): a patch's
+//   pixels are every stride-th row and column from its phase, so a tap reaches all of them or
+//   none, and no CTA gathers rows of the wrong phase (before, only 1/(sh*sw) of a live tap's rows
+//   were real).
+// * Known cost: only the CuTe 64 x 128 tiles split their K loop when few pixel tiles leave SMs
 //   idle (FASTASPP_CUDA_SPLIT_K, off by default until measured on a device).
 
 #include <algorithm>
@@ -358,7 +361,7 @@ cudaError_t launch_conv_t(ConvBatch& b, const FastasppScratch* scratch, cudaStre
 // split K loop's workspace comes from, or null for none).
 template <bool kDgrad>
 cudaError_t launch_conv(ConvBatch& b, int dtype, const FastasppScratch* scratch, cudaStream_t stream) {
-  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = patch_tiling(b.conv[i].dst_h, b.conv[i].dst_w);
+  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = conv_patch_tiling<kDgrad>(b.conv[i]);
   return with_element_type(dtype, [&](auto element) {
     return launch_conv_t<decltype(element), kDgrad>(b, scratch, stream);
   });

@@ -39,7 +39,7 @@ struct ConvArgs {
   int64_t dst_pixel_stride, dst_channel_offset;  // elements; offset + nc <= stride
   int64_t src_pixel_stride, src_channel_offset;  // src pixel q, channel k at src[q * stride + offset + k]
   int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
-  PatchTiling tiling;  // conv_tiling.h: the dst patch each CTA owns
+  PatchTiling tiling;  // conv_tiling.h: the dst patch each CTA owns (conv_patch_tiling)
   int relu;
   int parts;  // the parts of a split K loop this conv's CTAs walk (read only when ConvBatch::splits > 1)
 };
@@ -67,6 +67,13 @@ struct ConvBatch {
   int splits;       // the most parts of any conv (grid.z), 1 (or 0) when no K loop is split
   float* partials;  // [splits][grid.y][grid.x][BM x BN] fp32 tiles, row-major; null when not split
 };
+
+// A conv's patches (conv_tiling.h): the input gradient of a strided conv tiles each stride phase of
+// dx apart, so that every tap reaches all of a patch's pixels or none.
+template <bool kDgrad>
+inline PatchTiling conv_patch_tiling(const ConvArgs& a) {
+  return kDgrad ? patch_tiling(a.dst_h, a.dst_w, a.stride_h, a.stride_w) : patch_tiling(a.dst_h, a.dst_w);
+}
 
 // The convs [first, end) a CTA's K loop walks; `first` is also the conv whose epilogue it runs.
 struct ConvRange {
@@ -108,8 +115,10 @@ __host__ __device__ int64_t next_live_tap(const ConvArgs& a, const Patch& t, int
   const int64_t taps = a.kh * a.kw;
   for (; tap < taps; ++tap) {
     const int64_t kh = tap / a.kw, kw = tap % a.kw;
-    if (patch_tap_live<kDgrad>(kh, a.src_h, a.dst_h, a.stride_h, a.pad_h, a.dil_h, t.r0, t.r1) &&
-        patch_tap_live<kDgrad>(kw, a.src_w, a.dst_w, a.stride_w, a.pad_w, a.dil_w, t.c0, t.c1)) {
+    if (patch_tap_live<kDgrad>(kh, a.src_h, a.dst_h, a.stride_h, a.pad_h, a.dil_h, t.r0, t.r1, t.ph,
+                               a.tiling.phases_h) &&
+        patch_tap_live<kDgrad>(kw, a.src_w, a.dst_w, a.stride_w, a.pad_w, a.dil_w, t.c0, t.c1, t.pw,
+                               a.tiling.phases_w)) {
       break;
     }
   }
@@ -178,14 +187,26 @@ __host__ __device__ Step step_at(const ConvBatch& b, ConvRange r, const Patch& t
   return Step{r.end, 0, 0};
 }
 
+// The dst row and column of pixel m of patch t (row m >> tile_w_log2 of the patch, column
+// m & (cols - 1), through its phase: conv_tiling.h's Patch), or false where the patch overhangs
+// its (phase's) map.
+__host__ __device__ __forceinline__ bool patch_pixel(const ConvArgs& a, const Patch& t, int m, int64_t& r,
+                                                     int64_t& c) {
+  const int64_t u = t.r0 + (m >> a.tiling.tile_w_log2);
+  const int64_t v = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
+  if (u >= t.r1 || v >= t.c1) return false;
+  r = t.ph + a.tiling.phases_h * u;
+  c = t.pw + a.tiling.phases_w * v;
+  return true;
+}
+
 // Row m of the A tile: the src row (kc channels) of the pixel that dst pixel m of the patch reads
 // through tap (kh, kw), or nullptr when it reads padding / lies outside the map.
 template <bool kDgrad, typename T>
 __host__ __device__ __forceinline__ const T* gather_row(const ConvArgs& a, const Patch& t, int64_t kh,
                                                int64_t kw, int m) {
-  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
-  if (r >= t.r1 || c >= t.c1) return nullptr;
+  int64_t r, c;
+  if (!patch_pixel(a, t, m, r, c)) return nullptr;
   int64_t sr, sc;
   if (!kDgrad) {
     sr = r * a.stride_h + kh * a.dil_h - a.pad_h;
@@ -286,9 +307,8 @@ __device__ __forceinline__ void prologue_chunk(const ConvArgs& a, int64_t k, boo
 // Where dst pixel m of the patch keeps its channel 0 (of the slice: dst_channel_offset included),
 // or -1 where the patch overhangs the map. Both stores below address dst through it.
 __host__ __device__ __forceinline__ int64_t dst_pixel_start(const ConvArgs& a, const Patch& t, int m) {
-  const int64_t r = t.r0 + (m >> a.tiling.tile_w_log2);
-  const int64_t c = t.c0 + (m & ((1 << a.tiling.tile_w_log2) - 1));
-  if (r >= t.r1 || c >= t.c1) return -1;
+  int64_t r, c;
+  if (!patch_pixel(a, t, m, r, c)) return -1;
   return ((t.img * a.dst_h + r) * a.dst_w + c) * a.dst_pixel_stride + a.dst_channel_offset;
 }
 

@@ -8,7 +8,7 @@
 // fp64 conv, every element of each conv's slice written once and none outside it, for:
 // * forward launches of one conv and of several into channel slices of one dst (the ASPP's
 //   branches: grid mode);
-// * input-gradient launches of one conv (stride 2 included: rows of the wrong phase gather zeros)
+// * input-gradient launches of one conv (stride 2 included: each stride phase of dx tiled apart)
 //   and of several summed into one dx (sum mode), each reading its channel slice of the gradient;
 // * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail;
 // * K loops split into parts (FASTASPP_CUDA_SPLIT_K: step_at, k_split_range, each part's gather
@@ -40,7 +40,7 @@ constexpr int kBK = 32;  // the CuTe kernel's K step
 // nothing is to be written.
 template <bool kDgrad, int kPatches, int BN>
 static void emulate(ConvBatch& b, int splits = 1) {
-  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = patch_tiling(b.conv[i].dst_h, b.conv[i].dst_w);
+  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = conv_patch_tiling<kDgrad>(b.conv[i]);
   b.splits = splits;
   for (int i = 0; i < b.count; ++i) b.conv[i].parts = b.sum_convs ? splits : 1 + (splits - 1 + i) % splits;
   int64_t blocks = 1;
