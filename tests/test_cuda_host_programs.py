@@ -13,12 +13,13 @@ passes, else one line per failure.
   * conv_walk.cu: the CuTe conv kernel's index code (its CTAs' patches, live-tap walk, A-row gather
     by slot, B rows and the epilogue's row mapping), run on the host with fp64 sums in place of the
     MMA, matches a direct conv for forward launches (one conv, or several into channel slices) and
-    input-gradient launches (one conv with stride 2, or several summed), with one patch and 128
-    channels a CTA and with the wide tile's two patches and 256 channels; and with the K loop split
-    into parts (FASTASPP_CUDA_SPLIT_K), whose steps in part order are the unsplit walk, each
-    gathering wherever in a tap it starts, summed in order, and the split count's rules
-    (csrc/common/k_split.h). Checked by making step_at drop its chunk offset and by overlapping
-    two parts in a scratch copy.
+    input-gradient launches (one conv with strides of 1 to 3 per axis, each stride phase of dx tiled
+    apart, or several summed), with one patch and 128 channels a CTA and with the wide tile's two
+    patches and 256 channels; and with the K loop split into parts (FASTASPP_CUDA_SPLIT_K), whose
+    steps in part order are the unsplit walk, each gathering wherever in a tap it starts, summed in
+    order, and the split count's rules (csrc/common/k_split.h). Checked in a scratch copy by making
+    step_at drop its chunk offset, overlapping two parts, and mapping a phase's columns with the
+    row stride.
   * patch_groups.cu: a kernel owning two patches per CTA owns every patch once, two adjacent ones
     that share their rows, each slot's statistics row is its patch's index, one patch per CTA is
     the old grid, and a tap is live for the CTA's cover exactly when it is live for one of its

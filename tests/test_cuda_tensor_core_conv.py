@@ -4,7 +4,7 @@ FASTASPP_CUDA_CONV=wgmma_deep, or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad
 likewise; the 64 x 128 tiles also with their K loop split, FASTASPP_CUDA_SPLIT_K=4, which these
 small grids take) and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels
 (channel counts in multiples of 8): several K chunks and their tail, more than one 128-channel
-column block, stride 2 (whose input gradient tiles each stride phase apart), a 5x5 kernel, dead
+column block, strides 2 and (2, 3) (whose input gradient tiles each stride phase apart), a 5x5 kernel, dead
 taps, a 1x1 map, the ASPP's channel-slice store, and the training ASPP's epilogue statistics and
 projection prologue.
 Forward, input and weight gradients. Needs a GPU build; elsewhere every case is skipped with the
@@ -36,6 +36,7 @@ CASES = [
     ConvCase(2, 64, 136, 21, 21, dilation=6),           # two K chunks; column blocks of 128 and 8
     ConvCase(1, 40, 24, 13, 17, stride=2, padding=1),   # K tail (40 = 32 + 8), stride 2
     ConvCase(2, 24, 32, 10, 10, stride=2, padding=1),   # the input gradient, one stride phase a patch
+    ConvCase(1, 16, 24, 11, 14, stride=(2, 3), padding=1),  # six phases, one with fewer rows and columns
     ConvCase(1, 16, 8, 9, 9, k=5, padding=4, dilation=2),
     ConvCase(1, 8, 8, 1, 1, dilation=6),                 # one live tap
     ConvCase(2, 32, 48, 9, 9, dilation=12),              # every off-centre tap dead

@@ -295,7 +295,7 @@ int plan_k_split(ConvBatch& b, dim3 grid, int ctas_per_sm, int64_t cap) {
 template <typename T, bool kDgrad, typename Config>
 cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
   constexpr int BM = Config::BM, BN = Config::BN;
-  dim3 grid = batch_grid<BN>(b, Config::kPatches);
+  const dim3 grid = batch_grid<BN>(b, Config::kPatches);
   const int smem = Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0;
   b.splits = 1;
   b.partials = nullptr;

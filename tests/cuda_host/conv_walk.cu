@@ -8,7 +8,8 @@
 // fp64 conv, every element of each conv's slice written once and none outside it, for:
 // * forward launches of one conv and of several into channel slices of one dst (the ASPP's
 //   branches: grid mode);
-// * input-gradient launches of one conv (stride 2 included: each stride phase of dx tiled apart)
+// * input-gradient launches of one conv (strides 1 to 3 along each axis: each stride phase of dx
+//   tiled apart)
 //   and of several summed into one dx (sum mode), each reading its channel slice of the gradient;
 // * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail;
 // * K loops split into parts (FASTASPP_CUDA_SPLIT_K: step_at, k_split_range, each part's gather
@@ -115,17 +116,17 @@ static void emulate(ConvBatch& b, int splits = 1) {
 }
 
 struct Geometry {
-  int64_t n, cin, cout, h, w, k, s, p, d, ho, wo;
+  int64_t n, cin, cout, h, w, k, sh, sw, p, d, ho, wo;  // strides sh, sw: the input gradient's phases
 };
 
 static Geometry random_geometry(std::mt19937& gen, int64_t cin, int64_t cout) {
-  std::uniform_int_distribution<int> size(1, 23), kern(0, 2), stride(1, 2), dil(1, 12), batch(1, 2);
+  std::uniform_int_distribution<int> size(1, 23), kern(0, 2), stride(1, 3), dil(1, 12), batch(1, 2);
   for (;;) {
     Geometry g;
     g.n = batch(gen), g.cin = cin, g.cout = cout, g.h = size(gen), g.w = size(gen);
-    g.k = 2 * kern(gen) + 1, g.s = stride(gen), g.d = dil(gen);
+    g.k = 2 * kern(gen) + 1, g.sh = stride(gen), g.sw = stride(gen), g.d = dil(gen);
     g.p = std::uniform_int_distribution<int64_t>(0, g.d * (g.k - 1))(gen);
-    g.ho = conv_out_size(g.h, g.k, g.s, g.p, g.d), g.wo = conv_out_size(g.w, g.k, g.s, g.p, g.d);
+    g.ho = conv_out_size(g.h, g.k, g.sh, g.p, g.d), g.wo = conv_out_size(g.w, g.k, g.sw, g.p, g.d);
     if (g.ho >= 1 && g.wo >= 1) return g;
   }
 }
@@ -140,7 +141,7 @@ static std::vector<double> random_values(std::mt19937& gen, size_t count) {
 static ConvArgs conv_args(const Geometry& g, bool dgrad) {
   ConvArgs a{};
   a.n = g.n, a.kh = g.k, a.kw = g.k;
-  a.stride_h = a.stride_w = g.s, a.pad_h = a.pad_w = g.p, a.dil_h = a.dil_w = g.d;
+  a.stride_h = g.sh, a.stride_w = g.sw, a.pad_h = a.pad_w = g.p, a.dil_h = a.dil_w = g.d;
   a.src_h = dgrad ? g.ho : g.h, a.src_w = dgrad ? g.wo : g.w, a.kc = dgrad ? g.cout : g.cin;
   a.dst_h = dgrad ? g.h : g.ho, a.dst_w = dgrad ? g.w : g.wo, a.nc = dgrad ? g.cin : g.cout;
   a.src_pixel_stride = a.kc, a.dst_pixel_stride = a.nc;
@@ -159,10 +160,10 @@ static void check_forward(std::mt19937& gen, int trial, int branches, int64_t ci
   for (int i = 0; i < branches; ++i) {
     Geometry g = base;
     if (i > 0) {  // an ASPP branch: 3x3, stride 1, padding = dilation (the same output map)
-      g.k = 3, g.s = 1, g.d = std::uniform_int_distribution<int>(1, 12)(gen), g.p = g.d;
+      g.k = 3, g.sh = g.sw = 1, g.d = std::uniform_int_distribution<int>(1, 12)(gen), g.p = g.d;
       g.ho = g.h, g.wo = g.w;
     } else if (branches > 1) {
-      g.k = 1, g.s = 1, g.p = 0, g.d = 1, g.ho = g.h, g.wo = g.w;
+      g.k = 1, g.sh = g.sw = 1, g.p = 0, g.d = 1, g.ho = g.h, g.wo = g.w;
     }
     gs.push_back(g);
     ws.push_back(random_values(gen, g.k * g.k * cin * cout));  // [KH, KW, Cin, Cout]
@@ -186,7 +187,7 @@ static void check_forward(std::mt19937& gen, int trial, int branches, int64_t ci
             double ref = 0, mag = 0;
             for (int64_t kh = 0; kh < g.k; ++kh)
               for (int64_t kw = 0; kw < g.k; ++kw) {
-                const int64_t ih = oh * g.s - g.p + kh * g.d, iw = ow * g.s - g.p + kw * g.d;
+                const int64_t ih = oh * g.sh - g.p + kh * g.d, iw = ow * g.sw - g.p + kw * g.d;
                 if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
                 for (int64_t ci = 0; ci < cin; ++ci) {
                   const double term =
@@ -211,7 +212,7 @@ static void check_grad_input(std::mt19937& gen, int trial, int branches, int64_t
   for (int i = 0; i < branches; ++i) {
     Geometry g = base;
     if (branches > 1) {  // ASPP branches: 1x1, then 3x3 at padding = dilation, stride 1
-      g.s = 1, g.ho = g.h, g.wo = g.w, g.k = i == 0 ? 1 : 3;
+      g.sh = g.sw = 1, g.ho = g.h, g.wo = g.w, g.k = i == 0 ? 1 : 3;
       g.d = i == 0 ? 1 : std::uniform_int_distribution<int>(1, 12)(gen), g.p = i == 0 ? 0 : g.d;
     }
     gs.push_back(g);
@@ -240,7 +241,7 @@ static void check_grad_input(std::mt19937& gen, int trial, int branches, int64_t
         for (int64_t ow = 0; ow < g.wo; ++ow)
           for (int64_t kh = 0; kh < g.k; ++kh)
             for (int64_t kw = 0; kw < g.k; ++kw) {
-              const int64_t ih = oh * g.s - g.p + kh * g.d, iw = ow * g.s - g.p + kw * g.d;
+              const int64_t ih = oh * g.sh - g.p + kh * g.d, iw = ow * g.sw - g.p + kw * g.d;
               if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) continue;
               for (int64_t co = 0; co < cout; ++co)
                 for (int64_t ci = 0; ci < cin; ++ci) {
