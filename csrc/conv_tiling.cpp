@@ -21,8 +21,7 @@ at::Tensor conv_patch_taps(int64_t src_h, int64_t src_w, int64_t dst_h, int64_t 
               "fastaspp: _conv_patch_taps wants sizes >= 0 and a kernel of at least 1x1");
   const ConvGeometry g{{stride[0], stride[1]}, {padding[0], padding[1]}, {dilation[0], dilation[1]}};
   TORCH_CHECK(g.valid(), "fastaspp: _conv_patch_taps wants stride >= 1, padding >= 0, dilation >= 1");
-  const PatchTiling tiling =
-      dgrad ? patch_tiling(dst_h, dst_w, g.stride[0], g.stride[1]) : patch_tiling(dst_h, dst_w);  // the kernels'
+  const PatchTiling tiling = conv_patch_tiling(dst_h, dst_w, dgrad, g.stride[0], g.stride[1]);  // the kernels'
   const int64_t patches = dst_h > 0 && dst_w > 0 ? tiling.tiles_per_img : 0;
   at::Tensor out = at::zeros({patches, 6 + kernel_h * kernel_w}, at::kLong);
   auto rows = out.accessor<int64_t, 2>();

@@ -66,6 +66,13 @@ inline PatchTiling patch_tiling(int64_t dst_h, int64_t dst_w, int64_t phases_h =
   return t;
 }
 
+// The patches of a conv's dst map as the kernels tile it: the input gradient (dgrad) of a strided
+// conv in its stride's phases, so that every tap reaches all of a patch's pixels or none; the
+// forward (and a stride-1 input gradient) in one phase.
+inline PatchTiling conv_patch_tiling(int64_t dst_h, int64_t dst_w, bool dgrad, int64_t stride_h, int64_t stride_w) {
+  return dgrad ? patch_tiling(dst_h, dst_w, stride_h, stride_w) : patch_tiling(dst_h, dst_w);
+}
+
 // Rows [r0, r1) and columns [c0, c1) of phase (ph, pw)'s sub-map of image img: one patch, clipped
 // to that sub-map (empty where the phase has fewer rows or columns than the largest). Its pixel
 // (r, c) is dst pixel (ph + phases_h * r, pw + phases_w * c); with one phase, the same.

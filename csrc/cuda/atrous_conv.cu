@@ -361,7 +361,10 @@ cudaError_t launch_conv_t(ConvBatch& b, const FastasppScratch* scratch, cudaStre
 // split K loop's workspace comes from, or null for none).
 template <bool kDgrad>
 cudaError_t launch_conv(ConvBatch& b, int dtype, const FastasppScratch* scratch, cudaStream_t stream) {
-  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = conv_patch_tiling<kDgrad>(b.conv[i]);
+  for (int i = 0; i < b.count; ++i) {
+    const ConvArgs& c = b.conv[i];
+    b.conv[i].tiling = conv_patch_tiling(c.dst_h, c.dst_w, kDgrad, c.stride_h, c.stride_w);
+  }
   return with_element_type(dtype, [&](auto element) {
     return launch_conv_t<decltype(element), kDgrad>(b, scratch, stream);
   });

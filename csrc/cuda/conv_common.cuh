@@ -68,13 +68,6 @@ struct ConvBatch {
   float* partials;  // [splits][grid.y][grid.x][BM x BN] fp32 tiles, row-major; null when not split
 };
 
-// A conv's patches (conv_tiling.h): the input gradient of a strided conv tiles each stride phase of
-// dx apart, so that every tap reaches all of a patch's pixels or none.
-template <bool kDgrad>
-inline PatchTiling conv_patch_tiling(const ConvArgs& a) {
-  return kDgrad ? patch_tiling(a.dst_h, a.dst_w, a.stride_h, a.stride_w) : patch_tiling(a.dst_h, a.dst_w);
-}
-
 // The convs [first, end) a CTA's K loop walks; `first` is also the conv whose epilogue it runs.
 struct ConvRange {
   int first, end;

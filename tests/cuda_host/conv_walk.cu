@@ -41,7 +41,10 @@ constexpr int kBK = 32;  // the CuTe kernel's K step
 // nothing is to be written.
 template <bool kDgrad, int kPatches, int BN>
 static void emulate(ConvBatch& b, int splits = 1) {
-  for (int i = 0; i < b.count; ++i) b.conv[i].tiling = conv_patch_tiling<kDgrad>(b.conv[i]);
+  for (int i = 0; i < b.count; ++i) {
+    const ConvArgs& c = b.conv[i];
+    b.conv[i].tiling = conv_patch_tiling(c.dst_h, c.dst_w, kDgrad, c.stride_h, c.stride_w);
+  }
   b.splits = splits;
   for (int i = 0; i < b.count; ++i) b.conv[i].parts = b.sum_convs ? splits : 1 + (splits - 1 + i) % splits;
   int64_t blocks = 1;
