@@ -1,7 +1,8 @@
 """Where a fused conv's time goes on the GPU: kernel time (profiler) against per-call time.
 
 For a few ASPP-sized convs (bf16, channels_last) and each GPU backend (and the cuda backend's
-128 x 256 and 8-stage wgmma tiles, FASTASPP_CUDA_CONV=wgmma_wide and wgmma_deep, and its 64 x 128
+128 x 256 and 8-stage wgmma tiles, FASTASPP_CUDA_CONV=wgmma_wide and wgmma_deep, the 128 x 256
+tile fed by TMA, wgmma_tma, and its 64 x 128
 tiles with a split K loop, FASTASPP_CUDA_SPLIT_K) it prints the median
 per-call time (CUDA events around one call), the host time per call (many calls, one sync), and
 the device time of each kernel the call launches (torch.profiler). If the per-call time is far
@@ -26,13 +27,15 @@ from fastaspp.bench.timing import summarize, time_ms
 
 CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
 # Row label: (backend, the cuda switches while it runs; the others unset); cuda-wide is the 128 x 256
-# wgmma tile, cuda-deep the 64 x 128 one with 8 stages, "-split" their K loop in up to 8 parts
-# where the grid leaves SMs idle (the batch-1 case).
+# wgmma tile, cuda-tma the same tile fed by TMA with a producer warpgroup, cuda-deep the 64 x 128
+# one with 8 stages, "-split" their K loop in up to 8 parts where the grid leaves SMs idle (the
+# batch-1 case).
 CUDA_SWITCHES = ("FASTASPP_CUDA_CONV", "FASTASPP_CUDA_SPLIT_K")
 SPLIT = {"FASTASPP_CUDA_SPLIT_K": "8"}
 DEEP = {"FASTASPP_CUDA_CONV": "wgmma_deep"}
 BACKENDS = {"triton": ("triton", {}), "cuda": ("cuda", {}), "cuda-wide": ("cuda", {"FASTASPP_CUDA_CONV": "wgmma_wide"}),
-            "cuda-deep": ("cuda", DEEP), "cuda-split": ("cuda", SPLIT), "cuda-deep-split": ("cuda", {**DEEP, **SPLIT})}
+            "cuda-tma": ("cuda", {"FASTASPP_CUDA_CONV": "wgmma_tma"}), "cuda-deep": ("cuda", DEEP),
+            "cuda-split": ("cuda", SPLIT), "cuda-deep-split": ("cuda", {**DEEP, **SPLIT})}
 
 
 def per_call_ms(fn, reps=50):

@@ -20,6 +20,14 @@ passes, else one line per failure.
     order, and the split count's rules (csrc/common/k_split.h). Checked in a scratch copy by making
     step_at drop its chunk offset, overlapping two parts, and mapping a phase's columns with the
     row stride.
+  * tma_boxes.cu: the TMA conv kernel's loads (csrc/cuda/conv_tma.cuh, csrc/common/tma_boxes.h),
+    each modelled as TMA's documentation states (a box through the tensor map's view, zero outside
+    its dims), hold what the cp.async gather puts in the A and B tiles, for every step and patch slot
+    of random stride-1 forward and input-gradient launches (channel slices, K tails, dead taps); and
+    which convs the kernel refuses. Checked in a scratch copy by giving the input gradient the
+    forward's box origin, the row stride the wrong extent, the src view the pixel stride as its
+    channel count, and merging the weight view's K and tap dims. sm80_layouts.cu checks that the
+    kernel's stage layouts are what its boxes write under TMA's swizzles.
   * patch_groups.cu: a kernel owning two patches per CTA owns every patch once, two adjacent ones
     that share their rows, each slot's statistics row is its patch's index, one patch per CTA is
     the old grid, and a tap is live for the CTA's cover exactly when it is live for one of its
@@ -65,7 +73,7 @@ def cutlass_include():
 @pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False),
                                                     ("launcher_checks", True), ("gw_pixel_walk", False),
                                                     ("epilogue_chunks", False), ("patch_groups", False),
-                                                    ("conv_walk", False)])
+                                                    ("conv_walk", False), ("tma_boxes", False)])
 def test_host_program(tmp_path, program, needs_cutlass):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -1,6 +1,8 @@
 """The cuda backend's 16-bit kernels, the CuTe ones (csrc/cuda/conv_cute.cuh on wgmma in an sm_90a
 build, on its 128 x 256 tile with FASTASPP_CUDA_CONV=wgmma_wide, on its 8-stage 64 x 128 tile with
-FASTASPP_CUDA_CONV=wgmma_deep, or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh
+FASTASPP_CUDA_CONV=wgmma_deep, on the 128 x 256 tile fed by TMA with FASTASPP_CUDA_CONV=wgmma_tma
+(conv_tma.cuh: the stride-1 convs without the projection's prologue, at most 4 a launch; the rest
+on the 64 x 128 tile), or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh
 likewise; the 64 x 128 tiles also with their K loop split, FASTASPP_CUDA_SPLIT_K=4, which these
 small grids take) and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels
 (channel counts in multiples of 8): several K chunks and their tail, more than one 128-channel
@@ -44,7 +46,9 @@ CASES = [
 ]
 # The CuTe kernels as the build picks them (on wgmma in an sm_90a build), the conv on the 128 x 256
 # wgmma tile (two patches a CTA: the 21 x 21 and 13 x 11 maps leave the last CTA of each patch row
-# one) and on the 8-stage 64 x 128 one, their mma.sync path, and WMMA for everything; the "_split"
+# one) and on the 8-stage 64 x 128 one, the 128 x 256 tile fed by TMA (the stride-2 cases, the
+# projection and the 8-branch launch of 9 rates on the 64 x 128 tile; a 1x1 map, 8 channels of a
+# 32-channel box and of a 64-channel weight box), their mma.sync path, and WMMA for everything; the "_split"
 # ones split the 64 x 128 tiles' K loop in up to 4 parts (at most one part per 8 K steps: CASES'
 # convs with 16 channels or fewer and one tap stay whole; the others split, some parts starting
 # inside a tap). Each value is the environment the kernel runs under.
@@ -55,6 +59,7 @@ KERNELS = {
     "wgmma_wide": {"FASTASPP_CUDA_CONV": "wgmma_wide"},
     "wgmma_deep": {"FASTASPP_CUDA_CONV": "wgmma_deep"},
     "wgmma_deep_split": {"FASTASPP_CUDA_CONV": "wgmma_deep", **SPLIT},
+    "wgmma_tma": {"FASTASPP_CUDA_CONV": "wgmma_tma"},
     "sm80": {"FASTASPP_CUDA_CONV": "sm80"},
     "sm80_split": {"FASTASPP_CUDA_CONV": "sm80", **SPLIT},
     "wmma": {"FASTASPP_CUDA_CONV": "wmma"},
@@ -207,10 +212,11 @@ def test_the_kernels_that_run_are_the_ones_chosen(kernel):
     """Which kernels a 16-bit forward and backward run: wgmma (Sm90Config, Sm90GwConfig) on a
     compute-capability 9.0 GPU with an sm_90a build (TORCH_CUDA_ARCH_LIST naming 9.0a, as
     benchmarks/gpu_run.sh builds), else mma.sync (Sm80Config, Sm80GwConfig); FASTASPP_CUDA_CONV=
-    wgmma_wide and wgmma_deep run the conv on Sm90WideConfig and Sm90DeepConfig there (the weight
-    gradient as unset), sm80 and wmma force theirs. With FASTASPP_CUDA_SPLIT_K, the forward and the
-    input gradient (9 patches, 18 K steps: two parts) are each followed by their split's second
-    kernel. A wrong image check would otherwise let every other test pass on the fallback kernels."""
+    wgmma_wide and wgmma_deep run the conv on Sm90WideConfig and Sm90DeepConfig there, and wgmma_tma
+    (this stride-1 conv) on conv_tma_kernel (the weight gradient as unset), sm80 and wmma force
+    theirs. With FASTASPP_CUDA_SPLIT_K, the forward and the input gradient (9 patches, 18 K steps:
+    two parts) are each followed by their split's second kernel. A wrong image check would
+    otherwise let every other test pass on the fallback kernels."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 64, 17, 17, generator=g).to("cuda", torch.bfloat16, memory_format=torch.channels_last)
     w = torch.randn(64, 64, 3, 3, generator=g).to("cuda", torch.bfloat16)
@@ -223,10 +229,11 @@ def test_the_kernels_that_run_are_the_ones_chosen(kernel):
     if base == "wmma":
         conv, wgrad = "conv_wmma_kernel", "grad_weight_wmma_kernel"
     else:
-        arch = "Sm90" if base in ("cute", "wgmma_wide", "wgmma_deep") and sm90_build else "Sm80"
+        arch = "Sm90" if base in ("cute", "wgmma_wide", "wgmma_deep", "wgmma_tma") and sm90_build else "Sm80"
         conv, wgrad = f"{arch}Config", f"{arch}GwConfig"
-        if base in ("wgmma_wide", "wgmma_deep") and sm90_build:
-            conv = {"wgmma_wide": "Sm90WideConfig", "wgmma_deep": "Sm90DeepConfig"}[base]
+        tiles = {"wgmma_wide": "Sm90WideConfig", "wgmma_deep": "Sm90DeepConfig", "wgmma_tma": "conv_tma_kernel"}
+        if base in tiles and sm90_build:
+            conv = tiles[base]
     assert len(convs) == 2 and all(conv in n for n in convs), (kernel, convs)
     assert len(wgrads) == 1 and wgrad in wgrads[0], (kernel, wgrads)
     # One second kernel per split launch: the forward's and the input gradient's instantiations.

@@ -74,8 +74,10 @@ def test_autotune_switch_is_checked_at_import():
     assert "FASTASPP_TRITON_AUTOTUNE must be unset, 0 or 1, got 'off'" in done.stderr
 
 
-CUDA_SWITCHES = [("FASTASPP_CUDA_CONV", "unset, sm80, wmma, wgmma_wide or wgmma_deep", ["sm90", "WMMA", "cute"]),
-                 ("FASTASPP_CUDA_SPLIT_K", "unset or a whole number >= 1", ["0", "auto", "-2", "4 "])]
+CUDA_SWITCHES = [
+    ("FASTASPP_CUDA_CONV", "unset, sm80, wmma, wgmma_wide, wgmma_deep or wgmma_tma", ["sm90", "WMMA", "cute", "tma"]),
+    ("FASTASPP_CUDA_SPLIT_K", "unset or a whole number >= 1", ["0", "auto", "-2", "4 "]),
+]
 
 
 @pytest.mark.parametrize("name, accepted, value", [(n, a, v) for n, a, values in CUDA_SWITCHES for v in values])

@@ -56,7 +56,7 @@ struct IntegerSwitch {
 
 inline constexpr const char* kOffOn[] = {"0", "1"};
 constexpr int kSwitchOff = 0, kSwitchOn = 1;  // kOffOn's choices
-inline constexpr const char* kCudaConvKernels[] = {"sm80", "wmma", "wgmma_wide", "wgmma_deep"};
+inline constexpr const char* kCudaConvKernels[] = {"sm80", "wmma", "wgmma_wide", "wgmma_deep", "wgmma_tma"};
 
 // cpu: "0" never uses oneDNN's conv, "1" always does (conv_paths.cpp).
 inline constexpr ChoiceSwitch kCpuOnednn{"FASTASPP_CPU_ONEDNN", kOffOn, 2};
@@ -64,9 +64,11 @@ inline constexpr ChoiceSwitch kCpuOnednn{"FASTASPP_CPU_ONEDNN", kOffOn, 2};
 inline constexpr ChoiceSwitch kCpuWinograd{"FASTASPP_CPU_WINOGRAD", kOffOn, 2};
 // cuda, 16-bit: "sm80" keeps the CuTe kernels on mma.sync, "wmma" runs the WMMA kernels,
 // "wgmma_wide" runs the conv on the 128 x 256 wgmma tile where it can, "wgmma_deep" on the 64 x 128
-// one with 8 stages (conv_cute.cuh).
-inline constexpr ChoiceSwitch kCudaConv{"FASTASPP_CUDA_CONV", kCudaConvKernels, 4};
-inline constexpr int kCudaConvSm80 = 0, kCudaConvWmma = 1, kCudaConvWgmmaWide = 2, kCudaConvWgmmaDeep = 3;
+// one with 8 stages (conv_cute.cuh), "wgmma_tma" the stride-1 convs on the 128 x 256 tile fed by TMA
+// (conv_tma.cuh).
+inline constexpr ChoiceSwitch kCudaConv{"FASTASPP_CUDA_CONV", kCudaConvKernels, 5};
+inline constexpr int kCudaConvSm80 = 0, kCudaConvWmma = 1, kCudaConvWgmmaWide = 2, kCudaConvWgmmaDeep = 3,
+                     kCudaConvWgmmaTma = 4;
 // cuda, 16-bit: the most parts the CuTe conv on a 64 x 128 tile splits its K loop into where its
 // grid leaves SMs idle (common/k_split.h); 1, the default, never splits.
 inline constexpr IntegerSwitch kCudaSplitK{"FASTASPP_CUDA_SPLIT_K", 1, 1};

@@ -33,8 +33,9 @@
 //   thread passes before finishing its multiply of iteration i: one barrier per step is enough.
 // * fp16 / bf16: the CuTe kernel of conv_cute.cuh (cp.async pipeline; wgmma in an sm_90a image,
 //   else mma.sync; BN = 128, or 256 on the wide wgmma tile) when
-//   the channel counts are multiples of 8 and the operands 16-byte aligned; otherwise WMMA
-//   16x16x16 with fp32 accumulators, 4 warps as 2x2, 32x32 per warp, BK=32.
+//   the channel counts are multiples of 8 and the operands 16-byte aligned (or, behind
+//   FASTASPP_CUDA_CONV=wgmma_tma, conv_tma.cuh's 128 x 256 tile fed by TMA for stride-1 convs);
+//   otherwise WMMA 16x16x16 with fp32 accumulators, 4 warps as 2x2, 32x32 per warp, BK=32.
 //   fp32 / fp64 (and fp16 / bf16 on GPUs without the needed tensor cores): SIMT, 256
 //   threads as 16x16, 4x4 outputs per thread strided by 16, BK=16, fp32 / fp64 accumulation.
 // * Epilogue: acc * scale[co] + shift[co] + image_bias[n, co] (forward only, each optional),
@@ -61,6 +62,7 @@
 
 #include "conv_common.cuh"
 #include "conv_cute.cuh"
+#include "conv_tma.cuh"
 
 namespace fastaspp {
 namespace atrous_cuda {
@@ -318,8 +320,9 @@ cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* 
 }
 
 // 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
-// 128 x 256 wgmma tile, or the 8-stage 64 x 128 one, where FASTASPP_CUDA_CONV asks for it
-// (wgmma_wide, wgmma_deep), else on the 64 x 128 one, in an sm_90a image, else on mma.sync, the
+// 128 x 256 wgmma tile fed by TMA (conv_tma.cuh: stride 1, no prologue, at most 4 convs), on the
+// 128 x 256 wgmma tile, or on the 8-stage 64 x 128 one, where FASTASPP_CUDA_CONV asks for it
+// (wgmma_tma, wgmma_wide, wgmma_deep), else on the 64 x 128 one, in an sm_90a image, else on mma.sync, the
 // 64 x 128 tiles with their K loop split where FASTASPP_CUDA_SPLIT_K allows (launch_cute); else WMMA
 // tensor cores when the kernel image has them, else SIMT; 16-byte vector loads when every conv's
 // channel counts and pointers allow.
@@ -338,6 +341,9 @@ cudaError_t launch_conv_t(ConvBatch& b, const FastasppScratch* scratch, cudaStre
     const int choice = kCudaConv.read();  // once per launch (common/switches.h)
     int64_t split_cap = 1;
     if (!kCudaSplitK.read(split_cap)) split_cap = 1;  // the bindings have rejected invalid values
+    if (cute && tma_batch_ok<T>(b) && tma_kernel_usable(choice)) {
+      return launch_tma<T, kDgrad>(b, batch_grid<Sm90TmaConfig<T>::BN>(b, Sm90TmaConfig<T>::kPatches), stream);
+    }
     if (cute && conv_cute_config_usable<T, kDgrad, Sm90WideConfig<T>>(choice)) {
       return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, split_cap, scratch, stream);
     }

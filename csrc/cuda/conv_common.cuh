@@ -396,8 +396,8 @@ __host__ __device__ __forceinline__ void store_output_chunk(const ConvArgs& a, c
 // store_output does and its value written back in place; with a.stats (forward only), each
 // channel's statistics over each patch then go to the patch's row (its index) of the planes, at
 // column dst_channel_offset + channel. Starts after a barrier that made the tile visible; all NT
-// threads must call it.
-template <typename T, bool kDgrad, int BN, int NT, int kPatches, typename Acc>
+// threads must call it; Sync is their barrier (the whole CTA, or conv_tma.cuh's consumer warpgroups).
+template <typename T, bool kDgrad, int BN, int NT, int kPatches, typename Sync = CtaBarrier, typename Acc>
 __device__ void staged_epilogue(const ConvArgs& a, const CtaPatches& cp, int64_t n0, Acc* cs, int ldc) {
   const int rows = kPatches == 1 ? kTilePixels : cp.count * kTilePixels;
   bool chunked = false;
@@ -424,7 +424,7 @@ __device__ void staged_epilogue(const ConvArgs& a, const CtaPatches& cp, int64_t
   }
   if constexpr (!kDgrad) {
     if (a.stats == nullptr) return;  // uniform across the CTA
-    __syncthreads();
+    Sync{}();
     for (int e = static_cast<int>(threadIdx.x); e < rows / kTilePixels * BN; e += NT) {
       const int slot = e / BN, j = e % BN;
       const int64_t co = n0 + j;

@@ -13,7 +13,7 @@
 //     channels, 256 threads as two warpgroups, one per patch, each on a 64 x 256 x 16 atom. Each
 //     step moves 24 KB for 2 MFLOP where the 64 x 128 tile moves 12 KB for 0.5 MFLOP: half the
 //     shared-memory and L2 traffic per FLOP, which bounds the 64 x 128 kernel on an H200
-//     (benchmarks/results/GPU-NOTES.md).
+//     (benchmarks/results/GPU-NOTES.md). conv_tma.cuh runs the same tile with TMA copies.
 // * The K loop walks the live (conv, tap, chunk) steps of the CTA's cover (the box its patches
 //   span; a tap live for one patch only reads zeros for the other's rows), as the other kernels
 //   do. Each step's A tile (the gathered src pixels) and B tile (the tap's weight rows) travel

@@ -217,6 +217,20 @@ constexpr bool is_16bit() {
   return std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 }
 
+// The barrier of the threads that run an epilogue together: the whole CTA, or the first kThreads
+// threads (conv_tma.cuh's consumer warpgroups, whose producer warpgroup has left) on named barrier
+// kId (0 is __syncthreads's).
+struct CtaBarrier {
+  __device__ __forceinline__ void operator()() const { __syncthreads(); }
+};
+template <int kThreads, int kId>
+struct NamedBarrier {
+  static_assert(kId > 0 && kId < 16 && kThreads % 32 == 0, "a named barrier of whole warps");
+  __device__ __forceinline__ void operator()() const {
+    asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+  }
+};
+
 // What the image the driver picked for `kernel` on the current device holds: its PTX version (the
 // body was compiled for __CUDA_ARCH__ = ptx_version * 10) and the body's static shared memory (0
 // for a body that is only a trap), or zeros when it cannot say. Asking the kernel (not the device)

@@ -185,15 +185,17 @@ __device__ __forceinline__ void sm80_mainloop(const TiledMma& mma, const TensorA
 // A CTA's fp32 accumulator tile into shared memory at cs[m * ldc + n] (BM x BN), each accumulator's
 // (m, n) from an identity tensor partitioned as they are, between two barriers: the first waits
 // until every warp is done reading the operand stages that cs overwrites, the second publishes the
-// tile. Both CuTe kernels' epilogues start from it, after their main loop returned.
-template <int BM, int BN, typename TiledMma, typename Accum>
+// tile. The CuTe kernels' epilogues start from it, after their main loop returned; every thread
+// that holds accumulators calls it, and Sync is their barrier (the whole CTA, or conv_tma.cuh's
+// consumer warpgroups).
+template <int BM, int BN, typename Sync = CtaBarrier, typename TiledMma, typename Accum>
 __device__ __forceinline__ void stage_accumulators(const TiledMma& mma, const Accum& acc, float* cs, int ldc) {
   using namespace cute;
   Tensor coord = mma.get_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
-  __syncthreads();
+  Sync{}();
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) cs[get<0>(coord(i)) * ldc + get<1>(coord(i))] = acc(i);
-  __syncthreads();
+  Sync{}();
 }
 
 // Whether a CuTe kernel may run: FASTASPP_CUDA_CONV (`choice`, read once per launch:

@@ -1,5 +1,5 @@
 // Host-side checks of the CuTe kernels' layouts and thread mappings (csrc/cuda/conv_cute.cuh for both
-// instruction sets and the 128 x 256 wgmma tile, grad_weight_cute.cuh), run by
+// instruction sets and the 128 x 256 wgmma tile, conv_tma.cuh, grad_weight_cute.cuh), run by
 // tests/test_cuda_host_programs.py without a GPU: CuTe's layout algebra runs on the host.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../../csrc/cuda/conv_cute.cuh"
+#include "../../csrc/cuda/conv_tma.cuh"
 #include "../../csrc/cuda/grad_weight_cute.cuh"
 
 using namespace cute;
@@ -43,6 +44,22 @@ void check_smem(Layout layout, int chunk_mode, const char* name) {
         }
       }
   for (size_t i = 0; i < hits.size(); ++i) expect(hits[i] == 1, name, static_cast<int>(i), hits[i], 0);
+}
+
+// Where TMA puts the byte at `byte` of a box's dense image in shared memory under a `span`-byte
+// swizzle (CU_TENSOR_MAP_SWIZZLE_64B / _128B; 1024-byte aligned destination): its 16-byte chunk
+// index within the span XORed with bits 7 and up of the offset (the row of 128 bytes, modulo
+// span / 16).
+static int tma_swizzle(int byte, int span) { return byte ^ (((byte >> 7) & (span / 16 - 1)) << 4); }
+
+// The TMA kernel's stages are exactly what its boxes write: layout(r, k, s) (16-bit elements)
+// holds the byte box_byte(r, k, s) of the stages' dense box images lands on.
+template <class Layout, class BoxByte>
+void check_tma_smem(Layout layout, int span, BoxByte box_byte, const char* name) {
+  for (int s = 0; s < size<2>(layout); ++s)
+    for (int r = 0; r < size<0>(layout); ++r)
+      for (int k = 0; k < size<1>(layout); ++k)
+        expect(2 * layout(r, k, s) == tma_swizzle(box_byte(r, k, s), span), name, r, k, s);
 }
 
 // Every (m, n) of the BM x BN tile is one accumulator of exactly one of the config's threads, and
@@ -164,6 +181,27 @@ int main() {
   check_chunks(Wide::BK, Wide::BN / CH, "wide B chunks (k, n)", Wide::kThreads);
   check_accumulators<Wide, Wide::kThreads>("wide bf16 accumulators", true);
   check_accumulators<Sm90WideConfig<__half>, Wide::kThreads>("wide fp16 accumulators", true);
+  // The TMA tile: the wide tile's accumulators; its A stages as its two src boxes (one a patch slot,
+  // 64 rows of BK values under the 64-byte swizzle) write them, its B stages as its four weight
+  // boxes (one per 64 channels, BK rows of 128 bytes under the 128-byte swizzle) write them.
+  using Tma = Sm90TmaConfig<__nv_bfloat16>;
+  static_assert(Tma::kMmaThreads == 256 && Tma::BM == 128 && Tma::BN == 256 && Tma::BK == 32, "the TMA tile");
+  check_smem(as_position_independent_swizzle_layout(typename Tma::LayoutA{}), 1, "tma A: (pixel, k, stage)");
+  check_smem(as_position_independent_swizzle_layout(typename Tma::LayoutB{}), 0, "tma B: (n, k, stage)");
+  check_tma_smem(as_position_independent_swizzle_layout(typename Tma::LayoutA{}), 64,
+                 [](int m, int k, int s) { return s * Tma::kABytes / Tma::kStages + m * Tma::BK * 2 + 2 * k; },
+                 "tma A = its src boxes (pixel, k, stage)");
+  check_tma_smem(as_position_independent_swizzle_layout(typename Tma::LayoutB{}), 128,
+                 [](int n, int k, int s) {
+                   return s * Tma::kBBytes / Tma::kStages + (n / fastaspp::kTmaWeightBoxN) * Tma::kBBoxBytes +
+                          k * fastaspp::kTmaWeightBoxN * 2 + 2 * (n % fastaspp::kTmaWeightBoxN);
+                 },
+                 "tma B = its weight boxes (n, k, stage)");
+  check_accumulators<Tma, Tma::kMmaThreads>("tma bf16 accumulators", true);
+  check_accumulators<Sm90TmaConfig<__half>, Tma::kMmaThreads>("tma fp16 accumulators", true);
+  expect(Tma::kABytes / Tma::kStages == Tma::kPatches * Tma::kABoxBytes && Tma::kSmemBytes <= 227 * 1024,
+         "tma shared memory", Tma::kSmemBytes, Tma::kABytes, 0);
+
   // The 8-stage 64 x 128 tile: Sm90Config's mappings over more stages.
   using Deep = Sm90DeepConfig<__nv_bfloat16>;
   check_smem(as_position_independent_swizzle_layout(typename Deep::LayoutA{}), 1, "deep A: (pixel, k, stage)");

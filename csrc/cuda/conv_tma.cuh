@@ -1,0 +1,304 @@
+// The cuda backend's 128 x 256 conv tile fed by the Tensor Memory Accelerator, with warp
+// specialisation (FASTASPP_CUDA_CONV=wgmma_tma; sm_90a images): the forward and input gradient of
+// stride-1 convs, on the same patches, dead-tap walk, wgmma atoms and epilogue as Sm90WideConfig
+// (conv_cute.cuh), with the copies taken off the math warps.
+//
+// * Threads: two consumer warpgroups (warps 0-7, each a 64 x 256 x 16 wgmma atom over one of the
+//   CTA's two patches, as the wide tile) and a producer warpgroup (warps 8-11), which gives most of
+//   its registers to the consumers (setmaxnreg) and of which warp 8 walks the steps: each conv's
+//   live taps (a bit mask per conv, worked out before the roles split), each tap's channel chunks,
+//   as the other kernels' walk (count_steps). Its lane 0 issues each K step as TMA loads
+//   (common/tma_boxes.h): one 4-D box of src per patch (its 64 pixels through the step's tap, BK
+//   channels; TMA reads zeros for padding and channels past kc) and BN / 64 3-D boxes of the tap's
+//   weight rows. No thread computes an address per chunk, and the
+//   consumers issue nothing but wgmma.
+// * Pipeline: kStages shared-memory stages, each with a "full" mbarrier (the producer's
+//   arrive.expect_tx of the stage's bytes; TMA completes the transaction) and an "empty" one (one
+//   arrive per consumer warp once the wgmma that read the stage is done: each step's wgmma is
+//   waited for one step late, so a stage is released one step after it was read). The producer
+//   refills a stage once its empty barrier has completed the round before.
+// * Shared memory: the stages in the layouts TMA's swizzles write (A: rows of BK = 32 16-bit values
+//   under the 64-byte swizzle, which is wgmma's K-major SW64 atom; B: per 64-channel box, BK rows of
+//   128 bytes under the 128-byte swizzle, wgmma's MN-major SW128 atom tiled k before n), 8 stages
+//   of 24 KB in dynamic shared memory (196608 bytes, one CTA per SM), the mbarriers past them, and
+//   the fp32 tile staged over the stages for staged_epilogue, which the consumers run (on a named
+//   barrier: the producer warpgroup has left).
+// * The tensor maps are encoded on the host per launch (cuTensorMapEncodeTiled, reached through the
+//   runtime's driver entry point: no link against libcuda) and passed in the kernel's parameter
+//   (TmaConvBatch, __grid_constant__), one src and one weight map per conv.
+// * Which launches: every conv of the batch of stride 1, without the projection's prologue, at most
+//   kTmaMaxConvs convs (tma_batch_ok); atrous_conv.cu sends the rest to the default CuTe tile.
+#pragma once
+
+#include <cuda.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "../common/tma_boxes.h"
+#include "conv_cute.cuh"
+
+namespace fastaspp {
+namespace atrous_cuda {
+namespace {  // internal linkage, as kernel_common.cuh
+
+constexpr int kTmaMaxConvs = 4;  // the ASPP's four conv branches
+
+// The TMA kernel's parameter: the batch, and conv i's src and weight tensor maps.
+struct TmaConvBatch {
+  ConvBatch batch;
+  CUtensorMap src[kTmaMaxConvs];
+  CUtensorMap wt[kTmaMaxConvs];
+};
+static_assert(sizeof(TmaConvBatch) <= 4096, "within the classic 4 KB kernel parameter limit");
+
+template <typename T>
+struct Sm90TmaConfig {
+  using V = typename Sm80Traits<T>::Value;
+  static constexpr int kPatches = 2, kStages = 8;
+  static constexpr int kMmaThreads = 2 * Sm80Tile::kThreads;  // warps 0-7: two consumer warpgroups
+  static constexpr int kThreads = kMmaThreads + 128;          // and the producer warpgroup
+  // Registers a thread after setmaxnreg (168 at launch, 65536 / 384 rounded down): the producer's
+  // go to the consumers, whose 128 fp32 accumulators a thread need them. 128 x 40 + 256 x 232 =
+  // 384 x 168.
+  static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+  static_assert(128 * kProducerRegisters + kMmaThreads * kConsumerRegisters <= kThreads * 168, "the CTA's registers");
+  static constexpr int BM = kPatches * kTilePixels, BN = 256, BK = Sm80Tile::kBK;
+  using LayoutA = Sm90KMajor<T, BM, kStages>;  // (pixel, k, stage)
+  // (n, k, stage): the 64-channel SW128 atoms of one n block k after k (TMA writes a box's BK rows
+  // one after another), the n blocks one after another.
+  using LayoutB = decltype(cute::tile_to_shape(cute::GMMA::Layout_MN_SW128_Atom<V>{},
+                                               cute::Shape<cute::Int<BN>, cute::Int<BK>, cute::Int<kStages>>{},
+                                               cute::Step<cute::_2, cute::_1, cute::_3>{}));
+  using TiledMma = Sm90TiledMma<T, cute::GMMA::Major::K, BN, kPatches>;
+  static constexpr int kABoxBytes = kTilePixels * BK * 2, kBBoxBytes = kTmaWeightBoxN * BK * 2;
+  static constexpr int kStageBytes = kPatches * kABoxBytes + BN / kTmaWeightBoxN * kBBoxBytes;
+  static constexpr int kABytes = int(cute::cosize_v<LayoutA>) * 2, kBBytes = int(cute::cosize_v<LayoutB>) * 2;
+  static constexpr int kLdc = BN + 4;  // floats per row of the staged tile
+  static constexpr int kBarrierOffset = kABytes + kBBytes;
+  // full and empty barriers per stage, then a live-tap mask per conv
+  static constexpr int kSmemBytes = kBarrierOffset + (2 * kStages + kTmaMaxConvs) * int(sizeof(uint64_t));
+  static_assert(kABytes + kBBytes == kStages * kStageBytes, "a stage is exactly its boxes");
+  static_assert(BM * kLdc * int(sizeof(float)) <= kBarrierOffset, "the staged tile fits over the stages");
+  static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "1024-byte aligned stages (the 128-byte swizzle)");
+};
+
+// An L2 hint for the boxes: src rows are read by the CTAs of every channel block and weight rows by
+// every CTA, so both stay (CUTLASS's EVICT_LAST encoding).
+constexpr uint64_t kTmaCacheHint = uint64_t(cute::TMA::CacheHintSm90::EVICT_LAST);
+
+template <typename T, bool kDgrad>
+__global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
+    conv_tma_kernel(const __grid_constant__ TmaConvBatch launch) {
+  if constexpr (sm90a_here()) {
+  using namespace cute;
+  using Config = Sm90TmaConfig<T>;
+  using V = typename Config::V;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  using ConsumerSync = NamedBarrier<Config::kMmaThreads, 1>;
+  constexpr int BM = Config::BM, BN = Config::BN, BK = Config::BK, S = Config::kStages;
+  constexpr int kMmaWarps = Config::kMmaThreads / 32;
+  unsigned char* const smem = cta_smem<Config::kSmemBytes, true>();
+  if (__cvta_generic_to_shared(smem) % 1024 != 0) __trap();  // the swizzles' period (see conv_cute_kernel)
+  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem)), typename Config::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<V*>(smem + Config::kABytes)), typename Config::LayoutB{});
+  uint64_t* const full = reinterpret_cast<uint64_t*>(smem + Config::kBarrierOffset);
+  uint64_t* const empty = full + S;
+
+  const ConvBatch& batch = launch.batch;
+  const ConvRange r = cta_convs(batch);
+  const ConvArgs& a = batch.conv[r.first];
+  const CtaPatches cp = cta_patches<Config::kPatches>(a);
+  const Patch& t = cp.cover;
+  const int64_t n0 = cta_n0<BN>(batch);
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  // The live taps of each conv the CTA walks, as bits (at most kTmaMaxTaps taps a conv): worked out
+  // here, where every thread still has its registers, so that the producer's walk needs no 64-bit
+  // division (the liveness test's) in its 40.
+  uint64_t* const live_taps = empty + S;
+  if (threadIdx.x < static_cast<unsigned>(r.end - r.first)) {
+    const int conv = r.first + static_cast<int>(threadIdx.x);
+    const ConvArgs& c = batch.conv[conv];
+    uint64_t bits = 0;
+    for (int64_t tap = next_live_tap<kDgrad>(c, t, 0); tap < c.kh * c.kw; tap = next_live_tap<kDgrad>(c, t, tap + 1))
+      bits |= uint64_t(1) << tap;
+    live_taps[conv] = bits;
+  }
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      TxBarrier::init(&full[s], 1);
+      Barrier::init(&empty[s], kMmaWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();  // the last barrier of the whole CTA: the producer warpgroup leaves after its loop
+  // The walk: each conv's live taps in order, each tap's channel chunks in order (count_steps's).
+  int steps = 0;
+  for (int conv = r.first; conv < r.end; ++conv)
+    steps += __popcll(live_taps[conv]) * static_cast<int>(ceil_div(batch.conv[conv].kc, int64_t(BK)));
+
+  if (warp >= kMmaWarps) {
+    cutlass::arch::warpgroup_reg_dealloc<Config::kProducerRegisters>();
+    if (warp != kMmaWarps) return;
+    // The producer warp walks the steps together (uniform waits); lane 0 issues them.
+    const bool issuer = lane == 0;
+    if (issuer) {
+      for (int i = r.first; i < r.end; ++i) {
+        prefetch_tma_descriptor(&launch.src[i]);
+        prefetch_tma_descriptor(&launch.wt[i]);
+      }
+    }
+    int stage = 0;
+    uint32_t round = 0;
+    for (int conv = r.first; conv < r.end; ++conv) {
+      const ConvArgs& c = batch.conv[conv];
+      const int kc = static_cast<int>(c.kc), kw_taps = static_cast<int>(c.kw);
+      for (uint64_t bits = live_taps[conv]; bits != 0; bits &= bits - 1) {
+        const int tap = __ffsll(static_cast<long long>(bits)) - 1, kh = tap / kw_taps, kw = tap - kh * kw_taps;
+        for (int k0 = 0; k0 < kc; k0 += BK) {
+          if (round > 0) Barrier::wait(&empty[stage], (round - 1) & 1);  // its previous round's wgmma is done
+          if (issuer) {
+            TxBarrier::arrive_and_expect_tx(&full[stage], Config::kStageBytes);
+            V* const a_stage = stage_start(sA, stage);
+            V* const b_stage = stage_start(sB, stage);
+            CUTE_UNROLL
+            for (int j = 0; j < Config::kPatches; ++j) {  // every slot, held or not: the stage's bytes are fixed
+              const TmaSrcOrigin o = tma_src_origin<kDgrad>(c, t.img, t.r0, t.c0 + j * cp.cols, kh, kw, k0);
+              SM90_TMA_LOAD_4D::copy(&launch.src[conv], &full[stage], kTmaCacheHint, a_stage + j * kTilePixels * BK,
+                                     o.k, o.col, o.row, o.img);
+            }
+            CUTE_UNROLL
+            for (int j = 0; j < BN / kTmaWeightBoxN; ++j) {
+              SM90_TMA_LOAD_3D::copy(&launch.wt[conv], &full[stage], kTmaCacheHint, b_stage + j * kTmaWeightBoxN * BK,
+                                     static_cast<int32_t>(n0) + j * kTmaWeightBoxN, k0, tap);
+            }
+          }
+          if (++stage == S) stage = 0, ++round;
+        }
+      }
+    }
+    return;  // the consumers wait for every box it issued
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<Config::kConsumerRegisters>();
+  typename Config::TiledMma mma;
+  Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});  // fp32
+  auto thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, S) descriptors
+  Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, S) descriptors
+  clear(acc);
+  int stage = 0, previous = 0;
+  uint32_t round = 0;
+  for (int it = 0; it < steps; ++it) {
+    TxBarrier::wait(&full[stage], round & 1);
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
+    warpgroup_commit_batch();
+    warpgroup_wait<1>();  // the previous step's wgmma is done: its stage goes back to the producer
+    warpgroup_fence_operand(acc);
+    if (it > 0 && lane == 0) Barrier::arrive(&empty[previous]);
+    previous = stage;
+    if (++stage == S) stage = 0, ++round;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+
+  // Every step's boxes have landed (this warpgroup waited for each) and been read: the tile goes
+  // over the stages (the mbarriers lie past them), then the consumers run the epilogue.
+  float* cs = reinterpret_cast<float*>(smem);
+  stage_accumulators<BM, BN, ConsumerSync>(mma, acc, cs, Config::kLdc);
+  staged_epilogue<T, kDgrad, BN, Config::kMmaThreads, Config::kPatches, ConsumerSync>(a, cp, n0, cs, Config::kLdc);
+  } else {
+    __trap();  // tma_kernel_usable never selects it where this image lacks the body
+  }
+}
+
+// Whether every conv of the batch suits the TMA kernel (common/tma_boxes.h), beside what every CuTe
+// kernel needs (conv_cute_operands_ok).
+template <typename T>
+bool tma_batch_ok(const ConvBatch& b) {
+  if (b.count > kTmaMaxConvs) return false;
+  for (int i = 0; i < b.count; ++i)
+    if (!conv_cute_operands_ok(b.conv[i]) || !tma_conv_ok(b.conv[i], int(sizeof(T)))) return false;
+  return true;
+}
+
+// cuTensorMapEncodeTiled, reached once through the runtime (null where the driver lacks it). Its
+// type from cuda.h's declaration (CUTLASS includes cudaTypedefs.h inside its own namespace).
+using TensorMapEncoder = decltype(&cuTensorMapEncodeTiled);
+inline TensorMapEncoder tensor_map_encoder() {
+  static const TensorMapEncoder encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return TensorMapEncoder(nullptr);
+    }
+    return reinterpret_cast<TensorMapEncoder>(fn);
+  }();
+  return encode;
+}
+
+// Whether the TMA kernel may run: FASTASPP_CUDA_CONV asks for it (`choice`), this translation unit's
+// image is an sm_90a one, and the driver encodes tensor maps.
+inline bool tma_kernel_usable(int choice) {
+  return choice == kCudaConvWgmmaTma && sm90a_image_loaded() && tensor_map_encoder() != nullptr;
+}
+
+// A tensor map of the 16-bit tensor at `base` through view v (tma_boxes.h), or an error.
+template <typename T>
+cudaError_t encode_tensor_map(CUtensorMap* map, const TmaView& v, const void* base, CUtensorMapSwizzle swizzle) {
+  static_assert(sizeof(T) == 2, "16-bit tensors");
+  const TensorMapEncoder encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  cuuint64_t dims[kTmaMaxRank], strides[kTmaMaxRank];
+  cuuint32_t box[kTmaMaxRank], unit[kTmaMaxRank];
+  for (int i = 0; i < v.rank; ++i) {
+    dims[i] = static_cast<cuuint64_t>(v.dims[i]);
+    box[i] = static_cast<cuuint32_t>(v.box[i]);
+    unit[i] = 1;
+    if (i > 0) strides[i - 1] = static_cast<cuuint64_t>(v.strides[i]) * sizeof(T);  // bytes, dims 1 on
+  }
+  const CUtensorMapDataType type =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  void* const address = const_cast<T*>(static_cast<const T*>(base) + v.offset);
+  const CUresult res = encode(map, type, static_cast<cuuint32_t>(v.rank), address, dims, strides, box, unit,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Launches conv_tma_kernel over the batch (tma_batch_ok and tma_kernel_usable hold): its grid is the
+// wide tile's, its tensor maps encoded here.
+template <typename T, bool kDgrad>
+cudaError_t launch_tma(ConvBatch& b, dim3 grid, cudaStream_t stream) {
+  using Config = Sm90TmaConfig<T>;
+  if (grid.x == 0) return cudaErrorInvalidValue;
+  b.splits = 1;
+  b.partials = nullptr;
+  TmaConvBatch launch{};
+  launch.batch = b;
+  for (int i = 0; i < b.count; ++i) {
+    const ConvArgs& c = b.conv[i];
+    const TmaView src = tma_src_view(c, c.tiling.rows(), c.tiling.cols(), Config::BK);
+    cudaError_t err = encode_tensor_map<T>(&launch.src[i], src, c.src, CU_TENSOR_MAP_SWIZZLE_64B);
+    if (err == cudaSuccess) {
+      err = encode_tensor_map<T>(&launch.wt[i], tma_weight_view(c, Config::BK), c.wt, CU_TENSOR_MAP_SWIZZLE_128B);
+    }
+    if (err != cudaSuccess) return err;
+  }
+  const void* kernel = reinterpret_cast<const void*>(conv_tma_kernel<T, kDgrad>);
+  const cudaError_t err = allow_dynamic_smem(kernel, Config::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  conv_tma_kernel<T, kDgrad><<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(launch);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace atrous_cuda
+}  // namespace fastaspp
