@@ -28,6 +28,11 @@ passes, else one line per failure.
     forward's box origin, the row stride the wrong extent, the src view the pixel stride as its
     channel count, and merging the weight view's K and tap dims. sm80_layouts.cu checks that the
     kernel's stage layouts are what its boxes write under TMA's swizzles.
+  * tma_pipeline.cu (against the CUTLASS headers): the TMA kernel's producer and consumer loops, with
+    its StageRing, on a model of mbarriers in random interleavings: every run finishes, each wgmma
+    reads its own step's boxes, and no load lands in a stage a wgmma may still read; one stage must
+    deadlock. Checked in a scratch copy by waiting on the wrong parity for a release and for a fill,
+    and by releasing a stage before its wgmma is done.
   * patch_groups.cu: a kernel owning two patches per CTA owns every patch once, two adjacent ones
     that share their rows, each slot's statistics row is its patch's index, one patch per CTA is
     the old grid, and a tap is live for the CTA's cover exactly when it is live for one of its
@@ -73,7 +78,8 @@ def cutlass_include():
 @pytest.mark.parametrize("program, needs_cutlass", [("sm80_layouts", True), ("patch_stats", False),
                                                     ("launcher_checks", True), ("gw_pixel_walk", False),
                                                     ("epilogue_chunks", False), ("patch_groups", False),
-                                                    ("conv_walk", False), ("tma_boxes", False)])
+                                                    ("conv_walk", False), ("tma_boxes", False),
+                                                    ("tma_pipeline", True)])
 def test_host_program(tmp_path, program, needs_cutlass):
     nvcc = shutil.which("nvcc")
     if nvcc is None:

@@ -57,6 +57,7 @@ template <typename T>
 struct Sm90TmaConfig {
   using V = typename Sm80Traits<T>::Value;
   static constexpr int kPatches = 2, kStages = 8;
+  static_assert(kStages >= 2, "a stage is released a step after its read (tests/cuda_host/tma_pipeline.cu)");
   static constexpr int kMmaThreads = 2 * Sm80Tile::kThreads;  // warps 0-7: two consumer warpgroups
   static constexpr int kThreads = kMmaThreads + 128;          // and the producer warpgroup
   // Registers a thread after setmaxnreg (168 at launch, 65536 / 384 rounded down): the producer's
@@ -82,6 +83,24 @@ struct Sm90TmaConfig {
   static_assert(kABytes + kBBytes == kStages * kStageBytes, "a stage is exactly its boxes");
   static_assert(BM * kLdc * int(sizeof(float)) <= kBarrierOffset, "the staged tile fits over the stages");
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "1024-byte aligned stages (the 128-byte swizzle)");
+};
+
+// A producer's or consumer's place in the ring of S stages: step it uses stage it % S in round
+// it / S. Each stage's full barrier completes one phase per round (its fill lands) and its empty
+// barrier one per round (the consumers release it), so waiting for a round's completion is waiting
+// on that round's parity (mbarrier.try_wait.parity). The producer refills a stage from round 1 on,
+// after the release of the round before. Host and device: tests/cuda_host/tma_pipeline.cu runs the
+// kernel's protocol on a model of mbarriers.
+template <int S>
+struct StageRing {
+  int stage = 0;
+  uint32_t round = 0;
+  __host__ __device__ void advance() {
+    if (++stage == S) stage = 0, ++round;
+  }
+  __host__ __device__ uint32_t full_parity() const { return round & 1; }  // this round's fill
+  __host__ __device__ bool refill() const { return round > 0; }           // the stage held an earlier step
+  __host__ __device__ uint32_t empty_parity() const { return (round - 1) & 1; }  // the round before's release
 };
 
 // An L2 hint for the boxes: src rows are read by the CTAs of every channel block and weight rows by
@@ -150,15 +169,15 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
         prefetch_tma_descriptor(&launch.wt[i]);
       }
     }
-    int stage = 0;
-    uint32_t round = 0;
+    StageRing<S> ring;
     for (int conv = r.first; conv < r.end; ++conv) {
       const ConvArgs& c = batch.conv[conv];
       const int kc = static_cast<int>(c.kc), kw_taps = static_cast<int>(c.kw);
       for (uint64_t bits = live_taps[conv]; bits != 0; bits &= bits - 1) {
         const int tap = __ffsll(static_cast<long long>(bits)) - 1, kh = tap / kw_taps, kw = tap - kh * kw_taps;
         for (int k0 = 0; k0 < kc; k0 += BK) {
-          if (round > 0) Barrier::wait(&empty[stage], (round - 1) & 1);  // its previous round's wgmma is done
+          const int stage = ring.stage;
+          if (ring.refill()) Barrier::wait(&empty[stage], ring.empty_parity());  // the earlier step's wgmma is done
           if (issuer) {
             TxBarrier::arrive_and_expect_tx(&full[stage], Config::kStageBytes);
             V* const a_stage = stage_start(sA, stage);
@@ -175,7 +194,7 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
                                      static_cast<int32_t>(n0) + j * kTmaWeightBoxN, k0, tap);
             }
           }
-          if (++stage == S) stage = 0, ++round;
+          ring.advance();
         }
       }
     }
@@ -189,10 +208,11 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
   Tensor tCrA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, S) descriptors
   Tensor tCrB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, S) descriptors
   clear(acc);
-  int stage = 0, previous = 0;
-  uint32_t round = 0;
+  StageRing<S> ring;
+  int previous = 0;
   for (int it = 0; it < steps; ++it) {
-    TxBarrier::wait(&full[stage], round & 1);
+    const int stage = ring.stage;
+    TxBarrier::wait(&full[stage], ring.full_parity());
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
@@ -201,7 +221,7 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
     warpgroup_fence_operand(acc);
     if (it > 0 && lane == 0) Barrier::arrive(&empty[previous]);
     previous = stage;
-    if (++stage == S) stage = 0, ++round;
+    ring.advance();
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
