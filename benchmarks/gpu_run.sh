@@ -65,8 +65,12 @@ run_pytest() {  # log, seconds, then pytest arguments
     # One Triton config per kind: the suite's many shapes would otherwise each autotune.
     # -v logs each result as it lands; SIGINT at the time limit still prints the failure summary.
     # -k: a process stuck in a kernel ignores SIGINT; KILL it 15 s later so the next stage can run.
+    # --timeout-method thread: a test stuck in a kernel (or a synchronize) never returns to Python
+    # for the signal method; the thread method dumps its stacks and ends the worker, which xdist
+    # reports and replaces, so one hang costs one test, not the stage.
     FASTASPP_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$seconds" $PY -m pytest "$@" -v -p no:cacheprovider \
-        -n "${TEST_WORKERS:-16}" --timeout 120 -rfE --tb=short ${TEST_ARGS:-} >"$OUT/$log" 2>&1
+        -n "${TEST_WORKERS:-16}" --timeout 120 --timeout-method thread -rfE --tb=short ${TEST_ARGS:-} \
+        >"$OUT/$log" 2>&1
     echo "$log: exit $? after $((SECONDS - t0)) s"
     grep -E "^(FAILED|ERROR)" "$OUT/$log" | cut -c1-200 | head -60
     tail -3 "$OUT/$log"

@@ -16,7 +16,8 @@
 //   arrive.expect_tx of the stage's bytes; TMA completes the transaction) and an "empty" one (one
 //   arrive per consumer warp once the wgmma that read the stage is done: each step's wgmma is
 //   waited for one step late, so a stage is released one step after it was read). The producer
-//   refills a stage once its empty barrier has completed the round before.
+//   refills a stage once its empty barrier has completed the round before (StageRing). A wait
+//   that never ends traps (tma_wait).
 // * Shared memory: the stages in the layouts TMA's swizzles write (A: rows of BK = 32 16-bit values
 //   under the 64-byte swizzle, which is wgmma's K-major SW64 atom; B: per 64-channel box, BK rows of
 //   128 bytes under the 128-byte swizzle, wgmma's MN-major SW128 atom tiled k before n), 8 stages
@@ -103,6 +104,19 @@ struct StageRing {
   __host__ __device__ uint32_t empty_parity() const { return (round - 1) & 1; }  // the round before's release
 };
 
+// An mbarrier wait that ends the kernel (a trap: the launch's stream reports an error) instead of
+// hanging when the phase never completes (a box that never lands, a protocol fault): no legitimate
+// wait lasts a second, and this kernel has not yet run on a device. The clock is read only once
+// the first try has failed.
+constexpr long long kTmaWaitLimitCycles = 1ll << 34;  // about 9 s at 1.98 GHz
+__device__ __forceinline__ void tma_wait(uint64_t* barrier, uint32_t parity) {
+  using Barrier = cutlass::arch::ClusterBarrier;
+  if (Barrier::try_wait(barrier, parity)) return;
+  const long long start = clock64();
+  while (!Barrier::try_wait(barrier, parity))
+    if (clock64() - start > kTmaWaitLimitCycles) __trap();
+}
+
 // An L2 hint for the boxes: src rows are read by the CTAs of every channel block and weight rows by
 // every CTA, so both stay (CUTLASS's EVICT_LAST encoding).
 constexpr uint64_t kTmaCacheHint = uint64_t(cute::TMA::CacheHintSm90::EVICT_LAST);
@@ -177,7 +191,7 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
         const int tap = __ffsll(static_cast<long long>(bits)) - 1, kh = tap / kw_taps, kw = tap - kh * kw_taps;
         for (int k0 = 0; k0 < kc; k0 += BK) {
           const int stage = ring.stage;
-          if (ring.refill()) Barrier::wait(&empty[stage], ring.empty_parity());  // the earlier step's wgmma is done
+          if (ring.refill()) tma_wait(&empty[stage], ring.empty_parity());  // its wgmma is done
           if (issuer) {
             TxBarrier::arrive_and_expect_tx(&full[stage], Config::kStageBytes);
             V* const a_stage = stage_start(sA, stage);
@@ -212,7 +226,7 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
   int previous = 0;
   for (int it = 0; it < steps; ++it) {
     const int stage = ring.stage;
-    TxBarrier::wait(&full[stage], ring.full_parity());
+    tma_wait(&full[stage], ring.full_parity());
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
     gemm(mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), acc);
