@@ -6,7 +6,9 @@ tile fed by TMA, wgmma_tma, and its 64 x 128
 tiles with a split K loop, FASTASPP_CUDA_SPLIT_K) it prints the median
 per-call time (CUDA events around one call), the host time per call (many calls, one sync), and
 the device time of each kernel the call launches (torch.profiler). If the per-call time is far
-above the kernels' sum, the cost is on the host; otherwise it is in the kernels. Last, where the
+above the kernels' sum, the cost is on the host; otherwise it is in the kernels. Each case ends
+with the cuda rows' kernel time against cuDNN's conv kernel and the triton row's kernels, and the
+issue's goals (goal_lines). Last, where the
 host time of a batch-1 call goes: the Python functions that take the most of it (cProfile).
 Run on a GPU machine: python benchmarks/gpu_profile.py
 """
@@ -53,12 +55,39 @@ def host_ms(fn, reps=100):
 
 
 def kernel_table(fn, reps=10):
+    """Each kernel one call of fn launches, with its device time per call (ms), longest first."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / 1e3 / reps) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])[:4]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+# The issue's goals for the cuda backend (bf16): its kernels at least 0.9x cuDNN's speed at aspp-33 r6
+# batch 8 and 2x at aspp-65 r36 batch 8, and at least the triton backend's speed everywhere.
+CUDNN_GOALS = {("aspp-33-r6", 8): 0.9, ("aspp-65-r36", 8): 2.0}
+
+
+def goal_lines(name, batch, device_ms):
+    """The summary of one case: device_ms maps each row label to its kernels [(name, ms per call)]
+    (eager's first kernel, its longest, is cuDNN's conv). Per cuda row: the speed of its kernels
+    against cuDNN's conv kernel and against the triton row's kernels, and the goals."""
+    cudnn = device_ms["eager"][0][1]
+    triton = sum(ms for _, ms in device_ms["triton"])
+    goal = CUDNN_GOALS.get((name, batch))
+    lines = [f"{name} b{batch} goals: cuDNN conv kernel {cudnn:.3f} ms, triton kernels {triton:.3f} ms"]
+    for label, kernels in device_ms.items():
+        if not label.startswith("cuda"):
+            continue
+        total = sum(ms for _, ms in kernels)
+        vs_cudnn, vs_triton = cudnn / total, triton / total
+        verdict = [f"{'meets' if vs_triton >= 1 else 'misses'} >= triton"]
+        if goal is not None:
+            verdict.insert(0, f"{'meets' if vs_cudnn >= goal else 'misses'} >= {goal}x cuDNN")
+        lines.append(f"  {label:15s} kernels {total:.3f} ms: {vs_cudnn:.2f}x cuDNN, {vs_triton:.2f}x triton "
+                     f"({', '.join(verdict)})")
+    return lines
 
 
 def main():
@@ -72,11 +101,14 @@ def main():
             runs = [("eager", lambda pair=pair: pair.eager(pair.next_x()), {})]
             runs += [(label, lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()), switches)
                      for label, (b, switches) in BACKENDS.items()]
+            device_ms = {}
             for label, fn, switches in runs:
                 with _cuda_switches(switches):
                     call, host = per_call_ms(fn), host_ms(fn)
-                    kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in kernel_table(fn))
+                    device_ms[label] = kernel_table(fn)
+                kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in device_ms[label][:4])
                 print(f"{name} b{batch} {label:15s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
+            print("\n".join(goal_lines(name, batch, device_ms)), flush=True)
 
 
 def host_profile(fn, reps=300, top=12):

@@ -125,3 +125,23 @@ def test_multiscale_row_runs_every_scale_per_call():
     assert row.dense_flops > single[1]  # both scales counted
     assert row.eager_ms > 0 and row.fused_ms > 0 and math.isfinite(row.max_abs_err)  # accuracy: test_models.py
     assert set(bench_models.MODEL_MULTISCALE_LABELS) <= {c.label for c in bench_models.MODEL_CASES}
+
+
+def test_gpu_profile_summary_checks_the_issue_goals():
+    """benchmarks/gpu_profile.py's per-case summary: each cuda row's kernels against cuDNN's conv
+    kernel (eager's longest) and against the triton row's kernels, with the goal verdicts."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile", path)
+    gpu_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_profile)
+    device_ms = {"eager": [("cudnn conv", 0.2), ("batch norm", 0.05)], "triton": [("conv", 0.25)],
+                 "cuda": [("conv", 0.4)], "cuda-split": [("conv", 0.1), ("finalize", 0.02)]}
+    head, slow, split = gpu_profile.goal_lines("aspp-33-r6", 8, device_ms)
+    assert "cuDNN conv kernel 0.200 ms, triton kernels 0.250 ms" in head
+    assert "0.50x cuDNN, 0.62x triton (misses >= 0.9x cuDNN, misses >= triton)" in slow
+    assert "kernels 0.120 ms: 1.67x cuDNN, 2.08x triton (meets >= 0.9x cuDNN, meets >= triton)" in split
+    # No cuDNN goal at batch 1: only the one against triton.
+    assert gpu_profile.goal_lines("aspp-33-r6", 1, device_ms)[1].endswith("(misses >= triton)")
