@@ -31,13 +31,14 @@ CASES = [("aspp-33-r6", 1), ("aspp-33-r6", 8), ("aspp-65-r36", 8)]
 # Row label: (backend, the cuda switches while it runs; the others unset); cuda-wide is the 128 x 256
 # wgmma tile, cuda-tma the same tile fed by TMA with a producer warpgroup, cuda-deep the 64 x 128
 # one with 8 stages, "-split" their K loop in up to 8 parts where the grid leaves SMs idle (the
-# batch-1 case).
+# batch-1 case; cuda-tma-split: the 64 x 128 TMA tile where the 128 x 256 grid is below a wave).
 CUDA_SWITCHES = ("FASTASPP_CUDA_CONV", "FASTASPP_CUDA_SPLIT_K")
 SPLIT = {"FASTASPP_CUDA_SPLIT_K": "8"}
 DEEP = {"FASTASPP_CUDA_CONV": "wgmma_deep"}
 BACKENDS = {"triton": ("triton", {}), "cuda": ("cuda", {}), "cuda-wide": ("cuda", {"FASTASPP_CUDA_CONV": "wgmma_wide"}),
             "cuda-tma": ("cuda", {"FASTASPP_CUDA_CONV": "wgmma_tma"}), "cuda-deep": ("cuda", DEEP),
-            "cuda-split": ("cuda", SPLIT), "cuda-deep-split": ("cuda", {**DEEP, **SPLIT})}
+            "cuda-split": ("cuda", SPLIT), "cuda-deep-split": ("cuda", {**DEEP, **SPLIT}),
+            "cuda-tma-split": ("cuda", {"FASTASPP_CUDA_CONV": "wgmma_tma", **SPLIT})}
 
 
 def per_call_ms(fn, reps=50):

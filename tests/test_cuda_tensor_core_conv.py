@@ -2,7 +2,8 @@
 build, on its 128 x 256 tile with FASTASPP_CUDA_CONV=wgmma_wide, on its 8-stage 64 x 128 tile with
 FASTASPP_CUDA_CONV=wgmma_deep, on the 128 x 256 tile fed by TMA with FASTASPP_CUDA_CONV=wgmma_tma
 (conv_tma.cuh: the stride-1 convs without the projection's prologue, at most 4 a launch; the rest
-on the 64 x 128 tile), or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh
+on the 64 x 128 tile; with FASTASPP_CUDA_SPLIT_K too, grids below a wave, which these are, on its
+64 x 128 TMA tile, split), or on mma.sync with FASTASPP_CUDA_CONV=sm80, grad_weight_cute.cuh
 likewise; the 64 x 128 tiles also with their K loop split, FASTASPP_CUDA_SPLIT_K=4, which these
 small grids take) and WMMA (FASTASPP_CUDA_CONV=wmma), on the shapes that select the CuTe kernels
 (channel counts in multiples of 8): several K chunks and their tail, more than one 128-channel
@@ -48,7 +49,8 @@ CASES = [
 # wgmma tile (two patches a CTA: the 21 x 21 and 13 x 11 maps leave the last CTA of each patch row
 # one) and on the 8-stage 64 x 128 one, the 128 x 256 tile fed by TMA (the stride-2 cases, the
 # projection and the 8-branch launch of 9 rates on the 64 x 128 tile; a 1x1 map, 8 channels of a
-# 32-channel box and of a 64-channel weight box), their mma.sync path, and WMMA for everything; the "_split"
+# 32-channel box and of a 64-channel weight box; with the split, the 64 x 128 TMA tile), their
+# mma.sync path, and WMMA for everything; the "_split"
 # ones split the 64 x 128 tiles' K loop in up to 4 parts (at most one part per 8 K steps: CASES'
 # convs with 16 channels or fewer and one tap stay whole; the others split, some parts starting
 # inside a tap). Each value is the environment the kernel runs under.
@@ -60,6 +62,7 @@ KERNELS = {
     "wgmma_deep": {"FASTASPP_CUDA_CONV": "wgmma_deep"},
     "wgmma_deep_split": {"FASTASPP_CUDA_CONV": "wgmma_deep", **SPLIT},
     "wgmma_tma": {"FASTASPP_CUDA_CONV": "wgmma_tma"},
+    "wgmma_tma_split": {"FASTASPP_CUDA_CONV": "wgmma_tma", **SPLIT},
     "sm80": {"FASTASPP_CUDA_CONV": "sm80"},
     "sm80_split": {"FASTASPP_CUDA_CONV": "sm80", **SPLIT},
     "wmma": {"FASTASPP_CUDA_CONV": "wmma"},

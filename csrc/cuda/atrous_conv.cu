@@ -290,28 +290,40 @@ int plan_k_split(ConvBatch& b, dim3 grid, int ctas_per_sm, int64_t cap) {
   return most;
 }
 
-// Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory). Where the
-// grid leaves SMs idle and split_cap (FASTASPP_CUDA_SPLIT_K) allows, a config with one patch a CTA
-// splits K loops (plan_k_split): the parts' tiles go to a workspace from `scratch` (never with
-// none), then conv_split_finalize_kernel runs the epilogue of the convs that split.
+// Where the grid leaves SMs idle and split_cap (FASTASPP_CUDA_SPLIT_K) allows, plans a split of the
+// launch's K loops (plan_k_split) and takes the parts' workspace of BM x BN fp32 tiles from
+// `scratch` (never with none): sets b.splits (1: no split) and b.partials.
+template <int BM, int BN, int BK>
+cudaError_t prepare_k_split(ConvBatch& b, dim3 grid, int ctas_per_sm, int64_t split_cap,
+                            const FastasppScratch* scratch) {
+  b.splits = 1;
+  b.partials = nullptr;
+  const bool may_split = scratch != nullptr && split_cap > 1 && grid.x > 0;
+  const int splits = may_split ? plan_k_split<BK>(b, grid, ctas_per_sm, split_cap) : 1;
+  if (splits <= 1) return cudaSuccess;
+  const int64_t ctas = int64_t(grid.x) * grid.y;
+  void* partials = scratch->allocate(scratch->context, splits * ctas * BM * BN * int64_t(sizeof(float)));
+  if (partials == nullptr) return cudaErrorMemoryAllocation;
+  b.splits = splits;
+  b.partials = static_cast<float*>(partials);
+  return cudaSuccess;
+}
+
+// Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory). A config
+// with one patch a CTA may split K loops (prepare_k_split); then conv_split_finalize_kernel runs
+// the epilogue of the convs that split.
 template <typename T, bool kDgrad, typename Config>
 cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
   constexpr int BM = Config::BM, BN = Config::BN;
   const dim3 grid = batch_grid<BN>(b, Config::kPatches);
   const int smem = Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0;
-  b.splits = 1;
-  b.partials = nullptr;
+  cudaError_t err = prepare_k_split<BM, BN, Config::BK>(b, grid, Config::kCtasPerSm,
+                                                        Config::kPatches == 1 ? split_cap : 1, scratch);
+  if (err != cudaSuccess) return err;
   if constexpr (Config::kPatches == 1) {
-    const bool may_split = scratch != nullptr && split_cap > 1 && grid.x > 0;
-    const int splits = may_split ? plan_k_split<Config::BK>(b, grid, Config::kCtasPerSm, split_cap) : 1;
-    if (splits > 1) {
-      const int64_t ctas = int64_t(grid.x) * grid.y;
-      void* partials = scratch->allocate(scratch->context, splits * ctas * BM * BN * int64_t(sizeof(float)));
-      if (partials == nullptr) return cudaErrorMemoryAllocation;
-      b.splits = splits;
-      b.partials = static_cast<float*>(partials);
-      const cudaError_t err = launch_grid(conv_cute_kernel<T, kDgrad, Config>, b, dim3(grid.x, grid.y, splits),
-                                          Config::kThreads, stream, smem);
+    if (b.splits > 1) {
+      err = launch_grid(conv_cute_kernel<T, kDgrad, Config>, b, dim3(grid.x, grid.y, b.splits), Config::kThreads,
+                        stream, smem);
       if (err != cudaSuccess) return err;
       return launch_grid(conv_split_finalize_kernel<T, kDgrad, BM, BN>, b, grid, kSplitFinalizeThreads, stream);
     }
@@ -319,8 +331,37 @@ cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* 
   return launch_grid(conv_cute_kernel<T, kDgrad, Config>, b, grid, Config::kThreads, stream, smem);
 }
 
+// Launches conv_tma_kernel with Config (conv_tma.cuh; tma_batch_ok and tma_kernel_usable hold): the
+// grid of its tile, the tensor maps encoded here; the one-patch tile may split its K loops as
+// launch_cute's do.
+template <typename T, bool kDgrad, typename Config>
+cudaError_t launch_tma(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
+  constexpr int BM = Config::BM, BN = Config::BN;
+  const dim3 grid = batch_grid<BN>(b, Config::kPatches);
+  if (grid.x == 0) return cudaErrorInvalidValue;
+  cudaError_t err = prepare_k_split<BM, BN, Config::BK>(b, grid, Config::kCtasPerSm,
+                                                        Config::kPatches == 1 ? split_cap : 1, scratch);
+  if (err != cudaSuccess) return err;
+  TmaConvBatch launch{};
+  launch.batch = b;
+  err = encode_tensor_maps<T, Config::BK>(launch);
+  if (err != cudaSuccess) return err;
+  auto* kernel = conv_tma_kernel<T, kDgrad, Config>;
+  err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), Config::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(grid.x, grid.y, b.splits), Config::kThreads, Config::kSmemBytes, stream>>>(launch);
+  err = cudaGetLastError();
+  if constexpr (Config::kPatches == 1) {
+    if (err == cudaSuccess && b.splits > 1) {
+      return launch_grid(conv_split_finalize_kernel<T, kDgrad, BM, BN>, b, grid, kSplitFinalizeThreads, stream);
+    }
+  }
+  return err;
+}
+
 // 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
-// 128 x 256 wgmma tile fed by TMA (conv_tma.cuh: stride 1, no prologue, at most 4 convs), on the
+// 128 x 256 wgmma tile fed by TMA (conv_tma.cuh: stride 1, no prologue, at most 4 convs; its 64 x 128
+// tile, which may split, for grids below a wave when FASTASPP_CUDA_SPLIT_K allows), on the
 // 128 x 256 wgmma tile, or on the 8-stage 64 x 128 one, where FASTASPP_CUDA_CONV asks for it
 // (wgmma_tma, wgmma_wide, wgmma_deep), else on the 64 x 128 one, in an sm_90a image, else on mma.sync, the
 // 64 x 128 tiles with their K loop split where FASTASPP_CUDA_SPLIT_K allows (launch_cute); else WMMA
@@ -342,7 +383,13 @@ cudaError_t launch_conv_t(ConvBatch& b, const FastasppScratch* scratch, cudaStre
     int64_t split_cap = 1;
     if (!kCudaSplitK.read(split_cap)) split_cap = 1;  // the bindings have rejected invalid values
     if (cute && tma_batch_ok<T>(b) && tma_kernel_usable(choice)) {
-      return launch_tma<T, kDgrad>(b, batch_grid<Sm90TmaConfig<T>::BN>(b, Sm90TmaConfig<T>::kPatches), stream);
+      // The 128 x 256 tile, or with FASTASPP_CUDA_SPLIT_K, where its grid would not fill a wave, the
+      // 64 x 128 one, whose K loop may split.
+      const dim3 wide = batch_grid<Sm90TmaConfig<T>::BN>(b, Sm90TmaConfig<T>::kPatches);
+      if (split_cap <= 1 || int64_t(wide.x) * wide.y >= sm_count()) {
+        return launch_tma<T, kDgrad, Sm90TmaConfig<T>>(b, split_cap, scratch, stream);
+      }
+      return launch_tma<T, kDgrad, Sm90TmaNarrowConfig<T>>(b, split_cap, scratch, stream);
     }
     if (cute && conv_cute_config_usable<T, kDgrad, Sm90WideConfig<T>>(choice)) {
       return launch_cute<T, kDgrad, Sm90WideConfig<T>>(b, split_cap, scratch, stream);

@@ -180,6 +180,51 @@ __host__ __device__ Step step_at(const ConvBatch& b, ConvRange r, const Patch& t
   return Step{r.end, 0, 0};
 }
 
+// The taps of conv a live for patch t, as bits (bit tap; kh * kw <= 64): the TMA kernel's walk
+// (conv_tma.cuh) reads them instead of testing liveness step by step.
+template <bool kDgrad>
+__host__ __device__ uint64_t live_tap_bits(const ConvArgs& a, const Patch& t) {
+  uint64_t bits = 0;
+  for (int64_t tap = next_live_tap<kDgrad>(a, t, 0); tap < a.kh * a.kw; tap = next_live_tap<kDgrad>(a, t, tap + 1))
+    bits |= uint64_t(1) << tap;
+  return bits;
+}
+
+// The index of the lowest set bit of bits (not 0).
+__host__ __device__ __forceinline__ int lowest_bit(uint64_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __ffsll(static_cast<long long>(bits)) - 1;
+#else
+  return __builtin_ctzll(bits);
+#endif
+}
+
+// Steps [begin, end) of the walk over convs [first, last) whose live taps are live_taps[conv]
+// (live_tap_bits), in order: visit(conv, tap, k0) per step, each conv's live taps in order, each
+// tap's chunks of BK channels in order (the walk of first_step / next_step, and of step_at for a
+// part that starts inside a tap). Taps wholly before begin are skipped by their step counts, in
+// 32-bit arithmetic: the TMA kernel's producer walks it on 40 registers.
+template <int BK, typename Visit>
+__host__ __device__ __forceinline__ void walk_live_steps(const ConvBatch& b, int first, int last,
+                                                         const uint64_t* live_taps, int begin, int end,
+                                                         Visit&& visit) {
+  int index = 0;  // the walk's step at hand
+  for (int conv = first; conv < last && index < end; ++conv) {
+    const ConvArgs& c = b.conv[conv];
+    const int kc = static_cast<int>(c.kc), per_tap = (kc + BK - 1) / BK;
+    for (uint64_t bits = live_taps[conv]; bits != 0 && index < end; bits &= bits - 1) {
+      if (index + per_tap <= begin) {  // a tap wholly before the part
+        index += per_tap;
+        continue;
+      }
+      const int tap = lowest_bit(bits);
+      const int skipped = index < begin ? begin - index : 0;  // the tap's chunks before the part
+      index += skipped;
+      for (int k0 = skipped * BK; k0 < kc && index < end; k0 += BK, ++index) visit(conv, tap, k0);
+    }
+  }
+}
+
 // The dst row and column of pixel m of patch t (row m >> tile_w_log2 of the patch, column
 // m & (cols - 1), through its phase: conv_tiling.h's Patch), or false where the patch overhangs
 // its (phase's) map.

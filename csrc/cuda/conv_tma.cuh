@@ -1,4 +1,4 @@
-// The cuda backend's 128 x 256 conv tile fed by the Tensor Memory Accelerator, with warp
+// The cuda backend's 128 x 256 (and 64 x 128) conv tiles fed by the Tensor Memory Accelerator, with warp
 // specialisation (FASTASPP_CUDA_CONV=wgmma_tma; sm_90a images): the forward and input gradient of
 // stride-1 convs, on the same patches, dead-tap walk, wgmma atoms and epilogue as Sm90WideConfig
 // (conv_cute.cuh), with the copies taken off the math warps.
@@ -28,7 +28,11 @@
 //   runtime's driver entry point: no link against libcuda) and passed in the kernel's parameter
 //   (TmaConvBatch, __grid_constant__), one src and one weight map per conv.
 // * Which launches: every conv of the batch of stride 1, without the projection's prologue, at most
-//   kTmaMaxConvs convs (tma_batch_ok); atrous_conv.cu sends the rest to the default CuTe tile.
+//   kTmaMaxConvs convs (tma_batch_ok); atrous_conv.cu sends the rest to the default CuTe tile. With
+//   FASTASPP_CUDA_SPLIT_K, a launch whose 128 x 256 grid would not fill a wave runs on the 64 x 128
+//   TMA tile (Sm90TmaNarrowConfig), whose K loop splits as the cp.async 64 x 128 tiles' do: the
+//   producer walks its part's steps (walk_live_steps), the consumers store their fp32 tile for
+//   conv_split_finalize_kernel.
 #pragma once
 
 #include <cuda.h>
@@ -54,19 +58,27 @@ struct TmaConvBatch {
 };
 static_assert(sizeof(TmaConvBatch) <= 4096, "within the classic 4 KB kernel parameter limit");
 
-template <typename T>
+// The TMA kernel's tile: kPatches patches of 64 pixels x 128 * kPatches channels, one consumer
+// warpgroup per patch (each a 64 x BN x 16 wgmma atom, as Sm90Config and Sm90WideConfig), and the
+// producer warpgroup. Two patches: the wide tile, one CTA per SM (8 stages of 24 KB). One patch: the
+// 64 x 128 tile, two CTAs per SM (8 stages of 12 KB each), for grids below a wave, where it may
+// split its K loop (FASTASPP_CUDA_SPLIT_K, as the cp.async 64 x 128 tiles).
+template <typename T, int kPatches_ = 2>
 struct Sm90TmaConfig {
   using V = typename Sm80Traits<T>::Value;
-  static constexpr int kPatches = 2, kStages = 8;
+  static constexpr int kPatches = kPatches_, kStages = 8, kCtasPerSm = kPatches == 1 ? 2 : 1;
+  static_assert(kPatches == 1 || kPatches == 2, "one or two patches a CTA");
   static_assert(kStages >= 2, "a stage is released a step after its read (tests/cuda_host/tma_pipeline.cu)");
-  static constexpr int kMmaThreads = 2 * Sm80Tile::kThreads;  // warps 0-7: two consumer warpgroups
-  static constexpr int kThreads = kMmaThreads + 128;          // and the producer warpgroup
-  // Registers a thread after setmaxnreg (168 at launch, 65536 / 384 rounded down): the producer's
-  // go to the consumers, whose 128 fp32 accumulators a thread need them. 128 x 40 + 256 x 232 =
-  // 384 x 168.
-  static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-  static_assert(128 * kProducerRegisters + kMmaThreads * kConsumerRegisters <= kThreads * 168, "the CTA's registers");
-  static constexpr int BM = kPatches * kTilePixels, BN = 256, BK = Sm80Tile::kBK;
+  static constexpr int kMmaThreads = kPatches * Sm80Tile::kThreads;  // warps 0 on: the consumer warpgroups
+  static constexpr int kThreads = kMmaThreads + 128;                  // and the producer warpgroup
+  // Registers a thread after setmaxnreg: the producer's go to the consumers, whose BN / 2 fp32
+  // accumulators a thread need them. At launch a thread has 65536 / (kThreads x kCtasPerSm),
+  // rounded down to 8: 168 (wide: 128 x 40 + 256 x 232 = 384 x 168) or 128 (128 x 40 + 128 x 216).
+  static constexpr int kLaunchRegisters = 65536 / (kThreads * kCtasPerSm) / 8 * 8;
+  static constexpr int kProducerRegisters = 40, kConsumerRegisters = kPatches == 2 ? 232 : 216;
+  static_assert(128 * kProducerRegisters + kMmaThreads * kConsumerRegisters <= kThreads * kLaunchRegisters,
+                "the CTA's registers");
+  static constexpr int BM = kPatches * kTilePixels, BN = kPatches * 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm90KMajor<T, BM, kStages>;  // (pixel, k, stage)
   // (n, k, stage): the 64-channel SW128 atoms of one n block k after k (TMA writes a box's BK rows
   // one after another), the n blocks one after another.
@@ -84,7 +96,10 @@ struct Sm90TmaConfig {
   static_assert(kABytes + kBBytes == kStages * kStageBytes, "a stage is exactly its boxes");
   static_assert(BM * kLdc * int(sizeof(float)) <= kBarrierOffset, "the staged tile fits over the stages");
   static_assert(kABytes % 1024 == 0 && kBBytes % 1024 == 0, "1024-byte aligned stages (the 128-byte swizzle)");
+  static_assert(kCtasPerSm * kSmemBytes <= 227 * 1024, "its CTAs fit an SM's shared memory");
 };
+template <typename T>
+using Sm90TmaNarrowConfig = Sm90TmaConfig<T, 1>;
 
 // A producer's or consumer's place in the ring of S stages: step it uses stage it % S in round
 // it / S. Each stage's full barrier completes one phase per round (its fill lands) and its empty
@@ -121,12 +136,11 @@ __device__ __forceinline__ void tma_wait(uint64_t* barrier, uint32_t parity) {
 // every CTA, so both stay (CUTLASS's EVICT_LAST encoding).
 constexpr uint64_t kTmaCacheHint = uint64_t(cute::TMA::CacheHintSm90::EVICT_LAST);
 
-template <typename T, bool kDgrad>
-__global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
+template <typename T, bool kDgrad, typename Config>
+__global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
     conv_tma_kernel(const __grid_constant__ TmaConvBatch launch) {
   if constexpr (sm90a_here()) {
   using namespace cute;
-  using Config = Sm90TmaConfig<T>;
   using V = typename Config::V;
   using Barrier = cutlass::arch::ClusterBarrier;
   using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
@@ -143,6 +157,10 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
   const ConvBatch& batch = launch.batch;
   const ConvRange r = cta_convs(batch);
   const ConvArgs& a = batch.conv[r.first];
+  // A split K loop (the one-patch tile only: its finalize kernel's) walks part blockIdx.z of the
+  // walk; z past the conv's parts has nothing to do (uniform across the CTA, before any barrier).
+  const int parts = Config::kPatches == 1 && batch.splits > 1 ? a.parts : 1;
+  if (static_cast<int>(blockIdx.z) >= parts) return;
   const CtaPatches cp = cta_patches<Config::kPatches>(a);
   const Patch& t = cp.cover;
   const int64_t n0 = cta_n0<BN>(batch);
@@ -153,11 +171,7 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
   uint64_t* const live_taps = empty + S;
   if (threadIdx.x < static_cast<unsigned>(r.end - r.first)) {
     const int conv = r.first + static_cast<int>(threadIdx.x);
-    const ConvArgs& c = batch.conv[conv];
-    uint64_t bits = 0;
-    for (int64_t tap = next_live_tap<kDgrad>(c, t, 0); tap < c.kh * c.kw; tap = next_live_tap<kDgrad>(c, t, tap + 1))
-      bits |= uint64_t(1) << tap;
-    live_taps[conv] = bits;
+    live_taps[conv] = live_tap_bits<kDgrad>(batch.conv[conv], t);
   }
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
@@ -167,10 +181,14 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();  // the last barrier of the whole CTA: the producer warpgroup leaves after its loop
-  // The walk: each conv's live taps in order, each tap's channel chunks in order (count_steps's).
-  int steps = 0;
+  // The walk: each conv's live taps in order, each tap's channel chunks in order (count_steps's);
+  // this CTA walks its steps [begin, end) (all of them unless the K loop is split).
+  int all_steps = 0;
   for (int conv = r.first; conv < r.end; ++conv)
-    steps += __popcll(live_taps[conv]) * static_cast<int>(ceil_div(batch.conv[conv].kc, int64_t(BK)));
+    all_steps += __popcll(live_taps[conv]) * static_cast<int>(ceil_div(batch.conv[conv].kc, int64_t(BK)));
+  const StepRange part =
+      parts > 1 ? k_split_range(all_steps, static_cast<int>(blockIdx.z), parts) : StepRange{0, all_steps};
+  const int begin = static_cast<int>(part.begin), end = static_cast<int>(part.end);
 
   if (warp >= kMmaWarps) {
     cutlass::arch::warpgroup_reg_dealloc<Config::kProducerRegisters>();
@@ -184,34 +202,29 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
       }
     }
     StageRing<S> ring;
-    for (int conv = r.first; conv < r.end; ++conv) {
-      const ConvArgs& c = batch.conv[conv];
-      const int kc = static_cast<int>(c.kc), kw_taps = static_cast<int>(c.kw);
-      for (uint64_t bits = live_taps[conv]; bits != 0; bits &= bits - 1) {
-        const int tap = __ffsll(static_cast<long long>(bits)) - 1, kh = tap / kw_taps, kw = tap - kh * kw_taps;
-        for (int k0 = 0; k0 < kc; k0 += BK) {
-          const int stage = ring.stage;
-          if (ring.refill()) tma_wait(&empty[stage], ring.empty_parity());  // its wgmma is done
-          if (issuer) {
-            TxBarrier::arrive_and_expect_tx(&full[stage], Config::kStageBytes);
-            V* const a_stage = stage_start(sA, stage);
-            V* const b_stage = stage_start(sB, stage);
-            CUTE_UNROLL
-            for (int j = 0; j < Config::kPatches; ++j) {  // every slot, held or not: the stage's bytes are fixed
-              const TmaSrcOrigin o = tma_src_origin<kDgrad>(c, t.img, t.r0, t.c0 + j * cp.cols, kh, kw, k0);
-              SM90_TMA_LOAD_4D::copy(&launch.src[conv], &full[stage], kTmaCacheHint, a_stage + j * kTilePixels * BK,
-                                     o.k, o.col, o.row, o.img);
-            }
-            CUTE_UNROLL
-            for (int j = 0; j < BN / kTmaWeightBoxN; ++j) {
-              SM90_TMA_LOAD_3D::copy(&launch.wt[conv], &full[stage], kTmaCacheHint, b_stage + j * kTmaWeightBoxN * BK,
-                                     static_cast<int32_t>(n0) + j * kTmaWeightBoxN, k0, tap);
-            }
-          }
-          ring.advance();
+    walk_live_steps<BK>(batch, r.first, r.end, live_taps, begin, end, [&](int conv, int tap, int k0) {
+      const int stage = ring.stage;
+      if (ring.refill()) tma_wait(&empty[stage], ring.empty_parity());  // its wgmma is done
+      if (issuer) {
+        const ConvArgs& c = batch.conv[conv];
+        const int kw_taps = static_cast<int>(c.kw), kh = tap / kw_taps, kw = tap - kh * kw_taps;
+        TxBarrier::arrive_and_expect_tx(&full[stage], Config::kStageBytes);
+        V* const a_stage = stage_start(sA, stage);
+        V* const b_stage = stage_start(sB, stage);
+        CUTE_UNROLL
+        for (int j = 0; j < Config::kPatches; ++j) {  // every slot, held or not: the stage's bytes are fixed
+          const TmaSrcOrigin o = tma_src_origin<kDgrad>(c, t.img, t.r0, t.c0 + j * cp.cols, kh, kw, k0);
+          SM90_TMA_LOAD_4D::copy(&launch.src[conv], &full[stage], kTmaCacheHint, a_stage + j * kTilePixels * BK, o.k,
+                                 o.col, o.row, o.img);
+        }
+        CUTE_UNROLL
+        for (int j = 0; j < BN / kTmaWeightBoxN; ++j) {
+          SM90_TMA_LOAD_3D::copy(&launch.wt[conv], &full[stage], kTmaCacheHint, b_stage + j * kTmaWeightBoxN * BK,
+                                 static_cast<int32_t>(n0) + j * kTmaWeightBoxN, k0, tap);
         }
       }
-    }
+      ring.advance();
+    });
     return;  // the consumers wait for every box it issued
   }
 
@@ -224,7 +237,7 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
   clear(acc);
   StageRing<S> ring;
   int previous = 0;
-  for (int it = 0; it < steps; ++it) {
+  for (int it = 0; it < end - begin; ++it) {
     const int stage = ring.stage;
     tma_wait(&full[stage], ring.full_parity());
     warpgroup_fence_operand(acc);
@@ -244,7 +257,11 @@ __global__ void __launch_bounds__(Sm90TmaConfig<T>::kThreads, 1)
   // over the stages (the mbarriers lie past them), then the consumers run the epilogue.
   float* cs = reinterpret_cast<float*>(smem);
   stage_accumulators<BM, BN, ConsumerSync>(mma, acc, cs, Config::kLdc);
-  staged_epilogue<T, kDgrad, BN, Config::kMmaThreads, Config::kPatches, ConsumerSync>(a, cp, n0, cs, Config::kLdc);
+  if (parts > 1) {
+    store_partial_tile<BM, BN, Config::kMmaThreads>(batch, cs, Config::kLdc);  // the finalize kernel's epilogue
+  } else {
+    staged_epilogue<T, kDgrad, BN, Config::kMmaThreads, Config::kPatches, ConsumerSync>(a, cp, n0, cs, Config::kLdc);
+  }
   } else {
     __trap();  // tma_kernel_usable never selects it where this image lacks the body
   }
@@ -307,30 +324,19 @@ cudaError_t encode_tensor_map(CUtensorMap* map, const TmaView& v, const void* ba
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-// Launches conv_tma_kernel over the batch (tma_batch_ok and tma_kernel_usable hold): its grid is the
-// wide tile's, its tensor maps encoded here.
-template <typename T, bool kDgrad>
-cudaError_t launch_tma(ConvBatch& b, dim3 grid, cudaStream_t stream) {
-  using Config = Sm90TmaConfig<T>;
-  if (grid.x == 0) return cudaErrorInvalidValue;
-  b.splits = 1;
-  b.partials = nullptr;
-  TmaConvBatch launch{};
-  launch.batch = b;
-  for (int i = 0; i < b.count; ++i) {
-    const ConvArgs& c = b.conv[i];
-    const TmaView src = tma_src_view(c, c.tiling.rows(), c.tiling.cols(), Config::BK);
+// The tensor maps of every conv of the batch (tma_batch_ok holds) into launch (its batch set).
+template <typename T, int BK>
+cudaError_t encode_tensor_maps(TmaConvBatch& launch) {
+  for (int i = 0; i < launch.batch.count; ++i) {
+    const ConvArgs& c = launch.batch.conv[i];
+    const TmaView src = tma_src_view(c, c.tiling.rows(), c.tiling.cols(), BK);
     cudaError_t err = encode_tensor_map<T>(&launch.src[i], src, c.src, CU_TENSOR_MAP_SWIZZLE_64B);
     if (err == cudaSuccess) {
-      err = encode_tensor_map<T>(&launch.wt[i], tma_weight_view(c, Config::BK), c.wt, CU_TENSOR_MAP_SWIZZLE_128B);
+      err = encode_tensor_map<T>(&launch.wt[i], tma_weight_view(c, BK), c.wt, CU_TENSOR_MAP_SWIZZLE_128B);
     }
     if (err != cudaSuccess) return err;
   }
-  const void* kernel = reinterpret_cast<const void*>(conv_tma_kernel<T, kDgrad>);
-  const cudaError_t err = allow_dynamic_smem(kernel, Config::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  conv_tma_kernel<T, kDgrad><<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(launch);
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 }  // namespace

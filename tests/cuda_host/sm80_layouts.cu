@@ -3,6 +3,7 @@
 // tests/test_cuda_host_programs.py without a GPU: CuTe's layout algebra runs on the host.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -80,6 +81,35 @@ void check_accumulators(const char* name, bool rows_by_warpgroup = false) {
     }
   }
   for (int e = 0; e < Config::BM * Config::BN; ++e) expect(hits[e] == 1, name, e / Config::BN, e % Config::BN, hits[e]);
+}
+
+// A TMA conv config (conv_tma.cuh): its stages are bijective and stage-periodic like the others,
+// its A stages are what its src boxes (one a patch slot: 64 rows of BK values under the 64-byte
+// swizzle) write and its B stages what its weight boxes (one per 64 channels: BK rows of 128 bytes
+// under the 128-byte swizzle) write; its consumer warpgroups hold the tile's accumulators, one per
+// patch's rows; its shared memory fits its CTAs on an SM.
+template <typename Tma>
+void check_tma_config(const char* name) {
+  using namespace fastaspp::atrous_cuda;
+  constexpr int kBoxN = fastaspp::kTmaWeightBoxN;
+  static_assert(Tma::kMmaThreads == Tma::kPatches * 128 && Tma::BM == Tma::kPatches * 64 && Tma::BK == 32,
+                "a consumer warpgroup per 64-pixel patch");
+  const std::string n(name);
+  check_smem(as_position_independent_swizzle_layout(typename Tma::LayoutA{}), 1, (n + " A: (pixel, k, stage)").c_str());
+  check_smem(as_position_independent_swizzle_layout(typename Tma::LayoutB{}), 0, (n + " B: (n, k, stage)").c_str());
+  check_tma_smem(as_position_independent_swizzle_layout(typename Tma::LayoutA{}), 64,
+                 [](int m, int k, int s) { return s * Tma::kABytes / Tma::kStages + m * Tma::BK * 2 + 2 * k; },
+                 (n + " A = its src boxes (pixel, k, stage)").c_str());
+  check_tma_smem(as_position_independent_swizzle_layout(typename Tma::LayoutB{}), 128,
+                 [](int c, int k, int s) {
+                   return s * Tma::kBBytes / Tma::kStages + (c / kBoxN) * Tma::kBBoxBytes + k * kBoxN * 2 +
+                          2 * (c % kBoxN);
+                 },
+                 (n + " B = its weight boxes (n, k, stage)").c_str());
+  check_accumulators<Tma, Tma::kMmaThreads>((n + " accumulators").c_str(), true);
+  expect(Tma::kABytes / Tma::kStages == Tma::kPatches * Tma::kABoxBytes &&
+             Tma::kCtasPerSm * Tma::kSmemBytes <= 227 * 1024,
+         (n + " shared memory").c_str(), Tma::kSmemBytes, Tma::kCtasPerSm, 0);
 }
 
 // The chunk mappings of the conv kernel's loads: chunk s = tid + i * NT of a tile of `outer`
@@ -181,27 +211,11 @@ int main() {
   check_chunks(Wide::BK, Wide::BN / CH, "wide B chunks (k, n)", Wide::kThreads);
   check_accumulators<Wide, Wide::kThreads>("wide bf16 accumulators", true);
   check_accumulators<Sm90WideConfig<__half>, Wide::kThreads>("wide fp16 accumulators", true);
-  // The TMA tile: the wide tile's accumulators; its A stages as its two src boxes (one a patch slot,
-  // 64 rows of BK values under the 64-byte swizzle) write them, its B stages as its four weight
-  // boxes (one per 64 channels, BK rows of 128 bytes under the 128-byte swizzle) write them.
-  using Tma = Sm90TmaConfig<__nv_bfloat16>;
-  static_assert(Tma::kMmaThreads == 256 && Tma::BM == 128 && Tma::BN == 256 && Tma::BK == 32, "the TMA tile");
-  check_smem(as_position_independent_swizzle_layout(typename Tma::LayoutA{}), 1, "tma A: (pixel, k, stage)");
-  check_smem(as_position_independent_swizzle_layout(typename Tma::LayoutB{}), 0, "tma B: (n, k, stage)");
-  check_tma_smem(as_position_independent_swizzle_layout(typename Tma::LayoutA{}), 64,
-                 [](int m, int k, int s) { return s * Tma::kABytes / Tma::kStages + m * Tma::BK * 2 + 2 * k; },
-                 "tma A = its src boxes (pixel, k, stage)");
-  check_tma_smem(as_position_independent_swizzle_layout(typename Tma::LayoutB{}), 128,
-                 [](int n, int k, int s) {
-                   return s * Tma::kBBytes / Tma::kStages + (n / fastaspp::kTmaWeightBoxN) * Tma::kBBoxBytes +
-                          k * fastaspp::kTmaWeightBoxN * 2 + 2 * (n % fastaspp::kTmaWeightBoxN);
-                 },
-                 "tma B = its weight boxes (n, k, stage)");
-  check_accumulators<Tma, Tma::kMmaThreads>("tma bf16 accumulators", true);
-  check_accumulators<Sm90TmaConfig<__half>, Tma::kMmaThreads>("tma fp16 accumulators", true);
-  expect(Tma::kABytes / Tma::kStages == Tma::kPatches * Tma::kABoxBytes && Tma::kSmemBytes <= 227 * 1024,
-         "tma shared memory", Tma::kSmemBytes, Tma::kABytes, 0);
-
+  // The TMA tiles (128 x 256 and 64 x 128): see check_tma_config.
+  check_tma_config<Sm90TmaConfig<__nv_bfloat16>>("tma");
+  check_tma_config<Sm90TmaConfig<__half>>("tma fp16");
+  check_tma_config<Sm90TmaNarrowConfig<__nv_bfloat16>>("narrow tma");
+  check_tma_config<Sm90TmaNarrowConfig<__half>>("narrow tma fp16");
   // The 8-stage 64 x 128 tile: Sm90Config's mappings over more stages.
   using Deep = Sm90DeepConfig<__nv_bfloat16>;
   check_smem(as_position_independent_swizzle_layout(typename Deep::LayoutA{}), 1, "deep A: (pixel, k, stage)");

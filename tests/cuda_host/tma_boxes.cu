@@ -1,12 +1,14 @@
-// Host emulation of the TMA conv kernel's loads (csrc/cuda/conv_tma.cuh, csrc/common/tma_boxes.h),
+// Host emulation of the TMA conv kernels' loads (csrc/cuda/conv_tma.cuh, csrc/common/tma_boxes.h),
 // run by tests/test_cuda_host_programs.py without a GPU. A TMA load is modelled as its
 // documentation states it: the box's elements in box order (dim 0 fastest), each read through the
 // tensor map's view, zero where a coordinate lies outside [0, dims). For every CTA of random
 // stride-1 launches (forward and input gradient; src channel slices of wider pixels; channel counts
-// with a K tail; convs with dead taps), every step of its walk and both patch slots, the emulated
+// with a K tail; convs with dead taps) on both tiles (two patches and 256 channels a CTA, one and
+// 128), every step of its walk and every patch slot, the emulated
 // src box must hold, row by row, what the cp.async gather of the other CuTe kernels puts in the A
 // tile (tile_row_src, zero past kc) for every pixel whose output is stored, and the weight boxes
-// what their B tile holds (zero past kc and nc). Also: which convs tma_conv_ok admits.
+// what their B tile holds (zero past kc and nc); and the producer's walk of each part of a split K
+// loop is the other kernels' walk. Also: which convs tma_conv_ok admits.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
 #include <random>
@@ -24,7 +26,7 @@ static void expect(bool ok, const char* what, long long a, long long b, double c
   if (!ok && failures++ < 20) std::printf("FAILED %s at (%lld, %lld, %g)\n", what, a, b, c);
 }
 
-constexpr int kBK = 32, kBN = 256, kPatches = 2;
+constexpr int kBK = 32;
 
 // Element `at` of a box loaded through view v from `base` (TMA's zero fill outside the dims).
 static double tma_read(const TmaView& v, const double* base, const int64_t (&at)[kTmaMaxRank]) {
@@ -69,7 +71,8 @@ static Launch random_launch(std::mt19937& gen, bool dgrad) {
   return l;
 }
 
-template <bool kDgrad>
+// One launch on a tile of kPatches patches (the CTAs' patch slots) and BN channels.
+template <bool kDgrad, int kPatches, int kBN>
 static void check_launch(Launch& l) {
   ConvArgs& a = l.a;
   const TmaView sv = tma_src_view(a, a.tiling.rows(), a.tiling.cols(), kBK), wv = tma_weight_view(a, kBK);
@@ -115,6 +118,47 @@ static void check_launch(Launch& l) {
     }
 }
 
+// The producer's walk (walk_live_steps over live_tap_bits) of each part of a split K loop visits
+// exactly the steps the other kernels walk (step_at, then next_step), for batches of up to 4 convs
+// summed into one walk (every conv's taps in one CTA, as the input gradient's sum mode), every CTA
+// cover of the two-patch tiling, and 1 to 5 parts (parts that start inside a tap, empty parts).
+template <bool kDgrad>
+static void check_walk(std::mt19937& gen, const ConvArgs& base) {
+  ConvBatch b{};
+  b.count = 1 + static_cast<int>(gen() % 4);
+  std::uniform_int_distribution<int> dil(1, 9), chunks(1, 9);
+  for (int i = 0; i < b.count; ++i) {
+    ConvArgs c = base;
+    if (i > 0) {
+      c.dil_h = c.dil_w = dil(gen), c.pad_h = c.pad_w = c.dil_h * (c.kh / 2), c.kc = 8 * chunks(gen);
+      c.kh = c.kw = 1 + 2 * static_cast<int>(gen() % 2);
+    }
+    b.conv[i] = c;
+  }
+  const ConvRange r{0, b.count};
+  uint64_t live[kMaxConvs] = {};
+  const int64_t ctas = base.n * ctas_per_img(base.tiling, 2);
+  for (int64_t x = 0; x < ctas; ++x) {
+    const Patch t = cta_patches_of(base.tiling, 2, x, base.dst_h, base.dst_w).cover;
+    for (int i = 0; i < b.count; ++i) live[i] = live_tap_bits<kDgrad>(b.conv[i], t);
+    const int64_t steps = count_steps<kDgrad, kBK>(b, r, t);
+    for (int parts = 1; parts <= 5; ++parts)
+      for (int part = 0; part < parts; ++part) {
+        const StepRange range = k_split_range(steps, part, parts);
+        Step want = step_at<kDgrad, kBK>(b, r, t, range.begin);
+        int64_t visited = 0;
+        walk_live_steps<kBK>(b, 0, b.count, live, int(range.begin), int(range.end), [&](int conv, int tap, int k0) {
+          expect(conv == want.conv && tap == want.tap && k0 == want.k0,
+                 "the producer walks the part's steps (cta, step, k0)", x, range.begin + visited, double(k0));
+          want = next_step<kDgrad, kBK>(b, r.end, t, want);
+          ++visited;
+        });
+        expect(visited == range.end - range.begin, "the producer walks every step of the part (cta, part, steps)", x,
+               part, double(visited));
+      }
+  }
+}
+
 int main() {
   std::mt19937 gen(20261201);
   int dead = 0;  // launches with a patch whose walk skips a tap: the walk's dead-tap skipping is exercised
@@ -123,11 +167,18 @@ int main() {
     Launch l = random_launch(gen, dgrad);
     expect(tma_conv_ok(l.a, 2), "stride-1 convs suit the TMA kernel", trial, l.a.kc, double(l.a.nc));
     if (dgrad) {
-      check_launch<true>(l);
+      check_launch<true, 2, 256>(l);  // Sm90TmaConfig
+      check_launch<true, 1, 128>(l);  // Sm90TmaNarrowConfig
     } else {
-      check_launch<false>(l);
+      check_launch<false, 2, 256>(l);
+      check_launch<false, 1, 128>(l);
     }
     dead += l.a.dil_h * (l.a.kh - 1) >= l.a.dst_h;
+    if (dgrad) {
+      check_walk<true>(gen, l.a);
+    } else {
+      check_walk<false>(gen, l.a);
+    }
   }
   expect(dead > 0, "some launches have dead taps", dead, 0, 0);
   // What the kernel does not take.

@@ -7,8 +7,8 @@
 // times and each consumer's wgmma reading its stage from its issue until the wait<1> of the next
 // step. Checked: every run finishes (no wait that never passes), a consumer reads each step's own
 // boxes, and no load lands in a stage a wgmma may still be reading; over 2, 3 and the kernel's 8
-// stages and walks shorter and longer than the ring (and one stage, which must deadlock). Prints one line per failed check and "ok" when every check
-// passes.
+// stages and walks shorter and longer than the ring (and one stage, which must deadlock).
+// Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -64,7 +64,8 @@ static bool run(int steps, std::mt19937& gen) {
   for (long long moves = 0;; ++moves) {
     // What may move now: the producer (its wait passes), a load landing, a consumer (its wait passes).
     std::vector<int> movable;  // 0: producer, 1 + w: consumer w, 100 + i: load i lands
-    if (p < steps && (!producer.refill() || empty[producer.stage].passes(producer.empty_parity()))) movable.push_back(0);
+    const bool released = !producer.refill() || empty[producer.stage].passes(producer.empty_parity());
+    if (p < steps && released) movable.push_back(0);
     for (int w = 0; w < kWarps; ++w)
       if (c[w] < steps && full[ring[w].stage].passes(ring[w].full_parity())) movable.push_back(1 + w);
     for (size_t i = 0; i < in_flight.size(); ++i) movable.push_back(100 + static_cast<int>(i));
