@@ -1,17 +1,17 @@
-// The cuda backend's 128 x 256 (and 64 x 128) conv tiles fed by the Tensor Memory Accelerator, with warp
-// specialisation (FASTASPP_CUDA_CONV=wgmma_tma; sm_90a images): the forward and input gradient of
-// stride-1 convs, on the same patches, dead-tap walk, wgmma atoms and epilogue as Sm90WideConfig
-// (conv_cute.cuh), with the copies taken off the math warps.
+// The cuda backend's conv tiles fed by the Tensor Memory Accelerator, with warp specialisation
+// (FASTASPP_CUDA_CONV=wgmma_tma; sm_90a images): the forward and input gradient of stride-1 convs,
+// on the same patches, dead-tap walk, wgmma atoms and epilogue as Sm90WideConfig (128 x 256) and
+// Sm90Config (64 x 128) of conv_cute.cuh, with the copies taken off the math warps.
 //
-// * Threads: two consumer warpgroups (warps 0-7, each a 64 x 256 x 16 wgmma atom over one of the
-//   CTA's two patches, as the wide tile) and a producer warpgroup (warps 8-11), which gives most of
-//   its registers to the consumers (setmaxnreg) and of which warp 8 walks the steps: each conv's
-//   live taps (a bit mask per conv, worked out before the roles split), each tap's channel chunks,
-//   as the other kernels' walk (count_steps). Its lane 0 issues each K step as TMA loads
-//   (common/tma_boxes.h): one 4-D box of src per patch (its 64 pixels through the step's tap, BK
-//   channels; TMA reads zeros for padding and channels past kc) and BN / 64 3-D boxes of the tap's
-//   weight rows. No thread computes an address per chunk, and the
-//   consumers issue nothing but wgmma.
+// * Threads: a consumer warpgroup per patch (warps 0-7 on the 128 x 256 tile, each a 64 x 256 x 16
+//   wgmma atom over one of the CTA's two patches; warps 0-3 on the 64 x 128 one) and a producer
+//   warpgroup after them, which gives most of its registers to the consumers (setmaxnreg) and of
+//   which one warp walks the steps: each conv's live taps (a bit mask per conv, worked out before
+//   the roles split), each tap's channel chunks, as the other kernels' walk (count_steps). Its
+//   lane 0 issues each K step as TMA loads (common/tma_boxes.h): one 4-D box of src per patch (its
+//   64 pixels through the step's tap, BK channels; TMA reads zeros for padding and channels past
+//   kc) and BN / 64 3-D boxes of the tap's weight rows. No thread computes an address per chunk,
+//   and the consumers issue nothing but wgmma.
 // * Pipeline: kStages shared-memory stages, each with a "full" mbarrier (the producer's
 //   arrive.expect_tx of the stage's bytes; TMA completes the transaction) and an "empty" one (one
 //   arrive per consumer warp once the wgmma that read the stage is done: each step's wgmma is
@@ -21,7 +21,8 @@
 // * Shared memory: the stages in the layouts TMA's swizzles write (A: rows of BK = 32 16-bit values
 //   under the 64-byte swizzle, which is wgmma's K-major SW64 atom; B: per 64-channel box, BK rows of
 //   128 bytes under the 128-byte swizzle, wgmma's MN-major SW128 atom tiled k before n), 8 stages
-//   of 24 KB in dynamic shared memory (196608 bytes, one CTA per SM), the mbarriers past them, and
+//   in dynamic shared memory (of 24 KB on the 128 x 256 tile, one CTA per SM; of 12 KB on the
+//   64 x 128 one, two CTAs per SM), the mbarriers and live-tap masks past them, and
 //   the fp32 tile staged over the stages for staged_epilogue, which the consumers run (on a named
 //   barrier: the producer warpgroup has left).
 // * The tensor maps are encoded on the host per launch (cuTensorMapEncodeTiled, reached through the
