@@ -20,14 +20,16 @@ passes, else one line per failure.
     order, and the split count's rules (csrc/common/k_split.h). Checked in a scratch copy by making
     step_at drop its chunk offset, overlapping two parts, and mapping a phase's columns with the
     row stride.
-  * tma_boxes.cu: the TMA conv kernel's loads (csrc/cuda/conv_tma.cuh, csrc/common/tma_boxes.h),
+  * tma_boxes.cu: the TMA conv kernels' loads (csrc/cuda/conv_tma.cuh, csrc/common/tma_boxes.h),
     each modelled as TMA's documentation states (a box through the tensor map's view, zero outside
     its dims), hold what the cp.async gather puts in the A and B tiles, for every step and patch slot
-    of random stride-1 forward and input-gradient launches (channel slices, K tails, dead taps); and
-    which convs the kernel refuses. Checked in a scratch copy by giving the input gradient the
-    forward's box origin, the row stride the wrong extent, the src view the pixel stride as its
-    channel count, and merging the weight view's K and tap dims. sm80_layouts.cu checks that the
-    kernel's stage layouts are what its boxes write under TMA's swizzles.
+    of random stride-1 forward and input-gradient launches (channel slices, K tails, dead taps) on
+    both tiles (128 x 256 and 64 x 128); the producer's walk of each part of a split K loop
+    (walk_live_steps) is step_at / next_step's; and which convs the kernel refuses. Checked in a
+    scratch copy by giving the input gradient the forward's box origin, the row stride the wrong
+    extent, the src view the pixel stride as its channel count, merging the weight view's K and tap
+    dims, and a mid-tap part start that drops its chunk offset or its step count. sm80_layouts.cu
+    checks that both tiles' stage layouts are what their boxes write under TMA's swizzles.
   * tma_pipeline.cu (against the CUTLASS headers): the TMA kernel's producer and consumer loops, with
     its StageRing, on a model of mbarriers in random interleavings: every run finishes, each wgmma
     reads its own step's boxes, and no load lands in a stage a wgmma may still read; one stage must
