@@ -28,6 +28,9 @@ namespace fastaspp {
 
 constexpr int kTmaMaxRank = 4;
 constexpr int kTmaWeightBoxN = 64;
+// The swizzles the kernel's tensor maps use (its shared-memory layouts are these swizzles' images):
+// a src box row is BK = 32 16-bit channels (64 bytes), a weight box row 64 channels (128 bytes).
+constexpr int kTmaSrcSwizzleBytes = 64, kTmaWeightSwizzleBytes = 128;
 constexpr int64_t kTmaMaxTaps = 64;  // a conv's live taps are one 64-bit mask in the kernel
 // Elements along one dim, and the reach of a box origin from 0: int32 coordinates with room (TMA's
 // own limit on a dim is 2^32).
@@ -43,6 +46,43 @@ struct TmaView {
   int64_t strides[kTmaMaxRank];
   int box[kTmaMaxRank];
 };
+
+// The arguments cuTensorMapEncodeTiled takes for view v of a tensor of elem_bytes-byte elements at
+// `base` (interleave none, element strides 1): the address of coordinate 0, dims, the strides of
+// dims 1 on in bytes, the box. tma_encode_ok states the driver's documented preconditions, so that a
+// host program checks them for every view a launch encodes (tests/cuda_host/tma_boxes.cu).
+struct TmaEncodeArgs {
+  int rank;
+  uintptr_t address;
+  uint64_t dims[kTmaMaxRank];
+  uint64_t strides[kTmaMaxRank - 1];
+  uint32_t box[kTmaMaxRank];
+};
+FASTASPP_HOST_DEVICE TmaEncodeArgs tma_encode_args(const TmaView& v, int elem_bytes, const void* base) {
+  TmaEncodeArgs e{};
+  e.rank = v.rank;
+  e.address = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(v.offset * elem_bytes);
+  for (int i = 0; i < v.rank; ++i) {
+    e.dims[i] = static_cast<uint64_t>(v.dims[i]);
+    e.box[i] = static_cast<uint32_t>(v.box[i]);
+    if (i > 0) e.strides[i - 1] = static_cast<uint64_t>(v.strides[i] * elem_bytes);
+  }
+  return e;
+}
+
+// The driver's preconditions (CUDA driver API, cuTensorMapEncodeTiled), for interleave none and a
+// swizzle of swizzle_bytes (32, 64 or 128): rank 1 to 5; a 16-byte aligned address; dims from 1 to
+// 2^32; strides multiples of 16 below 2^40; boxes of 1 to 256 elements, the innermost a multiple of
+// 16 bytes and at most the swizzle's span.
+FASTASPP_HOST_DEVICE bool tma_encode_ok(const TmaEncodeArgs& e, int elem_bytes, int swizzle_bytes) {
+  if (e.rank < 1 || e.rank > 5 || e.address % 16 != 0) return false;
+  for (int i = 0; i < e.rank; ++i) {
+    if (e.dims[i] < 1 || e.dims[i] > (uint64_t(1) << 32) || e.box[i] < 1 || e.box[i] > 256) return false;
+    if (i > 0 && (e.strides[i - 1] % 16 != 0 || e.strides[i - 1] >= (uint64_t(1) << 40))) return false;
+  }
+  const uint64_t inner = uint64_t(e.box[0]) * elem_bytes;
+  return inner % 16 == 0 && inner <= uint64_t(swizzle_bytes);
+}
 
 // Whether a conv's launch may run on the TMA kernel: stride 1 (so its boxes are plain boxes), no
 // projection prologue (it rewrites A chunks where the cp.async copies land them), at most

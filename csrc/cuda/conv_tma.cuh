@@ -302,26 +302,29 @@ inline bool tma_kernel_usable(int choice) {
   return choice == kCudaConvWgmmaTma && sm90a_image_loaded() && tensor_map_encoder() != nullptr;
 }
 
-// A tensor map of the 16-bit tensor at `base` through view v (tma_boxes.h), or an error.
+// A tensor map of the 16-bit tensor at `base` through view v with a swizzle of swizzle_bytes
+// (tma_boxes.h: tma_encode_args, whose preconditions tma_encode_ok states), or an error.
 template <typename T>
-cudaError_t encode_tensor_map(CUtensorMap* map, const TmaView& v, const void* base, CUtensorMapSwizzle swizzle) {
+cudaError_t encode_tensor_map(CUtensorMap* map, const TmaView& v, const void* base, int swizzle_bytes) {
   static_assert(sizeof(T) == 2, "16-bit tensors");
   const TensorMapEncoder encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
-  cuuint64_t dims[kTmaMaxRank], strides[kTmaMaxRank];
+  const TmaEncodeArgs e = tma_encode_args(v, int(sizeof(T)), base);
+  if (!tma_encode_ok(e, int(sizeof(T)), swizzle_bytes)) return cudaErrorInvalidValue;
+  cuuint64_t dims[kTmaMaxRank], strides[kTmaMaxRank - 1];
   cuuint32_t box[kTmaMaxRank], unit[kTmaMaxRank];
-  for (int i = 0; i < v.rank; ++i) {
-    dims[i] = static_cast<cuuint64_t>(v.dims[i]);
-    box[i] = static_cast<cuuint32_t>(v.box[i]);
-    unit[i] = 1;
-    if (i > 0) strides[i - 1] = static_cast<cuuint64_t>(v.strides[i]) * sizeof(T);  // bytes, dims 1 on
+  for (int i = 0; i < e.rank; ++i) {
+    dims[i] = e.dims[i], box[i] = e.box[i], unit[i] = 1;
+    if (i > 0) strides[i - 1] = e.strides[i - 1];
   }
   const CUtensorMapDataType type =
       std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  void* const address = const_cast<T*>(static_cast<const T*>(base) + v.offset);
-  const CUresult res = encode(map, type, static_cast<cuuint32_t>(v.rank), address, dims, strides, box, unit,
-                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUtensorMapSwizzle swizzle = swizzle_bytes == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : swizzle_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                           : CU_TENSOR_MAP_SWIZZLE_32B;
+  const CUresult res = encode(map, type, static_cast<cuuint32_t>(e.rank), reinterpret_cast<void*>(e.address), dims,
+                              strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -331,9 +334,9 @@ cudaError_t encode_tensor_maps(TmaConvBatch& launch) {
   for (int i = 0; i < launch.batch.count; ++i) {
     const ConvArgs& c = launch.batch.conv[i];
     const TmaView src = tma_src_view(c, c.tiling.rows(), c.tiling.cols(), BK);
-    cudaError_t err = encode_tensor_map<T>(&launch.src[i], src, c.src, CU_TENSOR_MAP_SWIZZLE_64B);
+    cudaError_t err = encode_tensor_map<T>(&launch.src[i], src, c.src, kTmaSrcSwizzleBytes);
     if (err == cudaSuccess) {
-      err = encode_tensor_map<T>(&launch.wt[i], tma_weight_view(c, BK), c.wt, CU_TENSOR_MAP_SWIZZLE_128B);
+      err = encode_tensor_map<T>(&launch.wt[i], tma_weight_view(c, BK), c.wt, kTmaWeightSwizzleBytes);
     }
     if (err != cudaSuccess) return err;
   }

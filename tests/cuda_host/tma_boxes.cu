@@ -8,7 +8,8 @@
 // src box must hold, row by row, what the cp.async gather of the other CuTe kernels puts in the A
 // tile (tile_row_src, zero past kc) for every pixel whose output is stored, and the weight boxes
 // what their B tile holds (zero past kc and nc); and the producer's walk of each part of a split K
-// loop is the other kernels' walk. Also: which convs tma_conv_ok admits.
+// loop is the other kernels' walk; every map's arguments meet the driver's preconditions
+// (tma_encode_ok). Also: which convs tma_conv_ok admits, and what tma_encode_ok refuses.
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
 #include <random>
@@ -76,6 +77,12 @@ template <bool kDgrad, int kPatches, int kBN>
 static void check_launch(Launch& l) {
   ConvArgs& a = l.a;
   const TmaView sv = tma_src_view(a, a.tiling.rows(), a.tiling.cols(), kBK), wv = tma_weight_view(a, kBK);
+  // The driver accepts both maps (at 16-byte aligned tensors, as the CuTe kernels require).
+  const void* aligned = reinterpret_cast<const void*>(uintptr_t(1) << 20);
+  expect(tma_encode_ok(tma_encode_args(sv, 2, aligned), 2, kTmaSrcSwizzleBytes), "the src map's arguments",
+         a.src_pixel_stride, a.src_channel_offset, double(a.kc));
+  expect(tma_encode_ok(tma_encode_args(wv, 2, aligned), 2, kTmaWeightSwizzleBytes), "the weight map's arguments",
+         a.kc, a.nc, double(a.kh));
   expect(sv.box[1] * sv.box[2] == kTilePixels && sv.box[0] * 2 == 64 && wv.box[0] * 2 == 128,
          "boxes: one patch of 64-byte rows, 128-byte weight rows", sv.box[1], sv.box[2], wv.box[0]);
   ConvBatch b{};
@@ -196,6 +203,18 @@ int main() {
   ConvArgs huge = l.a;
   huge.src_w = int64_t(1) << 31;
   expect(!tma_conv_ok(huge, 2), "dims past int32 coordinates are refused", 0, 0, 0);
+  // The encode's preconditions refuse what the driver would: an unaligned base or pixel stride, a
+  // box row wider than its swizzle.
+  const void* aligned = reinterpret_cast<const void*>(uintptr_t(1) << 20);
+  const TmaView sv = tma_src_view(l.a, 8, 8, kBK);
+  const void* unaligned = static_cast<const char*>(aligned) + 8;
+  expect(tma_encode_ok(tma_encode_args(sv, 2, aligned), 2, 64), "a valid src map", 0, 0, 0);
+  expect(!tma_encode_ok(tma_encode_args(sv, 2, unaligned), 2, 64), "an unaligned base", 0, 0, 0);
+  expect(!tma_encode_ok(tma_encode_args(sv, 2, aligned), 2, 32), "a box row past its swizzle", 0, 0, 0);
+  ConvArgs odd = l.a;
+  odd.src_pixel_stride = odd.kc + 4;
+  const TmaView odd_view = tma_src_view(odd, 8, 8, kBK);
+  expect(!tma_encode_ok(tma_encode_args(odd_view, 2, aligned), 2, 64), "an unaligned stride", 0, 0, 0);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
