@@ -1,8 +1,9 @@
-// What the cuda backend's TMA conv kernel (csrc/cuda/conv_tma.cuh) asks the Tensor Memory
-// Accelerator to load: the global view each tensor map describes, the box one K step loads, and
-// where that box starts. Plain C++ (host and device), templated on the conv's argument struct, so
-// that a host program checks that every box holds what the cp.async gather of the other CuTe
-// kernels would (tests/cuda_host/tma_boxes.cu).
+// What the cuda backend's TMA conv kernels (csrc/cuda/conv_tma.cuh) ask the Tensor Memory
+// Accelerator to load: the global view each tensor map describes, the arguments it is encoded
+// with, the box one K step loads, and where that box starts. Plain C++ (host and device),
+// templated on the conv's argument struct, so that a host program checks that every box holds
+// what the cp.async gather of the other CuTe kernels would, and that every map meets the driver's
+// preconditions (tests/cuda_host/tma_boxes.cu).
 //
 // A TMA load copies a box of a tensor of up to 5 dims (dim 0 contiguous) into shared memory in
 // box order (dim 0 fastest), every element whose coordinate lies outside [0, dims) read as zero.
