@@ -264,15 +264,17 @@ dim3 batch_grid(ConvBatch& b, int patches_per_cta = 1) {
   return dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
 }
 
-// Launches `kernel` over `grid` with smem_bytes of dynamic shared memory.
-cudaError_t launch_grid(void (*kernel)(ConvBatch), const ConvBatch& b, dim3 grid, int threads, cudaStream_t stream,
+// Launches `kernel` over `grid` with smem_bytes of dynamic shared memory, its parameter p (the
+// batch, or conv_tma.cuh's batch with its tensor maps).
+template <typename Param>
+cudaError_t launch_grid(void (*kernel)(Param), const Param& p, dim3 grid, int threads, cudaStream_t stream,
                         int smem_bytes = 0) {
   if (grid.x == 0) return cudaErrorInvalidValue;
   if (smem_bytes > 0) {
     const cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem_bytes);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, threads, smem_bytes, stream>>>(b);
+  kernel<<<grid, threads, smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -309,54 +311,49 @@ cudaError_t prepare_k_split(ConvBatch& b, dim3 grid, int ctas_per_sm, int64_t sp
   return cudaSuccess;
 }
 
-// Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory). A config
-// with one patch a CTA may split K loops (prepare_k_split); then conv_split_finalize_kernel runs
-// the epilogue of the convs that split.
-template <typename T, bool kDgrad, typename Config>
-cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
-  constexpr int BM = Config::BM, BN = Config::BN;
-  const dim3 grid = batch_grid<BN>(b, Config::kPatches);
-  const int smem = Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0;
-  cudaError_t err = prepare_k_split<BM, BN, Config::BK>(b, grid, Config::kCtasPerSm,
-                                                        Config::kPatches == 1 ? split_cap : 1, scratch);
-  if (err != cudaSuccess) return err;
+// Launches a conv kernel of Config over `grid` and the b.splits parts of its K loops
+// (prepare_k_split), then, where they split (configs with one patch a CTA), the
+// conv_split_finalize_kernel that runs the epilogue of the convs that split.
+template <typename T, bool kDgrad, typename Config, typename Param>
+cudaError_t launch_parts(void (*kernel)(Param), const Param& p, const ConvBatch& b, dim3 grid, int smem_bytes,
+                         cudaStream_t stream) {
+  const cudaError_t err =
+      launch_grid(kernel, p, dim3(grid.x, grid.y, b.splits), Config::kThreads, stream, smem_bytes);
   if constexpr (Config::kPatches == 1) {
-    if (b.splits > 1) {
-      err = launch_grid(conv_cute_kernel<T, kDgrad, Config>, b, dim3(grid.x, grid.y, b.splits), Config::kThreads,
-                        stream, smem);
-      if (err != cudaSuccess) return err;
-      return launch_grid(conv_split_finalize_kernel<T, kDgrad, BM, BN>, b, grid, kSplitFinalizeThreads, stream);
+    if (err == cudaSuccess && b.splits > 1) {
+      return launch_grid(conv_split_finalize_kernel<T, kDgrad, Config::BM, Config::BN>, b, grid,
+                         kSplitFinalizeThreads, stream);
     }
   }
-  return launch_grid(conv_cute_kernel<T, kDgrad, Config>, b, grid, Config::kThreads, stream, smem);
+  return err;
 }
 
-// Launches conv_tma_kernel with Config (conv_tma.cuh; tma_batch_ok and tma_kernel_usable hold): the
-// grid of its tile, the tensor maps encoded here; the one-patch tile may split its K loops as
-// launch_cute's do.
+// Launches conv_cute_kernel with Config (its threads, patches per CTA and shared memory); a config
+// with one patch a CTA may split its K loops.
+template <typename T, bool kDgrad, typename Config>
+cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
+  const dim3 grid = batch_grid<Config::BN>(b, Config::kPatches);
+  const cudaError_t err = prepare_k_split<Config::BM, Config::BN, Config::BK>(
+      b, grid, Config::kCtasPerSm, Config::kPatches == 1 ? split_cap : 1, scratch);
+  if (err != cudaSuccess) return err;
+  const int smem = Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0;
+  return launch_parts<T, kDgrad, Config>(conv_cute_kernel<T, kDgrad, Config>, b, b, grid, smem, stream);
+}
+
+// Launches conv_tma_kernel with Config (conv_tma.cuh; tma_batch_ok and tma_kernel_usable hold), its
+// tensor maps encoded here; the one-patch tile may split its K loops as launch_cute's do.
 template <typename T, bool kDgrad, typename Config>
 cudaError_t launch_tma(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
-  constexpr int BM = Config::BM, BN = Config::BN;
-  const dim3 grid = batch_grid<BN>(b, Config::kPatches);
-  if (grid.x == 0) return cudaErrorInvalidValue;
-  cudaError_t err = prepare_k_split<BM, BN, Config::BK>(b, grid, Config::kCtasPerSm,
-                                                        Config::kPatches == 1 ? split_cap : 1, scratch);
+  const dim3 grid = batch_grid<Config::BN>(b, Config::kPatches);
+  cudaError_t err = prepare_k_split<Config::BM, Config::BN, Config::BK>(
+      b, grid, Config::kCtasPerSm, Config::kPatches == 1 ? split_cap : 1, scratch);
   if (err != cudaSuccess) return err;
   TmaConvBatch launch{};
   launch.batch = b;
   err = encode_tensor_maps<T, Config::BK>(launch);
   if (err != cudaSuccess) return err;
-  auto* kernel = conv_tma_kernel<T, kDgrad, Config>;
-  err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), Config::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(grid.x, grid.y, b.splits), Config::kThreads, Config::kSmemBytes, stream>>>(launch);
-  err = cudaGetLastError();
-  if constexpr (Config::kPatches == 1) {
-    if (err == cudaSuccess && b.splits > 1) {
-      return launch_grid(conv_split_finalize_kernel<T, kDgrad, BM, BN>, b, grid, kSplitFinalizeThreads, stream);
-    }
-  }
-  return err;
+  return launch_parts<T, kDgrad, Config>(conv_tma_kernel<T, kDgrad, Config>, launch, b, grid, Config::kSmemBytes,
+                                         stream);
 }
 
 // 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
