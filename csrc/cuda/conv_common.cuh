@@ -199,6 +199,23 @@ __host__ __device__ __forceinline__ int lowest_bit(uint64_t bits) {
 #endif
 }
 
+// The steps of the walk over convs [first, last) whose live taps are live_taps[conv] (count_steps's
+// count, from the masks).
+template <int BK>
+__host__ __device__ __forceinline__ int count_live_steps(const ConvBatch& b, int first, int last,
+                                                         const uint64_t* live_taps) {
+  int steps = 0;
+  for (int conv = first; conv < last; ++conv) {
+#if defined(__CUDA_ARCH__)
+    const int taps = __popcll(static_cast<long long>(live_taps[conv]));
+#else
+    const int taps = __builtin_popcountll(live_taps[conv]);
+#endif
+    steps += taps * static_cast<int>((b.conv[conv].kc + BK - 1) / BK);
+  }
+  return steps;
+}
+
 // Steps [begin, end) of the walk over convs [first, last) whose live taps are live_taps[conv]
 // (live_tap_bits), in order: visit(conv, tap, k0) per step, each conv's live taps in order, each
 // tap's chunks of BK channels in order (the walk of first_step / next_step, and of step_at for a

@@ -184,9 +184,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kCtasPerSm)
   __syncthreads();  // the last barrier of the whole CTA: the producer warpgroup leaves after its loop
   // The walk: each conv's live taps in order, each tap's channel chunks in order (count_steps's);
   // this CTA walks its steps [begin, end) (all of them unless the K loop is split).
-  int all_steps = 0;
-  for (int conv = r.first; conv < r.end; ++conv)
-    all_steps += __popcll(live_taps[conv]) * static_cast<int>(ceil_div(batch.conv[conv].kc, int64_t(BK)));
+  const int all_steps = count_live_steps<BK>(batch, r.first, r.end, live_taps);
   const StepRange part =
       parts > 1 ? k_split_range(all_steps, static_cast<int>(blockIdx.z), parts) : StepRange{0, all_steps};
   const int begin = static_cast<int>(part.begin), end = static_cast<int>(part.end);

@@ -126,7 +126,8 @@ static void check_launch(Launch& l) {
 }
 
 // The producer's walk (walk_live_steps over live_tap_bits) of each part of a split K loop visits
-// exactly the steps the other kernels walk (step_at, then next_step), for batches of up to 4 convs
+// exactly the steps the other kernels walk (step_at, then next_step), and the masks' step count
+// (count_live_steps, which the kernel splits) is count_steps's, for batches of up to 4 convs
 // summed into one walk (every conv's taps in one CTA, as the input gradient's sum mode), every CTA
 // cover of the two-patch tiling, and 1 to 5 parts (parts that start inside a tap, empty parts).
 template <bool kDgrad>
@@ -149,6 +150,8 @@ static void check_walk(std::mt19937& gen, const ConvArgs& base) {
     const Patch t = cta_patches_of(base.tiling, 2, x, base.dst_h, base.dst_w).cover;
     for (int i = 0; i < b.count; ++i) live[i] = live_tap_bits<kDgrad>(b.conv[i], t);
     const int64_t steps = count_steps<kDgrad, kBK>(b, r, t);
+    expect(count_live_steps<kBK>(b, 0, b.count, live) == steps, "the masks' step count is count_steps's", x,
+           steps, double(count_live_steps<kBK>(b, 0, b.count, live)));
     for (int parts = 1; parts <= 5; ++parts)
       for (int part = 0; part < parts; ++part) {
         const StepRange range = k_split_range(steps, part, parts);
