@@ -10,7 +10,7 @@ Python, the output layout, the custom op.) Eager
 PyTorch's conv2d → affine → relu is timed alongside. The parts name this commit's functions:
 update them when the layers change.
 
-    python benchmarks/overhead_profile.py [--threads 1] [--out benchmarks/results]
+    python benchmarks/overhead_profile.py [--threads 1] [--out benchmarks/results] [--calls 200 --samples 15]
 """
 import argparse
 import datetime
@@ -26,11 +26,12 @@ from torch.profiler import ProfilerActivity, profile
 import fastaspp
 from fastaspp.bench.report import environment
 from fastaspp.ops import atrous_conv as op_module
+from fastaspp.ops._checks import pair
 
 SHAPE = dict(batch=1, c_in=8, c_out=8, size=6, rate=2)
 
 
-def per_call_us(fn, calls=200, samples=15):
+def per_call_us(fn, calls, samples):
     for _ in range(calls // 4):
         fn()
     times = []
@@ -50,7 +51,7 @@ def parts(x, w, scale, shift):
     kernel = torch.ops.fastaspp._atrous_conv2d_forward.default
 
     def checks():
-        s, p, d = (op_module._pair(v, n) for v, n in ((1, "stride"), (2, "padding"), (2, "dilation")))
+        s, p, d = (pair(v, n) for v, n in ((1, "stride"), (2, "padding"), (2, "dilation")))
         op_module.autocast_dtype(x)
         op_module.check_atrous_conv2d_args(x, w, None, scale, shift, s, p, d)
 
@@ -105,11 +106,13 @@ def kernel_ops(x, w, scale, shift, calls=100):
     return sorted(rows, key=lambda r: -r[2])
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--calls", type=int, default=200, help="calls per sample (a training part: a quarter)")
+    parser.add_argument("--samples", type=int, default=15, help="samples per part; the median is reported")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -120,10 +123,10 @@ def main():
     timings = {}
     with torch.no_grad():
         for name, fn in parts(x, w, scale, shift).items():
-            timings[name] = per_call_us(fn)
+            timings[name] = per_call_us(fn, args.calls, args.samples)
             print(f"{name:60s} {timings[name]:8.1f} µs", flush=True)
     for name, fn in train_parts(x, w, scale, shift).items():
-        timings[name] = per_call_us(fn, calls=50)
+        timings[name] = per_call_us(fn, max(1, args.calls // 4), args.samples)
         print(f"{name:60s} {timings[name]:8.1f} µs", flush=True)
     with torch.no_grad():
         ops = kernel_ops(x, w, scale, shift)
