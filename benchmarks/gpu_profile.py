@@ -10,8 +10,11 @@ above the kernels' sum, the cost is on the host; otherwise it is in the kernels.
 with the cuda rows' kernel time against cuDNN's conv kernel and the triton row's kernels, and the
 issue's goals (goal_lines). Last, where the
 host time of a batch-1 call goes: the Python functions that take the most of it (cProfile).
-Run on a GPU machine: python benchmarks/gpu_profile.py
+Run on a GPU machine: python benchmarks/gpu_profile.py (tests/test_bench.py runs it on CPU, the cpu
+backend standing in for every row, to catch a renamed helper before device time is spent on it.)
 """
+import dataclasses
+
 import contextlib
 import cProfile
 import json
@@ -41,28 +44,36 @@ BACKENDS = {"triton": ("triton", {}), "cuda": ("cuda", {}), "cuda-wide": ("cuda"
             "cuda-tma-split": ("cuda", {"FASTASPP_CUDA_CONV": "wgmma_tma", **SPLIT})}
 
 
-def per_call_ms(fn, reps=50):
-    return summarize(time_ms(fn, torch.device("cuda"), warmup=5, reps=reps)).median_ms
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def host_ms(fn, reps=100):
-    torch.cuda.synchronize()
+def per_call_ms(fn, device, reps=50):
+    return summarize(time_ms(fn, device, warmup=5, reps=reps)).median_ms
+
+
+def host_ms(fn, device, reps=100):
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     host = (time.perf_counter() - t0) * 1e3 / reps
-    torch.cuda.synchronize()
+    _sync(device)
     return host
 
 
-def kernel_table(fn, reps=10):
-    """Each kernel one call of fn launches, with its device time per call (ms), longest first."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+def kernel_table(fn, device, reps=10):
+    """Each kernel one call of fn launches, with its device time per call (ms), longest first (on a
+    CPU stand-in: each ATen op's own CPU time)."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
-    rows = [(e.key, e.device_time_total / 1e3 / reps) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
+        _sync(device)
+    rows = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / reps)
+            for e in prof.key_averages()]
+    return sorted([row for row in rows if row[1] > 0], key=lambda r: -r[1])
 
 
 # The issue's goals for the cuda backend (bf16): its kernels at least 0.9x cuDNN's speed at aspp-33 r6
@@ -91,28 +102,36 @@ def goal_lines(name, batch, device_ms):
     return lines
 
 
-def main():
+def _pair(name, batch, device, dtype, channels):
+    """The bench's conv pair of case `name` (its channels replaced by `channels` when given)."""
+    shape = {s.name: s for s in benchmark.SHAPES}[name]
+    if channels is not None:
+        shape = dataclasses.replace(shape, c_in=channels, c_out=channels)
+    return benchmark.ConvPair(shape, batch, dtype, device)
+
+
+def main(device=torch.device("cuda"), dtype=torch.bfloat16, backends=BACKENDS, channels=None):
+    """The per-case table and goals; the arguments let a CPU test run it on stand-ins."""
     print("environment:", json.dumps(environment()), flush=True)  # device, versions, commit
-    shapes = {s.name: s for s in benchmark.SHAPES}
     for name, batch in CASES:
-        pair = benchmark.ConvPair(shapes[name], batch, torch.bfloat16, torch.device("cuda"))
+        pair = _pair(name, batch, device, dtype, channels)
         with torch.no_grad():
             # Each call takes the pair's next input: one input of aspp-33 at batch 8 (36 MB) would
             # stay in the H200's 60 MB L2 from call to call.
             runs = [("eager", lambda pair=pair: pair.eager(pair.next_x()), {})]
             runs += [(label, lambda b=b, pair=pair: _with_backend(b, pair.fused, pair.next_x()), switches)
-                     for label, (b, switches) in BACKENDS.items()]
+                     for label, (b, switches) in backends.items()]
             device_ms = {}
             for label, fn, switches in runs:
                 with _cuda_switches(switches):
-                    call, host = per_call_ms(fn), host_ms(fn)
-                    device_ms[label] = kernel_table(fn)
+                    call, host = per_call_ms(fn, device), host_ms(fn, device)
+                    device_ms[label] = kernel_table(fn, device)
                 kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in device_ms[label][:4])
                 print(f"{name} b{batch} {label:15s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
             print("\n".join(goal_lines(name, batch, device_ms)), flush=True)
 
 
-def host_profile(fn, reps=300, top=12):
+def host_profile(fn, device, reps=300, top=12):
     """Lines naming the `top` functions by their own host time per call of fn (cProfile; its own
     overhead inflates every entry, so compare entries, not totals with host_ms)."""
     fn()
@@ -121,7 +140,7 @@ def host_profile(fn, reps=300, top=12):
     for _ in range(reps):
         fn()
     profiler.disable()
-    torch.cuda.synchronize()
+    _sync(device)
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
     rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
     return [f"  {tottime / reps * 1e6:7.1f} us own, {cumtime / reps * 1e6:7.1f} us with callees: "
@@ -129,14 +148,13 @@ def host_profile(fn, reps=300, top=12):
             for (file, line, name), (_, _, tottime, cumtime, _) in rows]
 
 
-def main_host():
+def main_host(device=torch.device("cuda"), dtype=torch.bfloat16, backends=("triton", "cuda"), channels=None):
     """Where a batch-1 call's host time goes, per backend (aspp-33 r6, the smallest case)."""
-    shape = {s.name: s for s in benchmark.SHAPES}["aspp-33-r6"]
-    pair = benchmark.ConvPair(shape, 1, torch.bfloat16, torch.device("cuda"))
+    pair = _pair("aspp-33-r6", 1, device, dtype, channels)
     with torch.no_grad():
-        for b in ("triton", "cuda"):
+        for b in backends:
             print(f"host time of aspp-33-r6 b1 {b}, by function:", flush=True)
-            print("\n".join(host_profile(lambda b=b: _with_backend(b, pair.fused, pair.next_x()))), flush=True)
+            print("\n".join(host_profile(lambda b=b: _with_backend(b, pair.fused, pair.next_x()), device)), flush=True)
 
 
 @contextlib.contextmanager

@@ -127,9 +127,7 @@ def test_multiscale_row_runs_every_scale_per_call():
     assert set(bench_models.MODEL_MULTISCALE_LABELS) <= {c.label for c in bench_models.MODEL_CASES}
 
 
-def test_gpu_profile_summary_checks_the_issue_goals():
-    """benchmarks/gpu_profile.py's per-case summary: each cuda row's kernels against cuDNN's conv
-    kernel (eager's longest) and against the triton row's kernels, with the goal verdicts."""
+def _gpu_profile():
     import importlib.util
     import pathlib
 
@@ -137,6 +135,13 @@ def test_gpu_profile_summary_checks_the_issue_goals():
     spec = importlib.util.spec_from_file_location("gpu_profile", path)
     gpu_profile = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_profile)
+    return gpu_profile
+
+
+def test_gpu_profile_summary_checks_the_issue_goals():
+    """benchmarks/gpu_profile.py's per-case summary: each cuda row's kernels against cuDNN's conv
+    kernel (eager's longest) and against the triton row's kernels, with the goal verdicts."""
+    gpu_profile = _gpu_profile()
     device_ms = {"eager": [("cudnn conv", 0.2), ("batch norm", 0.05)], "triton": [("conv", 0.25)],
                  "cuda": [("conv", 0.4)], "cuda-split": [("conv", 0.1), ("finalize", 0.02)]}
     head, slow, split = gpu_profile.goal_lines("aspp-33-r6", 8, device_ms)
@@ -177,3 +182,23 @@ def test_cpu_ceiling_and_dead_tap_scripts_run_on_small_maps():
     shapes are fixed, take minutes and are left to their users)."""
     assert "winograd floor" in _run_script("cpu_eval_ceiling.py", "--size", "9", "--c-in", "16", "--rounds", "1")
     assert "36 |" in _run_script("eager_dead_taps.py", "--size", "9", "--c-in", "16", "--reps", "1")
+
+
+def test_gpu_profile_runs_end_to_end_on_cpu_stand_ins(capsys):
+    """benchmarks/gpu_profile.py's main and main_host run as on the GPU, with the cpu backend standing in
+    for every row and small channels (device time is too scarce to find a renamed helper there): every
+    case prints each row and its goal summary, and the host profile names functions."""
+    import os
+
+    gpu_profile = _gpu_profile()
+    before = {k: os.environ.get(k) for k in gpu_profile.CUDA_SWITCHES}
+    stand_ins = {label: ("cpu", switches) for label, (_, switches) in gpu_profile.BACKENDS.items()}
+    gpu_profile.main(torch.device("cpu"), torch.float32, stand_ins, channels=8)
+    gpu_profile.main_host(torch.device("cpu"), torch.float32, ("cpu",), channels=8)
+    out = capsys.readouterr().out
+    for name, batch in gpu_profile.CASES:
+        for label in ("eager", *gpu_profile.BACKENDS):
+            assert f"{name} b{batch} {label:15s} call " in out, (name, batch, label)
+        assert f"{name} b{batch} goals: cuDNN conv kernel" in out
+    assert "host time of aspp-33-r6 b1 cpu, by function:" in out and " us own, " in out
+    assert {k: os.environ.get(k) for k in gpu_profile.CUDA_SWITCHES} == before  # the switches restored
