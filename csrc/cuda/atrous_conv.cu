@@ -58,6 +58,7 @@
 //   idle (FASTASPP_CUDA_SPLIT_K, off by default until measured on a device).
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "conv_common.cuh"
@@ -348,12 +349,18 @@ cudaError_t launch_tma(ConvBatch& b, int64_t split_cap, const FastasppScratch* s
   cudaError_t err = prepare_k_split<Config::BM, Config::BN, Config::BK>(
       b, grid, Config::kCtasPerSm, Config::kPatches == 1 ? split_cap : 1, scratch);
   if (err != cudaSuccess) return err;
+  const auto kernel = conv_tma_kernel<T, kDgrad, Config>;
+  const int registers = kernel_image(reinterpret_cast<const void*>(kernel)).registers;
+  if (!Config::registers_fit(registers)) {  // its consumers' setmaxnreg would never return
+    note_tma_failure("the TMA kernel was built with %d registers a thread, too few for its warp roles' %d and %d",
+                     registers, Config::kProducerRegisters, Config::kConsumerRegisters);
+    return cudaErrorNotSupported;
+  }
   TmaConvBatch launch{};
   launch.batch = b;
   err = encode_tensor_maps<T, Config::BK>(launch);
   if (err != cudaSuccess) return err;
-  return launch_parts<T, kDgrad, Config>(conv_tma_kernel<T, kDgrad, Config>, launch, b, grid, Config::kSmemBytes,
-                                         stream);
+  return launch_parts<T, kDgrad, Config>(kernel, launch, b, grid, Config::kSmemBytes, stream);
 }
 
 // 16-bit types: the CuTe kernel (conv_cute.cuh) where it can run every conv of the batch: on the
@@ -435,6 +442,13 @@ cudaError_t launch_conv(const ConvArgs& a, int dtype, const FastasppScratch* scr
 // C launchers
 
 using namespace fastaspp::atrous_cuda;
+
+extern "C" const char* fastaspp_cuda_take_failure_detail(void) {
+  static thread_local char taken[sizeof(tma_failure_detail)];
+  std::memcpy(taken, tma_failure_detail, sizeof(taken));
+  tma_failure_detail[0] = '\0';
+  return taken;
+}
 
 extern "C" int64_t fastaspp_conv_patch_count(int64_t n, int64_t h_out, int64_t w_out) {
   if (n < 0 || h_out < 0 || w_out < 0) return -1;

@@ -82,6 +82,11 @@ typedef struct {
   int relu;
 } FastasppForwardOptions;
 
+// What the calling thread's last failed launcher call knows beyond its cudaError_t (a tensor map the
+// driver refused, a TMA kernel built with too few registers), or "" when nothing; taking it empties
+// it. The string stays valid until the thread's next call.
+const char* fastaspp_cuda_take_failure_detail(void);
+
 // Patches (rows of the stats planes) of an n x h_out x w_out output, or -1 for negative sizes.
 int64_t fastaspp_conv_patch_count(int64_t n, int64_t h_out, int64_t w_out);
 

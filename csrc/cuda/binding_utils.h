@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <exception>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -91,10 +92,13 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
 }
 
-// Turns a launcher's status into a torch error naming the kernel.
+// Turns a launcher's status into a torch error naming the kernel, with the launcher's own detail
+// where it has one.
 inline void check_launch(cudaError_t err, const char* kernel) {
-  TORCH_CHECK(err == cudaSuccess, "fastaspp CUDA kernel ", kernel, " failed: ",
-              cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  const std::string detail = fastaspp_cuda_take_failure_detail();
+  TORCH_CHECK(false, "fastaspp CUDA kernel ", kernel, " failed: ", cudaGetErrorString(err),
+              detail.empty() ? "" : " (", detail, detail.empty() ? "" : ")");
 }
 
 // The FastasppScratch a launcher asks for workspace through (a split K loop's partial tiles): byte

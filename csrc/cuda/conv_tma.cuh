@@ -38,6 +38,8 @@
 
 #include <cuda.h>
 
+#include <cstdio>
+
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
@@ -77,8 +79,14 @@ struct Sm90TmaConfig {
   // rounded down to 8: 168 (wide: 128 x 40 + 256 x 232 = 384 x 168) or 128 (128 x 40 + 128 x 216).
   static constexpr int kLaunchRegisters = 65536 / (kThreads * kCtasPerSm) / 8 * 8;
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = kPatches == 2 ? 232 : 216;
-  static_assert(128 * kProducerRegisters + kMmaThreads * kConsumerRegisters <= kThreads * kLaunchRegisters,
-                "the CTA's registers");
+  // Whether the split fits a CTA launched with `regs` registers a thread: setmaxnreg.inc waits until
+  // the CTA's pool holds the registers it asks for, so with fewer the consumers would wait forever.
+  // ptxas gives the kernel what __launch_bounds__ allows (kLaunchRegisters; .ci/check_ptxas.py), and
+  // launch_tma refuses an image with fewer (a -maxrregcount in the build flags, another ptxas).
+  static constexpr bool registers_fit(int regs) {
+    return 128 * kProducerRegisters + kMmaThreads * kConsumerRegisters <= kThreads * regs;
+  }
+  static_assert(registers_fit(kLaunchRegisters), "the CTA's registers");
   static constexpr int BM = kPatches * kTilePixels, BN = kPatches * 128, BK = Sm80Tile::kBK;
   using LayoutA = Sm90KMajor<T, BM, kStages>;  // (pixel, k, stage)
   // (n, k, stage): the 64-channel SW128 atoms of one n block k after k (TMA writes a box's BK rows
@@ -276,16 +284,30 @@ bool tma_batch_ok(const ConvBatch& b) {
   return true;
 }
 
+// Why this thread's last TMA launch was refused, where its cudaError_t says less (the binding adds it
+// to the error through fastaspp_cuda_take_failure_detail, which empties it).
+thread_local char tma_failure_detail[200] = "";
+
+template <typename... Args>
+void note_tma_failure(const char* format, Args... args) {
+  std::snprintf(tma_failure_detail, sizeof(tma_failure_detail), format, args...);
+}
+
 // cuTensorMapEncodeTiled, reached once through the runtime (null where the driver lacks it). Its
-// type from cuda.h's declaration (CUTLASS includes cudaTypedefs.h inside its own namespace).
+// type from cuda.h's declaration (CUTLASS includes cudaTypedefs.h inside its own namespace). The
+// lookup by version exists from CUDA 12.5 on; CUDA 13 deprecates the unversioned one.
 using TensorMapEncoder = decltype(&cuTensorMapEncodeTiled);
 inline TensorMapEncoder tensor_map_encoder() {
   static const TensorMapEncoder encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
+#if CUDART_VERSION >= 12050
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
       (void)cudaGetLastError();
       return TensorMapEncoder(nullptr);
     }
@@ -301,14 +323,19 @@ inline bool tma_kernel_usable(int choice) {
 }
 
 // A tensor map of the 16-bit tensor at `base` through view v with a swizzle of swizzle_bytes
-// (tma_boxes.h: tma_encode_args, whose preconditions tma_encode_ok states), or an error.
+// (tma_boxes.h: tma_encode_args, whose preconditions tma_encode_ok states), or an error (noted:
+// `what` names the map).
 template <typename T>
-cudaError_t encode_tensor_map(CUtensorMap* map, const TmaView& v, const void* base, int swizzle_bytes) {
+cudaError_t encode_tensor_map(CUtensorMap* map, const TmaView& v, const void* base, int swizzle_bytes,
+                              const char* what, int conv) {
   static_assert(sizeof(T) == 2, "16-bit tensors");
   const TensorMapEncoder encode = tensor_map_encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
   const TmaEncodeArgs e = tma_encode_args(v, int(sizeof(T)), base);
-  if (!tma_encode_ok(e, int(sizeof(T)), swizzle_bytes)) return cudaErrorInvalidValue;
+  if (!tma_encode_ok(e, int(sizeof(T)), swizzle_bytes)) {
+    note_tma_failure("conv %d's %s tensor map breaks a precondition of cuTensorMapEncodeTiled", conv, what);
+    return cudaErrorInvalidValue;
+  }
   cuuint64_t dims[kTmaMaxRank], strides[kTmaMaxRank - 1];
   cuuint32_t box[kTmaMaxRank], unit[kTmaMaxRank];
   for (int i = 0; i < e.rank; ++i) {
@@ -323,7 +350,9 @@ cudaError_t encode_tensor_map(CUtensorMap* map, const TmaView& v, const void* ba
   const CUresult res = encode(map, type, static_cast<cuuint32_t>(e.rank), reinterpret_cast<void*>(e.address), dims,
                               strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                               CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  if (res == CUDA_SUCCESS) return cudaSuccess;
+  note_tma_failure("cuTensorMapEncodeTiled refused conv %d's %s tensor map (CUresult %d)", conv, what, int(res));
+  return cudaErrorInvalidValue;
 }
 
 // The tensor maps of every conv of the batch (tma_batch_ok holds) into launch (its batch set).
@@ -332,9 +361,9 @@ cudaError_t encode_tensor_maps(TmaConvBatch& launch) {
   for (int i = 0; i < launch.batch.count; ++i) {
     const ConvArgs& c = launch.batch.conv[i];
     const TmaView src = tma_src_view(c, c.tiling.rows(), c.tiling.cols(), BK);
-    cudaError_t err = encode_tensor_map<T>(&launch.src[i], src, c.src, kTmaSrcSwizzleBytes);
+    cudaError_t err = encode_tensor_map<T>(&launch.src[i], src, c.src, kTmaSrcSwizzleBytes, "source", i);
     if (err == cudaSuccess) {
-      err = encode_tensor_map<T>(&launch.wt[i], tma_weight_view(c, BK), c.wt, kTmaWeightSwizzleBytes);
+      err = encode_tensor_map<T>(&launch.wt[i], tma_weight_view(c, BK), c.wt, kTmaWeightSwizzleBytes, "weight", i);
     }
     if (err != cudaSuccess) return err;
   }

@@ -232,20 +232,21 @@ struct NamedBarrier {
 };
 
 // What the image the driver picked for `kernel` on the current device holds: its PTX version (the
-// body was compiled for __CUDA_ARCH__ = ptx_version * 10) and the body's static shared memory (0
-// for a body that is only a trap), or zeros when it cannot say. Asking the kernel (not the device)
-// also covers builds whose arch list lacks the device's own arch. Looked up once per (kernel,
-// device): launches pay a lock and a map lookup, not a driver call.
+// body was compiled for __CUDA_ARCH__ = ptx_version * 10), the body's static shared memory (0 for a
+// body that is only a trap) and its registers a thread, or zeros when it cannot say. Asking the
+// kernel (not the device) also covers builds whose arch list lacks the device's own arch. Looked up
+// once per (kernel, device): launches pay a lock and a map lookup, not a driver call.
 struct KernelImage {
   int ptx_version;
   size_t static_smem_bytes;
+  int registers;
 };
 
 KernelImage kernel_image(const void* kernel) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky; the launch reports any real problem
-    return KernelImage{0, 0};
+    return KernelImage{0, 0, 0};
   }
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, KernelImage> images;
@@ -256,9 +257,9 @@ KernelImage kernel_image(const void* kernel) {
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky; the fallback kernel's launch reports any real problem
-    return KernelImage{0, 0};  // not remembered: the next launch asks again
+    return KernelImage{0, 0, 0};  // not remembered: the next launch asks again
   }
-  const KernelImage image{attr.ptxVersion, attr.sharedSizeBytes};
+  const KernelImage image{attr.ptxVersion, attr.sharedSizeBytes, attr.numRegs};
   images.emplace(key, image);
   return image;
 }

@@ -107,6 +107,10 @@ void check_tma_config(const char* name) {
                  },
                  (n + " B = its weight boxes (n, k, stage)").c_str());
   check_accumulators<Tma, Tma::kMmaThreads>((n + " accumulators").c_str(), true);
+  // The register split uses the whole launch cap: one allocation unit (8) less and setmaxnreg.inc
+  // would wait forever, which launch_tma's refusal of such an image is for.
+  expect(Tma::registers_fit(Tma::kLaunchRegisters) && !Tma::registers_fit(Tma::kLaunchRegisters - 8),
+         (n + " registers").c_str(), Tma::kLaunchRegisters, Tma::kProducerRegisters, Tma::kConsumerRegisters);
   expect(Tma::kABytes / Tma::kStages == Tma::kPatches * Tma::kABoxBytes &&
              Tma::kCtasPerSm * Tma::kSmemBytes <= 227 * 1024,
          (n + " shared memory").c_str(), Tma::kSmemBytes, Tma::kCtasPerSm, 0);

@@ -1,13 +1,14 @@
 // Host model of the TMA conv kernel's pipeline (csrc/cuda/conv_tma.cuh), run by
-// tests/test_cuda_host_programs.py without a GPU. The kernel's producer warp and its 8 consumer
-// warps run as the kernel writes them, with its StageRing, against a model of mbarriers (a phase
-// completes when its arrivals are in and, for a full barrier, its transaction bytes have landed;
-// try_wait.parity P passes once the phase of parity P has completed, i.e. while the current
-// phase's parity differs from P), in random interleavings, the TMA loads landing at random later
-// times and each consumer's wgmma reading its stage from its issue until the wait<1> of the next
-// step. Checked: every run finishes (no wait that never passes), a consumer reads each step's own
-// boxes, and no load lands in a stage a wgmma may still be reading; over 2, 3 and the kernel's 8
-// stages and walks shorter and longer than the ring (and one stage, which must deadlock).
+// tests/test_cuda_host_programs.py without a GPU. The kernel's producer warp and its consumer warps
+// (8 on the 128 x 256 tile, 4 on the 64 x 128 one, each with its config's stage bytes) run as the
+// kernel writes them, with its StageRing, against a model of mbarriers (a phase completes when its
+// arrivals are in and, for a full barrier, its transaction bytes have landed; try_wait.parity P
+// passes once the phase of parity P has completed, i.e. while the current phase's parity differs
+// from P), in random interleavings, the TMA loads landing at random later times and each
+// consumer's wgmma reading its stage from its issue until the wait<1> of the next step. Checked:
+// every run finishes (no wait that never passes), a consumer reads each step's own boxes, and no
+// load lands in a stage a wgmma may still be reading; over 2, 3 and the kernel's 8 stages and walks
+// shorter and longer than the ring (and one stage, which must deadlock).
 // Prints one line per failed check and "ok" when every check passes.
 #include <cstdio>
 #include <random>
@@ -36,10 +37,9 @@ struct MBarrier {
   bool passes(uint32_t parity) const { return static_cast<uint32_t>(completed & 1) != parity; }
 };
 
-constexpr int kWarps = 8, kBytes = 24576;
-
-// Runs one CTA's pipeline to its end; false when it stopped with work left (a wait that never passes).
-template <int S>
+// Runs one CTA's pipeline of S stages, kWarps consumer warps and kBytes a stage to its end; false when it
+// stopped with work left (a wait that never passes).
+template <int S, int kWarps, int kBytes>
 static bool run(int steps, std::mt19937& gen) {
   std::vector<MBarrier> full(S), empty(S);
   for (int s = 0; s < S; ++s) full[s].init(1), empty[s].init(kWarps);
@@ -100,21 +100,30 @@ static bool run(int steps, std::mt19937& gen) {
   return done;
 }
 
-template <int S>
+template <int S, int kWarps, int kBytes>
 static void run_all(std::mt19937& gen) {
   for (int steps : {0, 1, S - 1, S, S + 1, 2 * S, 3 * S + 2, 40})
     for (int trial = 0; trial < 30; ++trial)
-      expect(run<S>(steps, gen), "the pipeline finishes (stages, steps, trial)", S, steps, trial);
+      expect(run<S, kWarps, kBytes>(steps, gen), "the pipeline finishes (stages, steps, warps)", S, steps, kWarps);
+}
+
+// A config's pipeline as the kernel runs it: its stages, consumer warps and stage bytes; and over 2
+// and 3 stages.
+template <typename Config>
+static void run_config(std::mt19937& gen) {
+  constexpr int kWarps = Config::kMmaThreads / 32;
+  run_all<2, kWarps, Config::kStageBytes>(gen);
+  run_all<3, kWarps, Config::kStageBytes>(gen);
+  run_all<Config::kStages, kWarps, Config::kStageBytes>(gen);
 }
 
 int main() {
   std::mt19937 gen(20261201);
   // One stage cannot work: a stage is released one step after its read, by consumers that first wait
   // for the next step's fill into that same stage. The model must find that wait (its own check).
-  expect(!run<1>(2, gen), "one stage deadlocks", 1, 2, 0);
-  run_all<2>(gen);
-  run_all<3>(gen);
-  run_all<fastaspp::atrous_cuda::Sm90TmaConfig<__nv_bfloat16>::kStages>(gen);
+  expect(!run<1, 8, 24576>(2, gen), "one stage deadlocks", 1, 2, 0);
+  run_config<fastaspp::atrous_cuda::Sm90TmaConfig<__nv_bfloat16>>(gen);
+  run_config<fastaspp::atrous_cuda::Sm90TmaNarrowConfig<__nv_bfloat16>>(gen);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
 }
