@@ -132,8 +132,10 @@ def main(device=torch.device("cuda"), dtype=torch.bfloat16, backends=BACKENDS, c
 
 
 def host_profile(fn, device, reps=300, top=12):
-    """Lines naming the `top` functions by their own host time per call of fn (cProfile; its own
-    overhead inflates every entry, so compare entries, not totals with host_ms)."""
+    """Lines naming the `top` functions by their own host time per call of fn, then the `top` by their
+    time with callees (the layers a call passes through: module, op, Triton's autotuner, heuristics,
+    JIT and launcher), per call (cProfile; its own overhead inflates every entry, so compare entries,
+    not totals with host_ms)."""
     fn()
     profiler = cProfile.Profile()
     profiler.enable()
@@ -142,10 +144,14 @@ def host_profile(fn, device, reps=300, top=12):
     profiler.disable()
     _sync(device)
     stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
-    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
-    return [f"  {tottime / reps * 1e6:7.1f} us own, {cumtime / reps * 1e6:7.1f} us with callees: "
-            f"{name} ({'/'.join(file.split('/')[-2:])}:{line})"
-            for (file, line, name), (_, _, tottime, cumtime, _) in rows]
+    lines = []
+    for heading, column in (("by own time:", 2), ("by time with callees:", 3)):
+        rows = sorted(stats.items(), key=lambda item: -item[1][column])[:top]
+        lines.append(f" {heading}")
+        lines += [f"  {tottime / reps * 1e6:7.1f} us own, {cumtime / reps * 1e6:7.1f} us with callees: "
+                  f"{name} ({'/'.join(file.split('/')[-2:])}:{line})"
+                  for (file, line, name), (_, _, tottime, cumtime, _) in rows]
+    return lines
 
 
 def main_host(device=torch.device("cuda"), dtype=torch.bfloat16, backends=("triton", "cuda"), channels=None):

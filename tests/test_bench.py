@@ -201,4 +201,5 @@ def test_gpu_profile_runs_end_to_end_on_cpu_stand_ins(capsys):
             assert f"{name} b{batch} {label:15s} call " in out, (name, batch, label)
         assert f"{name} b{batch} goals: cuDNN conv kernel" in out
     assert "host time of aspp-33-r6 b1 cpu, by function:" in out and " us own, " in out
+    assert " by own time:" in out and " by time with callees:" in out and "atrous_conv2d" in out
     assert {k: os.environ.get(k) for k in gpu_profile.CUDA_SWITCHES} == before  # the switches restored
