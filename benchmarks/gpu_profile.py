@@ -13,13 +13,13 @@ host time of a batch-1 call goes: the Python functions that take the most of it 
 Run on a GPU machine: python benchmarks/gpu_profile.py (tests/test_bench.py runs it on CPU, the cpu
 backend standing in for every row, to catch a renamed helper before device time is spent on it.)
 """
-import dataclasses
-
 import contextlib
 import cProfile
+import dataclasses
 import json
 import os
 import pstats
+import statistics
 import time
 
 import torch
@@ -53,14 +53,18 @@ def per_call_ms(fn, device, reps=50):
     return summarize(time_ms(fn, device, warmup=5, reps=reps)).median_ms
 
 
-def host_ms(fn, device, reps=100):
+def host_ms(fn, device, reps=100, samples=5):
+    """Host time per call: the median over `samples` of (time to queue `reps` calls) / reps, each
+    sample starting on an idle device (one sample of run 3 varied by +-40% between similar cases)."""
+    per_call = []
+    for _ in range(samples):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        per_call.append((time.perf_counter() - t0) * 1e3 / reps)
     _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    host = (time.perf_counter() - t0) * 1e3 / reps
-    _sync(device)
-    return host
+    return statistics.median(per_call)
 
 
 def kernel_table(fn, device, reps=10):
@@ -110,8 +114,9 @@ def _pair(name, batch, device, dtype, channels):
     return benchmark.ConvPair(shape, batch, dtype, device)
 
 
-def main(device=torch.device("cuda"), dtype=torch.bfloat16, backends=BACKENDS, channels=None):
-    """The per-case table and goals; the arguments let a CPU test run it on stand-ins."""
+def main(device=torch.device("cuda"), dtype=torch.bfloat16, backends=BACKENDS, channels=None, quick=False):
+    """The per-case table and goals; the arguments let a CPU test run it on stand-ins (quick: a few
+    calls per measurement)."""
     print("environment:", json.dumps(environment()), flush=True)  # device, versions, commit
     for name, batch in CASES:
         pair = _pair(name, batch, device, dtype, channels)
@@ -124,8 +129,12 @@ def main(device=torch.device("cuda"), dtype=torch.bfloat16, backends=BACKENDS, c
             device_ms = {}
             for label, fn, switches in runs:
                 with _cuda_switches(switches):
-                    call, host = per_call_ms(fn, device), host_ms(fn, device)
-                    device_ms[label] = kernel_table(fn, device)
+                    if quick:
+                        call, host = per_call_ms(fn, device, reps=2), host_ms(fn, device, reps=2, samples=2)
+                        device_ms[label] = kernel_table(fn, device, reps=1)
+                    else:
+                        call, host = per_call_ms(fn, device), host_ms(fn, device)
+                        device_ms[label] = kernel_table(fn, device)
                 kernels = "; ".join(f"{k[:40]} {ms:.3f}" for k, ms in device_ms[label][:4])
                 print(f"{name} b{batch} {label:15s} call {call:.3f} ms, host {host:.3f} ms | {kernels}", flush=True)
             print("\n".join(goal_lines(name, batch, device_ms)), flush=True)
@@ -154,13 +163,15 @@ def host_profile(fn, device, reps=300, top=12):
     return lines
 
 
-def main_host(device=torch.device("cuda"), dtype=torch.bfloat16, backends=("triton", "cuda"), channels=None):
+def main_host(device=torch.device("cuda"), dtype=torch.bfloat16, backends=("triton", "cuda"), channels=None,
+              reps=300):
     """Where a batch-1 call's host time goes, per backend (aspp-33 r6, the smallest case)."""
     pair = _pair("aspp-33-r6", 1, device, dtype, channels)
     with torch.no_grad():
         for b in backends:
             print(f"host time of aspp-33-r6 b1 {b}, by function:", flush=True)
-            print("\n".join(host_profile(lambda b=b: _with_backend(b, pair.fused, pair.next_x()), device)), flush=True)
+            lines = host_profile(lambda b=b: _with_backend(b, pair.fused, pair.next_x()), device, reps)
+            print("\n".join(lines), flush=True)
 
 
 @contextlib.contextmanager

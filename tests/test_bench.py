@@ -193,8 +193,8 @@ def test_gpu_profile_runs_end_to_end_on_cpu_stand_ins(capsys):
     gpu_profile = _gpu_profile()
     before = {k: os.environ.get(k) for k in gpu_profile.CUDA_SWITCHES}
     stand_ins = {label: ("cpu", switches) for label, (_, switches) in gpu_profile.BACKENDS.items()}
-    gpu_profile.main(torch.device("cpu"), torch.float32, stand_ins, channels=8)
-    gpu_profile.main_host(torch.device("cpu"), torch.float32, ("cpu",), channels=8)
+    gpu_profile.main(torch.device("cpu"), torch.float32, stand_ins, channels=8, quick=True)
+    gpu_profile.main_host(torch.device("cpu"), torch.float32, ("cpu",), channels=8, reps=3)
     out = capsys.readouterr().out
     for name, batch in gpu_profile.CASES:
         for label in ("eager", *gpu_profile.BACKENDS):
