@@ -9,7 +9,8 @@ the device time of each kernel the call launches (torch.profiler). If the per-ca
 above the kernels' sum, the cost is on the host; otherwise it is in the kernels. Each case ends
 with the cuda rows' kernel time against cuDNN's conv kernel and the triton row's kernels, and the
 issue's goals (goal_lines). Last, where the
-host time of a batch-1 call goes: the Python functions that take the most of it (cProfile).
+host time of a batch-1 call goes: the Python functions that take the most of it (cProfile), and
+for triton each layer of the call replayed alone (triton_layers).
 Run on a GPU machine: python benchmarks/gpu_profile.py (tests/test_bench.py runs it on CPU, the cpu
 backend standing in for every row, to catch a renamed helper before device time is spent on it.)
 """
@@ -165,6 +166,45 @@ def host_profile(fn, device, reps=300, top=12):
     return lines
 
 
+def triton_layers(pair, device, reps=100, samples=5):
+    """Host time per call (ms) of each layer a triton eval call passes through, each layer's call
+    captured from one real call and replayed alone (no profiler to inflate it): the module; the
+    kernels module's forward (layouts, output, grid); the autotuned kernel's launch (autotuner,
+    heuristics, JIT); the JIT launch with the tuned config and tiles (what launching the tuned
+    kernel without the autotuner would leave). Differences name each layer's cost."""
+    from fastaspp.kernels import atrous_conv as kernels
+
+    autotuner = kernels._atrous_fwd_kernel
+    jit = autotuner.fn.fn  # Autotuner -> Heuristics -> the JIT (or, under TRITON_INTERPRET, interpreted) function
+    forward, calls = kernels.atrous_conv2d_forward, {}
+
+    def capture(name, fn):
+        def recording(*args, **kwargs):
+            calls[name] = (fn, args, kwargs)
+            return fn(*args, **kwargs)
+        return recording
+
+    x = pair.next_x()
+    kernels.atrous_conv2d_forward = capture("kernels.atrous_conv2d_forward", forward)
+    autotuner.run, jit.run = capture("autotuned launch", autotuner.run), capture("JIT launch", jit.run)
+    try:
+        with fastaspp.backend("triton"):
+            pair.fused(x)
+    finally:  # the instances' own attributes go: their classes' methods show again
+        kernels.atrous_conv2d_forward = forward
+        del autotuner.run, jit.run
+    layers = {"module": lambda: pair.fused(x)}
+    layers.update({name: (lambda fn=fn, args=args, kwargs=kwargs: fn(*args, **kwargs))
+                   for name, (fn, args, kwargs) in calls.items()})
+    with fastaspp.backend("triton"), launch_device(device):
+        return {name: host_ms(fn, device, reps, samples) for name, fn in layers.items()}
+
+
+def launch_device(device):
+    """The device a replayed launch runs on (the kernels module sets it around its own launches)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def main_host(device=torch.device("cuda"), dtype=torch.bfloat16, backends=("triton", "cuda"), channels=None,
               reps=300):
     """Where a batch-1 call's host time goes, per backend (aspp-33 r6, the smallest case)."""
@@ -175,6 +215,10 @@ def main_host(device=torch.device("cuda"), dtype=torch.bfloat16, backends=("trit
             with fastaspp.backend(b):
                 lines = host_profile(lambda: pair.fused(pair.next_x()), device, reps)
             print("\n".join(lines), flush=True)
+        if "triton" in backends:
+            layers = triton_layers(pair, device)
+            print("host time of aspp-33-r6 b1 triton, by layer (replayed alone): "
+                  + ", ".join(f"{name} {ms * 1e3:.1f} us" for name, ms in layers.items()), flush=True)
 
 
 @contextlib.contextmanager
