@@ -4,11 +4,12 @@
 // csrc/{aspp,conv_tiling,kept_bytes}.cpp (TORCH_LIBRARY_FRAGMENT), the kernels in
 // csrc/cpu/{atrous_conv,aspp,aspp_train}.cpp and, in a CUDA build,
 // csrc/cuda/{atrous_conv_cuda,aspp_cuda,aspp_project_cuda}.cpp
-// (TORCH_LIBRARY_IMPL). The module itself carries no functions, only two constants: WITH_CUDA (how
-// it was built) and CPU_DIRECT_MAX_MACS (the default threshold of the cpu backend's direct loops,
-// direct_conv.h).
+// (TORCH_LIBRARY_IMPL). The module itself carries no functions, only constants: WITH_CUDA (how it
+// was built), CPU_DIRECT_MAX_MACS (the default threshold of the cpu backend's direct loops,
+// direct_conv.h) and the limits of the fp32 forward's rule within that range (conv_paths.h).
 #include <Python.h>
 
+#include "cpu/conv_paths.h"
 #include "cpu/direct_conv.h"
 
 #ifndef FASTASPP_WITH_CUDA
@@ -18,11 +19,23 @@
 static struct PyModuleDef fastaspp_module = {PyModuleDef_HEAD_INIT, "_C",
                                              "fastaspp's C++/CUDA op library", -1, nullptr};
 
+// PyModule_AddIntConstant's twin for a float: 0, or -1 with an exception set.
+static int add_float(PyObject* module, const char* name, double value) {
+  PyObject* number = PyFloat_FromDouble(value);
+  if (number == nullptr) return -1;
+  const int status = PyModule_AddObjectRef(module, name, number);
+  Py_DECREF(number);
+  return status;
+}
+
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&fastaspp_module);
   if (module == nullptr) return nullptr;
   if (PyModule_AddIntConstant(module, "WITH_CUDA", FASTASPP_WITH_CUDA) != 0 ||
-      PyModule_AddIntConstant(module, "CPU_DIRECT_MAX_MACS", fastaspp::kDirectMaxMacs) != 0) {
+      PyModule_AddIntConstant(module, "CPU_DIRECT_MAX_MACS", fastaspp::kDirectMaxMacs) != 0 ||
+      PyModule_AddIntConstant(module, "CPU_DIRECT_ANY_SHARE_MAX_MACS", fastaspp::kDirectAnyShareMaxMacs) != 0 ||
+      add_float(module, "CPU_DIRECT_MAX_LIVE_SHARE", fastaspp::kDirectMaxLiveShareFp32) != 0 ||
+      PyModule_AddIntConstant(module, "CPU_TORCH_CONV_MAX_MACS", fastaspp::kTorchConvMaxMacs) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

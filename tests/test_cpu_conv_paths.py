@@ -18,6 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastaspp
+from fastaspp.geometry import live_tap_pixels
+
 from _cases import CONV_EPILOGUE, assert_within, conv_magnitude, expect_winograd, winograd_conv_magnitude, \
     winograd_depth
 
@@ -275,3 +278,74 @@ def test_aspp_branch_weight_gradients_come_in_the_weights_layout(direct, monkeyp
     dead[1, 1] = False
     assert (grads["channels_last"][3][:, :, dead] == 0).all()
     assert (grads["channels_last"][3][:, :, 1, 1] != 0).all()
+
+
+# (c, size, rate, path): fp32 3x3 convs (c -> c channels, batch 1) inside the direct loops' range,
+# one on each side of every limit of the forward's rule there (csrc/cpu/conv_paths.h).
+DIRECT_RANGE_CASES = [
+    (8, 9, 1, "direct"),      # 40 K multiply-adds: the loops at any share of live pairs
+    (32, 9, 6, "direct"),     # 230 K, 31% live
+    (64, 9, 6, "direct"),     # 922 K, 31% live: few enough live pairs
+    (32, 17, 1, "torch"),     # 2.5 M, 92% live: torch's conv and the epilogue
+    (64, 17, 6, "onednn"),    # 6.2 M, 58% live: oneDNN with the folded epilogue
+]
+
+
+@pytest.mark.parametrize("c,size,rate,path", DIRECT_RANGE_CASES, ids=str)
+def test_fp32_forward_in_the_direct_range_keeps_the_loops_only_where_they_win(c, size, rate, path, monkeypatch):
+    """Within FASTASPP_CPU_DIRECT_MAX_MACS an fp32 forward keeps the direct loops only when its live
+    multiply-adds are few (CPU_DIRECT_ANY_SHARE_MAX_MACS) or few of its pairs are live
+    (CPU_DIRECT_MAX_LIVE_SHARE); otherwise torch's conv with the epilogue in place, up to
+    CPU_TORCH_CONV_MAX_MACS, then oneDNN with the scale folded into its weight. The bits say which
+    ran: the loops' result is the one with oneDNN switched off (which leaves the loops), torch's conv
+    is F.conv2d followed by the epilogue, and oneDNN's differs from both. Each within the direct
+    bound."""
+    monkeypatch.delenv("FASTASPP_CPU_DIRECT_MAX_MACS")
+    monkeypatch.setenv("FASTASPP_CPU_WINOGRAD", "0")
+    C = fastaspp._ext._C
+    x, weight, _, scale, shift = make_inputs(1, c, c, size, size, torch.float32)
+    live, dense = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))
+    macs = live * c * c
+    assert macs <= C.CPU_DIRECT_MAX_MACS
+    loops = macs <= C.CPU_DIRECT_ANY_SHARE_MAX_MACS or live / dense <= C.CPU_DIRECT_MAX_LIVE_SHARE
+    assert path == ("direct" if loops else "torch" if macs <= C.CPU_TORCH_CONV_MAX_MACS else "onednn")
+
+    out = forward(x, weight, None, scale, shift, 1, (rate, rate), (rate, rate))
+    exact = (F.conv2d(x.double(), weight.double(), padding=rate, dilation=rate) * scale.double().view(1, -1, 1, 1)
+             + shift.double().view(1, -1, 1, 1)).relu()
+    magnitude = conv_magnitude(x, weight, None, scale, shift, 1, rate, rate)
+    assert_within(out, exact, magnitude, 9 * c + CONV_EPILOGUE + 1, torch.float32, path)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch_conv = (F.conv2d(x, weight, padding=rate, dilation=rate) * scale.view(1, -1, 1, 1)
+                  + shift.view(1, -1, 1, 1)).relu()
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "0")
+    direct = forward(x, weight, None, scale, shift, 1, (rate, rate), (rate, rate))
+    assert torch.equal(out, direct) == (path == "direct")
+    assert torch.equal(out, torch_conv) == (path == "torch")
+
+
+@pytest.mark.parametrize("c,size,rate,path", DIRECT_RANGE_CASES, ids=str)
+def test_fp32_backward_in_the_direct_range_follows_the_forward_rule(c, size, rate, path, monkeypatch):
+    """The one-call backward in the direct loops' range keeps the loops where the forward does, and
+    otherwise runs torch's convolution_backward (as above the range): dx and dweight within the
+    bounds of test_backward_paths_within_their_bound, equal to the loops' (oneDNN switched off)
+    only where the loops are the rule's pick."""
+    monkeypatch.delenv("FASTASPP_CPU_DIRECT_MAX_MACS")
+    x, weight, _, scale, shift = make_inputs(1, c, c, size, size, torch.float32)
+    g = torch.randn(1, c, size, size, generator=torch.Generator().manual_seed(2))
+    geometry = ([1, 1], [rate, rate], [rate, rate])
+    backward = lambda: torch.ops.fastaspp._atrous_conv2d_backward(  # noqa: E731
+        g, x, weight, None, scale, None, *geometry, [True, True, False, False, False])
+    dx, dw = backward()[:2]
+    x64, w64 = x.double().requires_grad_(), weight.double().requires_grad_()
+    y64 = F.conv2d(x64, w64, padding=rate, dilation=rate) * scale.double().view(1, -1, 1, 1)
+    exact_dx, exact_dw = torch.autograd.grad(y64, (x64, w64), g.double())
+    gs = (g.double() * scale.double().view(1, -1, 1, 1)).abs()
+    dx_magnitude = torch.nn.grad.conv2d_input(x.shape, weight.double().abs(), gs, 1, rate, rate)
+    dw_magnitude = torch.nn.grad.conv2d_weight(x.double().abs(), weight.shape, gs, 1, rate, rate)
+    assert_within(dx, exact_dx, dx_magnitude, 9 * c + 3, torch.float32, f"{path} dx")
+    assert_within(dw, exact_dw, dw_magnitude, size * size + 3, torch.float32, f"{path} dweight")
+    monkeypatch.setenv("FASTASPP_CPU_ONEDNN", "0")
+    loops_dx, loops_dw = backward()[:2]
+    assert torch.equal(dx, loops_dx) == (path == "direct")
+    assert torch.equal(dw, loops_dw) == (path == "direct")

@@ -58,7 +58,8 @@ inline constexpr const char* kOffOn[] = {"0", "1"};
 constexpr int kSwitchOff = 0, kSwitchOn = 1;  // kOffOn's choices
 inline constexpr const char* kCudaConvKernels[] = {"sm80", "wmma", "wgmma_wide", "wgmma_deep", "wgmma_tma"};
 
-// cpu: "0" never uses oneDNN's conv, "1" always does (conv_paths.cpp).
+// cpu: "0" never uses torch's (oneDNN's) conv, "1" always does, in the direct loops' range the
+// forward too (conv_paths.cpp).
 inline constexpr ChoiceSwitch kCpuOnednn{"FASTASPP_CPU_ONEDNN", kOffOn, 2};
 // cpu: "0" turns Winograd off, "1" runs it wherever it can (winograd.cpp).
 inline constexpr ChoiceSwitch kCpuWinograd{"FASTASPP_CPU_WINOGRAD", kOffOn, 2};

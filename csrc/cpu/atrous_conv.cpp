@@ -38,18 +38,22 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
   if (x.size(0) * weight.size(0) == 0) return at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
   const Affine affine = fold_affine(bias, scale, shift, accumulator_dtype(x.scalar_type()));
   const ForwardPath path = forward_path(x, weight, out_h, out_w, g);
+  const bool torch_conv = path == ForwardPath::kOnednn || path == ForwardPath::kTorchConv;
   at::Tensor y;
-  if (path != ForwardPath::kOnednn) y = at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
+  if (!torch_conv) y = at::empty({x.size(0), weight.size(0), out_h, out_w}, options);
   switch (path) {
     case ForwardPath::kDirect:
       direct_forward(x, weight, affine.alpha, affine.beta, relu, g, y);
       return y;
-    case ForwardPath::kOnednn: {
+    case ForwardPath::kOnednn:
       // Eval (kept weights): the epilogue as oneDNN's own bias and ReLU, with the scale folded into
       // the weight (onednn_fused.h).
       if (at::Tensor fused = onednn_fused_forward(x, weight, affine, relu, stride, padding, dilation); fused.defined())
         return fused.contiguous(result_format(x));
-      // Otherwise oneDNN's conv (its output takes x's layout), then the fused epilogue in place: one pass.
+      [[fallthrough]];
+    case ForwardPath::kTorchConv: {
+      // torch's conv (for kTorchConv the algorithm eager PyTorch runs at this shape; its output
+      // takes x's layout), then the fused epilogue in place: one pass.
       at::Tensor z = at::convolution(x, weight, std::nullopt, stride, padding, dilation, false, {0, 0}, 1)
                          .contiguous(result_format(x));
       affine_relu_inplace(z, affine.alpha, affine.beta, relu);

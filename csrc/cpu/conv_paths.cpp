@@ -26,17 +26,31 @@ bool onednn_allowed(const at::Tensor& x, int choice) {
   return x.scalar_type() == at::kFloat && choice != kSwitchOff;
 }
 
+// The share of a conv's (output pixel, tap) pairs that are live.
+double live_share(int64_t pairs, int64_t out_h, int64_t out_w, const at::Tensor& weight) {
+  const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
+  return dense > 0 ? static_cast<double>(pairs) / dense : 0.0;
+}
+
 }  // namespace
 
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
-  const bool onednn = onednn_allowed(x, checked_switch(kCpuOnednn));
+  const int choice = checked_switch(kCpuOnednn);
+  const bool onednn = onednn_allowed(x, choice);
   // A 1x1 conv has no dead taps for the direct loops to skip, and oneDNN's GEMM outruns them from
   // the smallest maps on: fp32 1x1 convs take oneDNN whenever it is allowed.
   const bool one_by_one = weight.size(2) == 1 && weight.size(3) == 1;
   if (one_by_one && onednn) return ForwardPath::kOnednn;
-  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return ForwardPath::kDirect;
+  const int64_t macs = x.size(0) * pairs * x.size(1) * weight.size(0);
+  if (use_direct(macs)) {
+    // The loops, or torch's conv or oneDNN's (conv_paths.h); FASTASPP_CPU_ONEDNN=1 never the loops.
+    const bool direct = !onednn || (choice != kSwitchOn && (macs <= kDirectAnyShareMaxMacs ||
+                                    live_share(pairs, out_h, out_w, weight) <= kDirectMaxLiveShareFp32));
+    if (direct) return ForwardPath::kDirect;
+    return macs <= kTorchConvMaxMacs ? ForwardPath::kTorchConv : ForwardPath::kOnednn;
+  }
   const int64_t rate = winograd_rate(weight.sizes(), geo);
   if (rate > 0 && use_winograd(x.size(0), x.size(2), x.size(3), rate, weight, accumulator_dtype(x.scalar_type()),
                                onednn ? WinogradRival::kOnednn : WinogradRival::kTapGemms))
@@ -47,12 +61,14 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
-  if (use_direct(x.size(0) * pairs * x.size(1) * weight.size(0))) return false;
   const int choice = checked_switch(kCpuOnednn);
+  const int64_t macs = x.size(0) * pairs * x.size(1) * weight.size(0);
+  const double share = live_share(pairs, out_h, out_w, weight);
+  if (use_direct(macs))  // as the forward's rule in this range (conv_paths.h)
+    return onednn_allowed(x, choice) &&
+           (choice == kSwitchOn || (macs > kDirectAnyShareMaxMacs && share > kDirectMaxLiveShareFp32));
   if (!onednn_allowed(x, choice)) return false;
-  if (choice == kSwitchOn) return true;
-  const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
-  return pairs > kOnednnMinLiveShare * dense;
+  return choice == kSwitchOn || share > kOnednnMinLiveShare;
 }
 
 int64_t winograd_rate(at::IntArrayRef weight_size, const ConvGeometry& geo) {

@@ -55,14 +55,27 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 // both axes (every dilated 3x3 of a DeepLab backbone and the plain 3x3s), when use_winograd accepts
 // it against the path it would replace: oneDNN for fp32, the tap GEMMs otherwise (kept weights;
 // fewer products by a measured margin, docs/design.md §9).
-enum class ForwardPath { kDirect, kWinograd, kOnednn, kTapGemm };
+//
+// Within the direct loops' range, an fp32 conv (oneDNN allowed) keeps the loops only where they won
+// on every CPU measured: at most kDirectAnyShareMaxMacs live multiply-adds, or at most
+// kDirectMaxLiveShareFp32 of its pairs live. The loops multiply without FMA: on an AVX-512 CPU they
+// took up to 1.9x eager's time on mostly live convs of 2-8 M multiply-adds
+// (benchmarks/results/cpu-direct-crossover-20261202T*). Otherwise, up to
+// kTorchConvMaxMacs, torch's own conv (at::convolution: the algorithm eager PyTorch runs at that
+// shape, im2col + BLAS on small maps, where oneDNN's setup costs more than the conv) and the
+// epilogue in place, which is eager's conv with one pass after it instead of BN's and ReLU's; above
+// it oneDNN with the folded epilogue, as above the range.
+enum class ForwardPath { kDirect, kWinograd, kOnednn, kTorchConv, kTapGemm };
 constexpr double kOnednnMinLiveShare = 0.5;
+constexpr int64_t kDirectAnyShareMaxMacs = int64_t{1} << 19;
+constexpr double kDirectMaxLiveShareFp32 = 0.4;
+constexpr int64_t kTorchConvMaxMacs = int64_t{1} << 22;
 ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                          const ConvGeometry& geo);
 
 // Whether a single conv's backward (input and weight gradients) runs oneDNN's convolution_backward:
-// fp32 above the direct loops' range with more than kOnednnMinLiveShare of its pairs live
-// (FASTASPP_CPU_ONEDNN=0 never, =1 always). Otherwise the direct loops or the live-tap GEMMs: unlike
+// fp32 above the direct loops' range with more than kOnednnMinLiveShare of its pairs live, within
+// it where the forward's rule leaves the loops (FASTASPP_CPU_ONEDNN=0 never, =1 always). Otherwise the direct loops or the live-tap GEMMs: unlike
 // its forward, oneDNN's backward does not skip dead taps, and took 1.5 to 5 times the GEMMs' time
 // at 27-40% live, while the GEMMs lost to it on the backbone's mostly live convs
 // (cpu-onednn-live-share-*, docs/design.md §8).
