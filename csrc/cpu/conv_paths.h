@@ -74,11 +74,11 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
                          const ConvGeometry& geo);
 
 // Whether a single conv's backward (input and weight gradients) runs oneDNN's convolution_backward:
-// fp32 above the direct loops' range with more than kOnednnMinLiveShare of its pairs live, within
-// it where the forward's rule leaves the loops (FASTASPP_CPU_ONEDNN=0 never, =1 always). Otherwise the direct loops or the live-tap GEMMs: unlike
-// its forward, oneDNN's backward does not skip dead taps, and took 1.5 to 5 times the GEMMs' time
-// at 27-40% live, while the GEMMs lost to it on the backbone's mostly live convs
-// (cpu-onednn-live-share-*, docs/design.md §8).
+// fp32 above the direct loops' range with more than kOnednnMinLiveShare of its pairs live, and
+// within it wherever the forward's rule would not keep the loops (FASTASPP_CPU_ONEDNN=0 never, =1
+// always). Otherwise the direct loops or the live-tap GEMMs: unlike its forward, oneDNN's backward
+// does not skip dead taps, and took 1.5 to 5 times the GEMMs' time at 27-40% live, while the GEMMs
+// lost to it on the backbone's mostly live convs (cpu-onednn-live-share-*, docs/design.md §8).
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo);
 
