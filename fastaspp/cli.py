@@ -150,7 +150,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       f"{torch.get_num_threads()} threads, backend {backend})")
                 names = bench_models.MODEL_NAMES[-1:] if args.quick else bench_models.MODEL_NAMES
                 rows += bench_overhead.run(dtype, device, names, bench_overhead.MODEL_SIZES[:1] if args.quick
-                                           else bench_overhead.MODEL_SIZES, progress=progress)
+                                           else bench_overhead.MODEL_SIZES, progress=progress,
+                                           mid_convs=bench_overhead.MID_CONVS[:1] if args.quick
+                                           else bench_overhead.MID_CONVS)
     print()
     print(markdown(rows, peak))
     if args.out:

@@ -18,6 +18,10 @@ from _cases import gamma
 # at most 2 * gamma_250 * 80 = 2.4e-3; a row that compared other inputs or weights would be off by
 # the outputs' own size (1 to 80).
 ROW_ERROR_BOUND = 2 * gamma(250, 2.0 ** -24) * 80
+# The overhead bench's mid-size ConvBNReLU rows: n <= 600 roundings (a 3x3 conv over at most 64
+# channels in the row tested here, then BN); default-initialised weights bound |w| by 1/sqrt(9 Cin),
+# so M stays near 10 there too, and 80 again leaves 8x.
+MID_ROW_ERROR_BOUND = 2 * gamma(600, 2.0 ** -24) * 80
 
 
 def test_summarize_reports_median_and_percentile_spread():
@@ -98,6 +102,10 @@ def test_overhead_rows_time_one_call_of_each_tiny_workload():
             assert row.eager_ms > 0 and row.fused_ms > 0
             if mode == "eval":  # fused against eager on the same input and state
                 assert row.max_abs_err <= ROW_ERROR_BOUND, row
+        mid = overhead.measure_convbnrelu(mode, shape=overhead.MID_CONVS[-1], calls=1, reps=1, rounds=1)
+        assert mid.shape == overhead.MID_CONVS[-1].name and mid.eager_ms > 0 and mid.fused_ms > 0
+        if mode == "eval":
+            assert mid.max_abs_err <= MID_ROW_ERROR_BOUND, mid
 
 
 def test_model_cases_build_their_options_and_measure_training_steps():

@@ -7,7 +7,9 @@ the input taking a gradient, no optimizer step: the same on both sides):
   * op: fastaspp.ops.atrous_conv2d(x, W, scale=, shift=, relu=True) against conv2d → affine → relu;
   * convbnrelu: fastaspp.nn.ConvBNReLU against nn.Sequential(Conv2d, BatchNorm2d, ReLU);
   * aspp: fastaspp.nn.ASPP against the plain ASPP module (torchvision's layout);
-  * the three models, fused=True against fused=False, at 33x33, 65x65 and 129x129.
+  * the three models, fused=True against fused=False, at 33x33, 65x65 and 129x129;
+  * convbnrelu again at mid sizes (MID_CONVS: 0.5-8 M live multiply-adds, between the tiny inputs
+    and the conv bench's), where the cpu backend switches between its direct loops and torch's conv.
 A sample times `calls` back-to-back calls (so that the clock's resolution and the loop do not
 count) and reports the time of one; eager and fused are interleaved in rounds.
 """
@@ -48,6 +50,9 @@ class TinyConv:
 
 
 TINY_CONV = TinyConv()
+# Mostly live 3x3 convs, and one with few live pairs, from 0.9 to 8 M live multiply-adds at batch 1.
+MID_CONVS = (TinyConv(32, 32, 17, 1), TinyConv(64, 64, 9, 1), TinyConv(128, 128, 5, 1), TinyConv(256, 256, 5, 2),
+             TinyConv(64, 64, 9, 6))
 TINY_ASPP = AsppShape("16x5x5-(6,12,18)-16", 16, 5, (6, 12, 18), 16)
 MODEL_SIZES = (33, 65, 129)
 
@@ -189,7 +194,7 @@ def measure_model(name: str, size: int, mode: str, dtype=torch.float32, device=t
 
 def run(dtype=torch.float32, device=torch.device("cpu"), models: Sequence[str] = (),
         sizes: Sequence[int] = MODEL_SIZES, modes: Sequence[str] = MODES,
-        progress: Optional[Callable[[Row], None]] = None) -> List[Row]:
+        progress: Optional[Callable[[Row], None]] = None, mid_convs: Sequence[TinyConv] = MID_CONVS) -> List[Row]:
     rows = []
 
     def add(row: Row) -> None:
@@ -201,6 +206,9 @@ def run(dtype=torch.float32, device=torch.device("cpu"), models: Sequence[str] =
         add(measure_op(mode, dtype, device))
         add(measure_convbnrelu(mode, dtype, device))
         add(measure_aspp(mode, dtype, device))
+    for mode in modes:
+        for shape in mid_convs:
+            add(measure_convbnrelu(mode, dtype, device, shape, calls=10))
     for name in models:
         for size in sizes:
             for mode in modes:
