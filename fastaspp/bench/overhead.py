@@ -8,7 +8,7 @@ the input taking a gradient, no optimizer step: the same on both sides):
   * convbnrelu: fastaspp.nn.ConvBNReLU against nn.Sequential(Conv2d, BatchNorm2d, ReLU);
   * aspp: fastaspp.nn.ASPP against the plain ASPP module (torchvision's layout);
   * the three models, fused=True against fused=False, at 33x33, 65x65 and 129x129;
-  * convbnrelu again at mid sizes (MID_CONVS: 0.5-8 M live multiply-adds, between the tiny inputs
+  * convbnrelu again at mid sizes (MID_CONVS: 0.9-8 M live multiply-adds, between the tiny inputs
     and the conv bench's), where the cpu backend switches between its direct loops and torch's conv.
 A sample times `calls` back-to-back calls (so that the clock's resolution and the loop do not
 count) and reports the time of one; eager and fused are interleaved in rounds.
