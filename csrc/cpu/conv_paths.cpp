@@ -20,7 +20,7 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 namespace {
 
 // Whether oneDNN may run x's conv at all: fp32, and `choice` (of FASTASPP_CPU_ONEDNN, common/switches.h:
-// "0" never, "1" always above the direct loops' range, unset by the rule) not "0". The forward takes
+// "0" never, "1" always, unset by the rule) not "0". Above the direct loops' range the forward takes
 // it whenever it may (conv_paths.h).
 bool onednn_allowed(const at::Tensor& x, int choice) {
   return x.scalar_type() == at::kFloat && choice != kSwitchOff;
@@ -30,6 +30,13 @@ bool onednn_allowed(const at::Tensor& x, int choice) {
 double live_share(int64_t pairs, int64_t out_h, int64_t out_w, const at::Tensor& weight) {
   const double dense = static_cast<double>(out_h * weight.size(2)) * static_cast<double>(out_w * weight.size(3));
   return dense > 0 ? static_cast<double>(pairs) / dense : 0.0;
+}
+
+// Within the direct loops' range: whether a conv of `macs` live multiply-adds, `share` of its pairs
+// live, leaves the loops for torch's (oneDNN's) conv, forward and backward alike (conv_paths.h).
+bool leaves_loops(const at::Tensor& x, int choice, int64_t macs, double share) {
+  if (!onednn_allowed(x, choice)) return false;
+  return choice == kSwitchOn || (macs > kDirectAnyShareMaxMacs && share > kDirectMaxLiveShareFp32);
 }
 
 }  // namespace
@@ -45,10 +52,7 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
   if (one_by_one && onednn) return ForwardPath::kOnednn;
   const int64_t macs = x.size(0) * pairs * x.size(1) * weight.size(0);
   if (use_direct(macs)) {
-    // The loops, or torch's conv or oneDNN's (conv_paths.h); FASTASPP_CPU_ONEDNN=1 never the loops.
-    const bool direct = !onednn || (choice != kSwitchOn && (macs <= kDirectAnyShareMaxMacs ||
-                                    live_share(pairs, out_h, out_w, weight) <= kDirectMaxLiveShareFp32));
-    if (direct) return ForwardPath::kDirect;
+    if (!leaves_loops(x, choice, macs, live_share(pairs, out_h, out_w, weight))) return ForwardPath::kDirect;
     return macs <= kTorchConvMaxMacs ? ForwardPath::kTorchConv : ForwardPath::kOnednn;
   }
   const int64_t rate = winograd_rate(weight.sizes(), geo);
@@ -64,9 +68,7 @@ bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t o
   const int choice = checked_switch(kCpuOnednn);
   const int64_t macs = x.size(0) * pairs * x.size(1) * weight.size(0);
   const double share = live_share(pairs, out_h, out_w, weight);
-  if (use_direct(macs))  // as the forward's rule in this range (conv_paths.h)
-    return onednn_allowed(x, choice) &&
-           (choice == kSwitchOn || (macs > kDirectAnyShareMaxMacs && share > kDirectMaxLiveShareFp32));
+  if (use_direct(macs)) return leaves_loops(x, choice, macs, share);
   if (!onednn_allowed(x, choice)) return false;
   return choice == kSwitchOn || share > kOnednnMinLiveShare;
 }
