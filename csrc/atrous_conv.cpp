@@ -2,8 +2,9 @@
 //
 // These are the per-device kernels behind the "cpu" and "cuda" backends; the
 // public op torch.ops.fastaspp.atrous_conv2d (fastaspp/ops/atrous_conv.py)
-// validates arguments, picks the backend and owns autograd. Fake (meta)
-// implementations are registered from Python.
+// validates arguments, picks the backend and owns autograd; the cpu kernel of
+// _atrous_conv2d_forward also has a C++ autograd of its own (cpu/atrous_conv_autograd.cpp), which
+// eager training calls on CPU tensors. Fake (meta) implementations are registered from Python.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastaspp, m) {

@@ -2,7 +2,8 @@
 // initialiser of another translation unit of the same library, so importing the module (which
 // loads the library) runs them all: the schemas in csrc/atrous_conv.cpp (TORCH_LIBRARY) and
 // csrc/{aspp,conv_tiling,kept_bytes}.cpp (TORCH_LIBRARY_FRAGMENT), the kernels in
-// csrc/cpu/{atrous_conv,aspp,aspp_train}.cpp and, in a CUDA build,
+// csrc/cpu/{atrous_conv,aspp,aspp_train}.cpp, the cpu conv's autograd in
+// csrc/cpu/atrous_conv_autograd.cpp and, in a CUDA build,
 // csrc/cuda/{atrous_conv_cuda,aspp_cuda,aspp_project_cuda}.cpp
 // (TORCH_LIBRARY_IMPL). The module itself carries no functions, only constants: WITH_CUDA (how it
 // was built), CPU_DIRECT_MAX_MACS (the default threshold of the cpu backend's direct loops,

@@ -11,6 +11,7 @@
 #include "../affine.h"
 #include "../common/checks.h"
 #include "../common/rules.h"
+#include "atrous_conv.h"
 #include "channel_stats.h"
 #include "conv_paths.h"
 #include "direct_conv.h"
@@ -23,6 +24,8 @@ namespace {
 
 // Prefix of the geometry checks' messages (checks.h), like this file's other messages.
 constexpr const char* kOp = "fastaspp";
+
+}  // namespace
 
 at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
@@ -84,6 +87,8 @@ at::Tensor atrous_conv2d_forward_cpu(const at::Tensor& x, const at::Tensor& weig
   return y;
 }
 
+namespace {
+
 at::Tensor atrous_conv2d_grad_input_cpu(const at::Tensor& grad, const at::Tensor& weight,
                                         at::IntArrayRef input_size, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -119,12 +124,11 @@ at::Tensor atrous_conv2d_grad_weight_cpu(const at::Tensor& x, const at::Tensor& 
       .contiguous();  // this op has no weight to take the layout of
 }
 
-// The whole backward of _atrous_conv2d_forward in one call: (dx, dweight, dbias, dscale, dshift)
-// of y = act((conv(x, weight) + bias) * scale + shift), undefined where output_mask says no. With
-// `out` (the saved output of a ReLU'd forward) the gradient is first masked to out > 0. With
-// g the masked gradient: dx = conv_transpose(g * scale, weight), dweight = scale * wgrad(x, g),
+}  // namespace
+
+// With g the masked gradient: dx = conv_transpose(g * scale, weight), dweight = scale * wgrad(x, g),
 // dshift = sum(g), dbias = scale * sum(g), dscale = <weight, wgrad(x, g)> + bias * sum(g): the
-// pre-activation conv is never stored. dweight comes in weight's layout (in_layout_of).
+// pre-activation conv is never stored.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_conv2d_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& out, at::IntArrayRef stride,
@@ -178,8 +182,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> atrous_co
   }
   return {dx, dweight, dbias, dscale, dshift};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastaspp, CPU, m) {
   m.impl("_atrous_conv2d_forward", &atrous_conv2d_forward_cpu);

@@ -73,6 +73,13 @@ bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t o
   return choice == kSwitchOn || share > kOnednnMinLiveShare;
 }
 
+bool torch_conv_both_ways(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
+                          const ConvGeometry& geo) {
+  const ForwardPath path = forward_path(x, weight, out_h, out_w, geo);
+  const bool forward = path == ForwardPath::kTorchConv || (path == ForwardPath::kOnednn && !keepable(weight));
+  return forward && backward_on_onednn(x, weight, out_h, out_w, geo);
+}
+
 int64_t winograd_rate(at::IntArrayRef weight_size, const ConvGeometry& geo) {
   const int64_t rate = geo.dilation[0];
   const bool fits = weight_size[2] == 3 && weight_size[3] == 3 && geo.stride[0] == 1 && geo.stride[1] == 1 &&

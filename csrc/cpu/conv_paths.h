@@ -82,6 +82,12 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo);
 
+// Whether a conv whose gradient is recorded runs torch's own conv both ways: its forward takes
+// kTorchConv, or kOnednn with a weight that is not kept (a weight taking a gradient: the folded
+// oneDNN form needs a kept one, so at::convolution runs), and its backward backward_on_onednn.
+bool torch_conv_both_ways(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
+                          const ConvGeometry& geo);
+
 // The rate of a conv winograd_conv3x3 can run (3x3, stride 1, padding = dilation = rate on both
 // axes), or 0.
 int64_t winograd_rate(at::IntArrayRef weight_size, const ConvGeometry& geo);

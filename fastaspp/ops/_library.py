@@ -21,7 +21,8 @@ LIB = torch.library.Library("fastaspp", "FRAGMENT")
 
 class Route(enum.Enum):
     KERNEL = "kernel"  # no autograd needed: the backend kernel, called directly
-    FUNCTION = "function"  # eager autograd: the op's autograd.Function twin around the kernels
+    FUNCTION = "function"  # eager autograd: the kernels' own (the cpu kernel op's C++ autograd), or the op's
+    # autograd.Function twin around them (cuda, triton)
     OP = "op"  # the torch op: compiling, exporting, a dispatch or function mode, tensor subclasses
 
 

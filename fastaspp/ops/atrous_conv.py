@@ -6,14 +6,15 @@ per output channel. Layers, each paying only for what it adds (a small call's bu
 eager PyTorch's conv + affine + relu, docs/design.md §13):
   * atrous_conv2d(): checks arguments once (errors name the argument), resolves the backend, then
     runs the call one of three ways (fastaspp.ops._library.route): the backend kernel directly when no autograd is
-    needed; an autograd.Function around the kernels when it is (eager training); the torch op
-    under torch.compile, export, dispatch modes or tensor subclasses.
+    needed; when it is (eager training), the cpu kernel op with its C++ autograd, or an
+    autograd.Function around the cuda and triton kernels; the torch op under torch.compile, export,
+    dispatch modes or tensor subclasses.
   * torch.ops.fastaspp.atrous_conv2d (+ _grad_input, _grad_weight): the torch ops, defined with
     torch.library (schema, fake impl, autograd) for compile, export and opcheck; the backend is
     an argument, so a compiled graph records which one ran.
   * per-backend kernels: torch.ops.fastaspp._atrous_conv2d_* (C++, cpu/cuda; the cpu backend also
-    has the whole backward in one call, _atrous_conv2d_backward) and fastaspp.kernels.atrous_conv
-    (Triton).
+    has the whole backward in one call, _atrous_conv2d_backward, which the forward's C++ autograd
+    runs on CPU tensors) and fastaspp.kernels.atrous_conv (Triton).
 
 Backward (docs/design.md §7): with g = grad masked by the saved output (ReLU),
 dx = conv_transpose(g*scale, weight), dW = scale * wgrad(x, g), dshift = Σg,
@@ -175,8 +176,9 @@ def _backward(ctx, grad: Tensor):
 
 
 class _AtrousConv2dFunction(torch.autograd.Function):
-    """Eager autograd around the backend kernels: what torch.ops.fastaspp.atrous_conv2d's autograd
-    does, without the op dispatch (a large part of a small training call's host time)."""
+    """Eager autograd around the cuda and triton kernels: what torch.ops.fastaspp.atrous_conv2d's
+    autograd does, without the op dispatch (a large part of a small training call's host time). The
+    cpu backend's kernel op has the same autograd in C++, which costs less again."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
@@ -296,5 +298,8 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     if how is Route.KERNEL:
         return _forward_kernel(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
     if how is Route.FUNCTION:
+        if backend == "cpu":  # the kernel op's C++ autograd (csrc/cpu/atrous_conv_autograd.cpp)
+            return torch.ops.fastaspp._atrous_conv2d_forward.default(x, weight, bias, scale, shift, stride, padding,
+                                                                     dilation, relu)
         return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
     return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
