@@ -10,6 +10,12 @@ Python, the output layout, the custom op.) Eager
 PyTorch's conv2d → affine → relu is timed alongside. The parts name this commit's functions:
 update them when the layers change.
 
+Then a ConvBNReLU training step at a mid size (MID_SHAPE, a mostly live conv of the overhead bench's
+MID_CONVS at batch 2) with its layers peeled off one at a time, timed in interleaved rounds so that
+the differences between neighbours are this run's: the module, then the public entry point, then
+the kernel op, down to eager's own conv without modules. Each difference is that layer's host time
+in a step whose other work is the same.
+
     python benchmarks/overhead_profile.py [--threads 1] [--out benchmarks/results] [--calls 200 --samples 15]
 """
 import argparse
@@ -29,6 +35,7 @@ from fastaspp.ops import atrous_conv as op_module
 from fastaspp.ops._checks import pair
 
 SHAPE = dict(batch=1, c_in=8, c_out=8, size=6, rate=2)
+MID_SHAPE = dict(batch=2, channels=32, size=17, rate=1)
 
 
 def per_call_us(fn, calls, samples):
@@ -97,6 +104,43 @@ def train_parts(x, w, scale, shift):
     }
 
 
+def mid_train_steps(calls, rounds):
+    """{layer: median µs} of one ConvBNReLU training step (forward + backward) at MID_SHAPE, each
+    variant with one more layer of fastaspp's peeled off, timed in interleaved rounds."""
+    gen = torch.Generator().manual_seed(0)
+    c, size, rate = MID_SHAPE["channels"], MID_SHAPE["size"], MID_SHAPE["rate"]
+    fused = fastaspp.nn.ConvBNReLU(c, c, 3, padding=rate, dilation=rate).train()
+    eager = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=rate, dilation=rate, bias=False),
+                                torch.nn.BatchNorm2d(c), torch.nn.ReLU()).train()
+    eager.load_state_dict(fused.state_dict())
+    shape = (MID_SHAPE["batch"], c, size, size)
+    x = torch.randn(*shape, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(*shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    w, bn = fused[0].weight, fused[1]
+    geometry = ([1, 1], [rate, rate], [rate, rate])
+    kernel = torch.ops.fastaspp._atrous_conv2d_forward.default
+    steps = {
+        "eager nn.Sequential(Conv2d, BatchNorm2d, ReLU)": lambda: eager(x),
+        "fastaspp.nn.ConvBNReLU": lambda: fused(x),
+        "no module: F.relu(bn(fastaspp.ops.atrous_conv2d(x, w)))": lambda: F.relu(bn(
+            fastaspp.ops.atrous_conv2d(x, w, None, 1, rate, rate))),
+        "no entry point: the kernel op (its C++ autograd) for the conv": lambda: F.relu(bn(
+            kernel(x, w, None, None, None, *geometry, False))),
+        "no fastaspp: F.conv2d for the conv": lambda: F.relu(bn(F.conv2d(x, w, None, 1, rate, rate))),
+    }
+    samples = {name: [] for name in steps}
+    for _ in range(2):  # warm-up
+        for step in steps.values():
+            step().backward(g)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step().backward(g)
+            samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def kernel_ops(x, w, scale, shift, calls=100):
     """torch.profiler's ATen ops under the C++ kernel: (name, calls per kernel call, self µs per kernel call)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -128,6 +172,10 @@ def main(argv=None):
     for name, fn in train_parts(x, w, scale, shift).items():
         timings[name] = per_call_us(fn, max(1, args.calls // 4), args.samples)
         print(f"{name:60s} {timings[name]:8.1f} µs", flush=True)
+    print(f"\nConvBNReLU training step at {MID_SHAPE}, layers peeled off (interleaved rounds):")
+    mid = mid_train_steps(max(1, args.calls // 10), args.samples)
+    for name, us in mid.items():
+        print(f"  {name:64s} {us:8.1f} µs", flush=True)
     with torch.no_grad():
         ops = kernel_ops(x, w, scale, shift)
     print("\nATen ops inside the C++ kernel (per kernel call):")
@@ -139,6 +187,7 @@ def main(argv=None):
         path = os.path.join(args.out, f"overhead-profile-cpu-{stamp}.json")
         with open(path, "w") as f:
             json.dump({"environment": environment(), "shape": SHAPE, "per_call_us": timings,
+                       "mid_shape": MID_SHAPE, "mid_train_step_us": mid,
                        "kernel_aten_ops": [dict(op=n, calls=c, self_us=u) for n, c, u in ops]}, f, indent=2)
         print(f"wrote {path}")
 

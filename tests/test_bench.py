@@ -174,7 +174,8 @@ def _run_script(name, *args):
 
 def test_overhead_profile_times_every_part_of_this_commits_call():
     """benchmarks/overhead_profile.py names this commit's functions (it once called a helper renamed
-    since): every part prints a positive time, and the C++ op appears in its ATen table."""
+    since): every part and every layer of the mid-size training step prints a positive time, and the
+    C++ op appears in its ATen table."""
     import re
 
     out = _run_script("overhead_profile.py", "--threads", "1", "--calls", "4", "--samples", "1")
@@ -182,6 +183,9 @@ def test_overhead_profile_times_every_part_of_this_commits_call():
     for part in ("whole call", "argument checks", "backend choice and route", "eager conv2d + affine + relu",
                  "train: fused forward + backward"):
         assert float(times[part]) > 0, part
+    steps = dict(re.findall(r"^  (\S.*?)\s+([0-9.]+) µs$", out, flags=re.M))
+    assert len(steps) == 5 and all(float(us) > 0 for us in steps.values()), steps
+    assert "fastaspp.nn.ConvBNReLU" in steps
     assert "fastaspp::_atrous_conv2d_forward" in out
 
 
