@@ -13,7 +13,8 @@ update them when the layers change.
 Then a ConvBNReLU training step at a mid size (MID_SHAPE, a mostly live conv of the overhead bench's
 MID_CONVS at batch 2) with its layers peeled off one at a time, timed in interleaved rounds so that
 the differences between neighbours are this run's: the module, then the public entry point, then
-the kernel op, down to eager's own conv without modules. Each difference is that layer's host time
+the kernel op (called as the entry point does, and by torch.ops), down to eager's own conv without
+modules. Each difference is that layer's host time
 in a step whose other work is the same.
 
     python benchmarks/overhead_profile.py [--threads 1] [--out benchmarks/results] [--calls 200 --samples 15]
@@ -124,7 +125,9 @@ def mid_train_steps(calls, rounds):
         "fastaspp.nn.ConvBNReLU": lambda: fused(x),
         "no module: F.relu(bn(fastaspp.ops.atrous_conv2d(x, w)))": lambda: F.relu(bn(
             fastaspp.ops.atrous_conv2d(x, w, None, 1, rate, rate))),
-        "no entry point: the kernel op (its C++ autograd) for the conv": lambda: F.relu(bn(
+        "no entry point: the kernel op by fastaspp._C's binding": lambda: F.relu(bn(
+            fastaspp._ext._C.atrous_conv2d_forward(x, w, None, None, None, *geometry, False))),
+        "no entry point: the kernel op by torch.ops": lambda: F.relu(bn(
             kernel(x, w, None, None, None, *geometry, False))),
         "no fastaspp: F.conv2d for the conv": lambda: F.relu(bn(F.conv2d(x, w, None, 1, rate, rate))),
     }

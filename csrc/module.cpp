@@ -5,20 +5,28 @@
 // csrc/cpu/{atrous_conv,aspp,aspp_train}.cpp, the cpu conv's autograd in
 // csrc/cpu/atrous_conv_autograd.cpp and, in a CUDA build,
 // csrc/cuda/{atrous_conv_cuda,aspp_cuda,aspp_project_cuda}.cpp
-// (TORCH_LIBRARY_IMPL). The module itself carries no functions, only constants: WITH_CUDA (how it
-// was built), CPU_DIRECT_MAX_MACS (the default threshold of the cpu backend's direct loops,
-// direct_conv.h) and the limits of the fp32 forward's rule within that range (conv_paths.h).
+// (TORCH_LIBRARY_IMPL). The module itself carries one function, the eager routes' call of the conv
+// kernel op (eager_calls.h), and constants: WITH_CUDA (how it was built), CPU_DIRECT_MAX_MACS (the
+// default threshold of the cpu backend's direct loops, direct_conv.h) and the limits of the fp32
+// forward's rule within that range (conv_paths.h).
 #include <Python.h>
 
 #include "cpu/conv_paths.h"
 #include "cpu/direct_conv.h"
+#include "eager_calls.h"
 
 #ifndef FASTASPP_WITH_CUDA
 #define FASTASPP_WITH_CUDA 0
 #endif
 
-static struct PyModuleDef fastaspp_module = {PyModuleDef_HEAD_INIT, "_C",
-                                             "fastaspp's C++/CUDA op library", -1, nullptr};
+static PyMethodDef fastaspp_methods[] = {
+    {"atrous_conv2d_forward", fastaspp::atrous_conv2d_forward_eager, METH_VARARGS,
+     "atrous_conv2d_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu): the kernel op "
+     "fastaspp::_atrous_conv2d_forward for fastaspp.ops.atrous_conv2d's eager routes"},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef fastaspp_module = {PyModuleDef_HEAD_INIT, "_C", "fastaspp's C++/CUDA op library", -1,
+                                             fastaspp_methods};
 
 // PyModule_AddIntConstant's twin for a float: 0, or -1 with an exception set.
 static int add_float(PyObject* module, const char* name, double value) {

@@ -142,3 +142,22 @@ def test_kernel_op_passes_opcheck_with_gradients():
     torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_forward.default, (x, w, b, s, t, *geometry, True))
     torch.library.opcheck(torch.ops.fastaspp._atrous_conv2d_forward.default,
                           (x, w, None, None, None, *geometry, False))
+
+
+def test_eager_binding_calls_the_kernel_op():
+    """fastaspp._C.atrous_conv2d_forward, the eager routes' call of the kernel op, gives the op's
+    result bit for bit, with or without a gradient to record, and names a bad argument."""
+    x, w, b, s, t = (v.float() for v in make_inputs(CASE))
+    geometry = ([1, 1], [2, 2], [2, 2])
+    binding = fastaspp._ext._C.atrous_conv2d_forward
+    expected = torch.ops.fastaspp._atrous_conv2d_forward.default(x, w, b, s, t, *geometry, True)
+    assert torch.equal(binding(x, w, b, s, t, *geometry, True), expected)
+    w.requires_grad_()
+    out = binding(x, w, None, s, None, *geometry, False)
+    assert "AtrousConv2dCpu" in node_name(out)
+    with pytest.raises(TypeError, match="weight must be a tensor"):
+        binding(x, "w", None, None, None, *geometry, False)
+    with pytest.raises(TypeError, match="stride must be a list of two ints"):
+        binding(x, w, None, None, None, [1], [2, 2], [2, 2], False)
+    with pytest.raises(TypeError, match="dilation must be a list of two ints"):
+        binding(x, w, None, None, None, [1, 1], [2, 2], [2.0, 2], False)

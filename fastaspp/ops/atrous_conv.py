@@ -295,11 +295,13 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     check_atrous_conv2d_args(x, weight, bias, scale, shift, stride, padding, dilation)
     backend = resolve_backend(x.device)
     how = route(x, weight, bias, scale, shift)
+    if how is Route.OP:
+        return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu,
+                                                backend)
+    if backend != "triton" and (how is Route.KERNEL or backend == "cpu"):
+        # The C++ kernel op through fastaspp._C's binding (csrc/eager_calls.h), on cpu with its C++
+        # autograd when a gradient is needed (csrc/cpu/atrous_conv_autograd.cpp).
+        return _ext._C.atrous_conv2d_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu)
     if how is Route.KERNEL:
         return _forward_kernel(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
-    if how is Route.FUNCTION:
-        if backend == "cpu":  # the kernel op's C++ autograd (csrc/cpu/atrous_conv_autograd.cpp)
-            return torch.ops.fastaspp._atrous_conv2d_forward.default(x, weight, bias, scale, shift, stride, padding,
-                                                                     dilation, relu)
-        return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
-    return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+    return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
