@@ -2,9 +2,10 @@
 each timed alone (many calls, median of several samples), and torch.profiler's table of the ATen
 ops inside the C++ kernel.
 
-Parts of fastaspp.ops.atrous_conv2d (eval, no grad): argument checks; backend choice and the route
-past the op dispatch; the kernel (the C++ op called directly), with its weight layout kept and
-re-made; the torch op's dispatch. For a training call: the forward with autograd, and forward +
+Parts of fastaspp.ops.atrous_conv2d (eval, no grad): argument checks (in Python, as the torch op's
+route runs them); backend choice and the route past the op dispatch; the kernel (the C++ op called
+directly), with its weight layout kept and re-made; the binding the eager routes call (the checks in
+C++, then the kernel); the torch op's dispatch. For a training call: the forward with autograd, and forward +
 backward. (Before 2026-11-30 the parts were those of that commit's layers: the folded affine in
 Python, the output layout, the custom op.) Eager
 PyTorch's conv2d → affine → relu is timed alongside. The parts name this commit's functions:
@@ -74,9 +75,11 @@ def parts(x, w, scale, shift):
     return {
         "whole call": lambda: fastaspp.ops.atrous_conv2d(x, w, None, scale=scale, shift=shift, relu=True,
                                                         padding=2, dilation=2),
-        "argument checks": checks,
+        "argument checks (Python: the torch op's route)": checks,
         "backend choice and route": backend,
         "kernel (C++ op called directly, kept weight layout)": lambda: kernel(
+            x, w, None, scale, shift, stride, padding, dilation, True),
+        "fastaspp._C's binding (C++ checks, then the kernel op)": lambda: fastaspp._ext._C.atrous_conv2d_forward(
             x, w, None, scale, shift, stride, padding, dilation, True),
         "kernel with the weight re-laid out (no kept copy)": fresh_weight,
         "torch op dispatch (torch.ops.fastaspp.atrous_conv2d, no grad)": lambda: torch.ops.fastaspp.atrous_conv2d(
@@ -125,7 +128,7 @@ def mid_train_steps(calls, rounds):
         "fastaspp.nn.ConvBNReLU": lambda: fused(x),
         "no module: F.relu(bn(fastaspp.ops.atrous_conv2d(x, w)))": lambda: F.relu(bn(
             fastaspp.ops.atrous_conv2d(x, w, None, 1, rate, rate))),
-        "no entry point: the kernel op by fastaspp._C's binding": lambda: F.relu(bn(
+        "no entry point: fastaspp._C's binding (C++ checks, kernel op)": lambda: F.relu(bn(
             fastaspp._ext._C.atrous_conv2d_forward(x, w, None, None, None, *geometry, False))),
         "no entry point: the kernel op by torch.ops": lambda: F.relu(bn(
             kernel(x, w, None, None, None, *geometry, False))),

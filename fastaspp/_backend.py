@@ -116,6 +116,15 @@ def resolve_backend(device: torch.device, name: str | None = None) -> str:
     return resolved
 
 
+def eager_backend(x: torch.Tensor) -> str:
+    """resolve_backend(x.device) for a call known not to be traced (fastaspp.ops._library.route gave
+    an eager route): the same answer, without the compile check and the device object that a call's
+    budget pays for with cold caches in a training step (docs/design.md §13)."""
+    key = (_current, "cpu") if x.is_cpu else (_current, "cuda") if x.is_cuda else None
+    resolved = _RESOLVED.get(key) if key is not None else None
+    return resolved if resolved is not None else resolve_backend(x.device)
+
+
 def _resolve(device: torch.device, name: str) -> str:
     _check_name(name)
     if name == "auto":

@@ -1,10 +1,29 @@
-"""Bad input to atrous_conv2d gets an error that names the argument."""
+"""Bad input to atrous_conv2d gets an error that names the argument.
+
+Every case runs both ways the entry point checks: its eager calls of the C++ kernels check in C++
+(csrc/eager_calls.cpp), every other call in Python (check_atrous_conv2d_args); under a torch-function
+mode that passes calls through, the call takes the torch op's route and the Python checks. Both must
+raise the same error."""
 import pytest
 import torch
 
 import fastaspp
 
 conv = fastaspp.ops.atrous_conv2d
+
+
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True, params=["eager", "op-route"])
+def checked_by(request):
+    if request.param == "eager":
+        yield request.param
+        return
+    with _PassThrough():
+        yield request.param
 
 
 def good():

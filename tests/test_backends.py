@@ -54,3 +54,17 @@ def test_cuda_backend_reason():
     assert (reason is None) == ("cuda" in fastaspp.backends())
     if not torch.cuda.is_available():
         assert reason
+
+
+def test_eager_backend_answers_as_resolve_backend():
+    """The eager routes' shortcut (fastaspp._backend.eager_backend) gives resolve_backend's answer, and
+    its error where there is none: CPU tensors, the backend set by name, and a device type it does
+    not key (meta)."""
+    from fastaspp._backend import eager_backend
+
+    x = torch.randn(2)
+    for name in ("auto", "cpu"):
+        with fastaspp.backend(name):
+            assert eager_backend(x) == fastaspp.resolve_backend(x.device) == "cpu"
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' runs CPU tensors only, got a tensor on meta"):
+        eager_backend(torch.randn(2, device="meta"))

@@ -180,7 +180,8 @@ def test_overhead_profile_times_every_part_of_this_commits_call():
 
     out = _run_script("overhead_profile.py", "--threads", "1", "--calls", "4", "--samples", "1")
     times = dict(re.findall(r"^(\S.*?)\s+([0-9.]+) µs$", out, flags=re.M))
-    for part in ("whole call", "argument checks", "backend choice and route", "eager conv2d + affine + relu",
+    for part in ("whole call", "argument checks (Python: the torch op's route)", "backend choice and route",
+                 "fastaspp._C's binding (C++ checks, then the kernel op)", "eager conv2d + affine + relu",
                  "train: fused forward + backward"):
         assert float(times[part]) > 0, part
     steps = dict(re.findall(r"^  (\S.*?)\s+([0-9.]+) µs$", out, flags=re.M))

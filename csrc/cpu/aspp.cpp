@@ -179,9 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aspp_branches_stats_forward_cpu(c
 // 0 and no ReLU) in one call: dx = the sum over branches of each one's transposed conv of its
 // channel slice of grad, accumulated in one buffer; dweights[i] its weight gradient, in the layout
 // of weights[i]. Each conv by its own path (conv_paths.h); the slices are read in place.
-std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                                                           at::TensorList weights, at::IntArrayRef rates,
-                                                                           std::array<bool, 2> output_mask) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> aspp_branches_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, at::TensorList weights, at::IntArrayRef rates,
+    std::array<bool, 2> output_mask) {
   const int64_t ch = check_branches(x, weights, rates);
   const int64_t branches = static_cast<int64_t>(weights.size());
   check_4d(grad, "grad");

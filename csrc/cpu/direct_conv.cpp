@@ -185,7 +185,8 @@ FASTASPP_INLINE void grad_input_pixels_impl(const GradInputArgs<acc_t>& a, int64
           const acc_t* wp = a.wt + (kh * s.kw + kw) * cout * cpad + c0;
           if (a.scale != nullptr) {
             const acc_t* sc = a.scale;
-            dot_rows(sum, cout, [&](int64_t co) { return gp[co] * sc[co]; }, [&](int64_t co) { return wp + co * cpad; });
+            dot_rows(
+                sum, cout, [&](int64_t co) { return gp[co] * sc[co]; }, [&](int64_t co) { return wp + co * cpad; });
           } else {
             dot_rows(sum, cout, [&](int64_t co) { return gp[co]; }, [&](int64_t co) { return wp + co * cpad; });
           }
@@ -339,7 +340,8 @@ void direct_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const auto dtype = accumulator_dtype(x.scalar_type());
   const at::Tensor xa = x.to(dtype);  // fp32/fp64 read in place, with their strides
   at::Tensor ya = y.scalar_type() == dtype ? y : at::empty_like(y, y.options().dtype(dtype));
-  const Shape s{x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3), y.size(2), y.size(3), g};
+  const Shape s{x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                y.size(2), y.size(3), g};
   const int64_t pixels = y.size(0) * s.ho * s.wo;
   const int64_t per_pixel = std::max<int64_t>(1, live_macs(x.sizes(), weight.sizes(), s.ho, s.wo, g) /
                                                      std::max<int64_t>(1, pixels));
@@ -390,7 +392,8 @@ at::Tensor direct_grad_weight(const at::Tensor& xh, const at::Tensor& gm, int64_
     GradWeightArgs<scalar_t> a{s, xh.size(0), xh.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), pixel_stride(gm),
                                dw.data_ptr<scalar_t>()};
     const int64_t block = block_for<scalar_t>(s.cin);
-    at::parallel_for(0, rows, grain(per_row), [&](int64_t begin, int64_t end) { grad_weight_rows(a, block, begin, end); });
+    at::parallel_for(0, rows, grain(per_row),
+                     [&](int64_t begin, int64_t end) { grad_weight_rows(a, block, begin, end); });
   });
   return dw;
 }

@@ -99,7 +99,8 @@ void affine_relu_inplace(at::Tensor& y, const at::Tensor& alpha, const at::Tenso
           relu ? affine_pixel<scalar_t, true>(v, ap, bp, row) : affine_pixel<scalar_t, false>(v, ap, bp, row);
         } else {
           const int64_t c = r % channels;
-          relu ? affine_plane<scalar_t, true>(v, ap[c], bp[c], row) : affine_plane<scalar_t, false>(v, ap[c], bp[c], row);
+          relu ? affine_plane<scalar_t, true>(v, ap[c], bp[c], row)
+               : affine_plane<scalar_t, false>(v, ap[c], bp[c], row);
         }
       }
     });

@@ -355,7 +355,8 @@ void winograd_conv3x3(const at::Tensor& xh, const at::Tensor& weight, int64_t ra
   const int64_t points = g.h.points * g.w.points, tiles = g.tiles();
   // Tiles per chunk: the transformed input of a chunk stays within FASTASPP_CPU_WINOGRAD_WORKSPACE_MB.
   const int64_t tile_bytes = std::max<int64_t>(1, points * in_ch * xh.element_size());  // in_ch may be 0
-  const int64_t chunk = std::clamp<int64_t>(env_megabytes("FASTASPP_CPU_WINOGRAD_WORKSPACE_MB", 64) / tile_bytes, 1, tiles);
+  const int64_t budget = env_megabytes("FASTASPP_CPU_WINOGRAD_WORKSPACE_MB", 64);
+  const int64_t chunk = std::clamp<int64_t>(budget / tile_bytes, 1, tiles);
   const int64_t out_strides[3] = {out.stride(0), out.stride(1), out.stride(2)};
   for (int64_t t0 = 0; t0 < tiles; t0 += chunk) {
     const int64_t t1 = std::min(tiles, t0 + chunk);

@@ -130,15 +130,21 @@ struct StageRing {
 
 // An mbarrier wait that ends the kernel (a trap: the launch's stream reports an error) instead of
 // hanging when the phase never completes (a box that never lands, a protocol fault): no legitimate
-// wait lasts a second, and this kernel has not yet run on a device. The clock is read only once
-// the first try has failed.
-constexpr long long kTmaWaitLimitCycles = 1ll << 34;  // about 9 s at 1.98 GHz
+// wait lasts a second, and this kernel has not yet run on a device. The limit is wall-clock time
+// (%globaltimer, in ns), not SM cycles, whose rate follows the clock the GPU runs at. The timer is
+// read only once the first try has failed.
+constexpr uint64_t kTmaWaitLimitNs = 2'000'000'000;
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 __device__ __forceinline__ void tma_wait(uint64_t* barrier, uint32_t parity) {
   using Barrier = cutlass::arch::ClusterBarrier;
   if (Barrier::try_wait(barrier, parity)) return;
-  const long long start = clock64();
+  const uint64_t start = global_timer_ns();
   while (!Barrier::try_wait(barrier, parity))
-    if (clock64() - start > kTmaWaitLimitCycles) __trap();
+    if (global_timer_ns() - start > kTmaWaitLimitNs) __trap();
 }
 
 // An L2 hint for the boxes: src rows are read by the CTAs of every channel block and weight rows by

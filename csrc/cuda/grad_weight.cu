@@ -211,8 +211,8 @@ bool gw_grid(GwArgs& a, dim3& grid) {
 }
 
 // 16-bit types: the CuTe kernel (grad_weight_cute.cuh: wgmma in an sm_90a image, else mma.sync)
-// where it can run, else WMMA tensor cores when the kernel image has them, else SIMT; 16-byte vector loads when the channel counts and
-// pointers allow.
+// where it can run, else WMMA tensor cores when the kernel image has them, else SIMT; 16-byte vector
+// loads when the channel counts and pointers allow.
 template <typename T>
 cudaError_t launch_grad_weight_t(GwArgs a, cudaStream_t stream) {
   dim3 grid;

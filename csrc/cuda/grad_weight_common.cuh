@@ -153,7 +153,8 @@ __host__ __device__ __forceinline__ void store_partial(const GwArgs& a, const Gw
 // store_partial for columns j .. j + 3 of row m, from the 16-byte aligned v, as one 16-byte store:
 // for fp32 partials, a cin in whole chunks of 4 (so ci0 + j, a multiple of 4, has all 4 columns or
 // none) and a 16-byte aligned workspace (partials_in_chunks).
-__host__ __device__ __forceinline__ void store_partial4(const GwArgs& a, const GwTile& t, int m, int j, const float* v) {
+__host__ __device__ __forceinline__ void store_partial4(const GwArgs& a, const GwTile& t, int m, int j,
+                                                       const float* v) {
   const int64_t co = t.co0 + m, ci = t.ci0 + j;
   if (co >= a.cout || ci >= a.cin) return;
   const int64_t taps = a.kh * a.kw;

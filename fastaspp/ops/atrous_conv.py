@@ -8,7 +8,8 @@ eager PyTorch's conv + affine + relu, docs/design.md §13):
     runs the call one of three ways (fastaspp.ops._library.route): the backend kernel directly when no autograd is
     needed; when it is (eager training), the cpu kernel op with its C++ autograd, or an
     autograd.Function around the cuda and triton kernels; the torch op under torch.compile, export,
-    dispatch modes or tensor subclasses.
+    dispatch modes or tensor subclasses. The eager calls of the C++ kernels go through
+    fastaspp._C.atrous_conv2d_forward, which checks the arguments in C++ (csrc/eager_calls.cpp).
   * torch.ops.fastaspp.atrous_conv2d (+ _grad_input, _grad_weight): the torch ops, defined with
     torch.library (schema, fake impl, autograd) for compile, export and opcheck; the backend is
     an argument, so a compiled graph records which one ran.
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastaspp import _ext
-from fastaspp._backend import resolve_backend
+from fastaspp._backend import eager_backend, resolve_backend
 from fastaspp.geometry import conv_out_size
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
@@ -42,7 +43,9 @@ def check_atrous_conv2d_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
                              shift: Optional[Tensor], stride: List[int], padding: List[int],
                              dilation: List[int]) -> None:
     """Raises the error that names the first bad argument. Each attribute is read once: this runs on
-    every call, and a small call's whole budget is a few µs of Python."""
+    every call, and a small call's whole budget is a few µs of Python. The eager calls of the C++
+    kernels run the same checks in C++ (csrc/eager_calls.cpp, kept equal by
+    tests/test_atrous_conv_errors.py, which runs every case both ways)."""
     check_tensor(x, "x", 4)
     check_tensor(weight, "weight", 4)
     check_like(weight, "weight", x)
@@ -292,16 +295,21 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
             x, weight, bias, scale, shift = (cast(t, dtype) for t in (x, weight, bias, scale, shift))
     if relu is not True and relu is not False:
         raise TypeError(f"relu must be a bool, got {relu!r}")
+    how = route(x, weight, bias, scale, shift)  # anything but plain tensors goes to the torch op
+    if how is not Route.OP:
+        try:
+            backend = eager_backend(x)
+        except RuntimeError:
+            check_atrous_conv2d_args(x, weight, bias, scale, shift, stride, padding, dilation)  # reported first
+            raise
+        if backend != "triton" and (how is Route.KERNEL or backend == "cpu"):
+            # C++: check_atrous_conv2d_args's checks, then the kernel op (csrc/eager_calls.cpp), on cpu
+            # with its C++ autograd when a gradient is needed (csrc/cpu/atrous_conv_autograd.cpp).
+            return _ext._C.atrous_conv2d_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu)
     check_atrous_conv2d_args(x, weight, bias, scale, shift, stride, padding, dilation)
     backend = resolve_backend(x.device)
-    how = route(x, weight, bias, scale, shift)
-    if how is Route.OP:
-        return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu,
-                                                backend)
-    if backend != "triton" and (how is Route.KERNEL or backend == "cpu"):
-        # The C++ kernel op through fastaspp._C's binding (csrc/eager_calls.h), on cpu with its C++
-        # autograd when a gradient is needed (csrc/cpu/atrous_conv_autograd.cpp).
-        return _ext._C.atrous_conv2d_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu)
     if how is Route.KERNEL:
         return _forward_kernel(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
-    return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+    if how is Route.FUNCTION:
+        return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+    return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
