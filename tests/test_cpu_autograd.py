@@ -35,8 +35,9 @@ def make_inputs(case, dtype=torch.float64, seed=0):
 
 
 def node_name(out):
-    return type(out.grad_fn).__name__ if out.grad_fn is None or type(out.grad_fn).__name__ != "CppFunction" \
-        else out.grad_fn.name()
+    """The name of out's autograd node: torch's class name (ConvolutionBackward0), or a C++ Function's
+    demangled type (...CppNode<fastaspp::...::AtrousConv2dCpu>)."""
+    return out.grad_fn.name() if out.grad_fn is not None else "None"
 
 
 # Every presence of the optional arguments, and which of the given ones take a gradient.
