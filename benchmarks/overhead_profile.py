@@ -4,19 +4,17 @@ ops inside the C++ kernel.
 
 Parts of fastaspp.ops.atrous_conv2d (eval, no grad): argument checks (in Python, as the torch op's
 route runs them); backend choice and the route past the op dispatch; the kernel (the C++ op called
-directly), with its weight layout kept and re-made; the binding the eager routes call (the checks in
-C++, then the kernel); the torch op's dispatch. For a training call: the forward with autograd, and forward +
-backward. (Before 2026-11-30 the parts were those of that commit's layers: the folded affine in
-Python, the output layout, the custom op.) Eager
-PyTorch's conv2d → affine → relu is timed alongside. The parts name this commit's functions:
-update them when the layers change.
+directly), with its weight layout kept and re-made; the binding the eager routes call (the checks
+in C++, then the kernel); the torch op's dispatch. For a training call: the forward with autograd,
+and forward + backward. (Before 2026-11-30 the parts were those of that commit's layers: the folded
+affine in Python, the output layout, the custom op.) Eager PyTorch's conv2d → affine → relu is timed
+alongside. The parts name this commit's functions: update them when the layers change.
 
 Then a ConvBNReLU training step at a mid size (MID_SHAPE, a mostly live conv of the overhead bench's
 MID_CONVS at batch 2) with its layers peeled off one at a time, timed in interleaved rounds so that
 the differences between neighbours are this run's: the module, then the public entry point, then
 the kernel op (called as the entry point does, and by torch.ops), down to eager's own conv without
-modules. Each difference is that layer's host time
-in a step whose other work is the same.
+modules. Each difference is that layer's host time in a step whose other work is the same.
 
     python benchmarks/overhead_profile.py [--threads 1] [--out benchmarks/results] [--calls 200 --samples 15]
 """
