@@ -20,6 +20,8 @@
 #include <string>
 #include <utility>
 
+#include "common/tap_geometry.h"
+
 namespace fastaspp {
 namespace {
 
@@ -58,12 +60,6 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
 }
 
-int64_t out_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
-  // Python's floor division (fastaspp.geometry.conv_out_size): the numerator may be negative.
-  const int64_t num = in + 2 * padding - dilation * (kernel - 1) - 1;
-  return (num >= 0 ? num / stride : -((-num + stride - 1) / stride)) + 1;
-}
-
 std::string pair_tuple(const std::array<int64_t, 2>& v) {
   return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ")";
 }
@@ -92,8 +88,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const std::option
   TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, "stride must be >= 1, got ", pair_tuple(stride));
   TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, "dilation must be >= 1, got ", pair_tuple(dilation));
   TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, "padding must be >= 0, got ", pair_tuple(padding));
-  const int64_t out_h = out_size(x.size(2), kh, stride[0], padding[0], dilation[0]);
-  const int64_t out_w = out_size(x.size(3), kw, stride[1], padding[1], dilation[1]);
+  const int64_t out_h = conv_out_size(x.size(2), kh, stride[0], padding[0], dilation[0]);
+  const int64_t out_w = conv_out_size(x.size(3), kw, stride[1], padding[1], dilation[1]);
   TORCH_CHECK_VALUE(out_h >= 1 && out_w >= 1, "output size ", out_h, "x", out_w, " is too small: x is ", x.size(2),
                     "x", x.size(3), ", kernel ", kh, "x", kw, ", stride ", pair_tuple(stride), ", padding ",
                     pair_tuple(padding), ", dilation ", pair_tuple(dilation));
