@@ -28,6 +28,7 @@ from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype, result_format
 from fastaspp.ops._library import LIB, Route, route
+from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import check_backend, check_like, check_tensor
 from fastaspp.ops.atrous_conv import conv_affine_backward
 
@@ -126,6 +127,7 @@ def any_needed(need) -> bool:
     return any(need) if isinstance(need, (list, tuple)) else bool(need)
 
 
+@first_order_only("aspp_branches", "the eager torch modules (fastaspp.reference.ASPP)")
 def _branches_backward(ctx, grad: Tensor):
     need_x, need_w, _, need_scale, need_shift = ctx.needs_input_grad[:5]
     dx, dws, dscale, dshift = _grads(ctx, grad, need_x, any_needed(need_w), need_scale, need_shift)
@@ -143,6 +145,7 @@ class _AsppBranchesFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("aspp_branches", "the eager torch modules (fastaspp.reference.ASPP)")
     def backward(ctx, grad):
         need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
         need_w = any(ctx.needs_input_grad[6:])

@@ -37,6 +37,7 @@ from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype
 from fastaspp.ops._library import LIB, Route, route
 from fastaspp.ops.aspp import _branches_shape, _triton_aspp, any_needed, branches_backward, check_aspp_args
+from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import check_backend, check_like, check_tensor
 
 Stats = Tuple[Tensor, Tensor, Tensor]
@@ -91,6 +92,7 @@ def _branches_stats_grads(ctx, grad_z, grad_mean, grad_var, need_x: bool, need_w
     return dx, dws
 
 
+@first_order_only("aspp_branches_stats", "the eager torch modules (fastaspp.reference.ASPP)")
 def _branches_stats_backward(ctx, grad_z, grad_mean, grad_var):
     need_x, need_w = ctx.needs_input_grad[:2]
     dx, dws = _branches_stats_grads(ctx, grad_z, grad_mean, grad_var, need_x, any_needed(need_w))
@@ -103,6 +105,7 @@ def _save_project(ctx, z, centre, scale, shift, weight, output, backend) -> None
     ctx.backend = backend
 
 
+@first_order_only("affine_relu_project", "the eager torch modules (fastaspp.reference.ASPP)")
 def _project_backward(ctx, grad_y, grad_mean, grad_var):
     """With pre = (z − centre)·scale + shift and u = relu(pre), recomputed here rather than saved:
     dW = Gᵀu, d image_bias = Σ_pixels G, dpre = (G W) ⊙ [pre > 0], dz = dpre·scale,
@@ -139,6 +142,7 @@ class _BranchesStatsFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only("aspp_branches_stats", "the eager torch modules (fastaspp.reference.ASPP)")
     def backward(ctx, grad_z, grad_mean, grad_var):
         need_w = any(ctx.needs_input_grad[3:])
         dx, dws = _branches_stats_grads(ctx, grad_z, grad_mean, grad_var, ctx.needs_input_grad[0], need_w)

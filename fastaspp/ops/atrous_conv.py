@@ -33,6 +33,7 @@ from fastaspp import _ext
 from fastaspp._backend import eager_backend, resolve_backend
 from fastaspp.geometry import conv_out_size
 from fastaspp.ops._autocast import autocast_dtype, cast
+from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
 from fastaspp._rules import accumulator_dtype, result_format
 from fastaspp.ops._library import LIB, Route, route
@@ -171,6 +172,7 @@ def _save(ctx, x, weight, bias, scale, output, stride, padding, dilation, relu, 
     ctx.backend = backend
 
 
+@first_order_only("atrous_conv2d", "eager torch.nn.functional.conv2d")
 def _backward(ctx, grad: Tensor):
     x, weight, bias, scale, out = ctx.saved_tensors
     grads = conv_affine_backward(grad, x, weight, bias, scale, out, ctx.relu, *ctx.conv, ctx.backend,
