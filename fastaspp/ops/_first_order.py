@@ -43,6 +43,8 @@ def first_order_only(op: str, instead: str) -> Callable:
             with torch.no_grad():
                 grads = backward(ctx, *grad_outputs)
             flat = [g for g in _leaves(grads) if g is not None]
+            if not flat:
+                return grads
             # The node needs inputs that require grad to be recorded; the gradients are fresh tensors.
             message = (f"fastaspp: {op} on the {ctx.backend} backend has no double backward (a gradient of its "
                        f"gradients); use {instead} for higher-order gradients")
