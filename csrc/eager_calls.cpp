@@ -18,9 +18,11 @@
 #include <array>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "common/tap_geometry.h"
+#include "cpu/batch_norm_relu.h"
 
 namespace fastaspp {
 namespace {
@@ -120,6 +122,13 @@ std::array<int64_t, 2> pair_arg(PyObject* obj, const char* name) {
   return pair;
 }
 
+// torch.Size's repr, for the batch-size error nn.BatchNorm2d raises.
+std::string torch_size(const at::Tensor& t) {
+  std::string out = "torch.Size([";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
+  return out + "])";
+}
+
 }  // namespace
 
 PyObject* atrous_conv2d_forward_eager(PyObject* /*module*/, PyObject* args) {
@@ -143,6 +152,41 @@ PyObject* atrous_conv2d_forward_eager(PyObject* /*module*/, PyObject* args) {
   {
     pybind11::gil_scoped_release no_gil;  // as torch's bindings do: the kernel may run for a while
     y = op.call(x_t, weight_t, bias_t, scale_t, shift_t, stride_v, padding_v, dilation_v, relu != 0);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* batch_norm_relu_train_eager(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  using ForwardBn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                    const std::optional<at::Tensor>&, double, bool);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastaspp::_batch_norm_relu_train_forward", "")
+                             .typed<ForwardBn>();
+  PyObject *z, *weight, *bias, *running_mean, *running_var;
+  double factor = 0.0, eps = 0.0;
+  int relu = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOddp:batch_norm_relu_train", &z, &weight, &bias, &running_mean, &running_var,
+                        &factor, &eps, &relu))
+    return nullptr;
+  const at::Tensor z_t = tensor_arg(z, "z");
+  const std::optional<at::Tensor> weight_t = optional_tensor_arg(weight, "weight"),
+                                  bias_t = optional_tensor_arg(bias, "bias"),
+                                  mean_t = optional_tensor_arg(running_mean, "running_mean"),
+                                  var_t = optional_tensor_arg(running_var, "running_var");
+  TORCH_CHECK_VALUE(z_t.dim() == 4, "expected 4D input (got ", z_t.dim(), "D input)");
+  const int64_t count = z_t.size(0) * z_t.size(2) * z_t.size(3);
+  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got input size ",
+                    torch_size(z_t));
+  at::Tensor y, mean, var;
+  {
+    pybind11::gil_scoped_release no_gil;
+    std::tie(y, mean, var) = op.call(z_t, weight_t, bias_t, eps, relu != 0);
+    // The running statistics move as nn.BatchNorm2d's do: by factor, with the unbiased variance.
+    at::NoGradGuard no_grad;
+    if (mean_t.has_value()) move_running_stat(*mean_t, mean, 1.0, factor);
+    if (var_t.has_value()) move_running_stat(*var_t, var, static_cast<double>(count) / (count - 1), factor);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS

@@ -1,14 +1,14 @@
 // The Python module fastaspp._C. The ops are not registered here: each registration is a static
 // initialiser of another translation unit of the same library, so importing the module (which
 // loads the library) runs them all: the schemas in csrc/atrous_conv.cpp (TORCH_LIBRARY) and
-// csrc/{aspp,conv_tiling,kept_bytes}.cpp (TORCH_LIBRARY_FRAGMENT), the kernels in
-// csrc/cpu/{atrous_conv,aspp,aspp_train}.cpp, the cpu conv's autograd in
-// csrc/cpu/atrous_conv_autograd.cpp and, in a CUDA build,
+// csrc/{aspp,batch_norm_relu,conv_tiling,kept_bytes}.cpp (TORCH_LIBRARY_FRAGMENT), the kernels in
+// csrc/cpu/{atrous_conv,aspp,aspp_train,batch_norm_relu}.cpp, the C++ autograd of the cpu conv
+// (csrc/cpu/atrous_conv_autograd.cpp) and of the training BN + ReLU, and, in a CUDA build,
 // csrc/cuda/{atrous_conv_cuda,aspp_cuda,aspp_project_cuda}.cpp
-// (TORCH_LIBRARY_IMPL). The module itself carries one function, the eager routes' call of the conv
-// kernel op (eager_calls.h), and constants: WITH_CUDA (how it was built), CPU_DIRECT_MAX_MACS (the
-// default threshold of the cpu backend's direct loops, direct_conv.h) and the limits of the fp32
-// forward's rule within that range (conv_paths.h).
+// (TORCH_LIBRARY_IMPL). The module itself carries two functions, the eager routes' calls of the conv
+// kernel op and of the training BN + ReLU (eager_calls.h), and constants: WITH_CUDA (how it was
+// built), CPU_DIRECT_MAX_MACS (the default threshold of the cpu backend's direct loops,
+// direct_conv.h) and the limits of the fp32 forward's rule within that range (conv_paths.h).
 #include <Python.h>
 
 #include "cpu/conv_paths.h"
@@ -23,6 +23,9 @@ static PyMethodDef fastaspp_methods[] = {
     {"atrous_conv2d_forward", fastaspp::atrous_conv2d_forward_eager, METH_VARARGS,
      "atrous_conv2d_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu): the kernel op "
      "fastaspp::_atrous_conv2d_forward for fastaspp.ops.atrous_conv2d's eager routes"},
+    {"batch_norm_relu_train", fastaspp::batch_norm_relu_train_eager, METH_VARARGS,
+     "batch_norm_relu_train(z, weight, bias, running_mean, running_var, factor, eps, relu): training batch norm "
+     "(+ ReLU) in one op for fastaspp.nn's conv + BN blocks on CPU tensors"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef fastaspp_module = {PyModuleDef_HEAD_INIT, "_C", "fastaspp's C++/CUDA op library", -1,

@@ -4,10 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastaspp.nn._fold_cache import FoldCache, records_autograd
+from fastaspp.nn._train_bn import batch_norm_act
 from fastaspp._rules import accumulator_dtype
 from fastaspp.ops._autocast import cast_dtype
 from fastaspp.ops.atrous_conv import atrous_conv2d
@@ -76,8 +76,9 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool = Tru
     Eval (BN with running statistics): one op call, BN folded into a per-channel scale and shift.
     The fold and a detached view of the conv's weight are kept in `cache` (default: one held by
     `bn`) while the parameters and statistics are unchanged, so a call pays one version check and
-    the backends keep their re-laid-out weights. Training: the op, then `bn` itself (batch
-    statistics, running-stat updates exactly as nn.BatchNorm2d); the kept fold is dropped.
+    the backends keep their re-laid-out weights. Training: the op, then the BN with batch statistics
+    (and the ReLU) as one op on CPU tensors, else `bn` itself (fastaspp.nn._train_bn); the kept
+    fold is dropped.
     """
     if cache is None:
         cache = bn.__dict__.get("_fastaspp_fold")
@@ -88,8 +89,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, relu: bool = Tru
     running_mean = _member(bn, "_buffers", "running_mean")
     if bn.training or running_mean is None:
         cache.clear()
-        y = bn(atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation))
-        return F.relu(y) if relu else y
+        return batch_norm_act(bn, atrous_conv2d(x, weight, bias, conv.stride, padding, conv.dilation), relu)
     sources = [weight, bias, _member(bn, "_parameters", "weight"), _member(bn, "_parameters", "bias"), running_mean,
                _member(bn, "_buffers", "running_var")]
     # The dtype the op computes in: x's, or the autocast dtype the op casts its operands to. The fold
@@ -110,8 +110,9 @@ class ConvBNReLU(nn.Sequential):
 
     Eval (BN using running statistics): one fused op, BN folded into a per-channel scale and
     shift, kept until a parameter or buffer changes. Training, or a BN without running statistics:
-    the conv runs on fastaspp's kernel and BatchNorm2d itself normalises with batch statistics and
-    updates its buffers, so results and running stats match nn.BatchNorm2d exactly (conv_bn_act).
+    the conv runs on fastaspp's kernel, then the batch-statistics BN and the ReLU as one C++ op on
+    CPU tensors, or BatchNorm2d and ReLU themselves elsewhere (fastaspp.nn._train_bn); results and
+    running statistics are nn.BatchNorm2d's within rounding (conv_bn_act).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=0, dilation=1,
