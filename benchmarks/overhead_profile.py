@@ -14,7 +14,9 @@ Then a ConvBNReLU training step at a mid size (MID_SHAPE, a mostly live conv of 
 MID_CONVS at batch 2) with its layers peeled off one at a time, timed in interleaved rounds so that
 the differences between neighbours are this run's: the module, then the public entry point, then
 the kernel op (called as the entry point does, and by torch.ops), down to eager's own conv without
-modules. Each difference is that layer's host time in a step whose other work is the same.
+modules; and the module's training BN + ReLU (one C++ op on CPU, fastaspp.nn._train_bn) against
+BatchNorm2d and ReLU themselves, which the rows below it keep. Each difference is that layer's host
+time in a step whose other work is the same.
 
     python benchmarks/overhead_profile.py [--threads 1] [--out benchmarks/results] [--calls 200 --samples 15]
 """
@@ -31,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastaspp
 from fastaspp.bench.report import environment
+from fastaspp.nn._train_bn import batch_norm_act
 from fastaspp.ops import atrous_conv as op_module
 from fastaspp.ops._checks import pair
 
@@ -124,7 +127,9 @@ def mid_train_steps(calls, rounds):
     steps = {
         "eager nn.Sequential(Conv2d, BatchNorm2d, ReLU)": lambda: eager(x),
         "fastaspp.nn.ConvBNReLU": lambda: fused(x),
-        "no module: F.relu(bn(fastaspp.ops.atrous_conv2d(x, w)))": lambda: F.relu(bn(
+        "no module: batch_norm_act(bn, fastaspp.ops.atrous_conv2d(x, w), relu=True)": lambda: batch_norm_act(
+            bn, fastaspp.ops.atrous_conv2d(x, w, None, 1, rate, rate), True),
+        "BN and ReLU as modules: F.relu(bn(fastaspp.ops.atrous_conv2d(x, w)))": lambda: F.relu(bn(
             fastaspp.ops.atrous_conv2d(x, w, None, 1, rate, rate))),
         "no entry point: fastaspp._C's binding (C++ checks, kernel op)": lambda: F.relu(bn(
             fastaspp._ext._C.atrous_conv2d_forward(x, w, None, None, None, *geometry, False))),

@@ -185,7 +185,7 @@ def test_overhead_profile_times_every_part_of_this_commits_call():
                  "train: fused forward + backward"):
         assert float(times[part]) > 0, part
     steps = dict(re.findall(r"^  (\S.*?)\s+([0-9.]+) µs$", out, flags=re.M))
-    assert len(steps) == 6 and all(float(us) > 0 for us in steps.values()), steps
+    assert len(steps) == 7 and all(float(us) > 0 for us in steps.values()), steps
     assert "fastaspp.nn.ConvBNReLU" in steps
     assert "fastaspp::_atrous_conv2d_forward" in out
 
