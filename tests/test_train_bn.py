@@ -209,3 +209,16 @@ def test_route():
     sync = fastaspp.nn.ConvBNReLU(3, 4, 3, padding=1).double().train()
     sync[1] = fastaspp.nn.SyncBatchNorm2d(4).double()
     assert _node(sync, x) == "ReluBackward0"
+
+
+def test_compiled_training_runs_the_modules():
+    """Under torch.compile the BN runs as the module (the op's route): a fullgraph trace, with the
+    eager fused step's results and running statistics."""
+    compiled_module = fastaspp.nn.ConvBNReLU(3, 4, 3, padding=1).double().train()
+    eager_module = fastaspp.nn.ConvBNReLU(3, 4, 3, padding=1).double().train()
+    eager_module.load_state_dict(compiled_module.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager_module(x), rtol=1e-12, atol=1e-12)
+    for a, b in zip(compiled_module[1].buffers(), eager_module[1].buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
