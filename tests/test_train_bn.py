@@ -51,8 +51,8 @@ def _z(shape, dtype, channels_last, seed=1, offset=0.0):
     return z.contiguous(memory_format=torch.channels_last) if channels_last else z
 
 
-def _pair(bn, dtype):
-    """bn and an independent float64 copy with the same state."""
+def _float64_copy(bn):
+    """An independent float64 nn.BatchNorm2d with bn's state: the reference modules."""
     ref = nn.BatchNorm2d(bn.num_features, momentum=bn.momentum, affine=bn.affine,
                          track_running_stats=bn.track_running_stats).double()
     ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in bn.state_dict().items()})
@@ -74,7 +74,7 @@ def _run(bn, z, relu, grad, fused=True):
                                                      (True, 0.1, False)])
 def test_float64_matches_modules(shape, channels_last, relu, affine, momentum, track):
     bn = _bn(shape[1], affine=affine, momentum=momentum, track=track).train()
-    ref = _pair(bn, torch.float64)
+    ref = _float64_copy(bn)
     z = _z(shape, torch.float64, channels_last)
     grad = _z(shape, torch.float64, channels_last, seed=2)
     for _step in range(2):  # twice: momentum=None averages over the batches seen
@@ -110,7 +110,7 @@ def _bound(z64, bn64, y_ref, dtype):
 @pytest.mark.parametrize("shape", SHAPES[:4])
 def test_low_precision_within_bound(dtype, channels_last, shape):
     bn = _bn(shape[1], dtype=torch.float32).train()  # fp32 parameters, as under mixed precision
-    ref = _pair(bn, torch.float64)
+    ref = _float64_copy(bn)
     z = _z(shape, dtype, channels_last, offset=3.0)  # a mean well off 0: the centred form's case
     grad = _z(shape, dtype, channels_last, seed=2)
     y, dz, (dw, db) = _run(bn, z, True, grad)
