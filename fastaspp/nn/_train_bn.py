@@ -7,8 +7,8 @@ ReLU's mask from z, where eager runs BatchNorm2d and ReLU as two ops and two nod
 running statistics are the modules' within rounding (tests/test_train_bn.py). Everything else runs
 the modules themselves, by this explicit rule: CUDA tensors (cuDNN's batch norm), the torch op's
 route (torch.compile, export, dispatch or torch-function modes, tensor subclasses), CPU autocast
-(which runs batch_norm in float32), other classes (SyncBatchNorm2d, subclasses, parametrized
-modules) and forward hooks, which a fused call would skip.
+(whose dtype policy for batch_norm stays torch's), other classes (SyncBatchNorm2d, subclasses,
+parametrized modules) and forward hooks, which a fused call would skip.
 """
 from __future__ import annotations
 
