@@ -20,6 +20,7 @@
 #include "../common/rules.h"
 #include "../common/tap_geometry.h"
 #include "batch_norm_relu.h"
+#include "channel_stats.h"
 #include "simd.h"
 
 namespace fastaspp {
@@ -83,14 +84,6 @@ double plane_sum(const scalar_t* __restrict__ z, int64_t n, F f) {
   return total;
 }
 
-// Chan's merge of (count, mean, M2) with a block's (n, block_mean, block_m2), in fp64.
-inline void merge(double& count, double& mean, double& m2, double n, double block_mean, double block_m2) {
-  const double total = count + n, delta = block_mean - mean;
-  mean += delta * (n / total);
-  m2 += block_m2 + delta * delta * (count * n / total);
-  count = total;
-}
-
 // Per-channel mean and biased variance over the batch: each block's (NHWC: kSumBlock pixels; NCHW:
 // one plane) mean, then its centred sum of squares about that mean (two passes while the block is in
 // cache: no E[z^2] - E[z]^2 cancellation), the blocks merged in order.
@@ -122,7 +115,7 @@ void batch_stats(const scalar_t* z, const Dense& d, acc_t* mean_out, acc_t* var_
     for (int64_t c = 0; c < channels; ++c) {
       double count = 0.0, m = 0.0, m2 = 0.0;
       for (int64_t b = 0; b < blocks; ++b)
-        merge(count, m, m2, static_cast<double>(std::min(kSumBlock, pixels - b * kSumBlock)),
+        chan_merge(count, m, m2, static_cast<double>(std::min(kSumBlock, pixels - b * kSumBlock)),
               part[b * 2 * channels + c], part[b * 2 * channels + channels + c]);
       mean_out[c] = static_cast<acc_t>(m);
       var_out[c] = static_cast<acc_t>(m2 / count);
@@ -141,7 +134,7 @@ void batch_stats(const scalar_t* z, const Dense& d, acc_t* mean_out, acc_t* var_
           const acc_t e = v - centre;
           return e * e;
         });
-        merge(count, m, m2, static_cast<double>(d.plane), plane_mean, plane_m2);
+        chan_merge(count, m, m2, static_cast<double>(d.plane), plane_mean, plane_m2);
       }
       mean_out[c] = static_cast<acc_t>(m);
       var_out[c] = static_cast<acc_t>(m2 / count);

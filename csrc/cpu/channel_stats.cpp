@@ -42,28 +42,16 @@ void channel_stats_impl(const at::Tensor& acc_2d, at::Tensor& mean, at::Tensor& 
         }
     }
   });
-  // Merge block after block: (n_a, m_a, M2_a) + (n_b, m_b, M2_b) with delta = m_b - m_a gives
-  // m = m_a + delta * n_b / n and M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-  std::vector<double> m(part.begin(), part.begin() + channels);
-  std::vector<double> m2(part.begin() + channels, part.begin() + 2 * channels);
-  double count = static_cast<double>(std::min(kStatsBlock, pixels));
-  for (int64_t b = 1; b < blocks; ++b) {
-    const double nb = static_cast<double>(std::min(kStatsBlock, pixels - b * kStatsBlock));
-    const double total = count + nb;
-    const double* mb = part.data() + b * 2 * channels;
-    const double* m2b = mb + channels;
-    for (int64_t c = 0; c < channels; ++c) {
-      const double delta = mb[c] - m[c];
-      m[c] += delta * (nb / total);
-      m2[c] += m2b[c] + delta * delta * (count * nb / total);
-    }
-    count = total;
-  }
+  // Merge block after block, per channel, in order (chan_merge, channel_stats.h).
   acc_t* mean_out = mean.data_ptr<acc_t>();
   acc_t* var_out = var.data_ptr<acc_t>();
   for (int64_t c = 0; c < channels; ++c) {
-    mean_out[c] = static_cast<acc_t>(m[c]);
-    var_out[c] = static_cast<acc_t>(m2[c] / count);
+    double count = 0.0, m = 0.0, m2 = 0.0;
+    for (int64_t b = 0; b < blocks; ++b)
+      chan_merge(count, m, m2, static_cast<double>(std::min(kStatsBlock, pixels - b * kStatsBlock)),
+                 part[b * 2 * channels + c], part[b * 2 * channels + channels + c]);
+    mean_out[c] = static_cast<acc_t>(m);
+    var_out[c] = static_cast<acc_t>(m2 / count);
   }
 }
 
