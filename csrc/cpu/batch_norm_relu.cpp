@@ -112,14 +112,7 @@ void batch_stats(const scalar_t* z, const Dense& d, acc_t* mean_out, acc_t* var_
         });
       }
     });
-    for (int64_t c = 0; c < channels; ++c) {
-      double count = 0.0, m = 0.0, m2 = 0.0;
-      for (int64_t b = 0; b < blocks; ++b)
-        chan_merge(count, m, m2, static_cast<double>(std::min(kSumBlock, pixels - b * kSumBlock)),
-              part[b * 2 * channels + c], part[b * 2 * channels + channels + c]);
-      mean_out[c] = static_cast<acc_t>(m);
-      var_out[c] = static_cast<acc_t>(m2 / count);
-    }
+    merge_block_stats(part, channels, pixels, kSumBlock, mean_out, var_out);
     return;
   }
   at::parallel_for(0, channels, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, d.batch * d.plane)),

@@ -42,17 +42,7 @@ void channel_stats_impl(const at::Tensor& acc_2d, at::Tensor& mean, at::Tensor& 
         }
     }
   });
-  // Merge block after block, per channel, in order (chan_merge, channel_stats.h).
-  acc_t* mean_out = mean.data_ptr<acc_t>();
-  acc_t* var_out = var.data_ptr<acc_t>();
-  for (int64_t c = 0; c < channels; ++c) {
-    double count = 0.0, m = 0.0, m2 = 0.0;
-    for (int64_t b = 0; b < blocks; ++b)
-      chan_merge(count, m, m2, static_cast<double>(std::min(kStatsBlock, pixels - b * kStatsBlock)),
-                 part[b * 2 * channels + c], part[b * 2 * channels + channels + c]);
-    mean_out[c] = static_cast<acc_t>(m);
-    var_out[c] = static_cast<acc_t>(m2 / count);
-  }
+  merge_block_stats(part, channels, pixels, kStatsBlock, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
 }
 
 }  // namespace

@@ -5,7 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <utility>
+#include <vector>
 
 namespace fastaspp {
 
@@ -25,6 +27,22 @@ inline void chan_merge(double& count, double& mean, double& m2, double n, double
   mean += delta * (n / total);
   m2 += block_m2 + delta * delta * (count * n / total);
   count = total;
+}
+
+// Per-channel mean and biased variance from per-block statistics of `pixels` pixels in blocks of
+// `block` (the last may be shorter): part holds, per block, mean[C] then M2[C]; merged in order.
+template <typename acc_t>
+void merge_block_stats(const std::vector<double>& part, int64_t channels, int64_t pixels, int64_t block,
+                       acc_t* mean_out, acc_t* var_out) {
+  const int64_t blocks = (pixels + block - 1) / block;
+  for (int64_t c = 0; c < channels; ++c) {
+    double count = 0.0, m = 0.0, m2 = 0.0;
+    for (int64_t b = 0; b < blocks; ++b)
+      chan_merge(count, m, m2, static_cast<double>(std::min(block, pixels - b * block)), part[b * 2 * channels + c],
+                 part[b * 2 * channels + channels + c]);
+    mean_out[c] = static_cast<acc_t>(m);
+    var_out[c] = static_cast<acc_t>(m2 / count);
+  }
 }
 
 // Per-channel sums of a_2d ([P, C] contiguous, fp32 or fp64), in fixed blocks of pixels merged in
