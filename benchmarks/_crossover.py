@@ -5,6 +5,7 @@ import argparse
 import datetime
 import json
 import os
+from typing import Dict, Optional
 
 import torch
 
@@ -41,9 +42,11 @@ def with_env(env: dict, fn):
     return call
 
 
-def parse_args(doc: str) -> argparse.Namespace:
-    """--threads (applied here), --reps and --out."""
+def parse_args(doc: str, flags: Optional[Dict[str, str]] = None) -> argparse.Namespace:
+    """--threads (applied here), --reps, --out, and a switch for each of `flags` ({name: help})."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, text in (flags or {}).items():
+        parser.add_argument(name, action="store_true", help=text)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=None)

@@ -6,10 +6,13 @@ in one run, interleaved:
   forward (eval conv + BN + ReLU, batch 1): eager PyTorch, and fastaspp.nn.ConvBNReLU forced onto
     oneDNN with the fused epilogue and onto the live-tap GEMMs (Winograd off);
   backward (input and weight gradients, batch 2): eager autograd of the conv, and the cpu backend's
-    one-call backward forced onto oneDNN's convolution_backward and onto the live-tap GEMMs.
-The rule should take, in each direction, the path that is faster at each live share.
+    one-call backward forced onto oneDNN's convolution_backward, onto the live-tap GEMMs, and by
+    the default rule.
+The rule should take, in each direction, the path that is faster at each live share. With
+--thresholds it times instead convs of 64 to 512 channels on 5x5 to 65x65 maps at 27-65% live: where
+the backward's threshold moves with the channel count (onednn_min_live_share).
 
-    python benchmarks/cpu_onednn_live_share.py [--threads 2] [--out benchmarks/results]
+    python benchmarks/cpu_onednn_live_share.py [--thresholds] [--threads 2] [--out benchmarks/results]
 """
 import torch
 
@@ -24,6 +27,13 @@ from _crossover import conv_bn_relu_pair, parse_args, with_env, write_result
 SHAPES = [(2048, 256, 33, 6), (2048, 256, 33, 12), (2048, 256, 33, 18), (2048, 256, 65, 12), (2048, 256, 65, 24),
           (2048, 256, 65, 36), (2048, 256, 17, 12), (512, 512, 33, 24), (256, 256, 65, 36), (256, 256, 33, 18),
           (256, 256, 17, 12), (256, 256, 33, 2), (128, 128, 33, 18), (128, 128, 33, 1)]
+# (c_in, c_out, size, rate) around the backward's thresholds for narrow and wide convs: 64-160
+# channels at 27-65% live, 192-512 channels at 50-65%.
+THRESHOLD_SHAPES = [(64, 64, 33, 24), (64, 64, 33, 20), (128, 128, 9, 5), (128, 128, 17, 9), (64, 64, 17, 9),
+                    (64, 64, 17, 8), (160, 160, 17, 8), (128, 128, 9, 4), (128, 128, 17, 7), (64, 64, 17, 6),
+                    (128, 128, 17, 5), (192, 192, 9, 4), (256, 256, 9, 4), (256, 256, 5, 2), (256, 256, 65, 24),
+                    (256, 256, 33, 12), (192, 192, 17, 6), (512, 512, 17, 6), (512, 512, 9, 3), (256, 256, 9, 3),
+                    (192, 192, 9, 3), (256, 256, 33, 10), (512, 512, 17, 5)]
 CPU = torch.device("cpu")
 
 
@@ -47,27 +57,28 @@ def measure(c_in: int, c_out: int, size: int, rate: int, reps: int) -> dict:
     fused_backward = lambda: torch.ops.fastaspp._atrous_conv2d_backward(  # noqa: E731
         grad, xb, weight, None, None, None, *geometry, [True, True, False, False, False])
     bwd = alternate([lambda: torch.autograd.grad(ye, (xe, we), grad, retain_graph=True),
-                     with_env(ONEDNN, fused_backward), with_env(GEMMS, fused_backward)],
+                     with_env(ONEDNN, fused_backward), with_env(GEMMS, fused_backward), fused_backward],
                     CPU, warmup=1, reps=reps, rounds=2)
-    names = ("eager", "onednn", "gemms")
+    names = ("eager", "onednn", "gemms", "rule")  # rule: the default choice, the direct loops included
     return dict(c_in=c_in, c_out=c_out, size=size, rate=rate, live_share=live / dense,
                 forward_ms={n: t.median_ms for n, t in zip(names, fwd)},
                 backward_ms={n: t.median_ms for n, t in zip(names, bwd)})
 
 
 def main() -> None:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, flags={"--thresholds": "time THRESHOLD_SHAPES instead"})
     rows = []
-    for shape in SHAPES:
+    for shape in THRESHOLD_SHAPES if args.thresholds else SHAPES:
         row = measure(*shape, args.reps)
         rows.append(row)
         f, b = row["forward_ms"], row["backward_ms"]
         print(f"{row['c_in']:4d}->{row['c_out']:<4d} {row['size']:3d}x{row['size']:<3d} r{row['rate']:<3d} "
               f"live {row['live_share']:.2f}  forward: eager {f['eager']:.2f} onednn {f['onednn']:.2f} "
               f"gemms {f['gemms']:.2f}  backward: eager {b['eager']:.2f} onednn {b['onednn']:.2f} "
-              f"gemms {b['gemms']:.2f} ms", flush=True)
+              f"gemms {b['gemms']:.2f} rule {b['rule']:.2f} ms", flush=True)
     if args.out:
-        write_result(args.out, "cpu-onednn-live-share", {"rows": rows})
+        write_result(args.out, "cpu-onednn-live-share-thresholds" if args.thresholds else "cpu-onednn-live-share",
+                     {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -227,6 +227,37 @@ def test_backward_paths_within_their_bound(case, onednn, monkeypatch):
         assert torch.equal(again[0], dx) and torch.equal(again[1], dw)
 
 
+# (channels, size, rate, path the backward's rule takes): the live-share threshold is 0.42 for narrow
+# convs (Cin x Cout below 2^15) and 0.5 for wide ones (conv_paths.h, onednn_min_live_share).
+BACKWARD_SHARE_CASES = [(8, 9, 4, "onednn"), (8, 9, 5, "gemm"), (181, 9, 4, "onednn"), (182, 9, 4, "gemm"),
+                        (182, 9, 3, "onednn")]
+
+
+@pytest.mark.parametrize("channels,size,rate,path", BACKWARD_SHARE_CASES, ids=str)
+def test_backward_live_share_threshold_follows_the_channel_count(channels, size, rate, path, monkeypatch):
+    """A float32 backward above the direct range takes oneDNN above its live-share threshold, which is
+    lower for narrow convs, whose per-tap GEMMs lost to oneDNN at 47-50% live
+    (benchmarks/results/cpu-onednn-live-share-thresholds-*); the bits tell which path ran."""
+    live, dense = live_tap_pixels((size, size), (3, 3), (1, 1), (rate, rate), (rate, rate))
+    threshold = 0.5 if channels * channels >= 2**15 else 0.42
+    assert (live / dense > threshold) == (path == "onednn")  # the case sits where its comment says
+    x, weight, bias, scale, shift = make_inputs(1, channels, channels, size, size, torch.float32)
+    out = forward(x, weight, bias, scale, shift, 1, (rate, rate), (rate, rate))
+    g = torch.randn_like(out)
+    geometry = ([1, 1], [rate, rate], [rate, rate])
+    backward = lambda: torch.ops.fastaspp._atrous_conv2d_backward(  # noqa: E731
+        g, x, weight, bias, scale, out, *geometry, [True, True, False, False, False])[:2]
+    by_path = {}
+    for name, choice in (("onednn", "1"), ("gemm", "0")):
+        monkeypatch.setenv("FASTASPP_CPU_ONEDNN", choice)
+        by_path[name] = backward()
+    monkeypatch.delenv("FASTASPP_CPU_ONEDNN")
+    differ = [not torch.equal(a, b) for a, b in zip(by_path["onednn"], by_path["gemm"])]
+    assert any(differ)  # else the bits could not tell the paths apart
+    chosen = backward()
+    assert torch.equal(chosen[0], by_path[path][0]) and torch.equal(chosen[1], by_path[path][1])
+
+
 def weight_layouts(weight):
     return {"nchw": weight.contiguous(), "channels_last": weight.contiguous(memory_format=torch.channels_last)}
 

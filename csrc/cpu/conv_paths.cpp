@@ -62,6 +62,10 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
   return onednn ? ForwardPath::kOnednn : ForwardPath::kTapGemm;
 }
 
+double onednn_min_live_share(int64_t c_in, int64_t c_out) {
+  return c_in * c_out >= kOnednnWideChannelProduct ? kOnednnMinLiveShare : kOnednnMinLiveShareNarrow;
+}
+
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo) {
   const int64_t pairs = live_pairs(x.sizes(), weight.sizes(), out_h, out_w, geo);
@@ -70,7 +74,7 @@ bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t o
   const double share = live_share(pairs, out_h, out_w, weight);
   if (use_direct(macs)) return leaves_loops(x, choice, macs, share);
   if (!onednn_allowed(x, choice)) return false;
-  return choice == kSwitchOn || share > kOnednnMinLiveShare;
+  return choice == kSwitchOn || share > onednn_min_live_share(x.size(1), weight.size(0));
 }
 
 bool torch_conv_both_ways(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,

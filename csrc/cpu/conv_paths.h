@@ -66,7 +66,6 @@ bool runs_direct(at::IntArrayRef x_size, at::IntArrayRef weight_size, int64_t ou
 // epilogue in place, which is eager's conv with one pass after it instead of BN's and ReLU's; above
 // it oneDNN with the folded epilogue, as above the range.
 enum class ForwardPath { kDirect, kWinograd, kOnednn, kTorchConv, kTapGemm };
-constexpr double kOnednnMinLiveShare = 0.5;
 constexpr int64_t kDirectAnyShareMaxMacs = int64_t{1} << 19;
 constexpr double kDirectMaxLiveShareFp32 = 0.4;
 constexpr int64_t kTorchConvMaxMacs = int64_t{1} << 22;
@@ -74,11 +73,19 @@ ForwardPath forward_path(const at::Tensor& x, const at::Tensor& weight, int64_t 
                          const ConvGeometry& geo);
 
 // Whether a single conv's backward (input and weight gradients) runs oneDNN's convolution_backward:
-// fp32 above the direct loops' range with more than kOnednnMinLiveShare of its pairs live, and
+// fp32 above the direct loops' range with more than onednn_min_live_share of its pairs live, and
 // within it wherever the forward's rule would not keep the loops (FASTASPP_CPU_ONEDNN=0 never, =1
 // always). Otherwise the direct loops or the live-tap GEMMs: unlike its forward, oneDNN's backward
 // does not skip dead taps, and took 1.5 to 5 times the GEMMs' time at 27-40% live, while the GEMMs
 // lost to it on the backbone's mostly live convs (cpu-onednn-live-share-*, docs/design.md §8).
+// Narrow convs (Cin x Cout below kOnednnWideChannelProduct) switch earlier: their per-tap GEMMs are
+// small, and with 64 to 160 channels lost to oneDNN by 1.3 to 1.7x at 47-50% live while winning at
+// 42% and below; from 192 channels the GEMMs were level or ahead at 50% live
+// (cpu-onednn-live-share-thresholds-*).
+constexpr double kOnednnMinLiveShare = 0.5;
+constexpr double kOnednnMinLiveShareNarrow = 0.42;
+constexpr int64_t kOnednnWideChannelProduct = int64_t{1} << 15;
+double onednn_min_live_share(int64_t c_in, int64_t c_out);
 bool backward_on_onednn(const at::Tensor& x, const at::Tensor& weight, int64_t out_h, int64_t out_w,
                         const ConvGeometry& geo);
 
