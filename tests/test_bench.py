@@ -197,6 +197,14 @@ def test_cpu_ceiling_and_dead_tap_scripts_run_on_small_maps():
     assert "36 |" in _run_script("eager_dead_taps.py", "--size", "9", "--c-in", "16", "--reps", "1")
 
 
+def test_onednn_threshold_sweep_runs(tmp_path):
+    """cpu_onednn_live_share.py --thresholds (23 convs, about 10 s at one rep) times every conv in each
+    direction and by the backward's default rule, and writes its result file."""
+    out = _run_script("cpu_onednn_live_share.py", "--thresholds", "--reps", "1", "--out", str(tmp_path))
+    assert len([line for line in out.splitlines() if " rule " in line]) == 23
+    assert len(list(tmp_path.glob("cpu-onednn-live-share-thresholds-*.json"))) == 1
+
+
 def test_gpu_profile_runs_end_to_end_on_cpu_stand_ins(capsys):
     """benchmarks/gpu_profile.py's main and main_host run as on the GPU, with the cpu backend standing in
     for every row and small channels (device time is too scarce to find a renamed helper there): every
