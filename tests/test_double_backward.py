@@ -2,7 +2,8 @@
 usual ones, and a second backward through them raises, naming the op and the backend, on every
 backend and both routes (the eager kernels and the torch op). Before, the triton and cuda eager
 routes and every op route returned second derivatives that silently missed the terms through the
-kernels (checked to fail that way with the decorator removed). torch.func.grad raises too."""
+kernels (checked to fail that way with the decorator removed). Second derivatives under torch.func:
+tests/test_func_transforms.py."""
 import pytest
 import torch
 
@@ -105,13 +106,3 @@ def test_aspp_module_training(backend):
     (dx,) = torch.autograd.grad(aspp(x).square().sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError, match="has no double backward"):
         dx.square().sum().backward()
-
-
-def test_func_grad_raises(backend, calls):
-    """torch.func's gradient transforms are not supported (README): they raise torch's error, not a
-    wrong gradient."""
-    device = device_for(backend)
-    x, w, scale = (t.detach() for t in _leaves(device, (1, 3, 6, 5), (4, 3, 3, 3), (4,)))
-    loss = lambda w: calls(atrous_conv2d, x, w, None, 1, 2, 2, scale=scale, relu=True).sum()  # noqa: E731
-    with pytest.raises(RuntimeError, match="functorch transforms"):
-        torch.func.grad(loss)(w)

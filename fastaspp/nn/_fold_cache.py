@@ -5,9 +5,10 @@ A kept value is valid while every tensor it came from is the same object with th
 fastaspp._rules.version_stamp (storage and version counter); that module states the rule the
 backends' caches follow too. The memo is dropped when the module trains (the
 train/eval switch), bypassed under torch.compile (the graph folds the few [C]-sized ops itself)
-and whenever autograd would record the fold (a kept value would carry one call's graph into the
-next backward). Kept values are computed outside inference mode, so that they are ordinary tensors
-with version counters (the backends keep their re-laid-out weights by them).
+and whenever autograd or a torch.func transform would record the fold (a kept value would carry
+one call's graph into the next backward, or drop the transform's gradients). Kept values are
+computed outside inference mode, so that they are ordinary tensors with version counters (the
+backends keep their re-laid-out weights by them).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastaspp._rules import version_stamp
+from fastaspp.ops._library import transform_active
 
 
 def state_tensors(module: nn.Module, out: Optional[List[Tensor]] = None) -> List[Tensor]:
@@ -36,8 +38,10 @@ def state_tensors(module: nn.Module, out: Optional[List[Tensor]] = None) -> List
 
 
 def records_autograd(tensors: Iterable[Optional[Tensor]]) -> bool:
-    """Whether autograd would record a computation from these tensors right now."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether autograd would record a computation from these tensors right now, or a torch.func
+    transform or forward-mode AD is active: their tensors look plain to Python, and a kept (detached)
+    fold of them would drop their gradients, tangents or batch dimension."""
+    return transform_active() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 class FoldCache:

@@ -6,7 +6,8 @@ statistics, then normalisation and ReLU in one pass, and a two-pass backward tha
 ReLU's mask from z, where eager runs BatchNorm2d and ReLU as two ops and two nodes. Results and
 running statistics are the modules' within rounding (tests/test_train_bn.py). Everything else runs
 the modules themselves, by this explicit rule: CUDA tensors (cuDNN's batch norm), the torch op's
-route (torch.compile, export, dispatch or torch-function modes, tensor subclasses), CPU autocast
+route (torch.compile, export, dispatch or torch-function modes, tensor subclasses), torch.func's
+transforms and forward-mode AD (which a C++ autograd node cannot join), CPU autocast
 (whose dtype policy for batch_norm stays torch's), other classes (SyncBatchNorm2d, subclasses,
 parametrized modules) and forward hooks, which a fused call would skip.
 """
@@ -18,14 +19,14 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from fastaspp import _ext
-from fastaspp.ops._library import Route, route
+from fastaspp.ops._library import runs_kernels
 
 
 def _fused(bn: nn.Module, z: Tensor) -> bool:
     return (type(bn) is nn.BatchNorm2d and z.device.type == "cpu" and _ext.loaded()
             and not (bn._forward_hooks or bn._forward_pre_hooks or _module._global_forward_hooks
                      or _module._global_forward_pre_hooks)
-            and not torch.is_autocast_enabled("cpu") and route(z) is not Route.OP)
+            and not torch.is_autocast_enabled("cpu") and runs_kernels(z))
 
 
 def batch_norm_act(bn: nn.BatchNorm2d, z: Tensor, relu: bool) -> Tensor:

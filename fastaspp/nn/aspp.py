@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fastaspp.nn._fold_cache import FoldCache, records_autograd, state_tensors
 from fastaspp.nn.atrous_conv import ConvBNReLU, fold_bn
 from fastaspp.nn.sync_bn import SyncBatchNorm2d
+from fastaspp.ops._library import transform_active
 from fastaspp.ops.aspp import aspp_eval_folded, fold_aspp_eval
 from fastaspp.ops.aspp_train import affine_relu_project, aspp_branches_stats
 from fastaspp.ops.atrous_conv import atrous_conv2d
@@ -83,7 +84,10 @@ class ASPP(nn.Module):
         self._check_input(x)
         if self.training:
             self._fold_cache.clear()  # the train/eval switch drops the kept fold
-            return self._forward_train(x) if self._branch_bns_shareable() else self._forward_per_branch(x)
+            # Under torch.func's transforms the BNs run as modules: the fused path moves the running
+            # statistics in place from the batch's, which functorch refuses for its wrapped tensors.
+            fused = self._branch_bns_shareable() and not transform_active()
+            return self._forward_train(x) if fused else self._forward_per_branch(x)
         state = state_tensors(self)
         if records_autograd(state) or (torch.is_grad_enabled() and x.requires_grad):
             return self._forward_per_branch(x)

@@ -15,18 +15,29 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
 
 
 class _SecondBackwardRefused(torch.autograd.Function):
-    """Identity on the gradients whose own backward raises."""
+    """Identity on the first `count` tensors (the gradients), whose own backward raises; the rest
+    are anchors: what the gradients depend on, so that the node is recorded wherever they are."""
+
+    generate_vmap_rule = True  # functorch's jacrev runs backwards under vmap
 
     @staticmethod
-    def forward(ctx, message: str, *grads: Tensor):
-        ctx.message = message
-        return tuple(g.view_as(g) for g in grads)
+    def forward(message: str, count: int, *tensors: Tensor):
+        return tuple(g.view_as(g) for g in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # a separate setup_context: what torch.func's transforms need
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, *unused):
+        raise RuntimeError(ctx.message)
+
+    @staticmethod
+    def jvp(ctx, *unused):  # forward mode over the backward (torch.func.jacfwd of a gradient, hessian)
         raise RuntimeError(ctx.message)
 
 
@@ -45,10 +56,17 @@ def first_order_only(op: str, instead: str) -> Callable:
             flat = [g for g in _leaves(grads) if g is not None]
             if not flat:
                 return grads
-            # The node needs inputs that require grad to be recorded; the gradients are fresh tensors.
             message = (f"fastaspp: {op} on the {ctx.backend} backend has no double backward (a gradient of its "
                        f"gradients); use {instead} for higher-order gradients")
-            refused = _SecondBackwardRefused.apply(message, *(g.detach().requires_grad_() for g in flat))
+            if peek_interpreter_stack() is None:
+                # The node needs inputs that require grad to be recorded; the gradients are fresh tensors.
+                refused = _SecondBackwardRefused.apply(message, len(flat), *(g.detach().requires_grad_() for g in flat))
+            else:
+                # Under torch.func (whose transforms refuse requires_grad_), a gradient of these gradients
+                # is taken with respect to the transform's inputs: anchored on the saved tensors and the
+                # incoming gradients, the node is on every path from them.
+                anchors = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, Tensor)]
+                refused = _SecondBackwardRefused.apply(message, len(flat), *flat, *anchors)
             swap = dict(zip(map(id, flat), refused))
             return _replace(grads, swap)
 

@@ -27,10 +27,10 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype, result_format
-from fastaspp.ops._library import LIB, Route, route
+from fastaspp.ops._library import LIB, Route, route, runs_kernels, transform_active
 from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import check_backend, check_like, check_tensor
-from fastaspp.ops.atrous_conv import conv_affine_backward
+from fastaspp.ops.atrous_conv import conv_affine_backward, conv_affine_jvp
 
 
 def _triton_aspp():
@@ -94,7 +94,7 @@ def branches_backward(g: Tensor, x: Tensor, weights: Sequence[Tensor], rates: Se
     if need_x:
         g_scaled = g if scale is None else g * scale.view(1, -1, 1, 1)
         args = (g_scaled, list(weights), list(rates), list(x.shape), backend)
-        dx = (_grad_input_kernel(*args) if route(g_scaled) is not Route.OP
+        dx = (_grad_input_kernel(*args) if runs_kernels(g_scaled)
               else torch.ops.fastaspp.aspp_branches_grad_input(*args))
         dx = dx.contiguous(memory_format=result_format(x))
     dws, dscales, dshifts = [], [], []
@@ -109,6 +109,22 @@ def branches_backward(g: Tensor, x: Tensor, weights: Sequence[Tensor], rates: Se
             dshifts.append(gt)
     return (dx, dws if need_w else None, torch.cat(dscales) if need_scale else None,
             torch.cat(dshifts) if need_shift else None)
+
+
+def branches_tangents(x: Tensor, weights: Sequence[Tensor], rates: Sequence[int], scale, out: Tensor, tx, tws,
+                      tscale, tshift, relu: bool, backend: str) -> List[Tensor]:
+    """Each branch's tangent (forward-mode AD) of act(conv_i(x)·scale_i + shift_i), from the tangents
+    of x, the weights (tws: one per branch, any None), scale and shift (conv_affine_jvp); scale None
+    means 1 and then tscale is None."""
+    c = weights[0].shape[0]
+    parts = []
+    for i, w in enumerate(weights):
+        part = slice(i * c, (i + 1) * c)
+        tangents = (tx, tws[i], None, None if tscale is None else tscale[part],
+                    None if tshift is None else tshift[part])
+        parts.append(conv_affine_jvp(x, w, None, None if scale is None else scale[part], out[:, part], tangents, relu,
+                                     *_branch_geometry(rates, i), backend))
+    return parts
 
 
 def _save(ctx, x, weights, rates, scale, output, relu, backend) -> None:
@@ -136,13 +152,28 @@ def _branches_backward(ctx, grad: Tensor):
 
 class _AsppBranchesFunction(torch.autograd.Function):
     """Eager autograd around the branch kernels: torch.ops.fastaspp.aspp_branches's autograd without
-    the op dispatch. The weights come last, one argument each (autograd sees no tensor in a list)."""
+    the op dispatch. The weights come last, one argument each (autograd sees no tensor in a list).
+    Also the route under torch.func's transforms and forward-mode AD (as for atrous_conv2d)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, scale, shift, rates, relu, backend, *weights):
-        y = _branches_kernel(x, list(weights), rates, scale, shift, relu, backend)
-        _save(ctx, x, weights, rates, scale, y, relu, backend)
-        return y
+    def forward(x, scale, shift, rates, relu, backend, *weights):
+        if not transform_active():  # else functorch's wrapped or batched tensors: the op
+            return _branches_kernel(x, list(weights), rates, scale, shift, relu, backend)
+        return torch.ops.fastaspp.aspp_branches(x, list(weights), rates, scale, shift, relu, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, shift, rates, relu, backend, *weights = inputs
+        _save(ctx, x, weights, rates, scale, output, relu, backend)
+        ctx.save_for_forward(x, scale, output, *weights)
+
+    @staticmethod
+    def jvp(ctx, tx, tscale, tshift, _rates, _relu, _backend, *tws):
+        x, scale, out, *weights = ctx.saved_tensors
+        parts = branches_tangents(x, weights, ctx.rates, scale, out, tx, tws, tscale, tshift, ctx.relu, ctx.backend)
+        return torch.cat(parts, dim=1).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     @first_order_only("aspp_branches", "the eager torch modules (fastaspp.reference.ASPP)")
@@ -242,7 +273,7 @@ def _run_branches(x: Tensor, weights: List[Tensor], rates: List[int], scale: Ten
     how = route(x, scale, shift, *weights)
     if how is Route.KERNEL:
         return _branches_kernel(x, weights, rates, scale, shift, relu, backend)
-    if how is Route.FUNCTION:
+    if how is Route.FUNCTION or how is Route.TRANSFORM:
         return _AsppBranchesFunction.apply(x, scale, shift, rates, relu, backend, *weights)
     return torch.ops.fastaspp.aspp_branches(x, weights, rates, scale, shift, relu, backend)
 

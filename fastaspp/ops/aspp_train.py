@@ -35,8 +35,9 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype
-from fastaspp.ops._library import LIB, Route, route
-from fastaspp.ops.aspp import _branches_shape, _triton_aspp, any_needed, branches_backward, check_aspp_args
+from fastaspp.ops._library import LIB, Route, route, transform_active
+from fastaspp.ops.aspp import (_branches_shape, _triton_aspp, any_needed, branches_backward, branches_tangents,
+                              check_aspp_args)
 from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import check_backend, check_like, check_tensor
 
@@ -54,6 +55,15 @@ def _stats_grad(grad: Tensor, out: Tensor, mean: Tensor, grad_mean: Tensor, grad
     if grad_var is not None:
         g = g + (grad_var.to(acc) * (2 / count)).view(1, -1, 1, 1) * (out.to(acc) - mean.view(1, -1, 1, 1))
     return g
+
+
+def _stats_tangents(out: Tensor, mean: Tensor, tangent: Tensor) -> Stats:
+    """(t_out, t_mean, t_var): forward-mode AD through out's batch statistics, from out's tangent
+    (accumulator dtype): mean' = avg(out'), var' = 2·avg((out − mean)(out' − mean'))."""
+    dims = (0, 2, 3)
+    t_mean = tangent.mean(dim=dims)
+    t_var = 2 * ((out.to(tangent.dtype) - mean.view(1, -1, 1, 1)) * (tangent - t_mean.view(1, -1, 1, 1))).mean(dim=dims)
+    return tangent.to(out.dtype).contiguous(memory_format=torch.channels_last), t_mean, t_var
 
 
 # ---------------------------------------------------------------- backend kernels
@@ -132,14 +142,29 @@ def _project_backward(ctx, grad_y, grad_mean, grad_var):
 
 class _BranchesStatsFunction(torch.autograd.Function):
     """Eager autograd around the kernels: aspp_branches_stats's autograd without the op dispatch
-    (the weights last, one argument each: autograd sees no tensor in a list)."""
+    (the weights last, one argument each: autograd sees no tensor in a list). Also the route under
+    torch.func's transforms and forward-mode AD (as for atrous_conv2d)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, rates, backend, *weights):
+    def forward(x, rates, backend, *weights):
+        if not transform_active():  # else functorch's wrapped or batched tensors: the op
+            return _branches_stats_kernel(x, list(weights), rates, backend)
+        return torch.ops.fastaspp.aspp_branches_stats(x, list(weights), rates, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, rates, backend, *weights = inputs
         ctx.set_materialize_grads(False)
-        out = _branches_stats_kernel(x, list(weights), rates, backend)
-        _save_branches_stats(ctx, x, weights, rates, out, backend)
-        return out
+        _save_branches_stats(ctx, x, weights, rates, output, backend)
+        ctx.save_for_forward(x, output[0], output[1], *weights)
+
+    @staticmethod
+    def jvp(ctx, tx, _rates, _backend, *tws):
+        x, z, mean, *weights = ctx.saved_tensors
+        parts = branches_tangents(x, weights, ctx.rates, None, z, tx, tws, None, None, False, ctx.backend)
+        return _stats_tangents(z, mean, torch.cat(parts, dim=1).to(mean.dtype))
 
     @staticmethod
     @first_order_only("aspp_branches_stats", "the eager torch modules (fastaspp.reference.ASPP)")
@@ -150,16 +175,51 @@ class _BranchesStatsFunction(torch.autograd.Function):
 
 
 class _ProjectFunction(torch.autograd.Function):
-    """Eager autograd around the kernels: affine_relu_project's autograd without the op dispatch."""
+    """Eager autograd around the kernels: affine_relu_project's autograd without the op dispatch.
+    Also the route under torch.func's transforms and forward-mode AD (as for atrous_conv2d)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, z, centre, scale, shift, weight, image_bias, backend):
+    def forward(z, centre, scale, shift, weight, image_bias, backend):
+        if not transform_active():  # else functorch's wrapped or batched tensors: the op
+            return _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
+        return torch.ops.fastaspp.affine_relu_project(z, centre, scale, shift, weight, image_bias, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
-        out = _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
-        _save_project(ctx, z, centre, scale, shift, weight, out, backend)
-        return out
+        _save_project(ctx, *inputs[:5], output, inputs[6])
+        ctx.save_for_forward(*inputs[:5], output[0], output[1])
 
     backward = staticmethod(_project_backward)
+
+    @staticmethod
+    def jvp(ctx, tz, tcentre, tscale, tshift, tweight, tbias, _backend):
+        """With pre = (z − centre)·scale + shift and u = relu(pre):
+        y' = W'·u + W·(pre' ⊙ [pre > 0]) + image_bias', pre' = (z' − centre')·scale + (z − centre)·scale' + shift'."""
+        z, centre, scale, shift, weight, y, mean = ctx.saved_tensors
+        acc = mean.dtype
+        n, k, h, w = z.shape
+        rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).to(acc)  # noqa: E731 (free for NHWC)
+        centred = rows(z) - centre.to(acc)
+        pre = centred * scale.to(acc) + shift.to(acc)
+        t_pre = torch.zeros_like(pre)
+        if tz is not None:
+            t_pre = t_pre + rows(tz) * scale.to(acc)
+        if tcentre is not None:
+            t_pre = t_pre - tcentre.to(acc) * scale.to(acc)
+        if tscale is not None:
+            t_pre = t_pre + centred * tscale.to(acc)
+        if tshift is not None:
+            t_pre = t_pre + tshift.to(acc)
+        t_y = t_pre.mul_(pre > 0) @ weight.to(acc).t()
+        if tweight is not None:
+            t_y = t_y + pre.relu() @ tweight.to(acc).t()
+        t_y = t_y.view(n, h * w, -1)
+        if tbias is not None:
+            t_y = t_y + tbias.to(acc).unsqueeze(1)
+        return _stats_tangents(y, mean, t_y.view(n, h, w, -1).permute(0, 3, 1, 2))
 
 
 # ---------------------------------------------------------------- the torch ops
@@ -239,7 +299,7 @@ def aspp_branches_stats(x: Tensor, weights: Sequence[Tensor], rates: Sequence[in
     how = route(x, *weights)
     if how is Route.KERNEL:
         return _branches_stats_kernel(x, weights, rates, backend)
-    if how is Route.FUNCTION:
+    if how is Route.FUNCTION or how is Route.TRANSFORM:
         return _BranchesStatsFunction.apply(x, rates, backend, *weights)
     return torch.ops.fastaspp.aspp_branches_stats(x, weights, rates, backend)
 
@@ -276,6 +336,6 @@ def affine_relu_project(z: Tensor, centre: Tensor, scale: Tensor, shift: Tensor,
     how = route(*args[:6])
     if how is Route.KERNEL:
         return _project_kernel(*args)
-    if how is Route.FUNCTION:
+    if how is Route.FUNCTION or how is Route.TRANSFORM:
         return _ProjectFunction.apply(*args)
     return torch.ops.fastaspp.affine_relu_project(*args)

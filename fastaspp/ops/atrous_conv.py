@@ -36,7 +36,7 @@ from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
 from fastaspp._rules import accumulator_dtype, result_format
-from fastaspp.ops._library import LIB, Route, route
+from fastaspp.ops._library import LIB, Route, route, runs_kernels, transform_active
 
 
 # ---------------------------------------------------------------- argument checks (the one layer)
@@ -141,7 +141,7 @@ def conv_affine_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
     grad_sum = g.sum(dim=(0, 2, 3), dtype=acc)
     if need_w or need_scale:
         args = (x, g, list(weight.shape), stride, padding, dilation, backend)
-        dw_raw = (_grad_weight_kernel(*args).contiguous() if route(g) is not Route.OP
+        dw_raw = (_grad_weight_kernel(*args).contiguous() if runs_kernels(g)
                   else torch.ops.fastaspp.atrous_conv2d_grad_weight(*args))
         if need_w:
             dw = dw_raw if scale is None else (dw_raw.to(acc) * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
@@ -154,7 +154,7 @@ def conv_affine_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
         g_scaled = g if scale is None else (g * scale.view(1, c_out, 1, 1)).contiguous(
             memory_format=result_format(x))
         args = (g_scaled, weight, list(x.shape), stride, padding, dilation, backend)
-        dx = (_grad_input_kernel(*args) if route(g_scaled) is not Route.OP
+        dx = (_grad_input_kernel(*args) if runs_kernels(g_scaled)
               else torch.ops.fastaspp.atrous_conv2d_grad_input(*args))
         # g's layout can be ambiguous (1x1 maps) where x's is not: dx follows x.
         dx = dx.contiguous(memory_format=result_format(x))
@@ -180,18 +180,64 @@ def _backward(ctx, grad: Tensor):
     return (*grads, None, None, None, None, None)
 
 
+def conv_affine_jvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], out: Tensor,
+                    tangents: Sequence[Optional[Tensor]], relu: bool, stride: List[int], padding: List[int],
+                    dilation: List[int], backend: str) -> Tensor:
+    """Tangent of y = act((conv(x, weight) + bias) * scale + shift) for tangents (tx, tw, tbias,
+    tscale, tshift), any of them None: the conv is bilinear, so
+    ty = mask * ((conv(tx, w) + conv(x, tw) + tbias) * scale + (conv(x, w) + bias) * tscale + tshift),
+    the convs on the backend's kernel and the ReLU's mask from the output."""
+    tx, tw, tbias, tscale, tshift = tangents
+    geometry = (stride, padding, dilation, False, backend)
+    conv = _forward_kernel if runs_kernels(x, weight) else _forward_op
+    acc = accumulator_dtype(x.dtype)
+    c = (1, -1, 1, 1)
+    t = None
+    for a, b in ((tx, weight), (x, tw)):
+        if b is not None and a is not None:
+            term = conv(a, b, None, None, None, *geometry).to(acc)
+            t = term if t is None else t + term
+    if tbias is not None:
+        t = tbias.to(acc).view(c) if t is None else t + tbias.to(acc).view(c)
+    if t is not None and scale is not None:
+        t = t * scale.to(acc).view(c)
+    if tscale is not None:
+        pre = conv(x, weight, bias, None, None, *geometry).to(acc)
+        t = pre * tscale.to(acc).view(c) if t is None else t + pre * tscale.to(acc).view(c)
+    if tshift is not None:
+        t = tshift.to(acc).view(c) if t is None else t + tshift.to(acc).view(c)
+    t = torch.zeros_like(out, dtype=acc) if t is None else t.expand(out.shape)
+    if relu:
+        t = t.masked_fill(out <= 0, 0)
+    return t.to(out.dtype).contiguous(memory_format=result_format(x))
+
+
 class _AtrousConv2dFunction(torch.autograd.Function):
     """Eager autograd around the cuda and triton kernels: what torch.ops.fastaspp.atrous_conv2d's
     autograd does, without the op dispatch (a large part of a small training call's host time). The
-    cpu backend's kernel op has the same autograd in C++, which costs less again."""
+    cpu backend's kernel op has the same autograd in C++, which costs less again; under torch.func's
+    transforms and forward-mode AD every backend runs here (Route.TRANSFORM: functorch needs the
+    separate setup_context, and jvp gives the tangent)."""
+
+    generate_vmap_rule = True  # vmap (jacrev, jacfwd) runs forward, backward and jvp on batched tensors
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
-        y = _forward_kernel(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
-        _save(ctx, x, weight, bias, scale, y, stride, padding, dilation, relu, backend)
-        return y
+    def forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
+        # Plain tensors on the eager route; functorch's wrapped or batched ones under a transform.
+        conv = _forward_op if transform_active() else _forward_kernel
+        return conv(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4], output)
 
     backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        x, weight, bias, scale, out = ctx.saved_tensors
+        return conv_affine_jvp(x, weight, bias, scale, out, tangents[:5], ctx.relu, *ctx.conv, ctx.backend)
 
 
 # ---------------------------------------------------------------- the torch ops
@@ -201,6 +247,11 @@ LIB.define("atrous_conv2d_grad_input(Tensor grad, Tensor weight, int[] input_siz
            "int[] dilation, str backend) -> Tensor")
 LIB.define("atrous_conv2d_grad_weight(Tensor x, Tensor grad, int[] weight_size, int[] stride, int[] padding, "
            "int[] dilation, str backend) -> Tensor")
+
+
+def _forward_op(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
+    """_forward_kernel through the torch op, for tensors a kernel cannot read directly (runs_kernels)."""
+    return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
 
 
 def _op_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
@@ -298,7 +349,7 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     if relu is not True and relu is not False:
         raise TypeError(f"relu must be a bool, got {relu!r}")
     how = route(x, weight, bias, scale, shift)  # anything but plain tensors goes to the torch op
-    if how is not Route.OP:
+    if how is Route.KERNEL or how is Route.FUNCTION:
         try:
             backend = eager_backend(x)
         except RuntimeError:
@@ -312,6 +363,6 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     backend = resolve_backend(x.device)
     if how is Route.KERNEL:
         return _forward_kernel(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
-    if how is Route.FUNCTION:
+    if how is Route.FUNCTION or how is Route.TRANSFORM:
         return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
     return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
