@@ -4,8 +4,9 @@ against the same functions written in plain torch ops (which torch.func differen
 Before, none of this held: torch.func.grad raised on every op, and forward-mode AD (torch.func.jvp,
 jacfwd, torch.autograd.forward_ad) silently returned zero tangents, since neither torch.library's ops
 nor the eager kernels carry a forward-mode formula. Now such calls take each op's autograd.Function
-(fastaspp.ops._library.Route.TRANSFORM), whose jvp computes the tangent; vmap alone runs the torch op
-per sample; a second derivative still raises, as under create_graph (tests/test_double_backward.py).
+(fastaspp.ops._library.Route.TRANSFORM), whose jvp computes the tangent and whose generated vmap rule
+runs the torch op per sample; a second derivative still raises, as under create_graph
+(tests/test_double_backward.py); the torch ops called directly under forward-mode AD raise.
 
 Tolerance (fp64): both sides are sums of at most a few hundred products of values of order 1 with
 positive inputs and tangents, so the results are of the size of their terms (the variances' tangents,
@@ -154,6 +155,11 @@ def _jacobians_and_vmap(device):
            torch.stack([F.conv2d(xi, w, None, 1, 2, 2) for xi in xs]), "vmap over x")
     _close(torch.func.vmap(lambda wi: atrous_conv2d(x, wi, None, 1, 2, 2), in_dims=4, out_dims=1)(ws),
            torch.stack([F.conv2d(x, ws[..., i], None, 1, 2, 2) for i in range(2)], dim=1), "vmap over the weight")
+    # vmap inside jvp: the innermost transform is vmap, and the tangent must still come through.
+    (tw,) = _positive(x.device, w.shape, seed=3)
+    batched = lambda w: torch.func.vmap(lambda xi: atrous_conv2d(xi, w, None, 1, 2, 2))(xs)  # noqa: E731
+    _close(torch.func.jvp(batched, (w,), (tw,))[1], torch.stack([F.conv2d(xi, tw, None, 1, 2, 2) for xi in xs]),
+           "jvp of vmap")
 
 
 def test_per_sample_gradients(backend):
@@ -209,6 +215,44 @@ def test_affine_relu_project(backend):
     tangents = tuple(_positive(device, *(p.shape for p in primals), seed=1))
     size = _var_size(_plain_project(*primals), torch.func.jvp(_plain_project, tuple(primals), tangents)[1])
     _check_reverse_and_forward(ours, _plain_project, primals, "affine_relu_project", size)
+
+
+def test_aspp_ops_under_vmap(backend):
+    """vmap over x of the ASPP ops (their Functions' generated vmap rules, and a loop over samples for
+    their torch ops, whose Tensor[] argument torch's fallback refuses), and jacrev (their backwards
+    under vmap)."""
+    xs, w1, w3, s, t = _positive(device_for(backend), (2, 2, 3, 5, 5), (2, 3, 1, 1), (2, 3, 3, 3), (4,), (4,))
+    x = xs[0]
+
+    def channel_sums(f):
+        return lambda x, w3: f(x, w1, w3, s, t).sum(dim=(0, 2, 3))
+
+    ours = channel_sums(lambda x, w1, w3, s, t: aspp_branches(x, [w1, w3], [2], s, t))
+    _close(torch.func.jacrev(ours, argnums=(0, 1))(x, w3), torch.func.jacrev(channel_sums(_plain_branches),
+                                                                             argnums=(0, 1))(x, w3), "jacrev")
+    _close(torch.func.vmap(lambda xi: aspp_branches(xi, [w1, w3], [2], s, t))(xs),
+           torch.stack([_plain_branches(xi, w1, w3, s, t) for xi in xs]), "vmap of aspp_branches")
+    got = torch.func.vmap(lambda xi: aspp_branches_stats(xi, [w1, w3], [2]))(xs)
+    want = [torch.stack(o) for o in zip(*(_plain_branches_stats(xi, w1, w3) for xi in xs))]
+    _close(got, want, "vmap of aspp_branches_stats", [None, None, float(want[0].square().max())])
+
+
+@pytest.mark.parametrize("how", ["forward_ad", "jvp"])
+def test_torch_op_refuses_forward_mode(backend, how):
+    """The torch ops called directly have no forward-mode formula (torch.library's ops drop the
+    tangents): under forward-mode AD they raise, naming the Python function that has one."""
+    x, w = _positive(device_for(backend), (1, 2, 5, 4), (3, 2, 3, 3))
+
+    def raw(x):
+        return torch.ops.fastaspp.atrous_conv2d(x, w, None, None, None, [1, 1], [2, 2], [2, 2], False, backend)
+
+    with pytest.raises(RuntimeError, match=r"torch.ops.fastaspp.atrous_conv2d has no forward-mode AD.*"
+                                           r"call fastaspp.ops.atrous_conv2d"):
+        if how == "jvp":
+            torch.func.jvp(raw, (x,), (x,))
+        else:
+            _dual(raw, (x,), (x,))
+    assert raw(x).shape == (1, 3, 5, 4)  # outside forward-mode AD it runs
 
 
 @pytest.mark.parametrize("second", ["grad-of-grad", "jacfwd-of-grad"])

@@ -8,13 +8,15 @@ and torch.export working.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
-from typing import Optional
+import threading
+from typing import Iterator, Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
-from torch._C._functorch import TransformType, peek_interpreter_stack
+from torch._C._functorch import peek_interpreter_stack
 
 from fastaspp import _ext  # noqa: F401  (loads fastaspp._C: TORCH_LIBRARY(fastaspp) comes first)
 
@@ -25,23 +27,33 @@ class Route(enum.Enum):
     KERNEL = "kernel"  # no autograd needed: the backend kernel, called directly
     FUNCTION = "function"  # eager autograd: the kernels' own (the cpu kernel op's C++ autograd), or the op's
     # autograd.Function twin around them (cuda, triton)
-    OP = "op"  # the torch op: compiling, exporting, a dispatch or function mode, tensor subclasses, vmap
-    TRANSFORM = "transform"  # torch.func's grad, vjp, jvp (and the transforms built on them) or
-    # forward-mode AD: the op's autograd.Function on every backend (its own setup_context and jvp)
+    OP = "op"  # the torch op: compiling, exporting, a dispatch or function mode, tensor subclasses
+    TRANSFORM = "transform"  # a torch.func transform (grad, vjp, jvp, vmap, ...) or forward-mode AD: the
+    # op's autograd.Function on every backend (transform_active)
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+class StaticArgs(tuple):
+    """List arguments of an autograd.Function (stride, rates, ...) held as one pytree leaf: under
+    vmap inside jvp, functorch flattens the Function's inputs into one in_dim per list element but
+    gives each list one tangent, and the two no longer line up (torch 2.13). A tuple subclass is a
+    leaf to torch.utils._pytree, and unpacks as a tuple."""
+
+    __slots__ = ()
 
 
 def route(*tensors: Optional[Tensor]) -> Route:
     """How an eager call on these tensors runs. The op dispatch costs a small call tens of µs of host
     time (docs/design.md §13), so plain eager calls skip it; anything that must see the op (tracing,
     fake or functional tensors, modes) goes through it."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled()):
+    if torch.compiler.is_compiling():
         return Route.OP
-    if peek_interpreter_stack() is not None or forward_ad._current_level >= 0:  # transform_route, inlined
-        return transform_route()
+    if peek_interpreter_stack() is not None or forward_ad._current_level >= 0:  # transform_active, inlined
+        return Route.TRANSFORM
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
+        return Route.OP
     grad = torch.is_grad_enabled()
     needs_grad = False
     for t in tensors:
@@ -53,24 +65,41 @@ def route(*tensors: Optional[Tensor]) -> Route:
     return Route.FUNCTION if needs_grad else Route.KERNEL
 
 
-def transform_route() -> Optional[Route]:
-    """The route under a torch.func transform or forward-mode AD, else None (two cheap global reads).
-
-    Their tensors are plain Tensors to Python (functorch wraps them in C++), so the type check above
-    cannot see them. torch.library's ops have no forward-mode formula (their tangents would be
-    dropped without a word) and functorch refuses their autograd, so these calls go to each op's
-    autograd.Function, whose separate setup_context functorch needs and whose jvp computes the
-    tangent. vmap alone (the innermost transform) goes to the torch op,
-    which torch runs once per sample (its batching fallback)."""
-    top = peek_interpreter_stack()
-    if top is not None:
-        return Route.OP if top.key() == TransformType.Vmap else Route.TRANSFORM
-    return Route.TRANSFORM if forward_ad._current_level >= 0 else None
-
-
 def transform_active() -> bool:
-    """Whether a torch.func transform or forward-mode AD is active (transform_route gives a route)."""
+    """Whether a torch.func transform or forward-mode AD is active: the TRANSFORM route.
+
+    functorch wraps tensors in C++, so they are plain Tensors to Python and the type check in route
+    cannot see them. torch.library's ops have no forward-mode formula (a dual input's tangent would
+    be dropped without a word) and functorch refuses their autograd (no separate setup_context), as
+    it refuses C++ autograd nodes; so under a transform every call goes to its op's
+    autograd.Function, which has both, a jvp and a generated vmap rule. Inside it the kernels run
+    through the torch ops (op_for_transform), which functorch unwraps or runs once per sample."""
     return peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
+@contextlib.contextmanager
+def op_for_transform() -> Iterator[None]:
+    """Marks the torch-op calls an op's autograd.Function makes under a transform, the only ones
+    refuse_forward_ad lets run while forward-mode AD is active."""
+    depth = getattr(_own_calls, "depth", 0)
+    _own_calls.depth = depth + 1
+    try:
+        yield
+    finally:
+        _own_calls.depth = depth
+
+
+def refuse_forward_ad(op: str) -> None:
+    """Raises when torch op `op` is called from outside fastaspp's Functions under forward-mode AD:
+    like every torch.library op it has no forward-mode formula, so its inputs' tangents would be
+    dropped without an error. The Python entry points compute them."""
+    if forward_ad._current_level >= 0 and not getattr(_own_calls, "depth", 0):
+        raise RuntimeError(f"fastaspp: torch.ops.fastaspp.{op} has no forward-mode AD (a torch.library op drops "
+                           f"its inputs' tangents); under jvp, jacfwd or forward_ad call fastaspp.ops.{op}, "
+                           f"which computes them")
+
+
+_own_calls = threading.local()
 
 
 def runs_kernels(*tensors: Optional[Tensor]) -> bool:
@@ -79,3 +108,27 @@ def runs_kernels(*tensors: Optional[Tensor]) -> bool:
     batched tensors do not have, and tracing must see the op."""
     how = route(*tensors)
     return how is Route.KERNEL or how is Route.FUNCTION
+
+
+def register_vmap_by_loop(name: str) -> None:
+    """vmap of torch op fastaspp::<name> as a loop over the batch, one call per sample, outputs
+    stacked at dim 0: torch's own fallback does this, but not for an op with a Tensor[] argument
+    (the ASPP ops' weights), which it refuses. Fused kernels have no batched form to gain from."""
+    op = getattr(torch.ops.fastaspp, name).default
+
+    def rule(info, in_dims, *args):
+        outs = [op(*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        if isinstance(outs[0], (tuple, list)):
+            return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    torch.library.register_vmap(f"fastaspp::{name}", rule, lib=LIB)
+
+
+def _sample(arg, dim, i: int):
+    """Sample i of a vmapped argument (dim None: not batched; a list's dims come one per tensor)."""
+    if dim is None:
+        return arg
+    if isinstance(arg, (list, tuple)):
+        return [a if d is None else a.select(d, i) for a, d in zip(arg, dim)]
+    return arg.select(dim, i)

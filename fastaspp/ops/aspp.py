@@ -27,7 +27,8 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype, result_format
-from fastaspp.ops._library import LIB, Route, route, runs_kernels, transform_active
+from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad,
+                                   register_vmap_by_loop, route, runs_kernels, transform_active)
 from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import check_backend, check_like, check_tensor
 from fastaspp.ops.atrous_conv import conv_affine_backward, conv_affine_jvp
@@ -84,7 +85,7 @@ def branches_backward(g: Tensor, x: Tensor, weights: Sequence[Tensor], rates: Se
     gradients from the atrous-conv backward; on cpu, when no scale or shift gradient is asked for,
     one call computes all of them (_aspp_branches_backward)."""
     need_x, need_w, need_scale, need_shift = needs
-    if backend == "cpu" and not (need_scale or need_shift):  # one C++ call: every branch, dx and dW
+    if backend == "cpu" and not (need_scale or need_shift) and runs_kernels(g):  # one C++ call: dx and every dW
         g_scaled = g if scale is None else g * scale.view(1, -1, 1, 1)
         dx, dws = torch.ops.fastaspp._aspp_branches_backward.default(g_scaled, x, list(weights), list(rates),
                                                                      [bool(need_x), bool(need_w)])
@@ -160,8 +161,9 @@ class _AsppBranchesFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, scale, shift, rates, relu, backend, *weights):
         if not transform_active():  # else functorch's wrapped or batched tensors: the op
-            return _branches_kernel(x, list(weights), rates, scale, shift, relu, backend)
-        return torch.ops.fastaspp.aspp_branches(x, list(weights), rates, scale, shift, relu, backend)
+            return _branches_kernel(x, list(weights), list(rates), scale, shift, relu, backend)
+        with op_for_transform():
+            return torch.ops.fastaspp.aspp_branches(x, list(weights), list(rates), scale, shift, relu, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -192,6 +194,7 @@ LIB.define("aspp_branches_grad_input(Tensor grad, Tensor[] weights, int[] rates,
 
 
 def _op_branches(x, weights, rates, scale, shift, relu, backend):
+    refuse_forward_ad("aspp_branches")
     check_backend(backend, x)
     return _branches_kernel(x, list(weights), list(rates), scale, shift, relu, backend)
 
@@ -203,6 +206,8 @@ def _op_grad_input(grad, weights, rates, input_size, backend):
 
 LIB.impl("aspp_branches", _op_branches, "CompositeExplicitAutograd")
 LIB.impl("aspp_branches_grad_input", _op_grad_input, "CompositeExplicitAutograd")
+register_vmap_by_loop("aspp_branches")
+register_vmap_by_loop("aspp_branches_grad_input")
 
 
 @torch.library.register_fake("fastaspp::aspp_branches", lib=LIB)
@@ -274,7 +279,7 @@ def _run_branches(x: Tensor, weights: List[Tensor], rates: List[int], scale: Ten
     if how is Route.KERNEL:
         return _branches_kernel(x, weights, rates, scale, shift, relu, backend)
     if how is Route.FUNCTION or how is Route.TRANSFORM:
-        return _AsppBranchesFunction.apply(x, scale, shift, rates, relu, backend, *weights)
+        return _AsppBranchesFunction.apply(x, scale, shift, StaticArgs(rates), relu, backend, *weights)
     return torch.ops.fastaspp.aspp_branches(x, weights, rates, scale, shift, relu, backend)
 
 

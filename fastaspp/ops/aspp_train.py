@@ -35,7 +35,8 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype
-from fastaspp.ops._library import LIB, Route, route, transform_active
+from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad,
+                                   register_vmap_by_loop, route, transform_active)
 from fastaspp.ops.aspp import (_branches_shape, _triton_aspp, any_needed, branches_backward, branches_tangents,
                               check_aspp_args)
 from fastaspp.ops._first_order import first_order_only
@@ -150,8 +151,9 @@ class _BranchesStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, rates, backend, *weights):
         if not transform_active():  # else functorch's wrapped or batched tensors: the op
-            return _branches_stats_kernel(x, list(weights), rates, backend)
-        return torch.ops.fastaspp.aspp_branches_stats(x, list(weights), rates, backend)
+            return _branches_stats_kernel(x, list(weights), list(rates), backend)
+        with op_for_transform():
+            return torch.ops.fastaspp.aspp_branches_stats(x, list(weights), list(rates), backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -184,7 +186,8 @@ class _ProjectFunction(torch.autograd.Function):
     def forward(z, centre, scale, shift, weight, image_bias, backend):
         if not transform_active():  # else functorch's wrapped or batched tensors: the op
             return _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
-        return torch.ops.fastaspp.affine_relu_project(z, centre, scale, shift, weight, image_bias, backend)
+        with op_for_transform():
+            return torch.ops.fastaspp.affine_relu_project(z, centre, scale, shift, weight, image_bias, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -229,16 +232,19 @@ LIB.define("affine_relu_project(Tensor z, Tensor centre, Tensor scale, Tensor sh
 
 
 def _op_branches_stats(x, weights, rates, backend):
+    refuse_forward_ad("aspp_branches_stats")
     check_backend(backend, x)
     return _branches_stats_kernel(x, list(weights), list(rates), backend)
 
 
 def _op_project(z, centre, scale, shift, weight, image_bias, backend):
+    refuse_forward_ad("affine_relu_project")
     check_backend(backend, z)
     return _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
 
 
 LIB.impl("aspp_branches_stats", _op_branches_stats, "CompositeExplicitAutograd")
+register_vmap_by_loop("aspp_branches_stats")
 LIB.impl("affine_relu_project", _op_project, "CompositeExplicitAutograd")
 
 
@@ -300,7 +306,7 @@ def aspp_branches_stats(x: Tensor, weights: Sequence[Tensor], rates: Sequence[in
     if how is Route.KERNEL:
         return _branches_stats_kernel(x, weights, rates, backend)
     if how is Route.FUNCTION or how is Route.TRANSFORM:
-        return _BranchesStatsFunction.apply(x, rates, backend, *weights)
+        return _BranchesStatsFunction.apply(x, StaticArgs(rates), backend, *weights)
     return torch.ops.fastaspp.aspp_branches_stats(x, weights, rates, backend)
 
 

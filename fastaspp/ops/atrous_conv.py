@@ -36,7 +36,8 @@ from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
 from fastaspp._rules import accumulator_dtype, result_format
-from fastaspp.ops._library import LIB, Route, route, runs_kernels, transform_active
+from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad, route,
+                                   runs_kernels, transform_active)
 
 
 # ---------------------------------------------------------------- argument checks (the one layer)
@@ -177,7 +178,7 @@ def _backward(ctx, grad: Tensor):
     x, weight, bias, scale, out = ctx.saved_tensors
     grads = conv_affine_backward(grad, x, weight, bias, scale, out, ctx.relu, *ctx.conv, ctx.backend,
                                  ctx.needs_input_grad[:5])
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None)  # the op's five non-tensor inputs (the Function's three)
 
 
 def conv_affine_jvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor], out: Tensor,
@@ -222,15 +223,16 @@ class _AtrousConv2dFunction(torch.autograd.Function):
     generate_vmap_rule = True  # vmap (jacrev, jacfwd) runs forward, backward and jvp on batched tensors
 
     @staticmethod
-    def forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
+    def forward(x, weight, bias, scale, shift, geometry, relu, backend):
         # Plain tensors on the eager route; functorch's wrapped or batched ones under a transform.
         conv = _forward_op if transform_active() else _forward_kernel
-        return conv(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+        return conv(x, weight, bias, scale, shift, *geometry, relu, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:4], output)
+        x, weight, bias, scale, _shift, geometry, relu, backend = inputs
+        _save(ctx, x, weight, bias, scale, output, *geometry, relu, backend)
+        ctx.save_for_forward(x, weight, bias, scale, output)
 
     backward = staticmethod(_backward)
 
@@ -251,10 +253,13 @@ LIB.define("atrous_conv2d_grad_weight(Tensor x, Tensor grad, int[] weight_size, 
 
 def _forward_op(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
     """_forward_kernel through the torch op, for tensors a kernel cannot read directly (runs_kernels)."""
-    return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+    with op_for_transform():
+        return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu,
+                                                backend)
 
 
 def _op_forward(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
+    refuse_forward_ad("atrous_conv2d")
     check_backend(backend, x)
     return _forward_kernel(x, weight, bias, scale, shift, list(stride), list(padding), list(dilation), relu, backend)
 
@@ -364,5 +369,6 @@ def atrous_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     if how is Route.KERNEL:
         return _forward_kernel(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
     if how is Route.FUNCTION or how is Route.TRANSFORM:
-        return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
+        return _AtrousConv2dFunction.apply(x, weight, bias, scale, shift, StaticArgs((stride, padding, dilation)),
+                                           relu, backend)
     return torch.ops.fastaspp.atrous_conv2d(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend)
