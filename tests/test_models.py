@@ -335,6 +335,39 @@ def test_train_step_fused_matches_plain(case):
                                   else "classifier.block5.0.bn2.num_batches_tracked"]) == 1
 
 
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_torch_func_through_the_model(arch):
+    """A whole fused model in eval under torch.func: the gradient of a loss in its parameters
+    (functional_call) and the jvp in its input agree with the plain model's, as a training step does
+    (assert_fp64_agrees: fp64 against fp64 within the conditioning an fp32 probe measures)."""
+    fused, plain = make_pair(arch, num_classes=3)
+    probe = copy.deepcopy(plain).eval()
+    fused.double().eval()
+    plain.double().eval()
+    x = image(1, dtype=torch.float64)
+    t = image(1, seed=5, dtype=torch.float64)
+
+    def grads(model, x):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def loss(p):
+            return torch.func.functional_call(model, (p, buffers), (x,))["out"].square().mean()
+        return torch.func.grad(loss)(params)
+
+    def tangent(model, x, t):
+        return torch.func.jvp(lambda x: model(x)["out"], (x,), (t,))[1]
+
+    got, want, probe_grads = grads(fused, x), grads(plain, x), grads(probe, x.float())
+    scale = max(g.norm().item() for g in want.values())
+    for key in want:
+        assert_fp64_agrees(got[key], want[key], probe_grads[key], key, scale)
+    assert got["classifier.4.weight"].abs().sum() > 0
+    want_t = tangent(plain, x, t)
+    assert_fp64_agrees(tangent(fused, x, t), want_t, tangent(probe, x.float(), t.float()), "jvp",
+                       want_t.abs().max().item())
+
+
 # ---------------------------------------------------------------- the paper's options
 def _rates(layer):
     return [(u.conv2.dilation[0], u.conv2.padding[0], u.conv2.stride[0]) for u in layer]
