@@ -162,6 +162,27 @@ def _jacobians_and_vmap(device):
            "jvp of vmap")
 
 
+def test_vmap_over_images_is_one_kernel_call(backend, monkeypatch):
+    """vmap over x alone folds the vmapped dim into the images (vmap_into_images): one forward
+    kernel call and one input-gradient call for the whole batch, where a loop makes one per sample."""
+    from fastaspp.ops import atrous_conv as conv_module
+
+    calls = []
+    for name in ("_forward_kernel", "_grad_input_kernel"):
+        original = getattr(conv_module, name)
+        monkeypatch.setattr(conv_module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    xs, w = _positive(device_for(backend), (3, 2, 2, 5, 4), (3, 2, 3, 3))
+    got = torch.func.vmap(lambda xi: atrous_conv2d(xi, w, None, 1, 2, 2))(xs)
+    assert calls == ["_forward_kernel"]
+    _close(got, torch.stack([F.conv2d(xi, w, None, 1, 2, 2) for xi in xs]), "vmap over x")
+    calls.clear()
+    tangent_in = torch.func.vmap(lambda xi: torch.func.vjp(lambda x: atrous_conv2d(x, w, None, 1, 2, 2), xi)[1](
+        torch.ones(2, 3, 5, 4, dtype=xi.dtype, device=xi.device))[0])(xs)
+    assert calls.count("_grad_input_kernel") == 1
+    _close(tangent_in, torch.stack([torch.func.vjp(lambda x: F.conv2d(x, w, None, 1, 2, 2), xi)[1](
+        torch.ones(2, 3, 5, 4, dtype=xi.dtype, device=xi.device))[0] for xi in xs]), "vmap of vjp in x")
+
+
 def test_per_sample_gradients(backend):
     """vmap(grad(...)): the weight's gradient of each sample's loss."""
     x, w, s = _positive(device_for(backend), (3, 2, 5, 4), (3, 2, 3, 3), (3,))

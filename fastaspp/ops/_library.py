@@ -113,16 +113,40 @@ def runs_kernels(*tensors: Optional[Tensor]) -> bool:
 def register_vmap_by_loop(name: str) -> None:
     """vmap of torch op fastaspp::<name> as a loop over the batch, one call per sample, outputs
     stacked at dim 0: torch's own fallback does this, but not for an op with a Tensor[] argument
-    (the ASPP ops' weights), which it refuses. Fused kernels have no batched form to gain from."""
+    (the ASPP ops' weights), which it refuses."""
     op = getattr(torch.ops.fastaspp, name).default
+    torch.library.register_vmap(f"fastaspp::{name}", lambda info, in_dims, *args: vmap_loop(op, info, in_dims, args),
+                                lib=LIB)
 
-    def rule(info, in_dims, *args):
-        outs = [op(*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
-        if isinstance(outs[0], (tuple, list)):
-            return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
-        return torch.stack(outs), 0
 
-    torch.library.register_vmap(f"fastaspp::{name}", rule, lib=LIB)
+def vmap_loop(op, info, in_dims, args):
+    """A vmap rule's result computed one sample at a time: (outputs stacked at dim 0, their out_dims)."""
+    outs = [op(*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+    if isinstance(outs[0], (tuple, list)):
+        return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
+
+
+def vmap_into_images(op, info, in_dims, args, size_at=None):
+    """A vmap rule for a conv op whose first argument alone is batched: the vmapped dim becomes more
+    images, [B, N, ...] -> [B·N, ...], so one kernel call serves the whole batch (per-sample
+    gradients: the forward and the input gradient); `size_at` indexes a [N, C, H, W] size argument
+    to scale. Anything else batched (the weights: per-sample weight gradients) loops."""
+    if in_dims[0] is None or any(map(_batched, in_dims[1:])):
+        return vmap_loop(op, info, in_dims, args)
+    first = args[0].movedim(in_dims[0], 0)
+    batch, images = first.shape[:2]
+    rest = list(args[1:])
+    if size_at is not None:
+        size = list(rest[size_at - 1])
+        rest[size_at - 1] = [batch * size[0], *size[1:]]
+    out = op(first.reshape(batch * images, *first.shape[2:]), *rest)
+    return out.reshape(batch, images, *out.shape[1:]), 0
+
+
+def _batched(dim) -> bool:
+    """Whether an argument's in_dim says it is batched (a list argument has one entry per element)."""
+    return any(d is not None for d in dim) if isinstance(dim, (list, tuple)) else dim is not None
 
 
 def _sample(arg, dim, i: int):

@@ -85,7 +85,8 @@ def branches_backward(g: Tensor, x: Tensor, weights: Sequence[Tensor], rates: Se
     gradients from the atrous-conv backward; on cpu, when no scale or shift gradient is asked for,
     one call computes all of them (_aspp_branches_backward)."""
     need_x, need_w, need_scale, need_shift = needs
-    if backend == "cpu" and not (need_scale or need_shift) and runs_kernels(g):  # one C++ call: dx and every dW
+    # One C++ call for dx and every dW; not under a torch.func transform (a Tensor[] op has no vmap fallback).
+    if backend == "cpu" and not (need_scale or need_shift) and not transform_active():
         g_scaled = g if scale is None else g * scale.view(1, -1, 1, 1)
         dx, dws = torch.ops.fastaspp._aspp_branches_backward.default(g_scaled, x, list(weights), list(rates),
                                                                      [bool(need_x), bool(need_w)])

@@ -37,7 +37,7 @@ from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
 from fastaspp._rules import accumulator_dtype, result_format
 from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad, route,
-                                   runs_kernels, transform_active)
+                                   runs_kernels, transform_active, vmap_into_images)
 
 
 # ---------------------------------------------------------------- argument checks (the one layer)
@@ -127,9 +127,11 @@ def conv_affine_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Optional
                          dilation: List[int], backend: str, needs: Sequence[bool]) -> tuple:
     """Gradients (x, weight, bias, scale, shift) of y = act((conv(x, weight) + bias) * scale + shift);
     None where `needs` says no. The ReLU mask comes from the saved output `out`. The cpu backend
-    computes all of them in one C++ call; the others compose their grad_input / grad_weight kernels
-    (through the torch ops when traced: fastaspp.ops._library.route)."""
-    if backend == "cpu":
+    computes all of them in one C++ call (but under a torch.func transform, where vmap folds the
+    input gradient's samples into one call of the composed form); the others compose their
+    grad_input / grad_weight kernels (through the torch ops when traced or under a transform:
+    fastaspp.ops._library.route)."""
+    if backend == "cpu" and not transform_active():
         return torch.ops.fastaspp._atrous_conv2d_backward.default(
             grad, x, weight, bias, scale, out if relu else None, stride, padding, dilation, [bool(n) for n in needs])
     need_x, need_w, need_bias, need_scale, need_shift = needs
@@ -279,6 +281,10 @@ def _op_grad_weight(x, grad, weight_size, stride, padding, dilation, backend):
 LIB.impl("atrous_conv2d", _op_forward, "CompositeExplicitAutograd")
 LIB.impl("atrous_conv2d_grad_input", _op_grad_input, "CompositeExplicitAutograd")
 LIB.impl("atrous_conv2d_grad_weight", _op_grad_weight, "CompositeExplicitAutograd")
+torch.library.register_vmap("fastaspp::atrous_conv2d", lambda info, in_dims, *args: vmap_into_images(
+    torch.ops.fastaspp.atrous_conv2d.default, info, in_dims, args), lib=LIB)
+torch.library.register_vmap("fastaspp::atrous_conv2d_grad_input", lambda info, in_dims, *args: vmap_into_images(
+    torch.ops.fastaspp.atrous_conv2d_grad_input.default, info, in_dims, args, size_at=2), lib=LIB)
 
 
 def _conv_fake(x, weight, stride, padding, dilation):
