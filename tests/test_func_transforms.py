@@ -45,6 +45,7 @@ def _close(got, want, what, size=None):
     got, want = ((t if isinstance(t, (tuple, list)) else (t,)) for t in (got, want))
     assert len(got) == len(want), what
     for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.detach(), w.detach()
         assert g.shape == w.shape, (what, i, g.shape, w.shape)
         scale = (size[i] if size is not None else None) or float(w.abs().max()) or 1.0
         err = float((g - w).abs().max())

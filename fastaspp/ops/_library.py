@@ -112,8 +112,8 @@ def runs_kernels(*tensors: Optional[Tensor]) -> bool:
 
 def register_vmap_by_loop(name: str) -> None:
     """vmap of torch op fastaspp::<name> as a loop over the batch, one call per sample, outputs
-    stacked at dim 0: torch's own fallback does this, but not for an op with a Tensor[] argument
-    (the ASPP ops' weights), which it refuses."""
+    stacked at dim 0: torch's own fallback does this (with a warning asking for a batching rule),
+    but not for an op with a Tensor[] argument (the ASPP ops' weights), which it refuses."""
     op = getattr(torch.ops.fastaspp, name).default
     torch.library.register_vmap(f"fastaspp::{name}", lambda info, in_dims, *args: vmap_loop(op, info, in_dims, args),
                                 lib=LIB)

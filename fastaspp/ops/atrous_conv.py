@@ -37,7 +37,7 @@ from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
 from fastaspp._rules import accumulator_dtype, result_format
 from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad, route,
-                                   runs_kernels, transform_active, vmap_into_images)
+                                   register_vmap_by_loop, runs_kernels, transform_active, vmap_into_images)
 
 
 # ---------------------------------------------------------------- argument checks (the one layer)
@@ -285,6 +285,7 @@ torch.library.register_vmap("fastaspp::atrous_conv2d", lambda info, in_dims, *ar
     torch.ops.fastaspp.atrous_conv2d.default, info, in_dims, args), lib=LIB)
 torch.library.register_vmap("fastaspp::atrous_conv2d_grad_input", lambda info, in_dims, *args: vmap_into_images(
     torch.ops.fastaspp.atrous_conv2d_grad_input.default, info, in_dims, args, size_at=2), lib=LIB)
+register_vmap_by_loop("atrous_conv2d_grad_weight")  # per-sample weight gradients: one call per sample
 
 
 def _conv_fake(x, weight, stride, padding, dilation):
