@@ -12,6 +12,8 @@ Tolerance (fp64): both sides are sums of at most a few hundred products of value
 positive inputs and tangents, so the results are of the size of their terms (the variances' tangents,
 which cancel, are measured against their terms' size). Any summation order is then within Higham's
 γ_n of it for n roundings; 2^-40 of the result's largest term covers n up to 2^13."""
+import copy
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -348,3 +350,22 @@ def test_module_functional_call(backend, kind, training):
     _close(torch.func.jvp(ours, (x,), (t,))[1], torch.func.jvp(plain, (x,), (t,))[1], f"{kind} jvp")
     if not training:
         _close(ours(x), plain(x), f"{kind} after the transforms")  # the kept fold still right
+
+
+def test_model_ensemble_under_vmap(backend):
+    """vmap over stacked module states (torch.func.stack_module_state), eval: every weight and BN
+    statistic batched; the kept folds stay unused and the conv runs once per model."""
+    device = device_for(backend)
+    pairs = [_module_case("ConvBNReLU", device) for _ in range(2)]
+    for seed, (ours, plain, _) in enumerate(pairs):  # two different models
+        torch.manual_seed(seed + 10)
+        for p in ours.parameters():
+            p.data.uniform_(0.5, 1.5)
+        plain.load_state_dict(ours.state_dict())
+        ours.eval()
+        plain.eval()
+    x = pairs[0][2]
+    params, buffers = torch.func.stack_module_state([ours for ours, _, _ in pairs])
+    base = copy.deepcopy(pairs[0][0]).to("meta")
+    got = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)))(params, buffers)
+    _close(got, torch.stack([plain(x) for _, plain, _ in pairs]), "ensemble")
