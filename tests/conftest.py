@@ -75,3 +75,14 @@ def backend(request, monkeypatch):
         monkeypatch.setenv(variable, value)
     with fastaspp.backend(name):
         yield name
+
+
+@pytest.fixture(params=fastaspp.BACKENDS)
+def each_backend(request):
+    """Each backend usable here, once (the cpu backend on its own choice of path); skipped with the
+    reason where unusable. For tests of what sits above the kernels (autograd, torch.func)."""
+    reason = fastaspp._backend.unavailable_reason(request.param)
+    if reason is not None:
+        pytest.skip(f"backend {request.param} unavailable: {reason}")
+    with fastaspp.backend(request.param):
+        yield request.param

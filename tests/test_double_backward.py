@@ -20,13 +20,9 @@ class _PassThrough(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(params=fastaspp.BACKENDS)
-def backend(request):
-    reason = fastaspp._backend.unavailable_reason(request.param)
-    if reason is not None:
-        pytest.skip(f"backend {request.param} unavailable: {reason}")
-    with fastaspp.backend(request.param):
-        yield request.param
+@pytest.fixture
+def backend(each_backend):
+    return each_backend
 
 
 @pytest.fixture(params=["eager", "op-route"])

@@ -28,13 +28,9 @@ from conftest import ON_GPU, device_for
 RTOL = 2.0 ** -40
 
 
-@pytest.fixture(params=fastaspp.BACKENDS)
-def backend(request):
-    reason = fastaspp._backend.unavailable_reason(request.param)
-    if reason is not None:
-        pytest.skip(f"backend {request.param} unavailable: {reason}")
-    with fastaspp.backend(request.param):
-        yield request.param
+@pytest.fixture
+def backend(each_backend):
+    return each_backend
 
 
 def _positive(device, *shapes, seed=0):
