@@ -8,10 +8,12 @@ nor the eager kernels carry a forward-mode formula. Now such calls take each op'
 runs the torch op per sample; a second derivative still raises, as under create_graph
 (tests/test_double_backward.py); the torch ops called directly under forward-mode AD raise.
 
-Tolerance (fp64): both sides are sums of at most a few hundred products of values of order 1 with
-positive inputs and tangents, so the results are of the size of their terms (the variances' tangents,
-which cancel, are measured against their terms' size). Any summation order is then within Higham's
-γ_n of it for n roundings; 2^-40 of the result's largest term covers n up to 2^13."""
+Tolerance (fp64): every compared value is a sum of at most a few hundred terms (inputs and tangents
+positive, of order 1), so any summation order is within Higham's γ_n · Σ|terms| of it, below
+2^-44 · Σ|terms| for n ≤ 2^9 roundings. The bound used is 2^-40 of the largest reference value, which
+is within a factor 16 of the largest Σ|terms| in these cases (the shifts that bring half the
+pre-activations below zero remove about their mean); the variances' tangents, which cancel further,
+are measured against their terms' size instead."""
 import copy
 
 import pytest
@@ -273,6 +275,17 @@ def test_torch_op_refuses_forward_mode(backend, how):
         else:
             _dual(raw, (x,), (x,))
     assert raw(x).shape == (1, 3, 5, 4)  # outside forward-mode AD it runs
+
+
+def test_compiled_jvp_raises():
+    """torch.compile sends every call to the torch op, which has no forward-mode formula: a compiled
+    jvp raises (from the op's fake impl while tracing) instead of returning a zero tangent."""
+    x, w, t = _positive(torch.device("cpu"), (1, 2, 5, 4), (3, 2, 3, 3), (3, 2, 3, 3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda w: torch.func.jvp(lambda w: atrous_conv2d(x, w, None, 1, 2, 2), (w,), (t,))[1],
+                             backend="aot_eager")
+    with pytest.raises(Exception, match="torch.ops.fastaspp.atrous_conv2d has no forward-mode AD"):
+        compiled(w)
 
 
 @pytest.mark.parametrize("second", ["grad-of-grad", "jacfwd-of-grad"])

@@ -92,11 +92,12 @@ def op_for_transform() -> Iterator[None]:
 def refuse_forward_ad(op: str) -> None:
     """Raises when torch op `op` is called from outside fastaspp's Functions under forward-mode AD:
     like every torch.library op it has no forward-mode formula, so its inputs' tangents would be
-    dropped without an error. The Python entry points compute them."""
+    dropped without an error. The Python entry points compute them, but not inside torch.compile,
+    which sends every call to the op (its fake impl runs this check while tracing)."""
     if forward_ad._current_level >= 0 and not getattr(_own_calls, "depth", 0):
         raise RuntimeError(f"fastaspp: torch.ops.fastaspp.{op} has no forward-mode AD (a torch.library op drops "
                            f"its inputs' tangents); under jvp, jacfwd or forward_ad call fastaspp.ops.{op}, "
-                           f"which computes them")
+                           f"which computes them, outside torch.compile")
 
 
 _own_calls = threading.local()

@@ -213,6 +213,7 @@ register_vmap_by_loop("aspp_branches_grad_input")
 
 @torch.library.register_fake("fastaspp::aspp_branches", lib=LIB)
 def _(x, weights, rates, scale, shift, relu, backend):
+    refuse_forward_ad("aspp_branches")
     return x.new_empty(_branches_shape(x, weights)).contiguous(memory_format=torch.channels_last)
 
 

@@ -250,12 +250,14 @@ LIB.impl("affine_relu_project", _op_project, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("fastaspp::aspp_branches_stats", lib=LIB)
 def _(x, weights, rates, backend):
+    refuse_forward_ad("aspp_branches_stats")
     shape = _branches_shape(x, weights)
     return _stats_fakes(x, shape, shape[1])
 
 
 @torch.library.register_fake("fastaspp::affine_relu_project", lib=LIB)
 def _(z, centre, scale, shift, weight, image_bias, backend):
+    refuse_forward_ad("affine_relu_project")
     return _stats_fakes(z, [z.shape[0], weight.shape[0], z.shape[2], z.shape[3]], weight.shape[0])
 
 

@@ -295,6 +295,7 @@ def _conv_fake(x, weight, stride, padding, dilation):
 
 @torch.library.register_fake("fastaspp::atrous_conv2d", lib=LIB)
 def _(x, weight, bias, scale, shift, stride, padding, dilation, relu, backend):
+    refuse_forward_ad("atrous_conv2d")
     return _conv_fake(x, weight, stride, padding, dilation)
 
 
