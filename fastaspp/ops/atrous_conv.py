@@ -189,10 +189,11 @@ def conv_affine_jvp(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Op
     """Tangent of y = act((conv(x, weight) + bias) * scale + shift) for tangents (tx, tw, tbias,
     tscale, tshift), any of them None: the conv is bilinear, so
     ty = mask * ((conv(tx, w) + conv(x, tw) + tbias) * scale + (conv(x, w) + bias) * tscale + tshift),
-    the convs on the backend's kernel and the ReLU's mask from the output."""
+    the convs on the backend's kernel and the ReLU's mask from the output. Runs only under forward-mode
+    AD, so always through the torch op (its tensors may be functorch's)."""
     tx, tw, tbias, tscale, tshift = tangents
     geometry = (stride, padding, dilation, False, backend)
-    conv = _forward_kernel if runs_kernels(x, weight) else _forward_op
+    conv = _forward_op
     acc = accumulator_dtype(x.dtype)
     c = (1, -1, 1, 1)
     t = None
