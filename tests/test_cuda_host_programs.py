@@ -17,9 +17,11 @@ passes, else one line per failure.
     apart, or several summed), with one patch and 128 channels a CTA and with the wide tile's two
     patches and 256 channels; and with the K loop split into parts (FASTASPP_CUDA_SPLIT_K), whose
     steps in part order are the unsplit walk, each gathering wherever in a tap it starts, summed in
-    order, and the split count's rules (csrc/common/k_split.h). Checked in a scratch copy by making
-    step_at drop its chunk offset, overlapping two parts, and mapping a phase's columns with the
-    row stride.
+    order, the split count's rules (csrc/common/k_split.h) and the longest live walk they size parts
+    by (longest_walks, against every CTA's count_steps). Checked in a scratch copy by making
+    step_at drop its chunk offset, overlapping two parts, mapping a phase's columns with the
+    row stride, and in longest_walks, dropping the phase, counting dead rows in sum mode and
+    shifting a patch line's start.
   * tma_boxes.cu: the TMA conv kernels' loads (csrc/cuda/conv_tma.cuh, csrc/common/tma_boxes.h),
     each modelled as TMA's documentation states (a box through the tensor map's view, zero outside
     its dims), hold what the cp.async gather puts in the A and B tiles, for every step and patch slot

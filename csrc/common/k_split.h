@@ -22,28 +22,33 @@ namespace fastaspp {
 // many bytes as 3 steps' operands).
 constexpr int64_t kMinStepsPerSplit = 8;
 
-// The parts of each of `count` convs of a launch (parts[i]), and the most of them (the grid's z
-// extent). Conv i's CTAs walk steps[i] K steps with every tap live (in sum mode, `sum`, every CTA
-// walks all the convs: one walk of their total, and every conv gets its parts); each conv has
-// ctas_per_conv CTAs (all of them in sum mode), and the GPU runs sms x ctas_per_sm at once.
-// * No split (1 everywhere) when cap <= 1 (the switch's default) or the grid fills a wave.
-// * Else the launch's steps spread over one wave give a target of at least kMinStepsPerSplit steps
+// Whether a launch of `ctas` CTAs may split its K loops at all: the switch allows more than one
+// part (cap) and the grid leaves part of a wave (sms x ctas_per_sm CTAs at once) idle.
+FASTASPP_HOST_DEVICE bool k_split_may_help(int64_t ctas, int64_t sms, int64_t ctas_per_sm, int64_t cap) {
+  return cap > 1 && ctas > 0 && ctas < sms * ctas_per_sm;
+}
+
+// The parts of each of `count` walks of a launch (parts[i]), and the most of them (the grid's z
+// extent). Walk i is the longest K loop (live steps) of its ctas_per_walk CTAs: in grid mode one
+// walk a conv, its CTAs' longest; in sum mode (every CTA walks every conv) one walk, the longest
+// over all of them, whose parts every conv takes. The GPU runs sms x ctas_per_sm CTAs at once.
+// * No split (1 everywhere) unless k_split_may_help.
+// * Else the launch's walks spread over one wave give a target of at least kMinStepsPerSplit steps
 //   a part, and a walk of s steps gets s / target parts (at least 1, at most cap): the CTAs of the
-//   convs that split fill at most the wave.
-FASTASPP_HOST_DEVICE int k_split_plan(const int64_t* steps, int count, bool sum, int64_t ctas_per_conv, int64_t sms,
+//   walks that split fill at most the wave.
+FASTASPP_HOST_DEVICE int k_split_plan(const int64_t* walks, int count, int64_t ctas_per_walk, int64_t sms,
                                       int64_t ctas_per_sm, int64_t cap, int* parts) {
   int64_t total = 0;
   for (int i = 0; i < count; ++i) {
     parts[i] = 1;
-    total += steps[i];
+    total += walks[i];
   }
-  const int64_t slots = sms * ctas_per_sm, ctas = sum ? ctas_per_conv : ctas_per_conv * count;
-  if (cap <= 1 || ctas <= 0 || ctas >= slots) return 1;
-  int64_t target = ceil_div(ctas_per_conv * total, slots);
+  if (!k_split_may_help(ctas_per_walk * count, sms, ctas_per_sm, cap)) return 1;
+  int64_t target = ceil_div(ctas_per_walk * total, sms * ctas_per_sm);
   if (target < kMinStepsPerSplit) target = kMinStepsPerSplit;
   int most = 1;
   for (int i = 0; i < count; ++i) {
-    int64_t p = (sum ? total : steps[i]) / target;
+    int64_t p = walks[i] / target;
     if (p > cap) p = cap;
     parts[i] = p > 1 ? static_cast<int>(p) : 1;
     if (parts[i] > most) most = parts[i];

@@ -279,30 +279,32 @@ cudaError_t launch_grid(void (*kernel)(Param), const Param& p, dim3 grid, int th
   return cudaGetLastError();
 }
 
-// Each conv's K parts over a launch on `grid` (ConvArgs::parts, common/k_split.h: its walk with
-// every tap live against the launch's steps spread over one wave of the current GPU at ctas_per_sm
-// CTAs an SM), and the most of them.
-template <int BK>
+// Each conv's K parts over a launch on `grid` (ConvArgs::parts, common/k_split.h: its CTAs' longest
+// walk over their live taps, longest_walks, against the launch's walks spread over one wave of the
+// current GPU at ctas_per_sm CTAs an SM), and the most of them; 1 (without counting walks) where the
+// grid fills a wave.
+template <bool kDgrad, int BK>
 int plan_k_split(ConvBatch& b, dim3 grid, int ctas_per_sm, int64_t cap) {
-  int64_t steps[kMaxConvs];
+  if (!k_split_may_help(int64_t(grid.x) * grid.y, sm_count(), ctas_per_sm, cap)) return 1;
+  int64_t walks[kMaxConvs];
   int parts[kMaxConvs];
-  for (int i = 0; i < b.count; ++i) steps[i] = b.conv[i].kh * b.conv[i].kw * div_up(b.conv[i].kc, BK);
-  const int64_t ctas_per_conv = int64_t(grid.x) * (b.sum_convs ? grid.y : b.blocks_per_conv);
-  const int most = k_split_plan(steps, b.count, b.sum_convs != 0, ctas_per_conv, sm_count(), ctas_per_sm, cap, parts);
-  for (int i = 0; i < b.count; ++i) b.conv[i].parts = parts[i];
+  const int count = longest_walks<kDgrad, BK>(b, walks);  // b.count, or one walk in sum mode
+  const int64_t ctas_per_walk = int64_t(grid.x) * (b.sum_convs ? grid.y : b.blocks_per_conv);
+  const int most = k_split_plan(walks, count, ctas_per_walk, sm_count(), ctas_per_sm, cap, parts);
+  for (int i = 0; i < b.count; ++i) b.conv[i].parts = parts[b.sum_convs ? 0 : i];
   return most;
 }
 
 // Where the grid leaves SMs idle and split_cap (FASTASPP_CUDA_SPLIT_K) allows, plans a split of the
 // launch's K loops (plan_k_split) and takes the parts' workspace of BM x BN fp32 tiles from
 // `scratch` (never with none): sets b.splits (1: no split) and b.partials.
-template <int BM, int BN, int BK>
+template <bool kDgrad, int BM, int BN, int BK>
 cudaError_t prepare_k_split(ConvBatch& b, dim3 grid, int ctas_per_sm, int64_t split_cap,
                             const FastasppScratch* scratch) {
   b.splits = 1;
   b.partials = nullptr;
   const bool may_split = scratch != nullptr && split_cap > 1 && grid.x > 0;
-  const int splits = may_split ? plan_k_split<BK>(b, grid, ctas_per_sm, split_cap) : 1;
+  const int splits = may_split ? plan_k_split<kDgrad, BK>(b, grid, ctas_per_sm, split_cap) : 1;
   if (splits <= 1) return cudaSuccess;
   const int64_t ctas = int64_t(grid.x) * grid.y;
   void* partials = scratch->allocate(scratch->context, splits * ctas * BM * BN * int64_t(sizeof(float)));
@@ -334,7 +336,7 @@ cudaError_t launch_parts(void (*kernel)(Param), const Param& p, const ConvBatch&
 template <typename T, bool kDgrad, typename Config>
 cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
   const dim3 grid = batch_grid<Config::BN>(b, Config::kPatches);
-  const cudaError_t err = prepare_k_split<Config::BM, Config::BN, Config::BK>(
+  const cudaError_t err = prepare_k_split<kDgrad, Config::BM, Config::BN, Config::BK>(
       b, grid, Config::kCtasPerSm, Config::kPatches == 1 ? split_cap : 1, scratch);
   if (err != cudaSuccess) return err;
   const int smem = Config::kDynamicSmem ? CuteSmem<Config>::kBytes : 0;
@@ -346,7 +348,7 @@ cudaError_t launch_cute(ConvBatch& b, int64_t split_cap, const FastasppScratch* 
 template <typename T, bool kDgrad, typename Config>
 cudaError_t launch_tma(ConvBatch& b, int64_t split_cap, const FastasppScratch* scratch, cudaStream_t stream) {
   const dim3 grid = batch_grid<Config::BN>(b, Config::kPatches);
-  cudaError_t err = prepare_k_split<Config::BM, Config::BN, Config::BK>(
+  cudaError_t err = prepare_k_split<kDgrad, Config::BM, Config::BN, Config::BK>(
       b, grid, Config::kCtasPerSm, Config::kPatches == 1 ? split_cap : 1, scratch);
   if (err != cudaSuccess) return err;
   const auto kernel = conv_tma_kernel<T, kDgrad, Config>;

@@ -180,6 +180,79 @@ __host__ __device__ Step step_at(const ConvBatch& b, ConvRange r, const Patch& t
   return Step{r.end, 0, 0};
 }
 
+// The taps along one axis of conv a (rows: kh, else columns: kw) live for dst rows (columns)
+// [t0, t1) of phase `phase`: a patch's live taps are the pairs of its live rows and columns.
+template <bool kDgrad>
+__host__ int64_t axis_live_taps(const ConvArgs& a, bool rows, int64_t t0, int64_t t1, int64_t phase) {
+  int64_t live = 0;
+  for (int64_t k = 0, taps = rows ? a.kh : a.kw; k < taps; ++k) {
+    live += rows ? patch_tap_live<kDgrad>(k, a.src_h, a.dst_h, a.stride_h, a.pad_h, a.dil_h, t0, t1, phase,
+                                          a.tiling.phases_h)
+                 : patch_tap_live<kDgrad>(k, a.src_w, a.dst_w, a.stride_w, a.pad_w, a.dil_w, t0, t1, phase,
+                                          a.tiling.phases_w);
+  }
+  return live;
+}
+
+// Calls visit(t0, t1, phase) for each patch row (rows) or column of a dst map of `size` rows
+// (columns) tiled by t, every phase: [t0, t1) are its rows (columns) of that phase's sub-map.
+template <typename Visit>
+__host__ void for_each_patch_line(const PatchTiling& t, bool rows, int64_t size, Visit&& visit) {
+  const int64_t phases = rows ? t.phases_h : t.phases_w, extent = rows ? t.rows() : t.cols();
+  const int64_t lines = rows ? t.tiles_per_img / (t.phases_h * t.phases_w) / t.tiles_w : t.tiles_w;
+  for (int64_t phase = 0; phase < phases; ++phase) {
+    const int64_t sub = phase_size(size, phase, phases);
+    for (int64_t line = 0; line < lines; ++line) {
+      const int64_t t0 = line * extent;
+      visit(t0, t0 + extent < sub ? t0 + extent : sub, phase);
+    }
+  }
+}
+
+// The longest K loop (count_steps) of a launch's one-patch CTAs, which a split K loop's plan
+// sizes its parts by (k_split_plan): in grid mode each conv's (walks[i], over its patches), in sum
+// mode the walk over every conv (walks[0]); returns how many it wrote (b.count, or 1). Liveness is
+// separable, so a patch walks (its row's live taps) x (its column's) x chunks steps of a conv: grid
+// mode takes each axis' most, sum mode the most over the patches of their sums over the convs.
+// Host only, before a launch: (patch rows + columns) x taps tests a conv, patches x kw in sum mode.
+template <bool kDgrad, int BK>
+__host__ int longest_walks(const ConvBatch& b, int64_t* walks) {
+  const PatchTiling& tiling = b.conv[0].tiling;  // every conv has the same dst map, so the same patches
+  const int64_t dst_h = b.conv[0].dst_h, dst_w = b.conv[0].dst_w;
+  int64_t chunks[kMaxConvs];
+  for (int i = 0; i < b.count; ++i) chunks[i] = b.conv[i].kc > 0 ? ceil_div(b.conv[i].kc, int64_t(BK)) : 0;
+  if (b.sum_convs) {
+    int64_t longest = 0;
+    for_each_patch_line(tiling, true, dst_h, [&](int64_t r0, int64_t r1, int64_t ph) {
+      int64_t live_rows[kMaxConvs];
+      for (int i = 0; i < b.count; ++i) live_rows[i] = axis_live_taps<kDgrad>(b.conv[i], true, r0, r1, ph);
+      for_each_patch_line(tiling, false, dst_w, [&](int64_t c0, int64_t c1, int64_t pw) {
+        int64_t walk = 0;
+        for (int i = 0; i < b.count; ++i) {
+          if (live_rows[i] > 0 && chunks[i] > 0)
+            walk += live_rows[i] * axis_live_taps<kDgrad>(b.conv[i], false, c0, c1, pw) * chunks[i];
+        }
+        longest = walk > longest ? walk : longest;
+      });
+    });
+    walks[0] = longest;
+    return 1;
+  }
+  for (int i = 0; i < b.count; ++i) {
+    int64_t most_rows = 0, most_cols = 0;
+    for_each_patch_line(tiling, true, dst_h, [&](int64_t r0, int64_t r1, int64_t ph) {
+      const int64_t live = axis_live_taps<kDgrad>(b.conv[i], true, r0, r1, ph);
+      most_rows = live > most_rows ? live : most_rows;
+    });
+    for_each_patch_line(tiling, false, dst_w, [&](int64_t c0, int64_t c1, int64_t pw) {
+      const int64_t live = axis_live_taps<kDgrad>(b.conv[i], false, c0, c1, pw);
+      most_cols = live > most_cols ? live : most_cols;
+    });
+    walks[i] = most_rows * most_cols * chunks[i];
+  }
+  return b.count;
+}
+
 // The taps of conv a live for patch t, as bits (bit tap; kh * kw <= 64): the TMA kernel's walk
 // (conv_tma.cuh) reads them instead of testing liveness step by step.
 template <bool kDgrad>

@@ -14,7 +14,9 @@
 // * one and two patches per CTA, 128- and 256-channel blocks, channel counts with a K tail;
 // * K loops split into parts (FASTASPP_CUDA_SPLIT_K: step_at, k_split_range, each part's gather
 //   wherever in a tap it starts, the parts summed in order; each conv of a launch with its own
-//   parts), whose steps in part order must be the unsplit walk; and k_split_plan's rules.
+//   parts), whose steps in part order must be the unsplit walk; k_split_plan's rules; and the
+//   walks it is given (longest_walks: each conv's longest CTA walk, or in sum mode the longest
+//   over every conv), against count_steps of every one-patch CTA.
 // Prints one line per failed check and "ok" when every check passes.
 #include <algorithm>
 #include <cmath>
@@ -55,6 +57,7 @@ static void emulate(ConvBatch& b, int splits = 1) {
   const int64_t grid_y = b.sum_convs ? blocks : blocks * b.count;
   constexpr int BM = kPatches * kTilePixels;
   std::vector<double> acc(BM * BN);
+  int64_t longest[kMaxConvs] = {};  // the most steps of a CTA, per conv (sum mode: of every CTA)
   for (int64_t y = 0; y < grid_y; ++y)
     for (int64_t x = 0; x < grid_x; ++x) {
       // cta_convs, cta_n0, cta_patches with blockIdx = (x, y).
@@ -71,6 +74,7 @@ static void emulate(ConvBatch& b, int splits = 1) {
       }
       const int64_t steps = count_steps<kDgrad, kBK>(b, r, t);
       expect(int64_t(walk.size()) == steps, "walk length = count_steps", x, y, double(steps));
+      longest[b.sum_convs ? 0 : r.first] = std::max(longest[b.sum_convs ? 0 : r.first], steps);
       int64_t walked = 0;  // steps the parts walked so far, in part order
       const int parts = b.splits > 1 ? a.parts : 1;  // conv_cute_kernel's; z past them returns
       for (int part = 0; part < parts; ++part) {
@@ -116,6 +120,15 @@ static void emulate(ConvBatch& b, int splits = 1) {
         for (int j = 0; j < BN; ++j)
           store_tile_value<double, kDgrad, kPatches, double>(a, cp, m, n0 + j, acc[m * BN + j]);
     }
+  if constexpr (kPatches == 1) {  // the split plan's walks (longest_walks) against every CTA's
+    int64_t walks[kMaxConvs];
+    const int count = longest_walks<kDgrad, kBK>(b, walks);
+    expect(count == (b.sum_convs ? 1 : b.count), "longest_walks: one walk a conv, or one in sum mode", count,
+           b.sum_convs, 0);
+    for (int i = 0; i < count && i < b.count; ++i)
+      expect(walks[i] == longest[i], "longest_walks = a CTA's most steps (conv, walk, counted)", i, walks[i],
+             double(longest[i]));
+  }
 }
 
 struct Geometry {
@@ -293,43 +306,45 @@ static void check_split_rules() {
   // 64 steps (2048 channels).
   int parts[4];
   const int64_t conv[1] = {576}, aspp[4] = {64, 576, 576, 576};
-  expect(k_split_plan(conv, 1, false, 50, 132, 3, 4, parts) == 4 && parts[0] == 4, "the cap bounds the parts", 4, 0, 0);
-  expect(k_split_plan(conv, 1, false, 50, 132, 3, 64, parts) == 7 && parts[0] == 7, "one wave bounds the parts", 64,
+  expect(k_split_plan(conv, 1, 50, 132, 3, 4, parts) == 4 && parts[0] == 4, "the cap bounds the parts", 4, 0, 0);
+  expect(k_split_plan(conv, 1, 50, 132, 3, 64, parts) == 7 && parts[0] == 7, "one wave bounds the parts", 64,
          parts[0], 0);
-  expect(k_split_plan(conv, 1, false, 50, 132, 3, 1, parts) == 1 && parts[0] == 1, "a cap of 1 never splits", 1, 0, 0);
-  expect(k_split_plan(conv, 1, false, 400, 132, 3, 8, parts) == 1 && parts[0] == 1, "a full wave is not split", 400,
-         0, 0);
+  expect(k_split_plan(conv, 1, 50, 132, 3, 1, parts) == 1 && parts[0] == 1, "a cap of 1 never splits", 1, 0, 0);
+  expect(k_split_plan(conv, 1, 400, 132, 3, 8, parts) == 1 && parts[0] == 1, "a full wave is not split", 400, 0, 0);
   const int64_t short_walk[1] = {24};
-  expect(k_split_plan(short_walk, 1, false, 50, 132, 3, 64, parts) == 24 / kMinStepsPerSplit,
-         "parts keep their steps", 24, parts[0], 0);
+  expect(k_split_plan(short_walk, 1, 50, 132, 3, 64, parts) == 24 / kMinStepsPerSplit, "parts keep their steps", 24,
+         parts[0], 0);
   // The ASPP's branches at batch 1 (grid mode): the 3x3 branches in two parts, the 1x1 one whole;
   // 350 CTAs for 396 places.
-  expect(k_split_plan(aspp, 4, false, 50, 132, 3, 8, parts) == 2 && parts[0] == 1 && parts[1] == 2 &&
-             parts[2] == 2 && parts[3] == 2,
+  expect(k_split_plan(aspp, 4, 50, 132, 3, 8, parts) == 2 && parts[0] == 1 && parts[1] == 2 && parts[2] == 2 &&
+             parts[3] == 2,
          "the ASPP's long walks split, its short one not", parts[0], parts[1], 0);
-  // Sum mode (the ASPP's input gradient): one walk of every branch's steps, the same parts for all.
-  expect(k_split_plan(aspp, 4, true, 50, 132, 3, 8, parts) == 7 && parts[0] == 7 && parts[3] == 7,
-         "sum mode splits the whole walk", parts[0], parts[3], 0);
-  for (int64_t per_conv = 1; per_conv < 300; per_conv += 7)
+  // Their live walks where the r18 branch has 4 live taps at most (33 x 33 map: 256 steps): the r6
+  // and r12 branches now take 3 parts, the shorter r18 walk none; the longest part 256 steps, not 288.
+  const int64_t aspp_live[4] = {64, 576, 576, 256};
+  expect(k_split_plan(aspp_live, 4, 50, 132, 3, 8, parts) == 3 && parts[0] == 1 && parts[1] == 3 &&
+             parts[2] == 3 && parts[3] == 1,
+         "live walks size the parts", parts[1], parts[3], 0);
+  // Sum mode (the ASPP's input gradient): one walk of every branch's steps, over every CTA.
+  const int64_t whole[1] = {64 + 3 * 576};
+  expect(k_split_plan(whole, 1, 50, 132, 3, 8, parts) == 7 && parts[0] == 7, "sum mode splits the whole walk",
+         parts[0], 0, 0);
+  for (int64_t per_walk = 1; per_walk < 300; per_walk += 7)
     for (int64_t s0 = 0; s0 < 700; s0 += 29)
-      for (int64_t cap = 0; cap < 12; ++cap) {
-        const int64_t walks[3] = {s0, s0 / 9, 2 * s0 + 5};
-        for (int sum = 0; sum < 2; ++sum) {
-          const int most = k_split_plan(walks, 3, sum != 0, per_conv, 132, 3, cap, parts);
-          int64_t split_ctas = 0, total = walks[0] + walks[1] + walks[2];
+      for (int64_t cap = 0; cap < 12; ++cap)
+        for (int count = 1; count <= 3; count += 2) {
+          const int64_t walks[3] = {s0, s0 / 9, 2 * s0 + 5};
+          const int most = k_split_plan(walks, count, per_walk, 132, 3, cap, parts);
+          int64_t split_ctas = 0;
           bool ok = most >= 1;
-          for (int i = 0; i < 3; ++i) {
-            const int64_t walk = sum ? total : walks[i];
-            ok = ok && parts[i] >= 1 && parts[i] <= most && (parts[i] == 1 || (parts[i] <= cap &&
-                                                                                walk / parts[i] >= kMinStepsPerSplit));
-            ok = ok && (!sum || parts[i] == parts[0]);
-            if (parts[i] > 1) split_ctas += per_conv * parts[i];
+          for (int i = 0; i < count; ++i) {
+            ok = ok && parts[i] >= 1 && parts[i] <= most &&
+                 (parts[i] == 1 || (parts[i] <= cap && walks[i] / parts[i] >= kMinStepsPerSplit));
+            if (parts[i] > 1) split_ctas += per_walk * parts[i];
           }
-          const int64_t ctas = sum ? per_conv : 3 * per_conv;
-          ok = ok && (most == 1 || (ctas < 132 * 3 && (sum ? per_conv * most : split_ctas) <= 132 * 3));
-          expect(ok, "k_split_plan within its rules (ctas a conv, steps, mode)", per_conv, s0, sum);
+          ok = ok && (most == 1 || (count * per_walk < 132 * 3 && split_ctas <= 132 * 3));
+          expect(ok, "k_split_plan within its rules (ctas a walk, steps, walks)", per_walk, s0, count);
         }
-      }
   for (int64_t steps = 0; steps < 40; ++steps)
     for (int n = 1; n < 9; ++n) {
       int64_t next = 0;
