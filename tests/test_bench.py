@@ -44,6 +44,7 @@ def test_conv_row_compares_fused_with_eager_on_the_same_weights():
     row = bench_conv.measure(shape, 2, torch.float32, torch.device("cpu"), reps=2, rounds=1)
     assert row.kind == "conv" and row.backend == "cpu" and row.batch == 2
     assert row.max_abs_err <= ROW_ERROR_BOUND
+    assert row.eager_max_abs > 0 and row.max_rel_err == row.max_abs_err / row.eager_max_abs
     useful, dense = shape.flops(2)
     assert (row.useful_flops, row.dense_flops) == (useful, dense) and useful < dense  # rate 2 on 9x9: dead taps
     assert row.speedup == row.eager_ms / row.fused_ms
@@ -74,15 +75,18 @@ def test_environment_records_the_switches_that_pick_kernels(monkeypatch):
 
 
 def test_markdown_and_json_carry_ratios_rates_and_peak_share(tmp_path):
-    rows = [_row(), _row(kind="aspp eval", compiled_ms=1.5, backend="triton")]
+    rows = [_row(), _row(kind="aspp eval", compiled_ms=1.5, backend="triton", max_abs_err=0.25, eager_max_abs=5e4)]
     table = markdown(rows, peak_tflops=4.0)
     assert "| conv s | 1 | float32 | cpu | 2.00 ±0.10 | 1.00 ±0.20 | 2.00x | - | 2.000 / 1.000 | 25.0% |" in table
     assert "1.50 (1.50x)" in table
+    # The error against the largest eager output beside the absolute one, where that is known.
+    assert "| 1.0e-06 |\n" in table and "| 2.5e-01 (5e-06) |\n" in table
     paths = write_results(str(tmp_path), "all", torch.device("cpu"), "float32", rows, 4.0, "fastaspp bench --test")
     data = json.loads(open(next(p for p in paths if p.endswith(".json"))).read())
     assert data["peak_tflops"] == 4.0 and data["command"] == "fastaspp bench --test"
     assert {"torch", "commit", "cpu", "triton"} <= set(data["environment"])
     assert data["rows"][0]["fused_useful_peak_share"] == 0.25 and data["rows"][0]["speedup"] == 2.0
+    assert math.isnan(data["rows"][0]["max_rel_err"]) and data["rows"][1]["max_rel_err"] == 0.25 / 5e4
     pngs = [p for p in paths if p.endswith(".png")]
     assert len(pngs) == 2
     for p in pngs:

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, List, Optional
 import torch
 
 import fastaspp
-from fastaspp.bench.report import Row
+from fastaspp.bench.report import Row, max_error
 from fastaspp.bench.timing import alternate, peak_memory_mb
 from fastaspp.geometry import conv_flops
 
@@ -66,7 +66,7 @@ def measure(shape: ConvShape, batch: int, dtype: torch.dtype, device: torch.devi
     pair = ConvPair(shape, batch, dtype, device)
     with torch.no_grad(), fastaspp.backend(backend):
         x = pair.xs[0]
-        err = (pair.fused(x).float() - pair.eager(x).float()).abs().max().item()
+        err, scale = max_error([(pair.fused(x), pair.eager(x))])
         fns = [lambda: pair.eager(pair.next_x()), lambda: pair.fused(pair.next_x())]
         if compile_baseline:
             compiled = torch.compile(pair.eager, mode="max-autotune" if device.type == "cuda" else None)
@@ -77,7 +77,7 @@ def measure(shape: ConvShape, batch: int, dtype: torch.dtype, device: torch.devi
     useful, dense = shape.flops(batch)
     return Row("conv", shape.name, batch, str(dtype).replace("torch.", ""), str(device), resolved,
                times[0].median_ms, times[1].median_ms, times[0].spread_ms, times[1].spread_ms, useful, dense, err,
-               times[2].median_ms if compile_baseline else None, mems[0], mems[1])
+               times[2].median_ms if compile_baseline else None, mems[0], mems[1], eager_max_abs=scale)
 
 
 def run(shapes: Iterable[ConvShape], batches: Iterable[int], dtype: torch.dtype, device: torch.device,

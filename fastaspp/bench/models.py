@@ -9,7 +9,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 import fastaspp
-from fastaspp.bench.report import Row
+from fastaspp.bench.report import Row, max_error
 from fastaspp.bench.timing import alternate, peak_memory_mb
 from fastaspp.geometry import conv_flops
 
@@ -146,9 +146,9 @@ def measure(case: ModelCase, batch: int, mode: str, dtype: torch.dtype, device: 
     grad = torch.no_grad() if mode == "eval" else torch.enable_grad()
     with grad:
         if mode == "eval":
-            err = (fused(xs[0])["out"].float() - plain(xs[0])["out"].float()).abs().max().item()
+            err, scale = max_error([(fused(xs[0])["out"], plain(xs[0])["out"])])
         else:
-            err = float("nan")  # dropout masks: compared in tests/test_train.py
+            err, scale = float("nan"), None  # dropout masks: compared in tests/test_train.py
         times = alternate(fns, device, warmup=1, reps=reps, rounds=rounds)
         mems = [peak_memory_mb(fn, device) for fn in fns[:2]]
     if mode == "train":
@@ -156,7 +156,8 @@ def measure(case: ModelCase, batch: int, mode: str, dtype: torch.dtype, device: 
     return Row(f"model {mode}" + (" cuda-graph" if cuda_graphs else ""), f"{case.label}-{size}", batch,
                str(dtype).replace("torch.", ""), str(device),
                fastaspp.resolve_backend(device), times[0].median_ms, times[1].median_ms, times[0].spread_ms,
-               times[1].spread_ms, useful, dense, err, times[2].median_ms if compile_baseline else None, *mems)
+               times[1].spread_ms, useful, dense, err, times[2].median_ms if compile_baseline else None, *mems,
+               eager_max_abs=scale)
 
 
 # Multi-scale eval (the paper's inference): one timed call runs the image at every scale, so kept
@@ -180,11 +181,11 @@ def measure_multiscale(case: ModelCase, dtype: torch.dtype, device: torch.device
         useful, dense = useful + u, dense + d
     fns = [lambda m=m: [m(x)["out"] for x in xs] for m in (plain.eval(), fused.eval())]
     with torch.no_grad():
-        err = max((fused(x)["out"].float() - plain(x)["out"].float()).abs().max().item() for x in xs)
+        err, scale = max_error((fused(x)["out"], plain(x)["out"]) for x in xs)
         times = alternate(fns, device, warmup=1, reps=reps, rounds=rounds)
     return Row("model eval multi-scale", f"{case.label}-{'/'.join(map(str, sides))}", 1,
                str(dtype).replace("torch.", ""), str(device), fastaspp.resolve_backend(device), times[0].median_ms,
-               times[1].median_ms, times[0].spread_ms, times[1].spread_ms, useful, dense, err)
+               times[1].median_ms, times[0].spread_ms, times[1].spread_ms, useful, dense, err, eager_max_abs=scale)
 
 
 def run(cases: Sequence[ModelCase], batches: Sequence[int], modes: Sequence[str], dtype, device, size: int = 513,

@@ -25,7 +25,7 @@ import fastaspp
 from fastaspp import reference
 from fastaspp.bench.aspp import AsppShape, aspp_pair
 from fastaspp.bench.models import model_flops, model_pair
-from fastaspp.bench.report import Row
+from fastaspp.bench.report import Row, max_error
 from fastaspp.bench.timing import alternate
 from fastaspp.geometry import conv_flops
 
@@ -90,14 +90,11 @@ def _time(fns: List[Callable[[], object]], mode: str, device, calls: int, reps: 
     return [dataclasses.replace(t, median_ms=t.median_ms / calls, spread_ms=t.spread_ms / calls) for t in timings]
 
 
-def _row(kind: str, shape: str, batch: int, dtype, device, timings, flops, err: float) -> Row:
+def _row(kind: str, shape: str, batch: int, dtype, device, timings, flops, err: float, scale) -> Row:
     eager, fused = timings
     return Row(kind, shape, batch, str(dtype).replace("torch.", ""), str(device), fastaspp.resolve_backend(device),
-               eager.median_ms, fused.median_ms, eager.spread_ms, fused.spread_ms, flops[0], flops[1], err)
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
+               eager.median_ms, fused.median_ms, eager.spread_ms, fused.spread_ms, flops[0], flops[1], err,
+               eager_max_abs=scale)
 
 
 def _compare(kind: str, mode: str, eager, fused, x_shape: Sequence[int], shape_name: str, flops, dtype, device,
@@ -105,15 +102,15 @@ def _compare(kind: str, mode: str, eager, fused, x_shape: Sequence[int], shape_n
     """One row: eager against fused on random inputs of x_shape (the max abs error in eval, and in
     training when err_in_train: modules with dropout draw different masks), timed in rounds."""
     xs = _inputs(x_shape, mode, device, dtype)
-    err = float("nan")
+    err, scale = float("nan"), None
     if mode == "eval" or err_in_train:
         with torch.no_grad():
-            err = _max_err(fused(xs[0]), eager(xs[0]))
+            err, scale = max_error([(fused(xs[0]), eager(xs[0]))])
     next_x = _cycle(xs)
     timings = _time([_step(eager, next_x, mode), _step(fused, next_x, mode)], mode, device, calls, reps, rounds)
     if mode == "train":  # forward + backward: about three forwards of work
         flops = (3 * flops[0], 3 * flops[1])
-    return _row(f"overhead {kind} {mode}", shape_name, x_shape[0], dtype, device, timings, flops, err)
+    return _row(f"overhead {kind} {mode}", shape_name, x_shape[0], dtype, device, timings, flops, err, scale)
 
 
 def measure_op(mode: str, dtype=torch.float32, device=torch.device("cpu"), shape: TinyConv = TINY_CONV,
@@ -173,10 +170,10 @@ def measure_model(name: str, size: int, mode: str, dtype=torch.float32, device=t
     xs = _inputs((batch, 3, size, size), "eval", device, dtype)  # the image takes no gradient
     target = torch.randint(0, 21, (batch, size, size), generator=torch.Generator().manual_seed(0)).to(device)
     useful, dense = model_flops(plain, xs[0])
-    err = float("nan")
+    err, scale = float("nan"), None
     if mode == "eval":
         with torch.no_grad():
-            err = _max_err(fused.eval()(xs[0])["out"], plain.eval()(xs[0])["out"])
+            err, scale = max_error([(fused.eval()(xs[0])["out"], plain.eval()(xs[0])["out"])])
     for m in (plain, fused):
         m.train(mode == "train")
     next_x = _cycle(xs)
@@ -189,7 +186,8 @@ def measure_model(name: str, size: int, mode: str, dtype=torch.float32, device=t
     timings = _time([step(plain), step(fused)], mode, device, 1, reps, rounds)
     if mode == "train":
         useful, dense = 3 * useful, 3 * dense
-    return _row(f"overhead model {mode}", f"{name}-{size}", batch, dtype, device, timings, (useful, dense), err)
+    return _row(f"overhead model {mode}", f"{name}-{size}", batch, dtype, device, timings, (useful, dense), err,
+                scale)
 
 
 def run(dtype=torch.float32, device=torch.device("cpu"), models: Sequence[str] = (),

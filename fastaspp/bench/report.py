@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +34,15 @@ class Row:
     compiled_ms: Optional[float] = None  # torch.compile of the eager module, where measured
     eager_mem_mb: Optional[float] = None  # device memory a call allocates (GPU only)
     fused_mem_mb: Optional[float] = None
+    eager_max_abs: Optional[float] = None  # the largest |eager output|, which max_abs_err is relative to
+
+    @property
+    def max_rel_err(self) -> float:
+        """max_abs_err against the largest eager output: a random-init model's logits reach 1e4 and
+        more, where an fp32 error of 0.1 is 1e-5 of them (NaN where not compared)."""
+        if self.eager_max_abs is None or not math.isfinite(self.max_abs_err):
+            return float("nan")
+        return self.max_abs_err / self.eager_max_abs if self.eager_max_abs > 0 else float("inf")
 
     @property
     def speedup(self) -> float:
@@ -47,14 +57,31 @@ class Row:
         out.update(speedup=self.speedup,
                    fused_dense_tflops=self.tflops("fused", "dense"), fused_useful_tflops=self.tflops("fused", "useful"),
                    eager_dense_tflops=self.tflops("eager", "dense"), eager_useful_tflops=self.tflops("eager", "useful"),
-                   fused_useful_peak_share=self.tflops("fused", "useful") / peak_tflops if peak_tflops else None)
+                   fused_useful_peak_share=self.tflops("fused", "useful") / peak_tflops if peak_tflops else None,
+                   max_rel_err=self.max_rel_err)
         return out
+
+
+def max_error(pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[float, float]:
+    """(max |fused - eager|, max |eager|) over (fused, eager) output pairs, in float64: a row's
+    max_abs_err and eager_max_abs."""
+    err = scale = 0.0
+    for fused, eager in pairs:
+        eager = eager.double()
+        err = max(err, (fused.double() - eager).abs().max().item())
+        scale = max(scale, eager.abs().max().item())
+    return err, scale
 
 
 def _mem(row: Row) -> str:
     if row.eager_mem_mb is None or row.fused_mem_mb is None:
         return "-"
     return f"{row.eager_mem_mb:.0f} / {row.fused_mem_mb:.0f}"
+
+
+def _err(row: Row) -> str:
+    rel = row.max_rel_err
+    return f"{row.max_abs_err:.1e}" + ("" if math.isnan(rel) else f" ({rel:.0e})")
 
 
 def fmt_ms(ms: float) -> str:
@@ -65,7 +92,7 @@ def fmt_ms(ms: float) -> str:
 def markdown(rows: List[Row], peak_tflops: Optional[float]) -> str:
     head = ("| workload | batch | dtype | backend | eager ms | fused ms | speed-up | compiled ms (fused vs it) | "
             "fused TFLOP/s dense / useful | useful % of peak | eager TFLOP/s dense / useful | "
-            "memory MB eager / fused | max abs err |\n" + "|---" * 13 + "|\n")
+            "memory MB eager / fused | max abs err (relative) |\n" + "|---" * 13 + "|\n")
     lines = []
     for r in rows:
         compiled = "-" if r.compiled_ms is None else f"{fmt_ms(r.compiled_ms)} ({r.compiled_ms / r.fused_ms:.2f}x)"
@@ -76,10 +103,12 @@ def markdown(rows: List[Row], peak_tflops: Optional[float]) -> str:
             f"{fmt_ms(r.fused_ms)} ±{fmt_ms(r.fused_spread_ms)} | {r.speedup:.2f}x | {compiled} | "
             f"{r.tflops('fused', 'dense'):.3f} / {r.tflops('fused', 'useful'):.3f} | {share} | "
             f"{r.tflops('eager', 'dense'):.3f} / {r.tflops('eager', 'useful'):.3f} | {_mem(r)} | "
-            f"{r.max_abs_err:.1e} |\n")
+            f"{_err(r)} |\n")
     note = (f"\nPeak: {peak_tflops:.2f} TFLOP/s (a large matmul in this dtype, measured in this run). "
             "± is the 20th-80th percentile spread. Useful FLOPs count live taps only; the cpu ASPP eval's "
-            "Winograd branches multiply less than that, so its share of peak can pass 100%.\n" if peak_tflops else "")
+            "Winograd branches multiply less than that, so its share of peak can pass 100%." if peak_tflops else "")
+    note += ("\nmax abs err: fused against eager on the same input, and in brackets divided by the largest "
+             "|eager| output (random-init models' logits reach 1e4 and more).\n")
     return head + "".join(lines) + note
 
 
