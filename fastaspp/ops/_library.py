@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -87,6 +87,16 @@ def op_for_transform() -> Iterator[None]:
         yield
     finally:
         _own_calls.depth = depth
+
+
+def kernel_or_op(kernel: Callable, op: Callable, *args):
+    """What an op's autograd.Function runs in forward: kernel(*args) on the eager route's plain
+    tensors; under a transform (functorch's wrapped or batched tensors, which a kernel cannot read)
+    the torch op with the same arguments, which functorch unwraps or runs once per sample."""
+    if not transform_active():
+        return kernel(*args)
+    with op_for_transform():
+        return op(*args)
 
 
 def refuse_forward_ad(op: str) -> None:

@@ -27,7 +27,7 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype, result_format
-from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad,
+from fastaspp.ops._library import (LIB, Route, StaticArgs, kernel_or_op, refuse_forward_ad,
                                    register_vmap_by_loop, route, runs_kernels, transform_active)
 from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import check_backend, check_like, check_tensor
@@ -161,10 +161,8 @@ class _AsppBranchesFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, scale, shift, rates, relu, backend, *weights):
-        if not transform_active():  # else functorch's wrapped or batched tensors: the op
-            return _branches_kernel(x, list(weights), list(rates), scale, shift, relu, backend)
-        with op_for_transform():
-            return torch.ops.fastaspp.aspp_branches(x, list(weights), list(rates), scale, shift, relu, backend)
+        return kernel_or_op(_branches_kernel, torch.ops.fastaspp.aspp_branches, x, list(weights), list(rates), scale,
+                            shift, relu, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -35,8 +35,8 @@ from fastaspp import _ext
 from fastaspp._backend import resolve_backend
 from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp._rules import accumulator_dtype
-from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad,
-                                   register_vmap_by_loop, route, transform_active)
+from fastaspp.ops._library import (LIB, Route, StaticArgs, kernel_or_op, refuse_forward_ad,
+                                   register_vmap_by_loop, route)
 from fastaspp.ops.aspp import (_branches_shape, _triton_aspp, any_needed, branches_backward, branches_tangents,
                               check_aspp_args)
 from fastaspp.ops._first_order import first_order_only
@@ -150,10 +150,8 @@ class _BranchesStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, rates, backend, *weights):
-        if not transform_active():  # else functorch's wrapped or batched tensors: the op
-            return _branches_stats_kernel(x, list(weights), list(rates), backend)
-        with op_for_transform():
-            return torch.ops.fastaspp.aspp_branches_stats(x, list(weights), list(rates), backend)
+        return kernel_or_op(_branches_stats_kernel, torch.ops.fastaspp.aspp_branches_stats, x, list(weights),
+                            list(rates), backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -184,10 +182,8 @@ class _ProjectFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(z, centre, scale, shift, weight, image_bias, backend):
-        if not transform_active():  # else functorch's wrapped or batched tensors: the op
-            return _project_kernel(z, centre, scale, shift, weight, image_bias, backend)
-        with op_for_transform():
-            return torch.ops.fastaspp.affine_relu_project(z, centre, scale, shift, weight, image_bias, backend)
+        return kernel_or_op(_project_kernel, torch.ops.fastaspp.affine_relu_project, z, centre, scale, shift, weight,
+                            image_bias, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

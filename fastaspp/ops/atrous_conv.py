@@ -36,7 +36,7 @@ from fastaspp.ops._autocast import autocast_dtype, cast
 from fastaspp.ops._first_order import first_order_only
 from fastaspp.ops._checks import IntPair, check_backend, check_like, check_tensor, pair
 from fastaspp._rules import accumulator_dtype, result_format
-from fastaspp.ops._library import (LIB, Route, StaticArgs, op_for_transform, refuse_forward_ad, route,
+from fastaspp.ops._library import (LIB, Route, StaticArgs, kernel_or_op, op_for_transform, refuse_forward_ad, route,
                                    register_vmap_by_loop, runs_kernels, transform_active, vmap_into_images)
 
 
@@ -227,9 +227,8 @@ class _AtrousConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, scale, shift, geometry, relu, backend):
-        # Plain tensors on the eager route; functorch's wrapped or batched ones under a transform.
-        conv = _forward_op if transform_active() else _forward_kernel
-        return conv(x, weight, bias, scale, shift, *geometry, relu, backend)
+        return kernel_or_op(_forward_kernel, torch.ops.fastaspp.atrous_conv2d, x, weight, bias, scale, shift,
+                            *geometry, relu, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
