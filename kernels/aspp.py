@@ -52,7 +52,7 @@ from .atrous_conv import atrous_conv2d_forward_into
 from .implicit_gemm import (accumulate_tap, epilogue, merge_stats, nhwc_empty, program_patch, stats_buffer,
                             tile_shape, unread_stats)
 from .kept import KeptCopies
-from .launch import CONV_CONFIGS, CONV_PRUNE, dtype_meta, launch_ctx
+from .launch import CONV_CONFIGS, CONV_PRUNE, cdiv, dtype_meta, launch_ctx
 
 
 @triton.autotune(configs=CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=CONV_PRUNE,
@@ -150,7 +150,7 @@ def aspp_branches_grad_input(grad, weights, rates, input_size):
     rates_t = _rates_tensor(tuple(int(r) for r in rates), grad.device)
 
     def grid(meta):
-        return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]), triton.cdiv(cin, meta["BLOCK_N"]))
+        return (n * cdiv(h, meta["TILE_H"]) * cdiv(w, meta["TILE_W"]), cdiv(cin, meta["BLOCK_N"]))
 
     with launch_ctx(grad):
         _aspp_grad_input_kernel[grid](g, _packed_weights(weights, (2, 3, 0, 1)), rates_t, dx, n, h, w, cin, c,
@@ -199,8 +199,8 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
     stats_planes = stats if stats is not None else unread_stats(x.device, accumulator_dtype(x.dtype))
 
     def grid(meta):
-        return (n * triton.cdiv(h, meta["TILE_H"]) * triton.cdiv(w, meta["TILE_W"]),
-                branches * triton.cdiv(c, meta["BLOCK_N"]))
+        return (n * cdiv(h, meta["TILE_H"]) * cdiv(w, meta["TILE_W"]),
+                branches * cdiv(c, meta["BLOCK_N"]))
 
     with launch_ctx(x):
         _aspp_branches_kernel[grid](

@@ -56,8 +56,8 @@ from fastaspp.geometry import conv_out_size
 from .implicit_gemm import (accumulate_tap, epilogue, floor_div, live_out_range, nhwc_empty, program_patch,
                             stats_buffer, tile_shape, unread_stats)
 from .kept import KeptCopies
-from .launch import (CONV_CONFIGS, CONV_PRUNE, INTERPRET, SUPPORTED_DTYPES, WGRAD_CONFIGS, WGRAD_PRUNE, dtype_meta,
-                     launch_ctx)
+from .launch import (CONV_CONFIGS, CONV_PRUNE, INTERPRET, SUPPORTED_DTYPES, WGRAD_CONFIGS, WGRAD_PRUNE, cdiv,
+                     dtype_meta, launch_ctx)
 
 __all__ = ["SUPPORTED_DTYPES", "atrous_conv2d_forward", "atrous_conv2d_forward_into", "atrous_conv2d_grad_input",
            "atrous_conv2d_grad_weight", "stats_buffer"]
@@ -79,8 +79,8 @@ def _fwd_tiles(args):
 
 def _dgrad_tiles(args):
     # Patches tile one stride residue class: cdiv(H, s) x cdiv(W, s) pixels at most.
-    return tile_shape(triton.cdiv(args["H"], args["stride_h"]),
-                      triton.cdiv(args["W"], args["stride_w"]), args["BLOCK_M"])
+    return tile_shape(cdiv(args["H"], args["stride_h"]),
+                      cdiv(args["W"], args["stride_w"]), args["BLOCK_M"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,8 +347,8 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
     shift_arg = shift.contiguous() if shift is not None else x_nhwc
 
     def grid(meta):
-        return (n * triton.cdiv(ho, meta["TILE_H"]) * triton.cdiv(wo, meta["TILE_W"]),
-                triton.cdiv(cout, meta["BLOCK_N"]))
+        return (n * cdiv(ho, meta["TILE_H"]) * cdiv(wo, meta["TILE_W"]),
+                cdiv(cout, meta["BLOCK_N"]))
 
     pro = [t.contiguous() for t in prologue] if prologue is not None else [x_nhwc] * 3
     bias = image_bias.contiguous() if image_bias is not None else x_nhwc
@@ -380,9 +380,9 @@ def atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation
     w_kkoi = _tap_major(weight, (2, 3, 0, 1))  # [KH, KW, Cout, Cin]: the transposed GEMM
 
     def grid(meta):
-        per_class = (triton.cdiv(triton.cdiv(h, geo[0]), meta["TILE_H"])
-                     * triton.cdiv(triton.cdiv(w, geo[1]), meta["TILE_W"]))
-        return (n * geo[0] * geo[1] * per_class, triton.cdiv(cin, meta["BLOCK_N"]))
+        per_class = (cdiv(cdiv(h, geo[0]), meta["TILE_H"])
+                     * cdiv(cdiv(w, geo[1]), meta["TILE_W"]))
+        return (n * geo[0] * geo[1] * per_class, cdiv(cin, meta["BLOCK_N"]))
 
     with launch_ctx(grad):
         _atrous_dgrad_kernel[grid](
@@ -395,9 +395,9 @@ def atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation
 def _wgrad_split(t, taps, cout, cin, m_max):
     """How many slices the pixel reduction of grad_weight is cut into (>= 1)."""
     sms = torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 4
-    programs = taps * triton.cdiv(cout, 128) * triton.cdiv(cin, 128)  # at the largest blocks
-    want = triton.cdiv(_WGRAD_PROGRAMS_PER_SM * sms, programs)
-    return max(1, min(want, triton.cdiv(m_max, _WGRAD_MIN_SLICE), _WGRAD_MAX_SPLIT))
+    programs = taps * cdiv(cout, 128) * cdiv(cin, 128)  # at the largest blocks
+    want = cdiv(_WGRAD_PROGRAMS_PER_SM * sms, programs)
+    return max(1, min(want, cdiv(m_max, _WGRAD_MIN_SLICE), _WGRAD_MAX_SPLIT))
 
 
 def atrous_conv2d_grad_weight(x, grad, weight_size, stride, padding, dilation):
@@ -415,7 +415,7 @@ def atrous_conv2d_grad_weight(x, grad, weight_size, stride, padding, dilation):
     ws = torch.empty((split, kh * kw, cout, cin), device=x.device, dtype=accumulator_dtype(x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(cout, meta["BLOCK_CO"]) * triton.cdiv(cin, meta["BLOCK_CI"]),
+        return (cdiv(cout, meta["BLOCK_CO"]) * cdiv(cin, meta["BLOCK_CI"]),
                 kh * kw, split)
 
     with launch_ctx(x):

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from fastaspp._rules import accumulator_dtype
 
-from .launch import CONV_CONFIGS
+from .launch import CONV_CONFIGS, cdiv
 
 
 @triton.jit
@@ -149,9 +149,9 @@ def tile_shape(rows, cols, block_m):
     """(tile_h, tile_w) of near-equal 2-D patches of at most block_m pixels covering rows x cols."""
     rows, cols = max(rows, 1), max(cols, 1)
     # Square-ish patches, wider when the map has few rows so that the GEMM rows stay filled.
-    target_w = min(max(math.isqrt(block_m), triton.cdiv(block_m, rows)), block_m)
-    tile_w = triton.cdiv(cols, triton.cdiv(cols, target_w))
-    tile_h = triton.cdiv(rows, triton.cdiv(rows, block_m // tile_w))
+    target_w = min(max(math.isqrt(block_m), cdiv(block_m, rows)), block_m)
+    tile_w = cdiv(cols, cdiv(cols, target_w))
+    tile_h = cdiv(rows, cdiv(rows, block_m // tile_w))
     return tile_h, tile_w
 
 
@@ -166,7 +166,7 @@ def stats_buffer(out):
     [N, Ctot, Ho, Wo]: [3, rows, Ctot] in the accumulator dtype, rows = the most patches any
     config can cut the output into (unused rows keep count 0)."""
     n, ctot, ho, wo = out.shape
-    rows = max(n * math.prod(triton.cdiv(size, t) for size, t in zip((ho, wo), tile_shape(ho, wo, block)))
+    rows = max(n * math.prod(cdiv(size, t) for size, t in zip((ho, wo), tile_shape(ho, wo, block)))
                for block in {c.kwargs["BLOCK_M"] for c in CONV_CONFIGS})
     return torch.zeros((3, max(rows, 1), ctot), device=out.device, dtype=accumulator_dtype(out.dtype))
 

@@ -40,6 +40,13 @@ FP32_DOT_PRECISION = "ieee"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def cdiv(a, b):
+    """ceil(a / b) of host ints, for grids and heuristics. triton.cdiv is a constexpr function in
+    recent Triton, whose Python call unwraps each argument: about 2.5 us a call where this takes
+    0.1, and a forward launch made 13 of them."""
+    return -(-a // b)
+
+
 def cfg(num_warps, num_stages, **meta):
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
