@@ -5,9 +5,12 @@ Each row runs one of fastaspp.kernels' entry points on CPU tensors with the GPU 
 TRITON_INTERPRET), its kernels' JIT launch replaced by one that only evaluates the grid, as the launch
 does, and the autotuner's first-call benchmark by a constant (one config is kept per key, as on a
 GPU). So a row is fastaspp's own Python (argument checks, output allocation, kept weight layouts)
-plus Triton's autotuner and heuristics wrappers and the grid; `python only` rows replace the whole
-decorated kernel by a no-op, leaving fastaspp's Python alone. What the JIT launch itself costs (its
-argument binding and the driver call) needs a GPU: benchmarks/gpu_profile.py times those layers.
+plus Triton's autotuner and heuristics wrappers and the grid; `triton.cdiv` rows are the same with
+the grids and tile heuristics on triton.cdiv, as before commit bb1428e (a constexpr function in
+recent Triton); `python only` rows replace the whole decorated kernel by a no-op, leaving fastaspp's
+Python alone. Rows of one kind are timed in interleaved samples, so their ratios are this run's.
+What the JIT launch itself costs (its argument binding and the driver call) needs a GPU:
+benchmarks/gpu_profile.py times those layers.
 
     python benchmarks/triton_host_wrappers.py [--out benchmarks/results] [--calls 2000 --samples 7]
 """
@@ -26,22 +29,42 @@ import triton  # noqa: E402
 from fastaspp.bench.report import environment  # noqa: E402
 from fastaspp.kernels import aspp as k_aspp  # noqa: E402
 from fastaspp.kernels import atrous_conv as k_conv  # noqa: E402
+from fastaspp.kernels import implicit_gemm  # noqa: E402
 from fastaspp.kernels import launch  # noqa: E402
 
 KERNELS = {k_conv: ("_atrous_fwd_kernel", "_atrous_dgrad_kernel"),
            k_aspp: ("_aspp_branches_kernel", "_aspp_grad_input_kernel")}
 
 
-def per_call_us(fn, calls, samples):
-    for _ in range(calls // 4):
-        fn()
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def per_call_us(fns, calls, samples):
+    """{name: median µs per call} of each of fns {name: callable}, their samples interleaved."""
+    for fn in fns.values():
+        for _ in range(calls // 4):
             fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def with_cdiv(cdiv, fn):
+    """fn with the kernels modules' grids and heuristics on `cdiv`."""
+    modules = (k_conv, k_aspp, implicit_gemm)
+
+    def run():
+        kept = [m.cdiv for m in modules]
+        for m in modules:
+            m.cdiv = cdiv
+        try:
+            fn()
+        finally:
+            for m, c in zip(modules, kept):
+                m.cdiv = c
+    return run
 
 
 def _jit_of(kernel):
@@ -104,12 +127,14 @@ def main(argv=None):
     stub_launches()
     timings = {}
     for name, fn in calls().items():
-        timings[f"{name}: wrappers, JIT launch stubbed"] = per_call_us(fn, args.calls, args.samples)
+        timings.update(per_call_us({f"{name}: wrappers, JIT launch stubbed": with_cdiv(launch.cdiv, fn),
+                                    f"{name}: the same on triton.cdiv": with_cdiv(triton.cdiv, fn)},
+                                   args.calls, args.samples))
     for module, names in KERNELS.items():
         for name in names:
             setattr(module, name, _NoLaunch())
-    for name, fn in calls().items():
-        timings[f"{name}: python only"] = per_call_us(fn, args.calls, args.samples)
+    timings.update(per_call_us({f"{name}: python only": fn for name, fn in calls().items()}, args.calls,
+                               args.samples))
     for row, us in timings.items():
         print(f"{row:55s} {us:8.2f} us")
     if args.out:
