@@ -1,4 +1,4 @@
-"""The FASTASPP_* run-time switches (README, "Knobs"; csrc/common/switches.h, kernels/launch.py): a
+"""The FASTASPP_* run-time switches (README, "Environment variables"; csrc/common/switches.h, kernels/launch.py): a
 value that is none of a switch's choices, or not a whole number where one is expected, is an error
 naming the variable and what it accepts, raised by the call that reads it, never read as the
 default. Unset and empty mean the default; every accepted value still runs (the suite's CPU_PATHS

@@ -1,4 +1,4 @@
-// The FASTASPP_* run-time switches (README, "Knobs"): read when a call needs them, so they may change
+// The FASTASPP_* run-time switches (README, "Environment variables"): read when a call needs them, so they may change
 // between calls, and parsed strictly: a value that is none of a switch's choices, or not a whole
 // number, is reported as invalid rather than read as the default. Pure C++ (the .cu files read
 // FASTASPP_CUDA_CONV and FASTASPP_CUDA_SPLIT_K with it); the torch side turns an invalid value into

@@ -184,7 +184,7 @@ class ASPP(nn.Module):
 
     # -- inference ------------------------------------------------------------------------
     def folded_parameters(self, x: Tensor):
-        """The eval weights prepared for inputs like x (fastaspp.ops.fold_aspp_eval): BN folded, the
+        """The eval weights prepared for inputs like x (fastaspp.ops.aspp.fold_aspp_eval): BN folded, the
         projection's scale folded into its weight. Detached (they are kept in a FoldCache, computed
         without autograd), so that backends keep their re-laid-out or transformed copies of them."""
         dtype = x.dtype
