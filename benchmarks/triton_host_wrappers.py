@@ -5,12 +5,13 @@ Each row runs one of fastaspp.kernels' entry points on CPU tensors with the GPU 
 TRITON_INTERPRET), its kernels' JIT launch replaced by one that only evaluates the grid, as the launch
 does, and the autotuner's first-call benchmark by a constant (one config is kept per key, as on a
 GPU). So a row is fastaspp's own Python (argument checks, output allocation, kept weight layouts)
-plus Triton's autotuner and heuristics wrappers and the grid; `triton.cdiv` rows are the same with
-the grids and tile heuristics on triton.cdiv, as before commit bb1428e (a constexpr function in
-recent Triton); `python only` rows replace the whole decorated kernel by a no-op, leaving fastaspp's
-Python alone. Rows of one kind are timed in interleaved samples, so their ratios are this run's.
-What the JIT launch itself costs (its argument binding and the driver call) needs a GPU:
-benchmarks/gpu_profile.py times those layers.
+plus Triton's heuristics wrapper and the grid (past the autotuner once a key is tuned:
+launch_tuned); `through the autotuner` rows launch every call through Triton's autotuner, as before
+launch_tuned, and `and triton.cdiv` rows also compute grids and tile heuristics with triton.cdiv, as
+before commit bb1428e (a constexpr function in recent Triton); `python only` rows replace the whole
+decorated kernel by a no-op, leaving fastaspp's Python alone. The rows of one entry point are timed
+in interleaved samples, so their ratios are this run's. What the JIT launch itself costs (its
+argument binding and the driver call) needs a GPU: benchmarks/gpu_profile.py times those layers.
 
     python benchmarks/triton_host_wrappers.py [--out benchmarks/results] [--calls 2000 --samples 7]
 """
@@ -51,19 +52,24 @@ def per_call_us(fns, calls, samples):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def with_cdiv(cdiv, fn):
-    """fn with the kernels modules' grids and heuristics on `cdiv`."""
-    modules = (k_conv, k_aspp, implicit_gemm)
+def _through_the_autotuner(kernel, grid, *args, **kwargs):
+    return kernel[grid](*args, **kwargs)
+
+
+def variant(fn, cdiv=launch.cdiv, launcher=launch.launch_tuned):
+    """fn with the kernels modules' grids and heuristics on `cdiv` and their launches by `launcher`."""
+    swaps = [(m, "cdiv", cdiv) for m in (k_conv, k_aspp, implicit_gemm)]
+    swaps += [(m, "launch_tuned", launcher) for m in (k_conv, k_aspp)]
 
     def run():
-        kept = [m.cdiv for m in modules]
-        for m in modules:
-            m.cdiv = cdiv
+        kept = [getattr(m, name) for m, name, _ in swaps]
+        for m, name, value in swaps:
+            setattr(m, name, value)
         try:
             fn()
         finally:
-            for m, c in zip(modules, kept):
-                m.cdiv = c
+            for (m, name, _), value in zip(swaps, kept):
+                setattr(m, name, value)
     return run
 
 
@@ -127,9 +133,11 @@ def main(argv=None):
     stub_launches()
     timings = {}
     for name, fn in calls().items():
-        timings.update(per_call_us({f"{name}: wrappers, JIT launch stubbed": with_cdiv(launch.cdiv, fn),
-                                    f"{name}: the same on triton.cdiv": with_cdiv(triton.cdiv, fn)},
-                                   args.calls, args.samples))
+        timings.update(per_call_us({
+            f"{name}: wrappers, JIT launch stubbed": variant(fn),
+            f"{name}: through the autotuner": variant(fn, launcher=_through_the_autotuner),
+            f"{name}: through the autotuner and triton.cdiv": variant(fn, triton.cdiv, _through_the_autotuner)},
+            args.calls, args.samples))
     for module, names in KERNELS.items():
         for name in names:
             setattr(module, name, _NoLaunch())

@@ -52,7 +52,7 @@ from .atrous_conv import atrous_conv2d_forward_into
 from .implicit_gemm import (accumulate_tap, epilogue, merge_stats, nhwc_empty, program_patch, stats_buffer,
                             tile_shape, unread_stats)
 from .kept import KeptCopies
-from .launch import CONV_CONFIGS, CONV_PRUNE, cdiv, dtype_meta, launch_ctx
+from .launch import CONV_CONFIGS, CONV_PRUNE, cdiv, dtype_meta, launch_ctx, launch_tuned
 
 
 @triton.autotune(configs=CONV_CONFIGS, key=["N", "H", "W", "Cin", "C", "BRANCHES"], prune_configs_by=CONV_PRUNE,
@@ -153,8 +153,8 @@ def aspp_branches_grad_input(grad, weights, rates, input_size):
         return (n * cdiv(h, meta["TILE_H"]) * cdiv(w, meta["TILE_W"]), cdiv(cin, meta["BLOCK_N"]))
 
     with launch_ctx(grad):
-        _aspp_grad_input_kernel[grid](g, _packed_weights(weights, (2, 3, 0, 1)), rates_t, dx, n, h, w, cin, c,
-                                      branches, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
+        launch_tuned(_aspp_grad_input_kernel, grid, g, _packed_weights(weights, (2, 3, 0, 1)), rates_t, dx, n, h, w,
+                     cin, c, branches, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
     return dx
 
 
@@ -203,9 +203,9 @@ def aspp_branches_forward(x, weights, rates, scale, shift, relu=True, stats=None
                 branches * cdiv(c, meta["BLOCK_N"]))
 
     with launch_ctx(x):
-        _aspp_branches_kernel[grid](
-            x, _packed_weights(weights, (2, 3, 1, 0)), rates_t, scale.contiguous() if affine else x,
-            shift.contiguous() if affine else x, y, stats_planes,
+        launch_tuned(
+            _aspp_branches_kernel, grid, x, _packed_weights(weights, (2, 3, 1, 0)), rates_t,
+            scale.contiguous() if affine else x, shift.contiguous() if affine else x, y, stats_planes,
             n, h, w, cin, c, branches, stats_planes[0].numel() if stats is not None else 0,
             RELU=bool(relu), STATS=stats is not None, AFFINE=affine, ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt,
             DOT_PRECISION=prec)

@@ -57,7 +57,7 @@ from .implicit_gemm import (accumulate_tap, epilogue, floor_div, live_out_range,
                             stats_buffer, tile_shape, unread_stats)
 from .kept import KeptCopies
 from .launch import (CONV_CONFIGS, CONV_PRUNE, INTERPRET, SUPPORTED_DTYPES, WGRAD_CONFIGS, WGRAD_PRUNE, cdiv,
-                     dtype_meta, launch_ctx)
+                     dtype_meta, launch_ctx, launch_tuned)
 
 __all__ = ["SUPPORTED_DTYPES", "atrous_conv2d_forward", "atrous_conv2d_forward_into", "atrous_conv2d_grad_input",
            "atrous_conv2d_grad_weight", "stats_buffer"]
@@ -354,8 +354,8 @@ def atrous_conv2d_forward_into(x, weight, scale, shift, stride, padding, dilatio
     bias = image_bias.contiguous() if image_bias is not None else x_nhwc
     stats_planes = stats if stats is not None else unread_stats(x.device, accumulator_dtype(x.dtype))
     with launch_ctx(x):
-        _atrous_fwd_kernel[grid](
-            x_nhwc, w_kkio, scale_arg, shift_arg, out, *pro, bias, stats_planes,
+        launch_tuned(
+            _atrous_fwd_kernel, grid, x_nhwc, w_kkio, scale_arg, shift_arg, out, *pro, bias, stats_planes,
             n, h, w, cin, ho, wo, cout, kh, kw, *geo, out.shape[1], c0,
             stats_planes[0].numel() if stats is not None else 0,
             RELU=bool(relu), PROLOGUE=prologue is not None, IMAGE_BIAS=image_bias is not None,
@@ -385,8 +385,8 @@ def atrous_conv2d_grad_input(grad, weight, input_size, stride, padding, dilation
         return (n * geo[0] * geo[1] * per_class, cdiv(cin, meta["BLOCK_N"]))
 
     with launch_ctx(grad):
-        _atrous_dgrad_kernel[grid](
-            g_nhwc, w_kkoi, dx,
+        launch_tuned(
+            _atrous_dgrad_kernel, grid, g_nhwc, w_kkoi, dx,
             n, h, w, cin, ho, wo, cout, kh, kw, *geo,
             ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
     return dx.contiguous(memory_format=fmt)
@@ -419,8 +419,8 @@ def atrous_conv2d_grad_weight(x, grad, weight_size, stride, padding, dilation):
                 kh * kw, split)
 
     with launch_ctx(x):
-        _atrous_wgrad_kernel[grid](
-            x_nhwc, g_nhwc, ws,
+        launch_tuned(
+            _atrous_wgrad_kernel, grid, x_nhwc, g_nhwc, ws,
             n, h, w, cin, ho, wo, cout, kh, kw, *geo, split,
             ACC_DTYPE=acc_dt, DOT_DTYPE=dot_dt, DOT_PRECISION=prec)
     dw = ws.sum(0) if split > 1 else ws[0]  # fixed-order sum: deterministic

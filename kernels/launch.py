@@ -11,10 +11,12 @@ they go to the tensor cores as bfloat16.
 
 import contextlib
 import os
+import threading
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner, Heuristics
 
 from fastaspp._rules import accumulator_dtype
 
@@ -164,3 +166,63 @@ def launch_ctx(t):
                            "(CUDA tensors run natively)")
     return contextlib.nullcontext()
 
+
+class _TunedLaunches:
+    """An autotuned kernel's launches past its wrappers, by call key (each int or constexpr argument's
+    value and each tensor argument's dtype, finer than the autotuner's key): the function under the
+    autotuner and heuristics wrappers, and every keyword argument it received on the key's first
+    call (the call's own, the config's, the heuristics' values)."""
+
+    def __init__(self):
+        self.by_key = {}
+        self.lock = threading.Lock()
+
+
+def _call_key(args, kwargs):
+    return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), tuple(kwargs.items())
+
+
+def _launch_of(kernel, config, args, kwargs):
+    """(function, keyword arguments) that kernel's autotuner, with `config` chosen, launches for a
+    call: its heuristics wrapper's values worked out as Heuristics.run does, in order."""
+    launch_kwargs = {**kwargs, **config.all_kwargs()}
+    inner = kernel.fn
+    if isinstance(inner, Heuristics):
+        for name, heuristic in inner.values.items():
+            launch_kwargs[name] = heuristic({**dict(zip(inner.arg_names, args)), **launch_kwargs})
+        inner = inner.fn
+    return inner, launch_kwargs
+
+
+_TUNED = {}
+
+
+def launch_tuned(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) for an autotuned kernel (the launch of every fastaspp kernel),
+    past Triton's autotuner and heuristics wrappers once the call's key has been launched.
+
+    Triton's Autotuner.run rebuilds its key on every call from all the kernel's arguments (a
+    membership test in the argument-name list and a hasattr for each of about 40), and
+    Heuristics.run a dict of them for each heuristic: tens of us a launch on a 2-core CPU
+    (benchmarks/triton_host_wrappers.py). The first call of a key runs the autotuner (which tunes
+    when its own key is new, keeps the config and launches); later calls launch the JIT function
+    under the wrappers with the keyword arguments the wrappers gave it then, which depend only on
+    the key: the config by the autotuner's key (coarser than this one) and the tile heuristics by
+    the map's sizes and the config. So a launch is the one the wrappers would make. `kernel` is
+    looked up at each call site, so a stand-in that is not an Autotuner (tests, benchmarks)
+    launches as kernel[grid](...)."""
+    if type(kernel) is not Autotuner:
+        return kernel[grid](*args, **kwargs)
+    tuned = _TUNED.get(kernel)
+    if tuned is None:
+        tuned = _TUNED.setdefault(kernel, _TunedLaunches())
+    key = _call_key(args, kwargs)
+    launch = tuned.by_key.get(key)
+    if launch is None:
+        with tuned.lock:  # best_config is the autotuner's last call's: no other call in between
+            kernel[grid](*args, **kwargs)
+            tuned.by_key[key] = _launch_of(kernel, kernel.best_config, args, kwargs)
+        return None
+    inner, launch_kwargs = launch
+    inner[grid](*args, **launch_kwargs)
+    return None
