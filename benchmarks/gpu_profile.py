@@ -169,14 +169,15 @@ def host_profile(fn, device, reps=300, top=12):
 def triton_layers(pair, device, reps=100, samples=5):
     """Host time per call (ms) of each layer a triton eval call passes through, each layer's call
     captured from one real call and replayed alone (no profiler to inflate it): the module; the
-    kernels module's forward (layouts, output, grid); the autotuned kernel's launch (autotuner,
-    heuristics, JIT); the JIT launch with the tuned config and tiles (what launching the tuned
-    kernel without the autotuner would leave). Differences name each layer's cost."""
+    kernels module's forward (layouts, output, grid); its launch (launch_tuned: past the autotuner
+    and heuristics once the key has launched); the same launch through the autotuner (autotuner,
+    heuristics, JIT: every launch before launch_tuned); the JIT launch with the tuned config and
+    tiles. Differences name each layer's cost."""
     from fastaspp.kernels import atrous_conv as kernels
 
     autotuner = kernels._atrous_fwd_kernel
     jit = autotuner.fn.fn  # Autotuner -> Heuristics -> the JIT (or, under TRITON_INTERPRET, interpreted) function
-    forward, calls = kernels.atrous_conv2d_forward, {}
+    forward, launch, calls = kernels.atrous_conv2d_forward, kernels.launch_tuned, {}
 
     def capture(name, fn):
         def recording(*args, **kwargs):
@@ -186,16 +187,21 @@ def triton_layers(pair, device, reps=100, samples=5):
 
     x = pair.next_x()
     kernels.atrous_conv2d_forward = capture("kernels.atrous_conv2d_forward", forward)
-    autotuner.run, jit.run = capture("autotuned launch", autotuner.run), capture("JIT launch", jit.run)
+    kernels.launch_tuned = capture("launch_tuned", launch)
+    jit.run = capture("JIT launch", jit.run)
     try:
         with fastaspp.backend("triton"):
             pair.fused(x)
-    finally:  # the instances' own attributes go: their classes' methods show again
-        kernels.atrous_conv2d_forward = forward
-        del autotuner.run, jit.run
+    finally:  # the instance's own attribute goes: its class's method shows again
+        kernels.atrous_conv2d_forward, kernels.launch_tuned = forward, launch
+        del jit.run
     layers = {"module": lambda: pair.fused(x)}
     layers.update({name: (lambda fn=fn, args=args, kwargs=kwargs: fn(*args, **kwargs))
                    for name, (fn, args, kwargs) in calls.items()})
+    _, (kernel, grid, *args), kwargs = calls["launch_tuned"]
+    layers["autotuned launch"] = lambda: kernel[grid](*args, **kwargs)
+    layers = {name: layers[name] for name in ("module", "kernels.atrous_conv2d_forward", "launch_tuned",
+                                              "autotuned launch", "JIT launch")}
     with fastaspp.backend("triton"), launch_device(device):
         return {name: host_ms(fn, device, reps, samples) for name, fn in layers.items()}
 

@@ -232,15 +232,18 @@ def test_gpu_profile_runs_end_to_end_on_cpu_stand_ins(capsys):
 
 def test_gpu_profile_replays_each_layer_of_a_triton_call():
     """gpu_profile.triton_layers (here under TRITON_INTERPRET, as the suite runs triton): it captures each
-    layer's call from one real call (module, kernels module, autotuned launch, JIT launch), times each
-    replayed alone, and leaves the kernel objects as they were."""
+    layer's call from one real call (module, kernels module, its launch_tuned, the same launch through
+    the autotuner, JIT launch), times each replayed alone, and leaves the kernel objects and the
+    kernels module as they were."""
     from fastaspp.kernels import atrous_conv as kernels
 
     gpu_profile = _gpu_profile()
     pair = gpu_profile.benchmark.ConvPair(gpu_profile.benchmark.ConvShape("tiny", 8, 8, 6, 2), 1, torch.float32,
                                           torch.device("cpu"))
     layers = gpu_profile.triton_layers(pair, torch.device("cpu"), reps=1, samples=1)
-    assert list(layers) == ["module", "kernels.atrous_conv2d_forward", "autotuned launch", "JIT launch"]
+    assert list(layers) == ["module", "kernels.atrous_conv2d_forward", "launch_tuned", "autotuned launch",
+                            "JIT launch"]
     assert all(ms > 0 for ms in layers.values())
     assert "run" not in vars(kernels._atrous_fwd_kernel) and "run" not in vars(kernels._atrous_fwd_kernel.fn.fn)
     assert kernels.atrous_conv2d_forward.__name__ == "atrous_conv2d_forward"
+    assert kernels.launch_tuned.__name__ == "launch_tuned"
