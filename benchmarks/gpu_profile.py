@@ -174,9 +174,10 @@ def triton_layers(pair, device, reps=100, samples=5):
     heuristics, JIT: every launch before launch_tuned); the JIT launch with the tuned config and
     tiles. Differences name each layer's cost."""
     from fastaspp.kernels import atrous_conv as kernels
+    from fastaspp.kernels.launch import jit_function
 
     autotuner = kernels._atrous_fwd_kernel
-    jit = autotuner.fn.fn  # Autotuner -> Heuristics -> the JIT (or, under TRITON_INTERPRET, interpreted) function
+    jit = jit_function(autotuner)
     forward, launch, calls = kernels.atrous_conv2d_forward, kernels.launch_tuned, {}
 
     def capture(name, fn):

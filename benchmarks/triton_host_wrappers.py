@@ -73,20 +73,13 @@ def variant(fn, cdiv=launch.cdiv, launcher=launch.launch_tuned):
     return run
 
 
-def _jit_of(kernel):
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap autotune / heuristics
-        fn = fn.fn
-    return fn
-
-
 def stub_launches():
     """Every kernel's JIT launch evaluates its grid and returns; the autotuners' benchmark returns
     a constant (so the first config of a key is kept)."""
     for module, names in KERNELS.items():
         for name in names:
             autotuner = getattr(module, name)
-            jit = _jit_of(autotuner)
+            jit = launch.jit_function(autotuner)
 
             def run(*args, grid, warmup, _names=jit.arg_names, **kwargs):
                 if callable(grid):

@@ -61,9 +61,7 @@ def _compile(case, arch):
         jit = {"dgrad": C._atrous_dgrad_kernel, "aspp": A._aspp_branches_kernel, "aspp_stats": A._aspp_branches_kernel,
                "aspp_dgrad": A._aspp_grad_input_kernel}.get(kernel, C._atrous_fwd_kernel)
         tile_h, tile_w = _TILE[config.kwargs["BLOCK_M"]]
-    fn = jit
-    while not isinstance(fn, triton.runtime.jit.JITFunction):  # unwrap autotune / heuristics
-        fn = fn.fn
+    fn = K.jit_function(jit)
     const = dict(config.kwargs, ACC_DTYPE=acc, DOT_DTYPE=tl_dtype, DOT_PRECISION=precision)
     if kernel.startswith("fwd"):
         fused = kernel == "fwd_fused"

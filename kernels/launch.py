@@ -167,15 +167,12 @@ def launch_ctx(t):
     return contextlib.nullcontext()
 
 
-class _TunedLaunches:
-    """An autotuned kernel's launches past its wrappers, by call key (each int or constexpr argument's
-    value and each tensor argument's dtype, finer than the autotuner's key): the function under the
-    autotuner and heuristics wrappers, and every keyword argument it received on the key's first
-    call (the call's own, the config's, the heuristics' values)."""
-
-    def __init__(self):
-        self.by_key = {}
-        self.lock = threading.Lock()
+def jit_function(kernel):
+    """The JIT function (or, under TRITON_INTERPRET, the interpreted one) under a kernel's autotune
+    and heuristics wrappers."""
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
 
 
 def _call_key(args, kwargs):
@@ -194,7 +191,13 @@ def _launch_of(kernel, config, args, kwargs):
     return inner, launch_kwargs
 
 
-_TUNED = {}
+# Each autotuned kernel's launches past its wrappers, by call key (each int or constexpr argument's
+# value and each tensor argument's dtype, finer than the autotuner's key): the function under the
+# wrappers and every keyword argument it received on the key's first call (the call's own, the
+# config's, the heuristics' values). First calls hold the lock: best_config is the autotuner's
+# last call's, so no other call may come in between.
+_LAUNCHES = {}
+_FIRST_CALLS = threading.Lock()
 
 
 def launch_tuned(kernel, grid, *args, **kwargs):
@@ -213,15 +216,15 @@ def launch_tuned(kernel, grid, *args, **kwargs):
     launches as kernel[grid](...)."""
     if type(kernel) is not Autotuner:
         return kernel[grid](*args, **kwargs)
-    tuned = _TUNED.get(kernel)
-    if tuned is None:
-        tuned = _TUNED.setdefault(kernel, _TunedLaunches())
+    launches = _LAUNCHES.get(kernel)
+    if launches is None:
+        launches = _LAUNCHES.setdefault(kernel, {})
     key = _call_key(args, kwargs)
-    launch = tuned.by_key.get(key)
+    launch = launches.get(key)
     if launch is None:
-        with tuned.lock:  # best_config is the autotuner's last call's: no other call in between
+        with _FIRST_CALLS:
             kernel[grid](*args, **kwargs)
-            tuned.by_key[key] = _launch_of(kernel, kernel.best_config, args, kwargs)
+            launches[key] = _launch_of(kernel, kernel.best_config, args, kwargs)
         return None
     inner, launch_kwargs = launch
     inner[grid](*args, **launch_kwargs)

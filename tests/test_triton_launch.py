@@ -17,8 +17,9 @@ def test_the_autotuner_runs_once_a_key_then_its_config_launches(monkeypatch):
     from fastaspp.kernels import atrous_conv, launch
 
     tuner = atrous_conv._atrous_fwd_kernel
-    jit = tuner.fn.fn  # under the autotuner and the tile heuristics
-    monkeypatch.setattr(launch, "_TUNED", {})  # no key launched yet in this process's cache
+    jit = launch.jit_function(tuner)  # under the autotuner and the tile heuristics
+    assert jit is tuner.fn.fn
+    monkeypatch.setattr(launch, "_LAUNCHES", {})  # no key launched yet in this process's cache
     runs = {"autotuner": 0, "inner": 0}
     launches = []  # the JIT function's arguments on each launch
 
@@ -30,8 +31,9 @@ def test_the_autotuner_runs_once_a_key_then_its_config_launches(monkeypatch):
             return run(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(tuner, "run", counted("autotuner", tuner.run))
-    monkeypatch.setattr(jit, "run", counted("inner", jit.run))
+    # As instance attributes that go afterwards (setattr would leave the old bound methods behind).
+    monkeypatch.setitem(vars(tuner), "run", counted("autotuner", tuner.run))
+    monkeypatch.setitem(vars(jit), "run", counted("inner", jit.run))
     device, gen = device_for("triton"), torch.Generator().manual_seed(0)
     w = torch.randn(6, 4, 3, 3, generator=gen).to(device)
     small, large = (torch.randn(1, 4, s, s, generator=gen).to(device) for s in (7, 9))
@@ -48,7 +50,7 @@ def test_the_autotuner_runs_once_a_key_then_its_config_launches(monkeypatch):
         fastaspp.ops.atrous_conv2d(small.double(), w.double(), padding=2, dilation=2)  # new dtypes, too
         assert runs == {"autotuner": 3, "inner": 4}, runs
     assert torch.equal(first, again)
-    assert len(launch._TUNED[tuner].by_key) == 3  # one launch kept per key
+    assert len(launch._LAUNCHES[tuner]) == 3  # one launch kept per key
 
 
 def test_stand_ins_launch_as_kernels():

@@ -28,8 +28,9 @@
 //   - wgmma 128 x 256: 6 stages of 24 KB = 147456 bytes, dynamic (one CTA per SM).
 // * A launch whose grid leaves SMs idle may split its CTAs' K loops (FASTASPP_CUDA_SPLIT_K; the
 //   64 x 128 tiles only: common/k_split.h, each conv's parts sized by its CTAs' longest live walk
-//   to spread the launch's steps over one wave): grid.z runs over the parts, each CTA walks its part's steps (step_at finds where
-//   it starts, possibly inside a tap) and writes its fp32 tile to a workspace, and
+//   to spread the launch's steps over one wave): grid.z runs over the parts, each CTA walks its
+//   part's steps (step_at finds where it starts, possibly inside a tap) and writes its fp32 tile to
+//   a workspace, and
 //   conv_split_finalize_kernel sums the parts in a fixed order and runs the epilogue.
 // * The training projection's prologue (ConvArgs::src_scale) rewrites each thread's own A chunks
 //   of a step in shared memory once they land, before the barrier that publishes them.
